@@ -1,0 +1,39 @@
+"""Shared command-line plumbing for the stage scripts: `--config`, `section.key=value` overrides, and
+one-line errors for mistakes a user can make (a traceback is for bugs, not for a wrong path)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from minivlm.config import RunConfig, describe, load_config
+
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
+
+
+def parser(description: str, sections: list[str], default_config: str | None = "configs/demo.toml"
+           ) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, epilog=describe(sections),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    if default_config is not None:
+        p.add_argument("--config", default=default_config, help="TOML config file (default: %(default)s)")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="override config keys, e.g. train.lr=3e-4 cache.dir=cache/other")
+    return p
+
+
+def config_from(args: argparse.Namespace) -> RunConfig:
+    return load_config(args.config, args.overrides)
+
+
+def run(main: Callable[[], object]) -> None:
+    """Run a stage's main(); user errors print one line and exit 2, failures exit 1."""
+    try:
+        result = main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if not isinstance(e, RuntimeError) else 1)
+    sys.exit(0 if result is None or result is True else int(not result))

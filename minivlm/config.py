@@ -1,0 +1,318 @@
+"""Configuration: frozen dataclasses, one per TOML section, composed into `RunConfig`.
+
+Design choices:
+- One config file serves every stage (embed, train, caption, sweep); each stage reads the sections
+  it needs. Paths are relative to the working directory (the repo root under `make`).
+- Overrides are `section.key=value` strings typed by the dataclass field; an unknown section or key
+  is a `ValueError` that lists the valid names, so a typo never silently does nothing.
+- Values learned at run time (vocab size, cache width) never patch a config in place: callers build a
+  new one with `dataclasses.replace`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Image-caption records (LLaVA JSON/JSONL) and the folder their image paths are relative to."""
+    records: str = "data/demo/train.json"
+    image_root: str = "data/demo/images"
+    val_records: str = ""         # held-out records; empty -> deterministic hash split by image key
+    val_frac: float = 0.05        # share of image keys held out when val_records is empty
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Frozen CLIP-family vision tower and how its features are selected (part of the fingerprint)."""
+    name_or_path: str = "data/demo/encoder"
+    select_layer: int = -2        # hidden_states index; -2 = penultimate layer (LLaVA)
+    keep_cls: bool = False
+    pool: int = 1                 # k x k average pooling of the patch grid (1 = none)
+    dtype: str = "auto"           # compute dtype: auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16
+    batch_size: int = 64
+    num_workers: int = 2          # DataLoader workers that decode and preprocess images
+    local_files_only: bool = False
+    max_image_pixels: int = 89_478_485  # larger images are rejected as decompression bombs
+
+    def __post_init__(self):
+        if self.pool < 1:
+            raise ValueError(f"encoder.pool must be >= 1, got {self.pool}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"encoder.dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"encoder.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where stage 1 writes the embedding cache and stage 2 reads it."""
+    dir: str = "cache/demo"
+    shard_size: int = 1024        # images per HDF5 shard (the unit of resume and of torchrun work)
+    max_failure_frac: float = 0.05  # more failed images than this ends `embed` non-zero
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ValueError(f"cache.shard_size must be >= 1, got {self.shard_size}")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Tokenizer and prompt format (stage 2 and captioning)."""
+    name_or_path: str = "data/demo/tokenizer"
+    image_token: str = "<|image_pad|>"  # placeholder; added to the tokenizer if missing
+    template: str = "auto"        # auto (chat template if the tokenizer has one, else plain), chat, plain
+    prompt: str = "Describe this image."  # user turn when a record has no human text
+    max_len: int = 512            # text tokens + image tokens; truncation never cuts image tokens
+
+    def __post_init__(self):
+        if self.template not in ("auto", "chat", "plain"):
+            raise ValueError(f"tokenizer.template must be auto, chat or plain, got {self.template!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """MiniMind-style decoder LM plus the projector from image rows to the LM width."""
+    dim: int = 512
+    n_layer: int = 8
+    n_head: int = 16
+    n_kv_head: int = 8
+    multiple_of: int = 64         # SwiGLU hidden = multiple_of * ceil(8*dim/3 / multiple_of)
+    norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    max_seq_len: int = 2048
+    dropout: float = 0.0
+    use_moe: bool = False
+    n_routed_experts: int = 4
+    n_experts_per_tok: int = 2
+    n_shared_experts: int = 1
+    aux_loss_alpha: float = 0.1
+    projector: str = "mlp"        # linear | mlp (LayerNorm -> Linear -> GELU -> Linear)
+
+    def __post_init__(self):
+        if self.dim % self.n_head:
+            raise ValueError(f"model.dim ({self.dim}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        if self.projector not in ("linear", "mlp"):
+            raise ValueError(f"model.projector must be linear or mlp, got {self.projector!r}")
+        if self.use_moe and not 1 <= self.n_experts_per_tok <= self.n_routed_experts:
+            raise ValueError("model.n_experts_per_tok must be between 1 and model.n_routed_experts")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage-2 optimisation, evaluation, checkpointing and logging."""
+    out_dir: str = "runs"
+    run_name: str = "demo"        # the run lives in out_dir/run_name
+    seed: int = 1337
+    epochs: int = 1
+    max_steps: int = 0            # optimizer steps; 0 -> epochs * steps per epoch
+    batch_size: int = 32          # per rank, per micro-step
+    grad_accum: int = 1
+    lr: float = 4e-4
+    min_lr: float = 4e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0        # 0 disables clipping
+    dtype: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16 (GradScaler)
+    compile: bool = False
+    freeze_llm: int = 2           # 0 train all, 1 projector + first/last LM layer, 2 projector only
+    init_from: str = ""           # LM checkpoint (.safetensors or .pth) to start from
+    allow_partial_init: bool = False
+    num_workers: int = 2          # DataLoader workers reading the cache
+    eval_interval: int = 200      # steps between evals; 0 -> only at the end
+    eval_batches: int = 20
+    save_interval: int = 500      # steps between checkpoints; 0 -> only at the end
+    keep_checkpoints: int = 2
+    resume: str = "auto"          # auto (newest checkpoint if any), never
+    log_interval: int = 10
+    deterministic: bool = False   # torch.use_deterministic_algorithms, for exact-resume checks
+    wandb: bool = False
+    wandb_project: str = "minivlm"
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"train.dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.freeze_llm not in (0, 1, 2):
+            raise ValueError(f"train.freeze_llm must be 0, 1 or 2, got {self.freeze_llm}")
+        if self.resume not in ("auto", "never"):
+            raise ValueError(f"train.resume must be auto or never, got {self.resume!r}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("train.batch_size and train.grad_accum must be >= 1")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.run_name
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = {f.name: f.default_factory for f in fields(RunConfig)}
+
+
+def _coerce(value: Any, typ: type, where: str) -> Any:
+    """Type-check a TOML value (or parse an override string) against a dataclass field type."""
+    if isinstance(value, str) and typ is not str:
+        text = value.strip()
+        try:
+            if typ is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return text.lower() in ("true", "1")
+            return typ(text)
+        except ValueError:
+            raise ValueError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool) or typ is not bool and isinstance(value, bool) \
+            or not isinstance(value, typ):
+        raise ValueError(f"{where}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _field_types(cls) -> dict[str, type]:
+    names = {"str": str, "int": int, "float": float, "bool": bool}
+    return {f.name: names[f.type] if isinstance(f.type, str) else f.type for f in fields(cls)}
+
+
+def build_config(tree: dict[str, dict[str, Any]], source: str = "config") -> RunConfig:
+    """Build a RunConfig from a {section: {key: value}} tree, rejecting unknown names and wrong types."""
+    sections = {}
+    for name, values in tree.items():
+        if name not in SECTIONS:
+            raise ValueError(f"{source}: unknown section [{name}]; valid sections: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: [{name}] must be a table of key = value")
+        cls = SECTIONS[name]
+        types = _field_types(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in types:
+                raise ValueError(f"{source}: unknown key {name}.{key}; valid keys of [{name}]: {', '.join(types)}")
+            kwargs[key] = _coerce(value, types[key], f"{source}: {name}.{key}")
+        sections[name] = cls(**kwargs)
+    return RunConfig(**sections)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, str]]:
+    tree: dict[str, dict[str, str]] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
+        tree.setdefault(section, {})[name] = value
+    return tree
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found; pass --config configs/demo.toml or another TOML file")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: invalid TOML ({e})") from None
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict) or not isinstance(values, dict):
+            raise ValueError(f"[{section}] must be a table of key = value")
+        out[section].update(values)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """TOML file (optional) then `section.key=value` overrides, validated into a RunConfig."""
+    tree = load_toml(path) if path else {}
+    cfg = build_config(tree, str(path or "defaults"))
+    if overrides:
+        # Overrides are typed against the fields, then re-validated as a whole.
+        over = build_config_strings(parse_overrides(list(overrides)))
+        cfg = build_config(merge(to_tree(cfg), over), str(path or "defaults"))
+    return cfg
+
+
+def build_config_strings(tree: dict[str, dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """Parse override strings into typed values (errors name the override)."""
+    out: dict[str, dict[str, Any]] = {}
+    for section, values in tree.items():
+        if section not in SECTIONS:
+            raise ValueError(f"override: unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
+        types = _field_types(SECTIONS[section])
+        for key, value in values.items():
+            if key not in types:
+                raise ValueError(f"override: unknown key {section}.{key}; valid keys of [{section}]: {', '.join(types)}")
+            out.setdefault(section, {})[key] = _coerce(value, types[key], f"override {section}.{key}")
+    return out
+
+
+def to_tree(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(tree: dict[str, dict[str, Any]]) -> str:
+    """Write a {section: {key: value}} tree (a resolved config) as TOML that load_config reads back."""
+    lines = []
+    for section, values in tree.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _comments(cls) -> dict[str, str]:
+    """The `# ...` comment after each field in the class source: the field's help text."""
+    found = re.findall(r"^\s+(\w+): [\w\[\], |]+ = [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)
+    return dict(found)
+
+
+def describe(sections: list[str]) -> str:
+    """`--help` text: every key of the given sections with its default and its comment."""
+    lines = ["config keys (set in the TOML file or override as section.key=value):"]
+    for name in sections:
+        cls = SECTIONS[name]
+        notes = _comments(cls)
+        lines.append(f"  [{name}]  {(cls.__doc__ or '').strip()}")
+        for f in fields(cls):
+            item = f"    {name}.{f.name} = {_toml_value(f.default)}"
+            lines.append(f"{item:<44} {notes[f.name]}" if f.name in notes else item)
+    return "\n".join(lines)

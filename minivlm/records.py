@@ -1,0 +1,106 @@
+"""Image-caption records in LLaVA format (JSON array or JSONL).
+
+Design choices:
+- The whole file is validated before any work starts; an error names the file, the record (index or
+  line, and id) and what is wrong, so a bad record at position 500,000 fails in seconds, not hours.
+- An image key is the record's image path, normalised (`./a//b.jpg` -> `a/b.jpg`). Keys are the join
+  between records and cache rows, so stage 1 and stage 2 must normalise identically: both call `load_records`.
+- Resolving a key against the image root is separate (`resolve_image`), so a key that escapes the root
+  (`../x`, absolute, or a symlink out) is reported as a failure and never opened.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE_TAG = "<image>"
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    image: str | None                 # normalised image key, None for text-only samples
+    turns: tuple[tuple[str, str], ...]  # (role, text) with roles user / assistant / system; <image> removed
+    where: str                        # "train.json record 12 (id 0000012)" for error messages
+
+
+def normalize_key(image: str) -> str:
+    key = posixpath.normpath(image.replace("\\", "/"))
+    return key[2:] if key.startswith("./") else key
+
+
+def _parse_record(obj, where: str) -> Record:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected an object with id, image and conversations, got {type(obj).__name__}")
+    rid = str(obj.get("id", ""))
+    if rid:
+        where = f"{where} (id {rid})"
+    image = obj.get("image")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        raise ValueError(f"{where}: 'image' must be a non-empty path string relative to data.image_root")
+    conv = obj.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise ValueError(f"{where}: 'conversations' must be a non-empty list of {{'from', 'value'}} turns")
+    turns = []
+    for j, turn in enumerate(conv):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+            raise ValueError(f"{where}: conversations[{j}] must be {{'from': human|gpt|system, 'value': str}}, "
+                             f"got {json.dumps(turn)[:80]}")
+        turns.append((ROLES[turn["from"]], turn["value"].replace(IMAGE_TAG, "").strip()))
+    if not any(role == "assistant" for role, _ in turns):
+        raise ValueError(f"{where}: conversations has no gpt turn (nothing to learn)")
+    return Record(rid, normalize_key(image) if image else None, tuple(turns), where)
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Read and validate every record of a JSON array or JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"records file {path} not found; set data.records (make demo-data writes the demo's)")
+    text = path.read_text(encoding="utf-8")
+    records = []
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        for i, obj in enumerate(items):
+            records.append(_parse_record(obj, f"{path} record {i}"))
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: invalid JSON ({e.msg} at column {e.colno})") from None
+            records.append(_parse_record(obj, f"{path} line {n}"))
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def records_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def image_keys(records: list[Record]) -> list[str]:
+    """Sorted unique image keys: identical keys are embedded once however many records use them."""
+    return sorted({r.image for r in records if r.image})
+
+
+def first_record_with(records: list[Record], key: str) -> Record:
+    return next(r for r in records if r.image == key)
+
+
+def resolve_image(root: str | Path, key: str) -> Path | None:
+    """The file for `key` under `root`, or None if it resolves outside the root (never to be read)."""
+    root = Path(root).resolve()
+    if posixpath.isabs(key) or key == ".." or key.startswith("../"):
+        return None
+    path = (root / key).resolve()
+    return path if path.is_relative_to(root) else None
