@@ -1,0 +1,332 @@
+"""The VLM: a MiniMind-style decoder LM plus a projector from cached image rows to the LM width.
+
+Design choices:
+- Parameter names follow the current MiniMind (`model/model_minimind.py`): `model.embed_tokens`,
+  `model.layers.N.{input_layernorm,self_attn.{q,k,v,o}_proj,post_attention_layernorm,mlp.*}`,
+  `model.norm`, `lm_head` (tied to `model.embed_tokens`), so its checkpoints load as they are.
+  `remap_lm_keys` converts the 2024 v1 names (`tok_embeddings`, `layers.N.attention.wq`, ...) and strips
+  `_orig_mod.` / `module.` prefixes.
+- RoPE uses the rotate-half convention (pairs (i, i + head_dim/2)), as current MiniMind does. v1 rotated
+  adjacent pairs (2i, 2i+1), so `remap_lm_keys` permutes v1 `wq`/`wk` rows per head to match.
+- RMSNorm computes in fp32. Grouped-query attention via SDPA: query head h reads KV head h // n_rep.
+- Every Linear/Embedding starts at N(0, 0.02); residual output projections (`o_proj`, `down_proj`) at
+  0.02 / sqrt(2 * n_layer) (GPT-2). The projector uses the same init.
+- MoE (cfg.use_moe): softmax router, top-k experts per token with weights renormalised to sum to 1
+  (when k > 1, as MiniMind), always-on shared experts, and in training the Switch/DeepSeek balance loss
+  alpha * sum_i f_i * P_i (f_i = E * share of routed slots, P_i = mean router prob); 0 in eval, so
+  validation loss is pure cross-entropy. An expert with no tokens still runs on an empty batch, so
+  every parameter stays in the graph (DDP).
+- Image rows replace the embeddings of the placeholder tokens with one masked_scatter: every row has
+  either 0 or exactly T placeholders, anything else is a ValueError, never a silent misalignment.
+- The KV cache is a plain per-layer list of tensors that `forward(kv_cache=..., start_pos=p)` appends to.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minivlm.config import ModelConfig
+
+
+def ffn_hidden(cfg: ModelConfig) -> int:
+    """SwiGLU width: multiple_of * ceil(8 * dim / 3 / multiple_of) (1408 for dim 512)."""
+    return cfg.multiple_of * -(-8 * cfg.dim // (3 * cfg.multiple_of))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(max_seq_len).float(), inv_freq)  # (S, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (S, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, L, hd), cos/sin (L, hd): rotate the pairs (i, i + hd/2) by position * freq_i."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer so far, each (B, n_kv_head, S, head_dim); forward appends."""
+
+    def __init__(self, n_layer: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].size(2)
+
+    def update(self, layer: int, k, v):
+        if self.k[layer] is not None:
+            k, v = torch.cat((self.k[layer], k), dim=2), torch.cat((self.v[layer], v), dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head = layer, cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.dim // cfg.n_head
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache: KVCache | None):
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
+        k = self.k_proj(x).view(B, L, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
+        v = self.v_proj(x).view(B, L, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, hd), S = start_pos + L
+        S, rep = k.size(2), self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+        # Query i sits at absolute position S - L + i and sees keys 0 .. S - L + i.
+        mask = None if S == L or L == 1 else torch.ones(L, S, dtype=torch.bool, device=x.device).tril(S - L)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == L and L > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, hd)
+        return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, L, -1)))  # (B, L, D)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = ffn_hidden(cfg)
+        self.gate_proj = nn.Linear(cfg.dim, hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, cfg.dim, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.alpha = cfg.n_experts_per_tok, cfg.aux_loss_alpha
+        self.gate = nn.Linear(cfg.dim, cfg.n_routed_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(cfg) for _ in range(cfg.n_routed_experts))
+        self.shared_experts = nn.ModuleList(FeedForward(cfg) for _ in range(cfg.n_shared_experts))
+
+    def forward(self, x):
+        B, L, D = x.shape
+        E = len(self.experts)
+        xf = x.reshape(-1, D)  # (N, D)
+        probs = self.gate(xf).float().softmax(dim=-1)  # (N, E)
+        top_w, top_i = probs.topk(self.top_k, dim=-1)  # (N, k)
+        if self.top_k > 1:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        y = torch.zeros_like(xf)  # (N, D)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (top_i == e).nonzero(as_tuple=True)  # tokens routed to e, and which of their k slots
+            y.index_add_(0, tok, (expert(xf[tok]) * top_w[tok, slot, None]).to(y.dtype))
+        y = y.view(B, L, D)
+        for expert in self.shared_experts:
+            y = y + expert(x)
+        aux = probs.new_zeros(())
+        if self.training and self.alpha > 0:
+            f = torch.bincount(top_i.flatten(), minlength=E).float() * E / top_i.numel()  # (E,)
+            aux = self.alpha * (f * probs.mean(dim=0)).sum()
+        return y, aux
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MoEFeedForward(cfg) if cfg.use_moe else FeedForward(cfg)
+
+    def forward(self, x, cos, sin, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)  # (B, L, D)
+        h = self.post_attention_layernorm(x)
+        y, aux = self.mlp(h) if isinstance(self.mlp, MoEFeedForward) else (self.mlp(h), None)
+        return x + y, aux
+
+
+class Transformer(nn.Module):
+    """The LM body (MiniMind's `MiniMindModel`): embed_tokens, layers, norm, RoPE tables."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        cos, sin = rope_tables(cfg.dim // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("freqs_cos", cos, persistent=False)  # (max_seq_len, hd)
+        self.register_buffer("freqs_sin", sin, persistent=False)
+
+    def forward(self, h, start_pos: int = 0, kv_cache: KVCache | None = None):
+        """h: input embeddings (B, L, D) -> final-normed hidden states (B, L, D), summed MoE aux loss."""
+        L = h.size(1)
+        cos, sin = self.freqs_cos[start_pos:start_pos + L], self.freqs_sin[start_pos:start_pos + L]  # (L, hd)
+        h, aux = self.dropout(h), h.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            h, a = layer(h, cos, sin, kv_cache)
+            aux = aux if a is None else aux + a
+        return self.norm(h), aux
+
+
+class Projector(nn.Sequential):
+    """Image rows (B, T, image_dim) -> LM width (B, T, dim): `linear`, or LayerNorm -> Linear -> GELU -> Linear."""
+
+    def __init__(self, cfg: ModelConfig, image_dim: int):
+        if cfg.projector == "linear":
+            super().__init__(nn.Linear(image_dim, cfg.dim))
+        else:
+            super().__init__(nn.LayerNorm(image_dim), nn.Linear(image_dim, cfg.dim), nn.GELU(),
+                             nn.Linear(cfg.dim, cfg.dim))
+
+
+class VLMOutput(NamedTuple):
+    logits: torch.Tensor  # (B, L, V)
+    loss: torch.Tensor | None  # cross-entropy (+ MoE aux loss), None without labels
+    aux_loss: torch.Tensor  # MoE balance loss, 0 without MoE or in eval
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, image_dim: int, image_token_id: int):
+        super().__init__()
+        self.cfg, self.image_dim, self.image_token_id = cfg, image_dim, image_token_id
+        self.model = Transformer(cfg, vocab_size)
+        self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
+        self.model.embed_tokens.weight = self.lm_head.weight  # tied
+        self.projector = Projector(cfg, image_dim)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.model.layers))
+
+    def embed(self, input_ids, images):
+        """Token embeddings (B, L, D) with each image row's projection at its row's placeholders."""
+        h = self.model.embed_tokens(input_ids)  # (B, L, D)
+        is_img = input_ids == self.image_token_id  # (B, L)
+        counts = is_img.sum(dim=1)  # (B,)
+        if images is None:
+            if counts.any():
+                r = int(counts.nonzero()[0])
+                raise ValueError(f"row {r} has {int(counts[r])} image placeholder tokens but images is None")
+            return h
+        if images.dim() != 3 or images.size(0) != input_ids.size(0) or images.size(2) != self.image_dim:
+            raise ValueError(f"images must be (B={input_ids.size(0)}, T, {self.image_dim}), got {tuple(images.shape)}")
+        T = images.size(1)
+        bad = (counts != 0) & (counts != T)
+        if bad.any():
+            r = int(bad.nonzero()[0])
+            raise ValueError(f"row {r} has {int(counts[r])} image placeholder tokens; expected 0 or T={T}")
+        proj = self.projector(images)[counts == T]  # (B_img, T, D), the rows that have placeholders, in order
+        return h.masked_scatter(is_img.unsqueeze(-1), proj.to(h.dtype))  # fills placeholders row-major
+
+    def forward(self, input_ids, images=None, labels=None, kv_cache: KVCache | None = None,
+                start_pos: int = 0) -> VLMOutput:
+        L = input_ids.size(1)
+        if start_pos + L > self.cfg.max_seq_len:
+            raise ValueError(f"sequence end {start_pos + L} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if kv_cache is not None and kv_cache.seq_len != start_pos:
+            raise ValueError(f"start_pos={start_pos} but the KV cache holds {kv_cache.seq_len} positions")
+        h, aux = self.model(self.embed(input_ids, images), start_pos, kv_cache)  # (B, L, D)
+        logits = self.lm_head(h)  # (B, L, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100) + aux
+        return VLMOutput(logits, loss, aux)
+
+
+def freeze(model: VLM, level: int) -> None:
+    """train.freeze_llm: 0 all trainable; 1 projector + first and last LM layers; 2 projector only."""
+    if level not in (0, 1, 2):
+        raise ValueError(f"train.freeze_llm must be 0, 1 or 2, got {level}")
+    model.requires_grad_(level == 0)
+    model.projector.requires_grad_(True)
+    if level == 1:
+        model.model.layers[0].requires_grad_(True)
+        model.model.layers[-1].requires_grad_(True)
+
+
+def param_groups(model: VLM, weight_decay: float) -> list[dict]:
+    """AdamW groups over trainable parameters: no decay on norms, biases (ndim < 2) and embeddings."""
+    emb = model.model.embed_tokens.weight
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2 and p is not emb]
+    no_decay = [p for p in trainable if p.dim() < 2 or p is emb]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def num_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Parameter count; tied tensors count once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+_V1_RULES = [  # MiniMind v1 (2024, `MiniMindLM`) name -> ours; applied in order, each to every key
+    (r"^tok_embeddings\.", "model.embed_tokens."),
+    (r"^output\.", "lm_head."),
+    (r"^norm\.", "model.norm."),
+    (r"^layers\.(\d+)\.attention\.w([qkvo])\.", r"model.layers.\1.self_attn.\2_proj."),
+    (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^layers\.(\d+)\.feed_forward\.", r"model.layers.\1.mlp."),
+    (r"\.mlp\.shared_experts\.w", ".mlp.shared_experts.0.w"),  # v1 had one shared expert, not a list
+    (r"\.w1\.", ".gate_proj."), (r"\.w2\.", ".down_proj."), (r"\.w3\.", ".up_proj."),
+]
+
+
+def remap_lm_keys(state_dict: dict, head_dim: int | None = None) -> dict:
+    """MiniMind LM state dict (current or v1 names, maybe `_orig_mod.`/`module.`-prefixed) -> our names.
+
+    v1 rotated adjacent RoPE pairs (2i, 2i+1); we rotate (i, i + hd/2). The same per-head row
+    permutation of q and k keeps q.k unchanged, so v1 `wq`/`wk` are permuted; that needs `head_dim`
+    (cfg.dim // cfg.n_head). Keys that are neither current nor v1 LM names pass through unchanged.
+    """
+    out = {}
+    for key, t in state_dict.items():
+        while key.startswith(("_orig_mod.", "module.")):
+            key = key.split(".", 1)[1]
+        v1 = re.match(r"^(tok_embeddings|output|norm|layers)\.", key) is not None
+        if v1 and re.match(r"^layers\.\d+\.attention\.w[qk]\.weight$", key):
+            if head_dim is None:
+                raise ValueError(f"{key}: MiniMind v1 checkpoint; pass head_dim=model.dim // model.n_head "
+                                 "so wq/wk can be converted to rotate-half RoPE")
+            t = t.view(-1, head_dim // 2, 2, t.size(1)).transpose(1, 2).reshape(t.shape)
+        for pattern, repl in _V1_RULES if v1 else ():
+            key = re.sub(pattern, repl, key)
+        out[key] = t
+    for a, b in (("lm_head.weight", "model.embed_tokens.weight"), ("model.embed_tokens.weight", "lm_head.weight")):
+        if a in out and b not in out:  # tied: a checkpoint may store only one of the two
+            out[b] = out[a]
+    return out

@@ -1,0 +1,32 @@
+"""Write the embedded offline demo: synthetic shape images + LLaVA records, a tiny random CLIP tower and a
+tiny BPE tokenizer (nothing is downloaded). Idempotent: an identical earlier build is kept.
+
+    python stages/demo_data.py [--out data/demo] [--n_train 4000] [--n_val 256] [--seed 0]
+"""
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    import minivlm  # noqa: F401  (installed editable by `make install`)
+except ImportError:  # run from a plain checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minivlm.cli import run
+from minivlm.demo import make_demo
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="data/demo", help="output directory (default: %(default)s)")
+    p.add_argument("--n_train", type=int, default=4000, help="training images (default: %(default)s)")
+    p.add_argument("--n_val", type=int, default=256, help="validation images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for images and encoder weights (default: %(default)s)")
+    args = p.parse_args()
+    if args.n_train < 1 or args.n_val < 0:
+        raise ValueError(f"--n_train must be >= 1 and --n_val >= 0 (got {args.n_train}, {args.n_val})")
+    make_demo(Path(args.out), n_train=args.n_train, n_val=args.n_val, seed=args.seed)
+
+
+if __name__ == "__main__":
+    run(main)

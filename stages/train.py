@@ -1,0 +1,23 @@
+"""Stage 2: train the VLM from the embedding cache (no vision forward, no image decoding).
+
+    python stages/train.py --config configs/demo.toml [section.key=value ...]
+    torchrun --nproc_per_node N stages/train.py --config ...
+Resumes from runs/<run_name>/checkpoints when train.resume=auto (the default).
+"""
+from minivlm.cli import config_from, parser, run
+from minivlm.dist import close_distributed, init_distributed
+from minivlm.trainer import fit
+
+
+def main():
+    args = parser(__doc__.splitlines()[0], ["data", "cache", "encoder", "tokenizer", "model", "train"]).parse_args()
+    cfg = config_from(args)
+    dist = init_distributed()
+    try:
+        fit(cfg, dist)
+    finally:
+        close_distributed()
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny offline demo (images, records, CLIP, tokenizer) built once per session with the
+same code `make demo-data` uses, and configs built from the real dataclasses."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minivlm.config import RunConfig, load_config
+from minivlm.demo import make_demo
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_REF = REPO.parent / "shared" / "ref"
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("demo")
+    make_demo(d, n_train=160, n_val=32, seed=0)
+    return d
+
+
+def demo_overrides(demo: Path, work: Path) -> list[str]:
+    return [f"data.records={demo}/train.json", f"data.image_root={demo}/images",
+            f"encoder.name_or_path={demo}/encoder", f"tokenizer.name_or_path={demo}/tokenizer",
+            f"cache.dir={work}/cache", "cache.shard_size=16", "encoder.num_workers=0", "encoder.batch_size=8",
+            f"train.out_dir={work}/runs", "train.num_workers=0"]
+
+
+def demo_config(demo: Path, work: Path, *overrides: str) -> RunConfig:
+    return load_config(REPO / "configs" / "demo.toml", demo_overrides(demo, work) + list(overrides))
+
+
+def run_stage(script: str, *args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run a stage script the way a user does, from the repo root."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(REPO / "stages" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def tokenizer_dir(version: str) -> Path:
+    path = SHARED_REF / f"minimind-tokenizer-{version}"
+    if not path.is_dir():
+        pytest.skip(f"{path} absent (the real MiniMind tokenizers live in ../shared/ref)")
+    return path
