@@ -56,7 +56,8 @@ def _collate(batch):
 
 
 def _check_existing(cache_dir: Path, plan: list[list[str]], fp: dict, mine, overwrite: bool) -> set[int]:
-    """Published shards of this rank that can be kept; refuse (or with overwrite, delete) the rest."""
+    """Published shards of this rank that can be kept. A shard from another encoder spec is refused (or with
+    overwrite, deleted); an unreadable one, or one whose planned images changed, is deleted and redone."""
     keep = set()
     n_planned = len(plan)
     existing = sorted(cache.shard_dir(cache_dir).glob("shard-*.h5"))
@@ -73,28 +74,26 @@ def _check_existing(cache_dir: Path, plan: list[list[str]], fp: dict, mine, over
         if old is not None and old == fp and i < n_planned and old_plan == cache.plan_hash(plan[i]):
             keep.add(i)
             continue
-        if not overwrite:
-            if old is None:
-                why = "is unreadable or incomplete"
-            elif old != fp:
-                fields = fingerprint_diff(old, fp) or ["fingerprint"]
-                why = (f"was embedded with a different encoder spec ({', '.join(fields)}: "
-                       + ", ".join(f"{old.get(k)!r} -> {fp.get(k)!r}" for k in fields) + ")")
-            else:
-                why = "was planned from different records (the image list changed)"
-            raise ValueError(f"cache {cache_dir}: {p.name} {why}; rerun with --overwrite to replace the cache, "
-                             f"or set cache.dir to a new directory")
+        if old is not None and old != fp and not overwrite:
+            fields = fingerprint_diff(old, fp) or ["fingerprint"]
+            raise ValueError(f"cache {cache_dir}: {p.name} was embedded with a different encoder spec ("
+                             + ", ".join(f"{k}: {old.get(k)!r} -> {fp.get(k)!r}" for k in fields)
+                             + "); rerun with --overwrite to replace the cache, or set cache.dir to a new directory")
+        if old is not None and old == fp:  # same encoder, other images in this slot: the records changed
+            print(f"embed: {p.name} holds other images than the records now plan; re-embedding it", flush=True)
         p.unlink()
     return keep
 
 
 def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | None:
-    """Embed every image of `cfg.data.records` into `cfg.cache.dir`. Returns the manifest if this rank wrote it."""
+    """Embed every image of data.records and data.val_records into `cfg.cache.dir`. Returns the manifest if this rank wrote it."""
     t0 = time.time()
-    records = load_records(cfg.data.records)
+    files = [f for f in (cfg.data.records, cfg.data.val_records) if f]  # held-out images are cached too
+    records = [r for f in files for r in load_records(f)]
     keys = image_keys(records)
     if not keys:
         raise ValueError(f"{cfg.data.records}: no record has an image; nothing to embed")
+    rhash = records_hash(*files)
     cache_dir = Path(cfg.cache.dir)
     plan = cache.plan_shards(keys, cfg.cache.shard_size)
     root = Path(cfg.data.image_root)
@@ -113,7 +112,7 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
             (cache_dir / cache.MANIFEST).unlink(missing_ok=True)
         keep = _check_existing(cache_dir, plan, fp, mine, overwrite)
         if manifest and manifest.get("fingerprint") == fid and len(keep) == sum(map(mine, range(len(plan)))) \
-                and manifest.get("records_hash") == records_hash(cfg.data.records) and not overwrite:
+                and manifest.get("records_hash") == rhash and not overwrite:
             if dist.is_main:
                 print(f"embed: cache {cache_dir} is complete ({manifest['counts']['embedded']} images embedded, "
                       f"{len(plan)} shards); nothing to do", flush=True)
@@ -135,7 +134,7 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
                             "keep_cls": cfg.encoder.keep_cls, "pool": cfg.encoder.pool,
                             "compute_dtype": str(enc.dtype).removeprefix("torch.")},
                 "fingerprint": fid, "fingerprint_fields": fp,
-                "records": str(cfg.data.records), "records_hash": records_hash(cfg.data.records),
+                "records": files, "records_hash": rhash,
                 "shard_size": cfg.cache.shard_size, "tool_version": __version__}
         manifest = cache.finalize(cache_dir, plan, info)
     finally:

@@ -250,7 +250,7 @@ class VLM(nn.Module):
         if bad.any():
             r = int(bad.nonzero()[0])
             raise ValueError(f"row {r} has {int(counts[r])} image placeholder tokens; expected 0 or T={T}")
-        proj = self.projector(images)[counts == T]  # (B_img, T, D), the rows that have placeholders, in order
+        proj = self.projector(images.to(h.dtype))[counts == T]  # (B_img, T, D), the rows that have placeholders, in order
         return h.masked_scatter(is_img.unsqueeze(-1), proj.to(h.dtype))  # fills placeholders row-major
 
     def forward(self, input_ids, images=None, labels=None, kv_cache: KVCache | None = None,

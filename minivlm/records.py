@@ -84,8 +84,11 @@ def load_records(path: str | Path) -> list[Record]:
     return records
 
 
-def records_hash(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+def records_hash(*paths: str | Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(hashlib.sha256(Path(p).read_bytes()).digest())
+    return h.hexdigest()[:16]
 
 
 def image_keys(records: list[Record]) -> list[str]:

@@ -19,6 +19,8 @@ import dataclasses
 import json
 import math
 import resource
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,7 +247,7 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
         atomic_write_text(run_dir / "config.toml", to_toml(to_tree(cfg)))
     log = MetricsLog(run_dir / "metrics.jsonl", dist.is_main, step if ckpts else None)
     wandb = _wandb(cfg, dist)
-    n_total, n_train = num_params(raw)
+    n_total, n_train = num_params(raw), num_params(raw, trainable_only=True)
     print0(dist, f"train: {len(train_ds)} train / {len(val_ds)} val samples ({train_split.dropped} + "
                  f"{val_split.dropped} dropped: image not in cache), {n_total / 1e6:.2f}M params "
                  f"({n_train / 1e6:.2f}M trainable), {total_steps} steps, T={index.tokens} D={index.width}")
@@ -281,36 +283,41 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
     last: dict = {}
     model.train()
     t_log, wait, samples, tokens = time.time(), 0.0, 0, 0
-    while step < total_steps:
-        sampler.set_position(epoch, batch_pos)
-        it = iter(loader)
-        while step < total_steps and batch_pos + tc.grad_accum <= len(sampler):
-            t0 = time.time()
-            mbs = [to_device(next(it), device) for _ in range(tc.grad_accum)]
-            wait += time.time() - t0
-            lr = lr_at(step, total_steps, tc)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            stats = train_step(model, opt, mbs, tc, scaler, dtype, device)
-            step, batch_pos = step + 1, batch_pos + tc.grad_accum
-            samples, tokens = samples + stats.samples, tokens + stats.tokens
-            bar.update(1)
-            if step % tc.log_interval == 0 or step == total_steps:
-                dt = time.time() - t_log
-                last = {"step": step, "epoch": epoch, "loss": round(stats.loss, 5), "lr": lr,
-                        "grad_norm": round(stats.grad_norm, 4), "samples_per_s": round(samples * dist.world_size / dt, 2),
-                        "tokens_per_s": round(tokens * dist.world_size / dt, 1), "data_wait": round(wait / dt, 4),
-                        "peak_mem_mb": round(peak_memory_mb(device), 1)}
-                log.write(last)
-                wandb and wandb.log(last, step=step)
-                bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{lr:.2e}", sps=f"{last['samples_per_s']:.0f}")
-                t_log, wait, samples, tokens = time.time(), 0.0, 0, 0
-            if tc.eval_interval and step % tc.eval_interval == 0 and step < total_steps:
-                run_eval()
-            if tc.save_interval and step % tc.save_interval == 0 and step < total_steps:
-                save()
-        if step < total_steps:
-            epoch, batch_pos = epoch + 1, 0
+    with stop_requests() as stop:
+        while step < total_steps:
+            sampler.set_position(epoch, batch_pos)
+            it = iter(loader)
+            while step < total_steps and batch_pos + tc.grad_accum <= len(sampler):
+                t0 = time.time()
+                mbs = [to_device(next(it), device) for _ in range(tc.grad_accum)]
+                wait += time.time() - t0
+                lr = lr_at(step, total_steps, tc)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                stats = train_step(model, opt, mbs, tc, scaler, dtype, device)
+                step, batch_pos = step + 1, batch_pos + tc.grad_accum
+                samples, tokens = samples + stats.samples, tokens + stats.tokens
+                bar.update(1)
+                if step % tc.log_interval == 0 or step == total_steps:
+                    dt = time.time() - t_log
+                    last = {"step": step, "epoch": epoch, "loss": round(stats.loss, 5), "lr": lr,
+                            "grad_norm": round(stats.grad_norm, 4), "samples_per_s": round(samples * dist.world_size / dt, 2),
+                            "tokens_per_s": round(tokens * dist.world_size / dt, 1), "data_wait": round(wait / dt, 4),
+                            "peak_mem_mb": round(peak_memory_mb(device), 1)}
+                    log.write(last)
+                    wandb and wandb.log(last, step=step)
+                    bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{lr:.2e}", sps=f"{last['samples_per_s']:.0f}")
+                    t_log, wait, samples, tokens = time.time(), 0.0, 0, 0
+                if tc.eval_interval and step % tc.eval_interval == 0 and step < total_steps:
+                    run_eval()
+                if tc.save_interval and step % tc.save_interval == 0 and step < total_steps:
+                    save()
+                if stop.agreed(dist):  # Ctrl-C / SIGTERM: save at this step boundary, then stop
+                    save()
+                    print0(dist, f"\ntrain: stopped at step {step}; checkpoint saved; rerun the same command to resume")
+                    raise KeyboardInterrupt
+            if step < total_steps:
+                epoch, batch_pos = epoch + 1, 0
     bar.close()
     result = run_eval()
     save(final=True)
@@ -324,6 +331,34 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
     else:
         print0(dist, f"train: done {step} steps -> {run_dir} (no held-out samples, no eval)")
     return final
+
+
+class stop_requests(contextlib.AbstractContextManager):
+    """SIGINT/SIGTERM during training ask for a stop at the next step boundary, so the checkpoint written
+    then is consistent. A second Ctrl-C interrupts at once. Ranks agree on the step to stop at."""
+
+    def __enter__(self):
+        self.requested, self.previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def agreed(self, dist: Dist) -> bool:
+        if not dist.is_distributed:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def _gather_rng(dist: Dist) -> list[torch.Tensor]:

@@ -24,7 +24,7 @@ def demo(tmp_path_factory) -> Path:
 
 
 def demo_overrides(demo: Path, work: Path) -> list[str]:
-    return [f"data.records={demo}/train.json", f"data.image_root={demo}/images",
+    return [f"data.records={demo}/train.json", f"data.val_records={demo}/val.json", f"data.image_root={demo}/images",
             f"encoder.name_or_path={demo}/encoder", f"tokenizer.name_or_path={demo}/tokenizer",
             f"cache.dir={work}/cache", "cache.shard_size=16", "encoder.num_workers=0", "encoder.batch_size=8",
             f"train.out_dir={work}/runs", "train.num_workers=0"]
@@ -46,3 +46,20 @@ def tokenizer_dir(version: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} absent (the real MiniMind tokenizers live in ../shared/ref)")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo, tmp_path_factory) -> Path:
+    """The session's demo embedded once (shards of 16 images); tests that train read it, never write it."""
+    from minivlm.dist import Dist
+    from minivlm.embed import run_embed
+    work = tmp_path_factory.mktemp("cached")
+    run_embed(demo_config(demo, work), Dist())
+    return work / "cache"
+
+
+def train_config(demo: Path, cache_dir: Path, work: Path, *overrides: str) -> RunConfig:
+    """A tiny, fast stage-2 config on the session cache."""
+    return demo_config(demo, work, f"cache.dir={cache_dir}", "model.dim=32", "model.n_layer=2", "model.n_head=2",
+                       "model.n_kv_head=1", "model.multiple_of=16", "train.batch_size=8", "train.eval_batches=2",
+                       "train.log_interval=1", "train.eval_interval=0", "train.save_interval=0", *overrides)

@@ -1,0 +1,107 @@
+"""Stage-2 data: rows stay aligned with their records, order is deterministic and resumable, bad caches fail clearly."""
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import demo_config, train_config
+from minivlm import cache
+from minivlm.config import load_config
+from minivlm.data import BatchSampler, CacheBatches, load_splits, make_loader, open_cache
+from minivlm.text import load_tokenizer, text_format
+
+
+def dataset(cfg, split="train"):
+    manifest, index = open_cache(cfg)
+    fmt = text_format(load_tokenizer(cfg.tokenizer), cfg.tokenizer, index.tokens)
+    train, val = load_splits(cfg, index)
+    return CacheBatches(train if split == "train" else val, index, fmt), index, fmt
+
+
+def test_batch_rows_are_the_cache_rows_of_their_records(demo, demo_cache, tmp_path):
+    ds, index, fmt = dataset(train_config(demo, demo_cache, tmp_path))
+    ix = [5, 0, 17, len(ds) - 1]
+    batch = ds[ix]
+    for b, i in enumerate(ix):
+        rec = ds.split.records[i]
+        n_placeholders = int((batch["input_ids"][b] == fmt.image_token_id).sum())
+        if rec.image is None:
+            assert not batch["has_image"][b] and n_placeholders == 0 and not batch["images"][b].any()
+            continue
+        shard, row = index.locations[rec.image]
+        with h5py.File(index.files[shard]) as f:
+            assert f["keys"][row].decode() == rec.image
+            assert np.array_equal(batch["images"][b].numpy(), f["embeddings"][row])
+        assert n_placeholders == index.tokens
+    assert (batch["labels"] != -100).any(dim=1).all()
+
+
+def test_text_only_records_are_kept_and_failed_images_dropped_and_counted(demo, demo_cache, tmp_path):
+    recs = json.loads((demo / "train.json").read_text())
+    missing = dict(recs[0], id="gone", image="train/not-embedded.jpg")
+    (tmp_path / "r.json").write_text(json.dumps(recs + [missing]))
+    cfg = train_config(demo, demo_cache, tmp_path, f"data.records={tmp_path}/r.json")
+    _, index = open_cache(cfg)
+    train, _ = load_splits(cfg, index)
+    assert train.dropped == 1 and sum(loc is None for loc in train.locations) == sum("image" not in r for r in recs)
+
+
+def test_hash_split_is_deterministic_and_disjoint(demo, demo_cache, tmp_path):
+    cfg = train_config(demo, demo_cache, tmp_path, "data.val_records=", "data.val_frac=0.2")
+    _, index = open_cache(cfg)
+    a_train, a_val = load_splits(cfg, index)
+    b_train, b_val = load_splits(cfg, index)
+    keys = lambda s: {r.image for r in s.records if r.image}  # noqa: E731
+    assert keys(a_val) == keys(b_val) and not keys(a_val) & keys(a_train)
+    assert 0.1 < len(keys(a_val)) / (len(keys(a_val)) + len(keys(a_train))) < 0.3
+
+
+def test_sampler_is_deterministic_partitions_ranks_and_resumes_mid_epoch(demo, demo_cache, tmp_path):
+    ds, _, _ = dataset(train_config(demo, demo_cache, tmp_path))
+    s = BatchSampler(ds, 8, seed=3)
+    assert s.batches(0) == BatchSampler(ds, 8, seed=3).batches(0) and s.batches(0) != s.batches(1)
+    assert sorted(sum(s.batches(0), [])) == sorted(set(sum(s.batches(0), [])))
+    r0, r1 = BatchSampler(ds, 8, 3, rank=0, world_size=2), BatchSampler(ds, 8, 3, rank=1, world_size=2)
+    assert len(r0) == len(r1) == (len(ds) // 2) // 8
+    assert not set(sum(r0.batches(0), [])) & set(sum(r1.batches(0), []))
+    s.set_position(1, 3)
+    assert list(s) == s.batches(1)[3:]
+
+
+def test_workers_deliver_the_same_batches_as_the_main_process(demo, demo_cache, tmp_path):
+    ds, _, _ = dataset(train_config(demo, demo_cache, tmp_path))
+    s = BatchSampler(ds, 8, seed=0)
+    inline = list(make_loader(ds, s, 0, "cpu"))
+    ds.close()
+    workers = list(make_loader(ds, s, 2, "cpu"))
+    assert len(inline) == len(workers) == len(s)
+    for a, b in zip(inline, workers):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_and_incomplete_cache_say_what_to_run(demo, demo_cache, tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no shards; run stages/embed.py"):
+        open_cache(train_config(demo, tmp_path / "nothing", tmp_path))
+    partial = tmp_path / "partial"
+    shutil.copytree(demo_cache, partial)
+    (partial / cache.MANIFEST).unlink()
+    with pytest.raises(ValueError, match="incomplete.*rerun stages/embed.py"):
+        open_cache(train_config(demo, partial, tmp_path))
+    shutil.copytree(demo_cache, tmp_path / "holes")
+    cache.shard_path(tmp_path / "holes", 2).unlink()
+    with pytest.raises(ValueError, match="incomplete: 1 shard\\(s\\) missing.*shard-00002.h5"):
+        open_cache(train_config(demo, tmp_path / "holes", tmp_path))
+
+
+def test_shape_and_encoder_mismatches_name_the_field(demo, demo_cache, tmp_path):
+    cfg = train_config(demo, demo_cache, tmp_path)
+    manifest, index = open_cache(cfg)
+    with pytest.raises(ValueError, match=f"T \\(image tokens\\) = {index.tokens}, the model expects 99"):
+        open_cache(cfg, tokens=99)
+    with pytest.raises(ValueError, match=f"D \\(width\\) = {index.width}, the model expects 7"):
+        open_cache(cfg, width=7)
+    with pytest.raises(ValueError, match="encoder.keep_cls=False, the config asks for True"):
+        open_cache(train_config(demo, demo_cache, tmp_path, "encoder.keep_cls=true"))

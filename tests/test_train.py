@@ -1,0 +1,171 @@
+"""Stage 2 end to end: it learns from the images, resumes exactly, survives kills, runs under torchrun."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import REPO, demo_overrides, run_stage, train_config
+from minivlm import checkpoint
+from minivlm.config import to_toml, to_tree
+from minivlm.dist import Dist
+from minivlm.trainer import fit, lr_at
+
+# 48 train records at batch 8 = 6 steps per epoch, so 2k = 8 steps crosses an epoch boundary.
+RESUME = ("train.max_steps=8", "model.dropout=0.1", "train.deterministic=true", "train.lr=3e-3", "train.warmup_steps=2",
+          "train.freeze_llm=0")
+
+
+def small_records(demo, tmp_path, n=48):
+    recs = json.loads((demo / "train.json").read_text())[:n]
+    (tmp_path / "r48.json").write_text(json.dumps(recs))
+    return f"data.records={tmp_path}/r48.json"
+
+
+def weights(run_dir) -> dict:
+    return load_file(str(Path(run_dir) / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    from minivlm.config import TrainConfig
+    tc = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, 100, tc) == pytest.approx(0.1) and lr_at(9, 100, tc) == pytest.approx(1.0)
+    assert lr_at(55, 100, tc) == pytest.approx(0.55) and lr_at(100, 100, tc) == pytest.approx(0.1)
+
+
+def test_stop_mid_epoch_then_resume_gives_identical_weights(demo, demo_cache, tmp_path, monkeypatch):
+    rec = small_records(demo, tmp_path)
+    straight = train_config(demo, demo_cache, tmp_path, rec, "train.run_name=straight", *RESUME)
+    fit(straight, Dist())
+
+    import minivlm.trainer as trainer
+    real_step, calls = trainer.train_step, []
+
+    def step_then_ctrl_c(*a, **kw):
+        out = real_step(*a, **kw)
+        calls.append(1)
+        if len(calls) == 3:  # step 3 of 6 in epoch 0
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    stopped = train_config(demo, demo_cache, tmp_path, rec, "train.run_name=stopped", *RESUME)
+    monkeypatch.setattr(trainer, "train_step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        fit(stopped, Dist())
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    assert [p.name for p in checkpoint.checkpoints(stopped.train.run_dir)] == ["step-0000003"]
+    fit(stopped, Dist())
+    assert_same_weights(straight.train.run_dir, stopped.train.run_dir)
+    steps = [json.loads(ln)["step"] for ln in (stopped.train.run_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(ln)]
+    assert steps == list(range(1, 9))  # every step logged exactly once across the stop
+
+
+@pytest.mark.slow
+def test_sigkill_after_checkpoint_then_resume_gives_identical_weights(demo, demo_cache, tmp_path):
+    rec = small_records(demo, tmp_path)
+    over = [*demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", rec, *RESUME[:-1], "train.freeze_llm=0",
+            "model.dim=32", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.multiple_of=16",
+            "train.batch_size=8", "train.eval_batches=2", "train.eval_interval=0", "train.log_interval=1"]
+    fit(train_config(demo, demo_cache, tmp_path, rec, "train.run_name=straight", *RESUME), Dist())
+    killed = tmp_path / "runs" / "killed"
+    args = [str(REPO / "stages/train.py"), *over, "train.run_name=killed", "train.save_interval=5"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not checkpoint.checkpoints(killed) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [p.name for p in checkpoint.checkpoints(killed)] == ["step-0000005"]
+    assert not (killed / "model.safetensors").exists(), "the run finished before it was killed"
+    r = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed" in r.stdout
+    assert_same_weights(tmp_path / "runs" / "straight", killed)
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(demo, demo_cache, tmp_path):
+    rec = small_records(demo, tmp_path)
+    cfg = train_config(demo, demo_cache, tmp_path, rec, "train.run_name=crash", "train.save_interval=2",
+                       "train.max_steps=6")
+    (tmp_path / "c.toml").write_text(to_toml(to_tree(cfg)))
+    script = (
+        "import os, signal, sys, torch\n"
+        "from minivlm import checkpoint\n"
+        "real = torch.save\n"
+        "def save_then_die(obj, path, *a, **k):\n"
+        "    real(obj, path, *a, **k)\n"
+        "    if 'step-0000004' in str(path):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "checkpoint.torch.save = save_then_die\n"
+        "from minivlm.config import load_config\n"
+        "from minivlm.dist import Dist\n"
+        "from minivlm.trainer import fit\n"
+        f"fit(load_config({str(tmp_path / 'c.toml')!r}), Dist())\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL
+    run_dir = cfg.train.run_dir
+    assert (run_dir / "checkpoints" / "step-0000004.tmp").is_dir()
+    assert [p.name for p in checkpoint.checkpoints(run_dir)] == ["step-0000002"]
+    fit(cfg, Dist())  # loads step 2, resumes from it, removes the half-written step 4
+    assert not (run_dir / "checkpoints" / "step-0000004.tmp").exists()
+    assert (run_dir / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_trains_logs_once_checkpoints_once_and_resumes(demo, demo_cache, tmp_path):
+    rec = small_records(demo, tmp_path)
+    over = [*demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", rec, "model.dim=32", "model.n_layer=2",
+            "model.n_head=2", "model.n_kv_head=1", "model.multiple_of=16", "train.batch_size=4",
+            "train.eval_batches=2", "train.eval_interval=2", "train.log_interval=1", "train.save_interval=2",
+            "train.run_name=ddp"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "stages/train.py")]
+    r = subprocess.run([*torchrun, *over, "train.max_steps=4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "ddp"
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3, 4]
+    assert [x["step"] for x in rows if "eval_loss" in x] == [2, 4]
+    assert [p.name for p in checkpoint.checkpoints(run_dir)] == ["step-0000002", "step-0000004"]
+    assert r.stdout.count("train: done") == 1
+    r = subprocess.run([*torchrun, *over, "train.max_steps=6"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed" in r.stdout and "step-0000004" in r.stdout
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3, 4, 5, 6]
+
+
+def test_init_from_loads_an_lm_checkpoint_and_refuses_a_poor_match(demo, demo_cache, tmp_path):
+    rec = small_records(demo, tmp_path)
+    cfg = train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=1", "train.run_name=a")
+    fit(cfg, Dist())
+    lm = {k: v for k, v in weights(cfg.train.run_dir).items() if not k.startswith("projector.")}
+    save_file({("_orig_mod." + k): v for k, v in lm.items()}, str(tmp_path / "lm.safetensors"))
+    cfg_b = train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=1", "train.run_name=b",
+                         f"train.init_from={tmp_path}/lm.safetensors", "train.freeze_llm=2", "train.lr=0")
+    fit(cfg_b, Dist())
+    after = weights(cfg_b.train.run_dir)
+    assert all(torch.equal(after[k], v) for k, v in lm.items())  # loaded, and frozen at freeze_llm=2
+    save_file({k: v for k, v in list(lm.items())[:3]}, str(tmp_path / "poor.safetensors"))
+    with pytest.raises(ValueError, match="only 3 of .* LM tensors matched.*allow_partial_init"):
+        fit(train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=1", "train.run_name=c",
+                         f"train.init_from={tmp_path}/poor.safetensors"), Dist())
+
+
+def test_stage_errors_are_one_line(demo, demo_cache, tmp_path):
+    r = run_stage("train.py", *demo_overrides(demo, tmp_path), f"cache.dir={tmp_path}/none")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "run stages/embed.py" in r.stderr
+    r = run_stage("train.py", *demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", "encoder.pool=1")
+    assert r.returncode == 2 and "encoder.pool=2" in r.stderr and r.stderr.strip().count("\n") == 0
