@@ -44,7 +44,10 @@ def init_distributed(process_group: bool = True) -> Dist:
 
 
 def close_distributed() -> None:
+    """Wait for every rank (rank 0 may still be writing files), then tear the group down; a rank that
+    destroys a gloo group while a peer is still busy aborts with 'terminate called without an active exception'."""
     if torch_dist.is_initialized():
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 

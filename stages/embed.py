@@ -5,7 +5,7 @@
 """
 from minivlm import cache
 from minivlm.cli import config_from, parser, run
-from minivlm.dist import close_distributed, init_distributed
+from minivlm.dist import init_distributed
 from minivlm.embed import run_embed
 
 
@@ -21,11 +21,8 @@ def main():
             print(f"verify: {line}")
         print(f"verify: {cfg.cache.dir}: " + (f"{len(problems)} problem(s)" if problems else "ok"))
         return not problems
-    dist = init_distributed()
-    try:
-        run_embed(cfg, dist, overwrite=args.overwrite)
-    finally:
-        close_distributed()
+    # Ranks never talk: each takes shards i % world_size == rank, the last to finish writes the manifest.
+    run_embed(cfg, init_distributed(process_group=False), overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

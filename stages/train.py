@@ -13,10 +13,8 @@ def main():
     args = parser(__doc__.splitlines()[0], ["data", "cache", "encoder", "tokenizer", "model", "train"]).parse_args()
     cfg = config_from(args)
     dist = init_distributed()
-    try:
-        fit(cfg, dist)
-    finally:
-        close_distributed()
+    fit(cfg, dist)
+    close_distributed()  # on an error, no barrier: the rank exits and torchrun stops the others
 
 
 if __name__ == "__main__":

@@ -63,3 +63,22 @@ def train_config(demo: Path, cache_dir: Path, work: Path, *overrides: str) -> Ru
     return demo_config(demo, work, f"cache.dir={cache_dir}", "model.dim=32", "model.n_layer=2", "model.n_head=2",
                        "model.n_kv_head=1", "model.multiple_of=16", "train.batch_size=8", "train.eval_batches=2",
                        "train.log_interval=1", "train.eval_interval=0", "train.save_interval=0", *overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory):
+    """The full demo, embedded and trained with configs/demo.toml as `make demo` does (about two minutes).
+
+    Shared by the learnability, captioning and evaluation tests; none of them writes to it."""
+    from minivlm.dist import Dist
+    from minivlm.embed import run_embed
+    from minivlm.trainer import fit
+    work = tmp_path_factory.mktemp("full_demo")
+    make_demo(work / "demo", seed=0)
+    cfg = load_config(REPO / "configs" / "demo.toml", [
+        f"data.records={work}/demo/train.json", f"data.val_records={work}/demo/val.json",
+        f"data.image_root={work}/demo/images", f"encoder.name_or_path={work}/demo/encoder",
+        f"tokenizer.name_or_path={work}/demo/tokenizer", f"cache.dir={work}/cache", f"train.out_dir={work}/runs"])
+    run_embed(cfg, Dist())
+    final = fit(cfg, Dist())
+    return cfg, final

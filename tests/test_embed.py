@@ -67,7 +67,7 @@ def test_identical_keys_are_embedded_once_and_rerun_skips_published_shards(demo,
     recs = json.loads((demo / "train.json").read_text())[:20]
     dup = dict(recs[0], id="dup", image="./" + recs[0]["image"])
     (tmp_path / "r.json").write_text(json.dumps(recs + [dup]))
-    cfg = demo_config(demo, tmp_path, f"data.records={tmp_path}/r.json", "cache.shard_size=8")
+    cfg = demo_config(demo, tmp_path, f"data.records={tmp_path}/r.json", "data.val_records=", "cache.shard_size=8")
     m = run_embed(cfg, Dist())
     n_images = len({r["image"] for r in recs if "image" in r})
     assert m["counts"]["images"] == n_images and len(m["shards"]) == -(-n_images // 8)
@@ -151,7 +151,7 @@ def _bad_image_set(demo, root):
 
 def test_each_bad_image_kind_is_a_failure_with_its_reason(demo, tmp_path):
     names, bad = _bad_image_set(demo, tmp_path / "imgs")
-    cfg = demo_config(demo, tmp_path, f"data.records={tmp_path}/r.json", f"data.image_root={tmp_path}/imgs",
+    cfg = demo_config(demo, tmp_path, f"data.records={tmp_path}/r.json", "data.val_records=", f"data.image_root={tmp_path}/imgs",
                       "encoder.max_image_pixels=50000", "cache.max_failure_frac=0.9")
     m = run_embed(cfg, Dist())
     failures = {f["key"]: f["reason"] for f in map(json.loads, (tmp_path / "cache/failures.jsonl").read_text().splitlines())}
@@ -164,7 +164,7 @@ def test_each_bad_image_kind_is_a_failure_with_its_reason(demo, tmp_path):
 def test_too_many_failures_end_the_run_nonzero_with_a_clear_message(demo, tmp_path):
     _bad_image_set(demo, tmp_path / "imgs")
     r = run_stage("embed.py", "--config", str(REPO / "configs/demo.toml"), *demo_overrides(demo, tmp_path),
-                  f"data.records={tmp_path}/r.json", f"data.image_root={tmp_path}/imgs", "cache.max_failure_frac=0.1")
+                  f"data.records={tmp_path}/r.json", "data.val_records=", f"data.image_root={tmp_path}/imgs", "cache.max_failure_frac=0.1")
     assert r.returncode == 1
     assert "max_failure_frac" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

@@ -1,0 +1,94 @@
+"""A trained run, loaded for captioning: weights, tokenizer and the live encoder it was trained against.
+
+Design choices:
+- Everything comes from the run directory (`model.safetensors`, `model_config.json`, `tokenizer/`);
+  the encoder is reloaded from the stored spec and its fingerprint must equal the one stage 1 recorded
+  (other weights at the same path are refused, naming the field).
+- Live features go through the same `load_image` / `preprocess` / `encode` as stage 1, so a live row is
+  the cached row.
+- An image that cannot be read is reported for that image; the others are still captioned.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minivlm.checkpoint import load_weights
+from minivlm.config import EncoderConfig, ModelConfig, TokenizerConfig
+from minivlm.encoder import Encoder, ImageError, encode, fingerprint_diff, load_encoder, load_image, preprocess
+from minivlm.generate import generate
+from minivlm.model import VLM
+from minivlm.text import TextFormat, decode, load_tokenizer, prompt_ids, text_format
+
+
+@dataclass
+class Captioner:
+    model: VLM
+    fmt: TextFormat
+    config: dict          # model_config.json
+    device: str
+    encoder: Encoder | None = None
+
+
+def load_run(run_dir: str | Path, device: str = "cpu", with_encoder: bool = True) -> Captioner:
+    run_dir = Path(run_dir)
+    path = run_dir / "model_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no model_config.json: it is not a finished run "
+                                f"(train it to the end with stages/train.py first)")
+    mc = json.loads(path.read_text())
+    tcfg = TokenizerConfig(**{**mc["tokenizer"], "name_or_path": str(run_dir / "tokenizer")})
+    fmt = text_format(load_tokenizer(tcfg), tcfg, mc["image_tokens"])
+    model = VLM(ModelConfig(**mc["model"]), mc["vocab_size"], mc["image_width"], mc["image_token_id"])
+    load_weights(run_dir / "model.safetensors", model)
+    cap = Captioner(model.to(device).eval(), fmt, mc, device)
+    if with_encoder:
+        cap.encoder = load_run_encoder(mc, device)
+    return cap
+
+
+def load_run_encoder(mc: dict, device: str) -> Encoder:
+    """The encoder from the run's stored spec, refused if its fingerprint differs from stage 1's."""
+    spec = mc["encoder"]
+    enc = load_encoder(EncoderConfig(name_or_path=spec["name_or_path"], select_layer=spec["select_layer"],
+                                     keep_cls=spec["keep_cls"], pool=spec["pool"], dtype=spec["compute_dtype"]),
+                       device)
+    wrong = fingerprint_diff(mc["fingerprint_fields"], enc.fingerprint)
+    if wrong:
+        raise ValueError(f"encoder {spec['name_or_path']} no longer matches the fingerprint this run was trained "
+                         f"with (differs: {', '.join(wrong)}); restore the original encoder files, or re-embed "
+                         f"and retrain")
+    return enc
+
+
+def live_features(cap: Captioner, paths: list[str | Path]) -> tuple[torch.Tensor | None, list[str | None]]:
+    """(n_ok, T, D) features for the readable images, and a per-image error (None where it worked)."""
+    enc = cap.encoder
+    pixels, errors = [], []
+    for p in paths:
+        try:
+            pixels.append(preprocess(enc.processor, load_image(p, enc.cfg.max_image_pixels)))
+            errors.append(None)
+        except ImageError as e:
+            errors.append(f"{p}: {e}")
+    return (encode(enc, torch.stack(pixels)) if pixels else None), errors
+
+
+def caption_features(cap: Captioner, images: torch.Tensor, prompt: str = "", max_new_tokens: int = 48,
+                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """Captions for (B, T, D) image features, batched (every row has the same prompt)."""
+    ids = torch.tensor([prompt_ids(cap.fmt, prompt)] * len(images), device=cap.device)      # (B, L)
+    max_new = min(max_new_tokens, cap.model.cfg.max_seq_len - ids.size(1))
+    gen = torch.Generator(device=cap.device).manual_seed(seed)
+    out = generate(cap.model, ids, images.to(cap.device), max_new, cap.fmt.eos_id, temperature, top_k, top_p, gen)
+    return [decode(cap.fmt, row) for row in out]
+
+
+def caption_files(cap: Captioner, paths: list[str | Path], **kw) -> list[tuple[str, str | None, str | None]]:
+    """(path, caption, error) per image: unreadable images get an error, the rest a caption."""
+    feats, errors = live_features(cap, paths)
+    captions = iter(caption_features(cap, feats, **kw) if feats is not None else [])
+    return [(str(p), None if err else next(captions), err) for p, err in zip(paths, errors)]

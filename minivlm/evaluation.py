@@ -1,0 +1,108 @@
+"""Held-out evaluation of a finished run: losses with true and shuffled images, captions, a contact sheet.
+
+Design choices:
+- Image features come from the cache the run was trained on (bitwise what the live path computes), so
+  evaluation needs no encoder and no image decoding except for the thumbnails.
+- Losses are token-weighted over every held-out sample, with the same `evaluate` the trainer logs.
+- Output goes to `runs/<name>/eval/`: `eval.json` (numbers), `captions.md`, `contact_sheet.png`.
+"""
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from minivlm.captioner import caption_features, load_run
+from minivlm.config import load_config
+from minivlm.data import BatchSampler, CacheBatches, join, load_splits, open_cache
+from minivlm.fileio import atomic_write, atomic_write_json, atomic_write_text
+from minivlm.records import load_records, resolve_image
+from minivlm.trainer import evaluate
+
+
+def held_out(run_dir: Path, cache_dir: str | None, records: str | None):
+    cfg = load_config(run_dir / "config.toml")
+    if cache_dir:
+        cfg = replace(cfg, cache=replace(cfg.cache, dir=cache_dir))
+    mc = json.loads((run_dir / "model_config.json").read_text())
+    manifest, index = open_cache(cfg, mc["image_tokens"], mc["image_width"])
+    if manifest["fingerprint"] != mc["fingerprint"]:
+        raise ValueError(f"cache {cfg.cache.dir} (fingerprint {manifest['fingerprint']}) was not built with the "
+                         f"encoder this run was trained on ({mc['fingerprint']}); pass --cache with the right one")
+    split = join(load_records(records), index) if records else load_splits(cfg, index)[1]
+    if not split.records:
+        raise ValueError(f"no held-out samples with cached images for {run_dir}; pass --records")
+    return cfg, index, split
+
+
+def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, records: str | None = None, n: int = 32,
+                 device: str = "cpu") -> dict:
+    run_dir = Path(run_dir)
+    cap = load_run(run_dir, device, with_encoder=False)
+    cfg, index, split = held_out(run_dir, cache_dir, records)
+    ds = CacheBatches(split, index, cap.fmt)
+    batches = [ds[ix] for ix in BatchSampler(ds, cfg.train.batch_size, 0, shuffle=False).batches(0)]
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    losses = evaluate(cap.model, batches, dtype, device)
+
+    picked = [i for i, loc in enumerate(split.locations) if loc is not None][:n]
+    rows = ds[picked] if picked else None
+    generated = caption_features(cap, rows["images"]) if picked else []
+    samples = []
+    for i, gen in zip(picked, generated):
+        rec = split.records[i]
+        prompt = next((t for r, t in rec.turns if r == "user"), "")
+        samples.append({"id": rec.id, "image": rec.image, "prompt": prompt, "generated": gen,
+                        "reference": [t for r, t in rec.turns if r == "assistant"][-1]})
+    result = {"run": str(run_dir), "cache": cfg.cache.dir, "n_eval_samples": len(split.records),
+              **losses, "captions": samples}
+    out = run_dir / "eval"
+    atomic_write_json(out / "eval.json", result)
+    atomic_write_text(out / "captions.md", captions_markdown(result))
+    sheet = contact_sheet([(resolve_image(cfg.data.image_root, s["image"]), s["generated"], s["reference"])
+                           for s in samples])
+    atomic_write(out / "contact_sheet.png", lambda p: sheet.save(p, format="PNG"))
+    print(f"evaluate: {len(split.records)} held-out samples, eval_loss {losses['eval_loss']:.4f}, shuffled-image "
+          f"{losses['eval_loss_shuffled']:.4f}, image gap {losses['image_gap']:.3f} nats -> {out}/")
+    return result
+
+
+def captions_markdown(result: dict) -> str:
+    lines = [f"# Captions: {result['run']}", "",
+             f"eval_loss {result['eval_loss']:.4f} · shuffled-image {result['eval_loss_shuffled']:.4f} · "
+             f"image gap {result['image_gap']:.3f} nats · {result['n_eval_samples']} held-out samples", "",
+             "| image | generated | reference |", "| --- | --- | --- |"]
+    cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines += [f"| `{s['image']}` | {cell(s['generated'])} | {cell(s['reference'])} |" for s in result["captions"]]
+    return "\n".join(lines) + "\n"
+
+
+def contact_sheet(items: list[tuple[Path | None, str, str]], thumb: int = 192, cols: int = 4) -> Image.Image:
+    """Thumbnails with the generated (black) and reference (grey) caption under each."""
+    font = ImageFont.load_default()
+    line_h = font.getbbox("Ag")[3] + 4
+    wrap = max(12, int(thumb / (font.getlength("abcdefghij") / 10)) - 2)
+    text_lines = 8
+    cell_w, cell_h = thumb + 16, thumb + text_lines * line_h + 16
+    rows = max(1, -(-len(items) // cols))
+    sheet = Image.new("RGB", (cols * cell_w + 16, rows * cell_h + 16), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (path, gen, ref) in enumerate(items):
+        x, y = 16 + (k % cols) * cell_w, 16 + (k // cols) * cell_h
+        try:
+            with Image.open(path) as im:
+                sheet.paste(ImageOps.contain(im.convert("RGB"), (thumb, thumb)), (x, y))
+        except (OSError, TypeError, AttributeError):
+            draw.rectangle([x, y, x + thumb, y + thumb], outline="red")
+            draw.text((x + 4, y + 4), "image unavailable", fill="red", font=font)
+        gen_lines = textwrap.wrap("gen: " + gen, wrap)[:text_lines // 2]
+        ref_lines = textwrap.wrap("ref: " + ref, wrap)[:text_lines - len(gen_lines)]
+        ty = y + thumb + 6
+        for line, colour in [(ln, "black") for ln in gen_lines] + [(ln, "gray") for ln in ref_lines]:
+            draw.text((x, ty), line, fill=colour, font=font)
+            ty += line_h
+    return sheet
