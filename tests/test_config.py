@@ -49,3 +49,11 @@ def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         TrainConfig().lr = 1.0
     assert RunConfig().train.run_dir.name == "demo"
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+    assert {p.name for p in configs} >= {"demo.toml", "llava_pretrain.toml", "minimind_v1.toml"}
+    for p in configs:
+        load_config(p)
