@@ -151,9 +151,9 @@ def init_lm(model: VLM, path: str, allow_partial: bool) -> None:
                          f"train.allow_partial_init=true to accept a partial load")
 
 
-def model_config(cfg: RunConfig, manifest: dict, fmt, vocab_size: int) -> dict:
+def model_config(cfg: RunConfig, manifest: dict, fmt) -> dict:
     """model_config.json: everything captioning needs besides the weights."""
-    return {"model": dataclasses.asdict(cfg.model), "vocab_size": vocab_size, "image_tokens": manifest["tokens"],
+    return {"model": dataclasses.asdict(cfg.model), "vocab_size": fmt.vocab_size, "image_tokens": manifest["tokens"],
             "image_width": manifest["width"], "image_token": fmt.image_token, "image_token_id": fmt.image_token_id,
             "tokenizer": dataclasses.asdict(cfg.tokenizer), "encoder": manifest["encoder"],
             "fingerprint": manifest["fingerprint"], "fingerprint_fields": manifest["fingerprint_fields"],
@@ -183,19 +183,23 @@ class MetricsLog:
                 f.write(json.dumps(row) + "\n")
 
 
-def fit(cfg: RunConfig, dist: Dist) -> dict:
-    """Train per `cfg`; returns the final metrics row. Resumes from the newest checkpoint when asked."""
-    tc = cfg.train
-    run_dir = tc.run_dir
-    device = dist.device
-    torch.manual_seed(tc.seed)
-    if tc.deterministic:
-        torch.use_deterministic_algorithms(True)
+@dataclass
+class TrainData:
+    manifest: dict
+    index: object              # cache.CacheIndex
+    tokenizer: object
+    fmt: object                # text.TextFormat
+    train: CacheBatches
+    sampler: BatchSampler
+    eval_batches: list[dict]   # held-out batches, read once and kept in memory
+    n_val: int
+    dropped: int               # records whose image is not in the cache
 
-    ckpts = checkpoint.checkpoints(run_dir) if tc.resume == "auto" else []
-    saved = json.loads((ckpts[-1] / "state.json").read_text()) if ckpts else None
-    want = (saved["image_tokens"], saved["image_width"]) if saved else (None, None)
-    manifest, index = open_cache(cfg, *want)
+
+def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int | None = None) -> TrainData:
+    """Validate the cache, join records with rows, tokenizer + format, the resumable sampler, eval batches."""
+    tc = cfg.train
+    manifest, index = open_cache(cfg, tokens, width)
     tok = load_tokenizer(cfg.tokenizer)
     fmt = text_format(tok, cfg.tokenizer, index.tokens)
     train_split, val_split = load_splits(cfg, index)
@@ -203,41 +207,66 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
         raise ValueError(f"no training samples: none of {cfg.data.records}'s images are in cache {cfg.cache.dir}")
     train_ds, val_ds = CacheBatches(train_split, index, fmt), CacheBatches(val_split, index, fmt)
     sampler = BatchSampler(train_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size)
-    steps_per_epoch = len(sampler) // tc.grad_accum
-    if steps_per_epoch == 0:
+    if len(sampler) < tc.grad_accum:
         raise ValueError(f"{len(train_ds)} training samples make no full step of train.batch_size={tc.batch_size} x "
                          f"train.grad_accum={tc.grad_accum} x {dist.world_size} ranks; lower the batch size")
-    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+    val_sampler = BatchSampler(val_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size, shuffle=False)
+    eval_batches = [val_ds[ix] for ix in val_sampler.batches(0)[:tc.eval_batches]] if len(val_sampler) else []
+    val_ds.close()  # no HDF5 handle stays open across the training workers' fork
+    return TrainData(manifest, index, tok, fmt, train_ds, sampler, eval_batches, len(val_ds),
+                     train_split.dropped + val_split.dropped)
 
-    model = VLM(cfg.model, fmt.vocab_size, index.width, fmt.image_token_id)
-    if tc.init_from and not ckpts:
+
+def build_model(cfg: RunConfig, data: TrainData, device: str, init: bool):
+    """The VLM (optionally initialised from an LM checkpoint), frozen per freeze_llm, its optimizer and scaler."""
+    tc = cfg.train
+    model = VLM(cfg.model, data.fmt.vocab_size, data.index.width, data.fmt.image_token_id)
+    if init and tc.init_from:
         init_lm(model, tc.init_from, tc.allow_partial_init)
     freeze(model, tc.freeze_llm)
     model.to(device)
-    dtype = amp_dtype(tc, device)
     opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                             **({"fused": True} if device.startswith("cuda") else {}))
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=amp_dtype(tc, device) == torch.float16)
+    return model, opt, scaler
+
+
+def restore(path: Path, model, opt, scaler, dist: Dist) -> dict:
+    """Load a checkpoint into model/optimizer/scaler and this rank's RNG; returns its state.json."""
+    train_state, state = checkpoint.load_checkpoint(path, model)
+    opt.load_state_dict(train_state["optimizer"])
+    scaler.load_state_dict(train_state["scaler"])
+    torch.set_rng_state(train_state["rng"][dist.rank])
+    if dist.device.startswith("cuda") and train_state.get("cuda_rng"):
+        torch.cuda.set_rng_state(train_state["cuda_rng"][dist.rank])
+    return state
+
+
+def fit(cfg: RunConfig, dist: Dist) -> dict:
+    """Train per `cfg`; returns the final metrics row. Resumes from the newest checkpoint when asked."""
+    tc, run_dir, device = cfg.train, cfg.train.run_dir, dist.device
+    torch.manual_seed(tc.seed)
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True)
+    ckpts = checkpoint.checkpoints(run_dir) if tc.resume == "auto" else []
+    saved = json.loads((ckpts[-1] / "state.json").read_text()) if ckpts else None
+    if saved and saved["world_size"] != dist.world_size:
+        raise ValueError(f"{ckpts[-1]} was written by {saved['world_size']} rank(s), this run has "
+                         f"{dist.world_size}; resume with the same --nproc_per_node or set train.resume=never")
+    data = load_data(cfg, dist, *((saved["image_tokens"], saved["image_width"]) if saved else (None, None)))
+    sampler, index = data.sampler, data.index
+    total_steps = tc.max_steps or tc.epochs * (len(sampler) // tc.grad_accum)
+    raw, opt, scaler = build_model(cfg, data, device, init=not ckpts)
+    dtype = amp_dtype(tc, device)
 
     step, epoch, batch_pos = 0, 0, 0
     if ckpts:
-        if saved["world_size"] != dist.world_size:
-            raise ValueError(f"{ckpts[-1]} was written by {saved['world_size']} rank(s), this run has "
-                             f"{dist.world_size}; resume with the same --nproc_per_node or set train.resume=never")
-        train_state, saved = checkpoint.load_checkpoint(ckpts[-1], model)
-        opt.load_state_dict(train_state["optimizer"])
-        scaler.load_state_dict(train_state["scaler"])
-        torch.set_rng_state(train_state["rng"][dist.rank])
-        if device.startswith("cuda") and "cuda_rng" in train_state:
-            torch.cuda.set_rng_state(train_state["cuda_rng"][dist.rank])
-        step, epoch, batch_pos = saved["step"], saved["epoch"], saved["batch"]
+        state = restore(ckpts[-1], raw, opt, scaler, dist)
+        step, epoch, batch_pos = state["step"], state["epoch"], state["batch"]
         print0(dist, f"train: resumed {run_dir} from {ckpts[-1].name} (epoch {epoch}, batch {batch_pos})")
     elif dist.is_main:
         checkpoint.remove_stale(run_dir)
-
-    raw = model
-    if tc.compile:
-        model = torch.compile(model)
+    model = torch.compile(raw) if tc.compile else raw
     if dist.is_distributed:
         model = DDP(model, device_ids=[dist.local_rank] if device.startswith("cuda") else None,
                     find_unused_parameters=cfg.model.use_moe)
@@ -247,32 +276,27 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
         atomic_write_text(run_dir / "config.toml", to_toml(to_tree(cfg)))
     log = MetricsLog(run_dir / "metrics.jsonl", dist.is_main, step if ckpts else None)
     wandb = _wandb(cfg, dist)
-    n_total, n_train = num_params(raw), num_params(raw, trainable_only=True)
-    print0(dist, f"train: {len(train_ds)} train / {len(val_ds)} val samples ({train_split.dropped} + "
-                 f"{val_split.dropped} dropped: image not in cache), {n_total / 1e6:.2f}M params "
-                 f"({n_train / 1e6:.2f}M trainable), {total_steps} steps, T={index.tokens} D={index.width}")
-
-    val_sampler = BatchSampler(val_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size, shuffle=False)
-    eval_batches = [val_ds[ix] for ix in val_sampler.batches(0)[:tc.eval_batches]] if len(val_sampler) else []
-    val_ds.close()  # eval batches are in memory; no HDF5 handle stays open across the workers' fork
-
-    loader = make_loader(train_ds, sampler, tc.num_workers, device)
+    print0(dist, f"train: {len(data.train)} train / {data.n_val} val samples ({data.dropped} dropped: image not "
+                 f"in cache), {num_params(raw) / 1e6:.2f}M params ({num_params(raw, True) / 1e6:.2f}M trainable), "
+                 f"{total_steps} steps, T={index.tokens} D={index.width}")
+    loader = make_loader(data.train, sampler, tc.num_workers, device)
     loader.generator = torch.Generator().manual_seed(tc.seed)  # keep worker seeding off the global RNG
 
     def save(final: bool = False):
         state = {"step": step, "epoch": epoch, "batch": batch_pos, "world_size": dist.world_size,
                  "image_tokens": index.tokens, "image_width": index.width, "lr": lr_at(step, total_steps, tc)}
-        rng = _gather_rng(dist)
+        rng, cuda_rng = _gather_rng(dist, torch.get_rng_state()), None
+        if device.startswith("cuda"):
+            cuda_rng = _gather_rng(dist, torch.cuda.get_rng_state())
         if dist.is_main:
-            train_state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
-            if device.startswith("cuda"):
-                train_state["cuda_rng"] = [torch.cuda.get_rng_state()]
+            train_state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
+                           "cuda_rng": cuda_rng}
             checkpoint.save_checkpoint(run_dir, raw, train_state, state, tc.keep_checkpoints)
             if final:
-                checkpoint.save_final(run_dir, raw, model_config(cfg, manifest, fmt, fmt.vocab_size), tok)
+                checkpoint.save_final(run_dir, raw, model_config(cfg, data.manifest, data.fmt), data.tokenizer)
 
     def run_eval() -> dict:
-        result = evaluate(raw, eval_batches, dtype, device) if eval_batches else {}
+        result = evaluate(raw, data.eval_batches, dtype, device) if data.eval_batches else {}
         if result:
             row = {"step": step, "epoch": epoch, **{k: round(v, 5) for k, v in result.items()}}
             log.write(row)
@@ -361,8 +385,8 @@ class stop_requests(contextlib.AbstractContextManager):
         return False
 
 
-def _gather_rng(dist: Dist) -> list[torch.Tensor]:
-    state = torch.get_rng_state()
+def _gather_rng(dist: Dist, state: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's RNG state (rank 0 saves them all, each rank restores its own)."""
     if not dist.is_distributed:
         return [state]
     out = [torch.empty_like(state) for _ in range(dist.world_size)]
