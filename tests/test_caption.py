@@ -129,3 +129,18 @@ def test_evaluate_writes_three_files_whose_numbers_match_a_recomputation(trained
     assert saved["n_eval_samples"] == len(val.records)
     first = saved["captions"][0]
     assert first["generated"] == caption_features(cap, ds[[0]]["images"])[0]
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_train_and_caption_with_the_real_minimind_tokenizers(demo, demo_cache, tmp_path, version):
+    from conftest import tokenizer_dir
+    path = tokenizer_dir(version)
+    cfg = train_config(demo, demo_cache, tmp_path, f"tokenizer.name_or_path={path}", "train.max_steps=2",
+                       "train.eval_batches=1", "model.max_seq_len=160", "tokenizer.max_len=96")
+    final = fit(cfg, Dist())
+    assert final["eval_loss"] > 0 and final["loss"] > 0
+    cap = load_run(cfg.train.run_dir)
+    assert cap.fmt.vocab_size == (6401 if version == "v1" else 6400)  # v1 gets <|image_pad|> added
+    assert cap.fmt.image_token_id == (6400 if version == "v1" else 12)
+    results = caption_files(cap, sorted((demo / "images").rglob("*.jpg"))[:2], max_new_tokens=8)
+    assert all(err is None and isinstance(c, str) for _, c, err in results)
