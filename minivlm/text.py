@@ -72,12 +72,19 @@ def text_format(tok, cfg: TokenizerConfig, image_tokens: int) -> TextFormat:
 
 
 def _ids(fmt: TextFormat, text: str) -> list[int]:
-    return fmt.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    """Token ids, with each image placeholder expanded to T' copies (tokenizing one is cheaper than 196)."""
+    ids = fmt.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    if fmt.image_token_id not in ids:
+        return ids
+    out = []
+    for t in ids:
+        out += [t] * fmt.image_tokens if t == fmt.image_token_id else [t]
+    return out
 
 
 def _user_text(fmt: TextFormat, text: str, with_image: bool) -> str:
     text = text or fmt.prompt
-    return fmt.image_token * fmt.image_tokens + "\n" + text if with_image else text
+    return fmt.image_token + "\n" + text if with_image else text
 
 
 def _messages(fmt: TextFormat, turns, with_image: bool) -> list[dict]:
@@ -113,7 +120,7 @@ def encode_sample(fmt: TextFormat, record: Record, with_image: bool) -> tuple[li
             done = full
     else:  # plain: image, then every assistant answer followed by eos
         answer = "\n".join(t for r, t in record.turns if r == "assistant")
-        segments = [(fmt.image_token * fmt.image_tokens if with_image else "", False), (answer, True)]
+        segments = [(fmt.image_token if with_image else "", False), (answer, True)]
     ids, labels = [], []
     for text, is_answer in segments:
         part = _ids(fmt, text)
@@ -132,7 +139,7 @@ def prompt_ids(fmt: TextFormat, prompt: str = "", with_image: bool = True) -> li
     """The generation prompt for captioning: the same format training used, up to the answer."""
     if fmt.chat:
         return _ids(fmt, _render(fmt, [{"role": "user", "content": _user_text(fmt, prompt, with_image)}], True))
-    return _ids(fmt, fmt.image_token * fmt.image_tokens if with_image else "")
+    return _ids(fmt, fmt.image_token if with_image else "")
 
 
 def decode(fmt: TextFormat, ids: list[int]) -> str:
