@@ -26,6 +26,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from minivlm.config import RunFailed
 from minivlm.fileio import atomic_write, atomic_write_json, atomic_write_text, sha256_file, TMP_SUFFIX
 
 FORMAT_VERSION = 1
@@ -108,7 +109,7 @@ class CacheLock:
             fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise RuntimeError(f"{cache_dir} is being written by another embed run (lock {self.path}); "
+            raise RunFailed(f"{cache_dir} is being written by another embed run (lock {self.path}); "
                                f"wait for it or use another cache.dir") from None
 
     def release(self):

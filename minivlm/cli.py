@@ -6,9 +6,9 @@ import argparse
 import sys
 from typing import Callable
 
-from minivlm.config import RunConfig, describe, load_config
+from minivlm.config import RunConfig, RunFailed, describe, load_config
 
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
+USER_ERRORS = (ValueError, FileNotFoundError, RunFailed)
 
 
 def parser(description: str, sections: list[str], default_config: str | None = "configs/demo.toml"
@@ -35,5 +35,5 @@ def run(main: Callable[[], object]) -> None:
         sys.exit(130)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if not isinstance(e, RuntimeError) else 1)
+        sys.exit(1 if isinstance(e, RunFailed) else 2)
     sys.exit(0 if result is None or result is True else int(not result))

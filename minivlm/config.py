@@ -24,6 +24,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+class RunFailed(RuntimeError):
+    """A run stopped by its input or its surroundings (too many bad images, a cache locked by another run):
+    one line and exit 1, unlike a bug, which keeps its traceback."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Image-caption records (LLaVA JSON/JSONL) and the folder their image paths are relative to."""

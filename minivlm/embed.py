@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from minivlm import __version__, cache
-from minivlm.config import RunConfig
+from minivlm.config import RunConfig, RunFailed
 from minivlm.dist import Dist
 from minivlm.encoder import (ImageError, encode, fingerprint_diff, fingerprint_id, load_encoder, load_image,
                              preprocess)
@@ -151,7 +151,7 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
           f"{len(manifest['shards'])} shards, {gb:.3f} GB, {dt:.1f} s "
           f"({len(items) / max(dt, 1e-9):.0f} img/s this run) -> {cache_dir}", flush=True)
     if c["failed"] > cfg.cache.max_failure_frac * c["images"]:
-        raise RuntimeError(
+        raise RunFailed(
             f"{c['failed']} of {c['images']} images failed ({c['failed'] / c['images']:.1%} > "
             f"cache.max_failure_frac={cfg.cache.max_failure_frac:.1%}); see {cache_dir / cache.FAILURES}; "
             f"fix the images and rerun with --overwrite, or raise cache.max_failure_frac")
@@ -196,7 +196,7 @@ def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, todo, 
         bar.update(len(batch))
         if n_failed > cfg.cache.max_failure_frac * n_total:
             bar.close()
-            raise RuntimeError(f"{n_failed} images failed already (> cache.max_failure_frac="
+            raise RunFailed(f"{n_failed} images failed already (> cache.max_failure_frac="
                                f"{cfg.cache.max_failure_frac:.1%} of {n_total}); stopping. Shards written so far "
                                f"are kept. Check data.image_root={cfg.data.image_root} and the images")
     bar.close()

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minivlm import checkpoint
-from minivlm.config import RunConfig, TrainConfig, to_toml, to_tree
+from minivlm.config import RunConfig, TrainConfig, load_config, to_toml, to_tree
 from minivlm.data import BatchSampler, CacheBatches, load_splits, make_loader, open_cache
 from minivlm.dist import Dist, print0
 from minivlm.fileio import atomic_write_text
@@ -166,6 +166,14 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def last_metrics(path: Path) -> dict:
+    """The final train row merged with the final eval row, as fit returns them."""
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.is_file() else []
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    return {**(train[-1] if train else {}), **(evals[-1] if evals else {})}
+
+
 class MetricsLog:
     """metrics.jsonl on rank 0; on resume, lines past the checkpoint's step are dropped."""
 
@@ -242,6 +250,27 @@ def restore(path: Path, model, opt, scaler, dist: Dist) -> dict:
     return state
 
 
+# Keys a resumed run may change: how long it runs and how it reports, not what it computes.
+RESUME_MAY_CHANGE = {"train": {"max_steps", "epochs", "num_workers", "eval_interval", "eval_batches", "save_interval",
+                               "keep_checkpoints", "log_interval", "wandb", "wandb_project", "resume", "compile"},
+                     "encoder": {"batch_size", "num_workers", "dtype", "local_files_only", "max_image_pixels"},
+                     "cache": {"dir", "shard_size", "max_failure_frac"}, "data": {"records", "image_root", "val_records"},
+                     "tokenizer": {"name_or_path"}}
+
+
+def check_resumable(cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse to continue a run under settings that change what it computes (a silent mix of two runs)."""
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        return
+    old, new = to_tree(load_config(path)), to_tree(cfg)
+    changed = [f"{sec}.{k}: {old[sec][k]!r} -> {v!r}" for sec, values in new.items() for k, v in values.items()
+               if old[sec][k] != v and k not in RESUME_MAY_CHANGE.get(sec, ())]
+    if changed:
+        raise ValueError(f"{run_dir} was trained with other settings ({'; '.join(changed[:3])}); use a new "
+                         f"train.run_name, or train.resume=never to start it over")
+
+
 def fit(cfg: RunConfig, dist: Dist) -> dict:
     """Train per `cfg`; returns the final metrics row. Resumes from the newest checkpoint when asked."""
     tc, run_dir, device = cfg.train, cfg.train.run_dir, dist.device
@@ -253,6 +282,8 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
     if saved and saved["world_size"] != dist.world_size:
         raise ValueError(f"{ckpts[-1]} was written by {saved['world_size']} rank(s), this run has "
                          f"{dist.world_size}; resume with the same --nproc_per_node or set train.resume=never")
+    if saved:
+        check_resumable(cfg, run_dir)
     data = load_data(cfg, dist, *((saved["image_tokens"], saved["image_width"]) if saved else (None, None)))
     sampler, index = data.sampler, data.index
     total_steps = tc.max_steps or tc.epochs * (len(sampler) // tc.grad_accum)
@@ -263,6 +294,10 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
     if ckpts:
         state = restore(ckpts[-1], raw, opt, scaler, dist)
         step, epoch, batch_pos = state["step"], state["epoch"], state["batch"]
+        if step >= total_steps and (run_dir / "model.safetensors").is_file():
+            print0(dist, f"train: {run_dir} already finished {step} steps; nothing to do (raise train.max_steps or "
+                         f"train.epochs to train further)")
+            return last_metrics(run_dir / "metrics.jsonl")
         print0(dist, f"train: resumed {run_dir} from {ckpts[-1].name} (epoch {epoch}, batch {batch_pos})")
     elif dist.is_main:
         checkpoint.remove_stale(run_dir)
@@ -297,8 +332,9 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
 
     def run_eval() -> dict:
         result = evaluate(raw, data.eval_batches, dtype, device) if data.eval_batches else {}
+        result = {k: round(v, 5) for k, v in result.items()}  # what metrics.jsonl holds, fit returns
         if result:
-            row = {"step": step, "epoch": epoch, **{k: round(v, 5) for k, v in result.items()}}
+            row = {"step": step, "epoch": epoch, **result}
             log.write(row)
             wandb and wandb.log(row, step=step)
         return result

@@ -111,7 +111,7 @@ def test_stale_temp_file_is_deleted_by_the_next_run(demo, tmp_path):
 
 def test_torchrun_two_ranks_equals_one_process(demo, tmp_path):
     args = ["--config", str(REPO / "configs/demo.toml"), *demo_overrides(demo, tmp_path / "two"), "cache.shard_size=16"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(REPO / "stages/embed.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     run_embed(demo_config(demo, tmp_path / "one", "cache.shard_size=16"), Dist())

@@ -131,7 +131,7 @@ def test_torchrun_two_ranks_trains_logs_once_checkpoints_once_and_resumes(demo, 
             "model.n_head=2", "model.n_kv_head=1", "model.multiple_of=16", "train.batch_size=4",
             "train.eval_batches=2", "train.eval_interval=2", "train.log_interval=1", "train.save_interval=2",
             "train.run_name=ddp"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "stages/train.py")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "stages/train.py")]
     r = subprocess.run([*torchrun, *over, "train.max_steps=4"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = tmp_path / "runs" / "ddp"
@@ -169,3 +169,19 @@ def test_stage_errors_are_one_line(demo, demo_cache, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "run stages/embed.py" in r.stderr
     r = run_stage("train.py", *demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", "encoder.pool=1")
     assert r.returncode == 2 and "encoder.pool=2" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_rerunning_a_finished_run_does_nothing_and_other_settings_are_refused(demo, demo_cache, tmp_path):
+    rec = small_records(demo, tmp_path)
+    cfg = train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=3", "train.run_name=done")
+    first = fit(cfg, Dist())
+    metrics = (cfg.train.run_dir / "metrics.jsonl").read_text()
+    mtime = (cfg.train.run_dir / "model.safetensors").stat().st_mtime_ns
+    assert fit(cfg, Dist()) == first
+    assert (cfg.train.run_dir / "metrics.jsonl").read_text() == metrics
+    assert (cfg.train.run_dir / "model.safetensors").stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="trained with other settings \\(train.lr: 0.002 -> 0.001\\).*run_name"):
+        fit(train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=3", "train.run_name=done",
+                         "train.lr=1e-3"), Dist())
+    longer = fit(train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=5", "train.run_name=done"), Dist())
+    assert longer["step"] == 5
