@@ -194,9 +194,10 @@ def launch(cfg: RunConfig, train_script: Path, nproc: int, env: dict) -> tuple[s
     """Start stage 2 on the run's resolved config.toml; stdout/stderr append to the run's logs."""
     d = cfg.train.run_dir
     d.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(d / "config.toml", to_toml(to_tree(cfg)))
+    # The request goes beside config.toml, which stage 2 writes itself and checks on resume.
+    atomic_write_text(d / "sweep_run.toml", to_toml(to_tree(cfg)))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*(torchrun if nproc > 1 else [sys.executable]), str(train_script), "--config", str(d / "config.toml")]
+    cmd = [*(torchrun if nproc > 1 else [sys.executable]), str(train_script), "--config", str(d / "sweep_run.toml")]
     with open(d / "stdout.log", "ab") as out, open(d / "stderr.log", "ab") as err:
         offset = err.tell()  # this attempt's stderr starts here (the logs keep every attempt)
         return subprocess.Popen(cmd, stdout=out, stderr=err, env=env), offset
