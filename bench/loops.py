@@ -1,0 +1,504 @@
+"""The measured loops. Each returns rates per timed window (items/s); figures are their medians.
+
+Design choices:
+- Every train loop is the library's own: `trainer.load_data` + `build_model` + `train_step`. The cached
+  loop reads through `make_loader(CacheBatches, BatchSampler)`; the baselines swap only the batch source
+  (RAM tensor; JPEG decode in workers + live encoder) and see the same batches in the same order.
+- Fixed step counts: each timed window opens its batch source, runs `warmup` untimed steps (workers
+  starting, pipeline filling), then `steps` timed ones; each window is one rate. The caller interleaves
+  the variants round by round, so a burst of load from another user hits numerator and baseline alike.
+- The raw read baseline copies the same rows, in the same order, from a NumPy memmap of the same bytes
+  into a fresh (B, T, D) array per batch, in one process.
+- "Cold" reads evict the files from the page cache with posix_fadvise(DONTNEED) (no root, no effect on
+  other users' files) and re-open them; `resident_fraction` (mincore) checks the eviction worked.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import mmap
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from minivlm import cache
+from minivlm.data import BatchSampler, CacheBatches, make_loader
+from minivlm.dist import Dist
+from minivlm.encoder import encode, load_image, preprocess
+from minivlm.records import resolve_image
+from minivlm.text import IGNORE, encode_sample
+from minivlm.trainer import amp_dtype, build_model, load_data, to_device, train_step
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def windows(step, warmup: int, steps: int, repeats: int, device: str) -> list[float]:
+    """Run `step()` (returns items done) warmup times untimed, then `repeats` timed windows of `steps` calls."""
+    for _ in range(warmup):
+        step()
+    rates = []
+    for _ in range(repeats):
+        sync(device)
+        t0, n = time.perf_counter(), 0
+        for _ in range(steps):
+            n += step()
+        sync(device)
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+class Forever:
+    """Batches from a loader over a BatchSampler from `epoch` on, epoch after epoch; `close()` stops its workers."""
+
+    def __init__(self, loader: DataLoader, sampler: BatchSampler, epoch: int = 0):
+        self.loader, self.sampler, self.epoch, self.it = loader, sampler, epoch, None
+
+    def __next__(self):
+        while True:
+            if self.it is None:
+                self.sampler.set_position(self.epoch, 0)
+                self.it = iter(self.loader)
+            try:
+                return next(self.it)
+            except StopIteration:
+                self.it, self.epoch = None, self.epoch + 1
+
+    def close(self):
+        it = getattr(self.loader, "_iterator", None) or self.it
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.it = self.loader = None
+        gc.collect()
+
+
+class CpuMeter:
+    """CPU time other processes used since start, as a share of all cores (steal included): the noise
+    a shared machine adds. Own time counts this process and its waited-for children (loader workers, P5)."""
+
+    def __init__(self):
+        self.wall, self.busy, self.own = time.monotonic(), self._busy(), self._own()
+
+    @staticmethod
+    def _busy() -> float:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+            return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError):
+            return float("nan")
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def foreign_pct(self) -> float:
+        wall = time.monotonic() - self.wall
+        foreign = (self._busy() - self.busy) - (self._own() - self.own)
+        return max(0.0, 100.0 * foreign / (wall * (os.cpu_count() or 1))) if wall > 0 and foreign == foreign else 0.0
+
+
+def pad(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same right-padding CacheBatches applies: input_ids (B, L) with pad_id, labels (B, L) with IGNORE."""
+    L = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), L), IGNORE, dtype=torch.long)
+    for b, (ids, lab) in enumerate(seqs):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        labels[b, :len(lab)] = torch.tensor(lab)
+    return input_ids, labels
+
+
+# ---- the train loops (P1, P2) -------------------------------------------------------------------------
+# A source yields device batches from the batches of epoch `epoch` on, and is closed after its window.
+# Every window opens its source afresh, so sources can be interleaved round by round without one's
+# workers decoding ahead while another is timed.
+
+class Setup:
+    """load_data + one model/optimizer shared by every loop of a workload (they only differ in the batch source)."""
+
+    def __init__(self, cfg, device: str):
+        self.cfg, self.device = cfg, device
+        self.data = load_data(cfg, Dist(device=device))
+        self.dtype = amp_dtype(cfg.train, device)
+        self._model = None
+
+    def model(self):
+        if self._model is None:
+            torch.manual_seed(self.cfg.train.seed)
+            model, opt, scaler = build_model(self.cfg, self.data, self.device, init=False)
+            model.train()
+            self._model = (model, opt, scaler)
+        return self._model
+
+    def sampler(self) -> BatchSampler:
+        """A sampler with the training sampler's order (same seed, same batches)."""
+        return BatchSampler(self.data.train, self.cfg.train.batch_size, self.cfg.train.seed)
+
+    def close(self):
+        self._model = None
+        gc.collect()
+
+
+def train_window(setup: Setup, source, warmup: int, steps: int) -> float:
+    """samples/s of train_step over `steps` batches of `source`, after `warmup` untimed ones."""
+    model, opt, scaler = setup.model()
+    tc, device = setup.cfg.train, setup.device
+
+    def step():
+        return train_step(model, opt, [next(source)], tc, scaler, setup.dtype, device).samples
+
+    try:
+        return windows(step, warmup, steps, 1, device)[0]
+    finally:
+        source.close()
+
+
+class CachedSource:
+    """The stage-2 path: make_loader(CacheBatches, BatchSampler) -> to_device."""
+
+    def __init__(self, setup: Setup, epoch: int):
+        sampler = setup.sampler()
+        self.device = setup.device
+        self.it = Forever(make_loader(setup.data.train, sampler, setup.cfg.train.num_workers, setup.device),
+                          sampler, epoch)
+
+    def __next__(self):
+        return to_device(next(self.it), self.device)
+
+    def close(self):
+        self.it.close()
+
+
+class RamBatches:
+    """Every cache row in one RAM tensor (n, T, D) and every sample pre-tokenized: the in-memory bound."""
+
+    def __init__(self, ds: CacheBatches):
+        self.ds = ds
+        offsets, total = [], 0
+        for path in ds.files:
+            with h5py.File(path, "r") as f:
+                offsets.append(total)
+                total += len(f["embeddings"])
+        self.rows = torch.empty(total, ds.tokens, ds.width, dtype=torch.float16)  # (n, T, D)
+        for s, path in enumerate(ds.files):
+            with h5py.File(path, "r") as f:
+                e = f["embeddings"]
+                e.read_direct(self.rows.numpy()[offsets[s]:offsets[s] + len(e)])
+        locs = ds.split.locations
+        self.row = torch.tensor([offsets[loc[0]] + loc[1] if loc else 0 for loc in locs])
+        self.has = torch.tensor([loc is not None for loc in locs])
+        self.seqs = [encode_sample(ds.fmt, r, loc is not None) for r, loc in zip(ds.split.records, locs)]
+
+    def batch(self, indices: list[int]) -> dict:
+        ix = torch.tensor(indices)
+        images = self.rows.index_select(0, self.row[ix])  # (B, T, D)
+        has = self.has[ix]
+        images[~has] = 0
+        input_ids, labels = pad([self.seqs[i] for i in indices], self.ds.fmt.pad_id)
+        return {"input_ids": input_ids, "labels": labels, "images": images, "has_image": has}
+
+
+class RamSource:
+    """The same batches gathered from RamBatches in this process (no workers, no reads, no tokenizing)."""
+
+    def __init__(self, setup: Setup, ram: RamBatches, epoch: int):
+        self.setup, self.ram, self.sampler, self.epoch = setup, ram, setup.sampler(), epoch
+        self.batches = iter(self.sampler.batches(epoch))
+
+    def __next__(self):
+        ix = next(self.batches, None)
+        if ix is None:
+            self.epoch += 1
+            self.batches = iter(self.sampler.batches(self.epoch))
+            ix = next(self.batches)
+        return to_device(self.ram.batch(ix), self.setup.device)
+
+    def close(self):
+        pass
+
+
+class LiveBatches(Dataset):
+    """The seed-style source: dataset[list of indices] decodes + preprocesses the JPEGs (in a worker)."""
+
+    def __init__(self, ds: CacheBatches, processor, image_root: str, max_pixels: int):
+        self.ds, self.processor, self.root, self.max_pixels = ds, processor, image_root, max_pixels
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, indices: list[int]) -> dict:
+        pixels, seqs = [], []
+        has = torch.zeros(len(indices), dtype=torch.bool)
+        for b, i in enumerate(indices):
+            rec = self.ds.split.records[i]
+            if rec.image is not None:
+                pixels.append(preprocess(self.processor, load_image(resolve_image(self.root, rec.image), self.max_pixels)))
+                has[b] = True
+            seqs.append(encode_sample(self.ds.fmt, rec, rec.image is not None))
+        input_ids, labels = pad(seqs, self.ds.fmt.pad_id)
+        return {"input_ids": input_ids, "labels": labels, "pixels": torch.stack(pixels) if pixels else None,
+                "has_image": has}
+
+
+class LiveSource:
+    """Decode in workers, run the encoder every step: batched, or one image at a time as the seed does."""
+
+    def __init__(self, setup: Setup, enc, epoch: int, per_image: bool):
+        cfg, self.device, self.enc, self.per_image = setup.cfg, setup.device, enc, per_image
+        ds = LiveBatches(setup.data.train, enc.processor, cfg.data.image_root, cfg.encoder.max_image_pixels)
+        sampler = setup.sampler()
+        w = cfg.train.num_workers
+        loader = DataLoader(ds, sampler=sampler, batch_size=None, num_workers=w, pin_memory=self.device.startswith("cuda"),
+                            persistent_workers=w > 0, prefetch_factor=4 if w else None)
+        self.it = Forever(loader, sampler, epoch)
+
+    def __next__(self):
+        enc, device = self.enc, self.device
+        b = next(self.it)
+        pixels, has = b.pop("pixels"), b["has_image"]
+        images = torch.zeros(len(has), enc.tokens, enc.width, dtype=torch.float16, device=device)  # (B, T, D)
+        if pixels is not None:
+            feats = torch.cat([encode(enc, p[None]) for p in pixels]) if self.per_image else encode(enc, pixels)
+            images[has.to(device)] = feats.to(device)
+        b = to_device(b, device)
+        b["images"] = images
+        return b
+
+    def close(self):
+        self.it.close()
+
+
+# ---- P3: the read path against raw bytes --------------------------------------------------------------
+
+def raw_copy(cache_dir: Path, manifest: dict, out: Path) -> tuple[Path, list[int]]:
+    """The cache's rows, shard after shard, as one flat float16 file (n, T, D); returns it and shard offsets."""
+    offsets, total = [], 0
+    for s in manifest["shards"]:
+        offsets.append(total)
+        total += s["rows"]
+    marker = out.with_suffix(".json")
+    key = {"fingerprint": manifest["fingerprint"], "written_at": manifest["written_at"], "rows": total}
+    if out.is_file() and marker.is_file() and marker.read_text() == repr(key):
+        return out, offsets
+    shape = (total, manifest["tokens"], manifest["width"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)  # the marker is written last: a half-written copy is never trusted
+    mm = np.lib.format.open_memmap(out, mode="w+", dtype=np.float16, shape=shape)
+    for s, entry in enumerate(manifest["shards"]):
+        with h5py.File(cache.shard_dir(cache_dir) / entry["file"], "r") as f:
+            f["embeddings"].read_direct(mm[offsets[s]:offsets[s] + entry["rows"]])
+    mm.flush()
+    del mm
+    marker.write_text(repr(key))
+    return out, offsets
+
+
+def row_batches(ds: CacheBatches, batch_size: int, seed: int, n_rows: int, skip_rows: int = 0) -> list[list[int]]:
+    """The training sampler's batches (epoch after epoch) holding n_rows image rows, after skip_rows."""
+    sampler = BatchSampler(ds, batch_size, seed)
+    out, seen, epoch = [], 0, 0
+    while seen < skip_rows + n_rows:
+        for ix in sampler.batches(epoch):
+            rows = sum(ds.split.locations[i] is not None for i in ix)
+            if seen >= skip_rows:
+                out.append(ix)
+            seen += rows
+            if seen >= skip_rows + n_rows:
+                break
+        epoch += 1
+    return out
+
+
+def count_rows(ds: CacheBatches, batches) -> int:
+    return sum(ds.split.locations[i] is not None for ix in batches for i in ix)
+
+
+def read_raw(raw: Path, offsets: list[int], ds: CacheBatches, batches) -> float:
+    """rows/s copying the batches' rows from a memmap (opened here) into a fresh (B, T, D) array each."""
+    mm = np.load(raw, mmap_mode="r")
+    t0 = time.perf_counter()
+    for ix in batches:
+        out = np.empty((len(ix), ds.tokens, ds.width), np.float16)  # (B, T, D)
+        for b, i in enumerate(ix):
+            loc = ds.split.locations[i]
+            if loc is not None:
+                out[b] = mm[offsets[loc[0]] + loc[1]]
+    dt = time.perf_counter() - t0
+    del mm
+    return count_rows(ds, batches) / dt
+
+
+def read_pread(raw: Path, offsets: list[int], ds: CacheBatches, batches) -> float:
+    """rows/s reading the same rows of the same file with one pread per row (what HDF5 does underneath),
+    into a fresh (B, T, D) array per batch: the raw limit for a reader that does not map the file."""
+    header = np.load(raw, mmap_mode="r").offset
+    row_bytes = ds.tokens * ds.width * 2
+    fd = os.open(raw, os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        for ix in batches:
+            out = np.empty((len(ix), ds.tokens, ds.width), np.float16)
+            for b, i in enumerate(ix):
+                loc = ds.split.locations[i]
+                if loc is not None:
+                    os.preadv(fd, [memoryview(out[b]).cast("B")], header + (offsets[loc[0]] + loc[1]) * row_bytes)
+        dt = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    return count_rows(ds, batches) / dt
+
+
+def read_h5(ds: CacheBatches, batches) -> float:
+    """rows/s of the library's row read alone (read_direct into a (B, T, D) array), one process."""
+    t0 = time.perf_counter()
+    for ix in batches:
+        out = np.empty((len(ix), ds.tokens, ds.width), np.float16)
+        for b, i in enumerate(ix):
+            loc = ds.split.locations[i]
+            if loc is not None:
+                ds._dataset(loc[0]).read_direct(out[b], np.s_[loc[1]])
+    return count_rows(ds, batches) / (time.perf_counter() - t0)
+
+
+def read_getitem(ds: CacheBatches, batches) -> float:
+    """rows/s of CacheBatches[batch] in this process: read + tokenize + pad."""
+    t0 = time.perf_counter()
+    for ix in batches:
+        ds[ix]
+    return count_rows(ds, batches) / (time.perf_counter() - t0)
+
+
+def read_loader(ds: CacheBatches, batches, num_workers: int, device: str) -> tuple[float, float]:
+    """make_loader over these batches: (rows/s from the first batch's arrival on, seconds to the first batch).
+    The first batch carries the worker start-up, which a training run pays once, not per row."""
+    t0 = time.perf_counter()
+    loader = make_loader(ds, batches, num_workers, device)
+    it = iter(loader)
+    next(it)
+    t1 = time.perf_counter()
+    n = 0
+    for b in it:
+        n += int(b["has_image"].sum())
+    dt = time.perf_counter() - t1
+    if hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    del it, loader
+    gc.collect()
+    return n / dt, t1 - t0
+
+
+class BatchShapes(Dataset):
+    """What the read path returns, without reading or tokenizing: the cost of the process boundary alone."""
+
+    def __init__(self, ds: CacheBatches):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, indices: list[int]) -> dict:
+        has = torch.tensor([self.ds.split.locations[i] is not None for i in indices])
+        images = torch.zeros(len(indices), self.ds.tokens, self.ds.width, dtype=torch.float16)  # as CacheBatches
+        return {"input_ids": torch.zeros(len(indices), 1, dtype=torch.long), "images": images, "has_image": has}
+
+
+def evict(paths) -> None:
+    """Drop these files' pages from the page cache (clean pages of unmapped files; no root needed)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_fraction(paths) -> float:
+    """Share of the files' pages in the page cache (mincore); -1 where that cannot be asked."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        page, resident, pages = mmap.PAGESIZE, 0, 0
+        for p in paths:
+            size = os.path.getsize(p)
+            if not size:
+                continue
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+                if addr in (None, ctypes.c_void_p(-1).value):
+                    return -1.0
+                n = (size + page - 1) // page
+                vec = (ctypes.c_ubyte * n)()
+                ok = libc.mincore(ctypes.c_void_p(addr), size, vec) == 0
+                libc.munmap(ctypes.c_void_p(addr), size)
+                if not ok:
+                    return -1.0
+                resident += sum(v & 1 for v in vec)
+                pages += n
+            finally:
+                os.close(fd)
+        return resident / max(pages, 1)
+    except (OSError, AttributeError):
+        return -1.0
+
+
+# ---- P4: stage 1 against the encoder alone ------------------------------------------------------------
+
+def decoded_pixels(cfg, processor, n: int) -> torch.Tensor:
+    """The first n images of cfg.data.records, decoded and preprocessed once: (n, 3, H, W)."""
+    from minivlm.records import image_keys, load_records
+    keys = image_keys(load_records(cfg.data.records))[:n]
+    return torch.stack([preprocess(processor, load_image(resolve_image(cfg.data.image_root, k),
+                                                         cfg.encoder.max_image_pixels)) for k in keys])
+
+
+def encoder_rate(enc, pixels: torch.Tensor, batch_size: int, device: str) -> float:
+    """images/s of encode() alone over pre-decoded pixels (already on the device), in batches of batch_size."""
+    sync(device)
+    t0 = time.perf_counter()
+    for a in range(0, len(pixels), batch_size):
+        encode(enc, pixels[a:a + batch_size])
+    sync(device)
+    return len(pixels) / (time.perf_counter() - t0)
+
+
+# ---- GPU only: model FLOPs -----------------------------------------------------------------------------
+
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12,
+             "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops() -> float | None:
+    name = torch.cuda.get_device_name()
+    env = os.environ.get("BENCH_PEAK_TFLOPS")
+    if env:
+        return float(env) * 1e12
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def train_flops_per_sample(model, seq_len: int) -> float:
+    """Matmul FLOPs of one train step per sample: forward 2P, input-gradient backward 2P (gradients reach
+    the projector through every layer), weight-gradient backward 2P_trainable; P excludes embeddings."""
+    emb = model.model.embed_tokens.weight
+    params = [p for p in model.parameters() if p is not emb]
+    P = sum(p.numel() for p in params) + emb.numel()  # the tied head is a matmul
+    Pt = sum(p.numel() for p in params if p.requires_grad) + (emb.numel() if emb.requires_grad else 0)
+    return (4 * P + 2 * Pt) * seq_len
+
+
+def encoder_flops_per_image(enc) -> float:
+    P = sum(p.numel() for p in enc.model.parameters())
+    tokens = (enc.model.config.image_size // enc.model.config.patch_size) ** 2 + 1
+    return 2 * P * tokens

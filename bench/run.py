@@ -1,0 +1,420 @@
+"""minivlm benchmarks: the cached pipeline against the seed's live loop and against the limits.
+
+    python bench/run.py                # make bench: full (~7 min on 2 idle CPU cores once artefacts exist)
+    python bench/run.py --quick        # make bench-quick (~2 min once artefacts exist)
+    python bench/run.py --smoke --work /tmp/w --out /tmp/r   # tiny sizes, for the test (~30 s)
+
+The first run builds the artefacts (~1 min: 4,000 JPEGs, a ViT-B/16-shaped encoder, 1.5 GB of caches).
+    python bench/run.py --workloads b16 --steps 6 --repeats 5
+
+Prints a table and writes bench/results/<host>-<date>[-quick|-smoke].json. Every ratio is measured
+against its baseline in this same process run; each figure is the median over `repeats` timed windows
+after untimed warm-up steps; the train-loop variants are interleaved round by round, and the CPU time
+other processes took is recorded, because a shared machine is the largest source of noise. Artefacts
+(images, encoders, caches) live in --work (bench/work/) and are reused by later runs. Nothing here
+asserts a time.
+
+Figures per workload (demo, b16):
+  P1 cached vs live      train samples/s from the cache / a seed-style loop (JPEG decode in workers + encoder
+                         forward every step, batched), and / the seed's literal one-image-at-a-time encoder loop
+  P2 cached vs RAM       / the same loop with every row already in a RAM tensor and every sample pre-tokenized
+  P3 read vs raw         stage-2 DataLoader alone (no model), rows/s and MB/s / a NumPy memmap of the same
+                         bytes read in the same order; warm, and re-opened after evicting the files; with a
+                         breakdown (h5py reads alone, + tokenizing, the loader with no work, raw pread)
+  P4 embed vs encoder    run_embed images/s / encode() alone on pre-decoded tensors, same batch size
+  P5 memory              peak memory training from a cache of N and of 4N images (child processes; see
+                         peak_rss.py for why not ru_maxrss)
+  end to end             embed once + E epochs vs E epochs of the live loop (projected from the rates above)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import io
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+import loops  # noqa: E402
+from minivlm.config import to_toml, to_tree  # noqa: E402
+from minivlm.dist import Dist  # noqa: E402
+from minivlm.embed import run_embed  # noqa: E402
+from minivlm.encoder import load_encoder  # noqa: E402
+from minivlm.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+from workloads import BUILDERS, Sizes, Workload, with_cache_dir  # noqa: E402
+
+MODES = {  # mode -> workload -> Sizes (CPU); GPU_SIZES replaces some fields on CUDA
+    "full": {
+        "demo": Sizes(n=1000, batch=32, workers=1, enc_batch=64, embed_images=4000, warmup=5, steps=20, live_steps=20,
+                      repeats=5, read_rows=8000, cold_rows=4000, rss_steps=5),
+        "b16": Sizes(n=1000, batch=8, workers=2, enc_batch=16, embed_images=96, warmup=2, steps=4, live_steps=3,
+                     repeats=3, read_rows=1000, cold_rows=500, rss_steps=3),
+    },
+    "quick": {
+        "demo": Sizes(n=1000, batch=32, workers=1, enc_batch=64, embed_images=500, warmup=2, steps=8, live_steps=8,
+                      repeats=2, read_rows=2000, cold_rows=1000, rss_steps=2),
+        "b16": Sizes(n=1000, batch=8, workers=2, enc_batch=16, embed_images=16, warmup=1, steps=1, live_steps=1,
+                     repeats=2, read_rows=400, cold_rows=200, rss_steps=1),
+    },
+    "smoke": {
+        "demo": Sizes(n=32, batch=8, workers=1, enc_batch=16, embed_images=64, warmup=1, steps=2, live_steps=2,
+                      repeats=1, read_rows=64, cold_rows=32, rss_steps=1),
+        "b16": Sizes(n=16, batch=4, workers=1, enc_batch=8, embed_images=16, warmup=1, steps=2, live_steps=2,
+                     repeats=1, read_rows=32, cold_rows=16, rss_steps=1),
+    },
+}
+GPU_SIZES = {"demo": {"workers": 4}, "b16": {"batch": 64, "workers": 8, "enc_batch": 256, "embed_images": 2048,
+                                             "steps": 20, "live_steps": 10, "read_rows": 8000, "cold_rows": 4000}}
+
+
+CONTENDED_PCT = 10  # other processes' CPU share above which a train round is called contended
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: list[float]) -> float:
+    """(max - min) / median, in percent: how noisy a figure's windows were."""
+    return 100.0 * (max(xs) - min(xs)) / median(xs) if len(xs) > 1 else 0.0
+
+
+def figure(rates: list[float]) -> dict:
+    return {"median": median(rates), "repeats": rates}
+
+
+def quiet():
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def touch(paths) -> None:
+    """Read files once so their pages are in the page cache."""
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.read(1 << 23):
+                pass
+
+
+# ---- the figures of one workload ----------------------------------------------------------------------
+
+def p4_embed(wl: Workload, enc, device: str, work: Path) -> dict:
+    """Rounds of (run_embed into a fresh cache dir, encode() alone over the same images pre-decoded)."""
+    s, root = wl.sizes, work / "p4" / wl.name
+    pixels = loops.decoded_pixels(wl.embed_cfg, enc.processor, s.embed_images).to(device)
+    loops.encoder_rate(enc, pixels[:wl.cfg.encoder.batch_size], wl.cfg.encoder.batch_size, device)  # warm-up
+    embed_rates, enc_rates = [], []
+    for _ in range(s.repeats):
+        shutil.rmtree(root, ignore_errors=True)
+        t0 = time.perf_counter()
+        with quiet():
+            run_embed(with_cache_dir(wl.embed_cfg, root), Dist(device=device))
+        embed_rates.append(s.embed_images / (time.perf_counter() - t0))
+        enc_rates.append(loops.encoder_rate(enc, pixels, wl.cfg.encoder.batch_size, device))
+    shutil.rmtree(root, ignore_errors=True)
+    del pixels
+    t0 = time.perf_counter()
+    load_encoder(wl.cfg.encoder, device)
+    load_s = time.perf_counter() - t0
+    return {"embed_img_s": figure(embed_rates), "encoder_img_s": figure(enc_rates), "images": s.embed_images,
+            "batch_size": wl.cfg.encoder.batch_size, "decode_workers": wl.cfg.encoder.num_workers,
+            "encoder_load_s": load_s}
+
+
+def p1_p2_train(wl: Workload, setup: loops.Setup, enc, log) -> tuple[dict, list[float]]:
+    """Rounds of one window per batch source, all on one model: cached, RAM, live (batched), live (per image)."""
+    s = wl.sizes
+    ram = loops.RamBatches(setup.data.train)
+    # Model warm-up: on CPU the first steps run 2-5x slower (allocator growth, kernel selection).
+    loops.train_window(setup, loops.CachedSource(setup, epoch=s.repeats), 0, max(s.warmup, 3))
+    sources = {
+        "cached": (lambda r: loops.CachedSource(setup, r), s.steps),
+        "ram": (lambda r: loops.RamSource(setup, ram, r), s.steps),
+        "live": (lambda r: loops.LiveSource(setup, enc, r, per_image=False), s.live_steps),
+        "live_per_image": (lambda r: loops.LiveSource(setup, enc, r, per_image=True), s.live_steps),
+    }
+    rates, foreign = {k: [] for k in sources}, []
+    for r in range(s.repeats):
+        meter = loops.CpuMeter()
+        for name, (make, steps) in sources.items():
+            rates[name].append(loops.train_window(setup, make(r), s.warmup, steps))
+        foreign.append(meter.foreign_pct())
+        log(f"[{wl.name}]   round {r + 1}/{s.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
+            + f" samples/s; other processes used {foreign[-1]:.0f}% of the CPU")
+    del ram
+    return rates, foreign
+
+
+def p3_read(wl: Workload, setup: loops.Setup, device: str, work: Path) -> dict:
+    s, ds = wl.sizes, setup.data.train
+    cache_dir = Path(wl.cfg.cache.dir)
+    raw, offsets = loops.raw_copy(cache_dir, setup.data.manifest, work / "raw" / f"{wl.name}-{cache_dir.name}.npy")
+    files = list(ds.files) + [str(raw)]
+    row_mb = ds.tokens * ds.width * 2 / 1e6
+    bs, seed, workers = wl.cfg.train.batch_size, wl.cfg.train.seed, wl.cfg.train.num_workers
+    touch(files)
+    warm = {k: [] for k in ("raw", "pread", "h5", "getitem", "loader", "ipc")}
+    first_batch_s = []
+    resident_warm = loops.resident_fraction(files)
+    for r in range(s.repeats):
+        batches = loops.row_batches(ds, bs, seed, s.read_rows, skip_rows=r * s.read_rows)
+        warm["raw"].append(loops.read_raw(raw, offsets, ds, batches))
+        warm["pread"].append(loops.read_pread(raw, offsets, ds, batches))
+        warm["h5"].append(loops.read_h5(ds, batches))
+        warm["getitem"].append(loops.read_getitem(ds, batches))
+        rate, first = loops.read_loader(ds, batches, workers, device)
+        warm["loader"].append(rate)
+        first_batch_s.append(first)
+        warm["ipc"].append(loops.read_loader(loops.BatchShapes(ds), batches, workers, device)[0])
+    ds.close()
+    cold = {"raw": [], "pread": [], "loader": []}
+    resident = []
+    for r in range(s.repeats):
+        batches = loops.row_batches(ds, bs, seed + 1, s.cold_rows, skip_rows=r * s.cold_rows)
+        loops.evict(files)
+        resident.append(loops.resident_fraction(files))
+        fresh = loops.CacheBatches(ds.split, setup.data.index, ds.fmt)  # new handles, as a new run opens them
+        cold["loader"].append(loops.read_loader(fresh, batches, workers, device)[0])
+        loops.evict(files)
+        cold["raw"].append(loops.read_raw(raw, offsets, ds, batches))
+        loops.evict(files)
+        cold["pread"].append(loops.read_pread(raw, offsets, ds, batches))
+    evicted = max(resident) < 0.05 if min(resident) >= 0 else False
+    out = {"row_mb": row_mb, "batch_size": bs, "loader_workers": workers, "loader_first_batch_s": median(first_batch_s),
+           "warm": {"rows_per_window": s.read_rows, "resident_pct": 100 * resident_warm if resident_warm >= 0 else None}}
+    for k, v in warm.items():
+        out["warm"][f"{k}_rows_s"] = figure(v)
+        out["warm"][f"{k}_mb_s"] = median(v) * row_mb
+    out["reopened"] = {"rows_per_window": s.cold_rows,
+                       "page_cache": "evicted (posix_fadvise DONTNEED), files re-opened" if evicted
+                       else "reopened (page cache warm: eviction had no effect here)",
+                       "resident_pct_after_evict": 100 * max(resident) if min(resident) >= 0 else None}
+    for k, v in cold.items():
+        out["reopened"][f"{k}_rows_s"] = figure(v)
+        out["reopened"][f"{k}_mb_s"] = median(v) * row_mb
+    return out
+
+
+def p5_memory(wl: Workload, device: str, work: Path) -> dict:
+    out = {}
+    for label, cfg in (("n", wl.small_cfg), ("4n", wl.cfg)):
+        path = work / "p5" / f"{wl.name}-{label}.toml"
+        atomic_write_text(path, to_toml(to_tree(cfg)))
+        r = subprocess.run([sys.executable, str(HERE / "peak_rss.py"), str(path), "--steps", str(wl.sizes.rss_steps),
+                            "--device", device], capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"P5 child for {path} failed:\n{r.stderr[-3000:]}")
+        out[label] = json.loads(r.stdout.strip().splitlines()[-1])
+    out["images"] = {"n": wl.sizes.n, "4n": 4 * wl.sizes.n}
+    return out
+
+
+def end_to_end(samples: int, embed: dict, cached_sps: float, live_sps: float) -> dict:
+    """embed once + E cached epochs vs E live epochs, from the measured rates. The fixed encoder load is in
+    both (the live loop loads the encoder too), so it cancels in the crossover."""
+    load = embed["encoder_load_s"]
+    embed_wall = embed["images"] / embed["embed_img_s"]["median"]
+    steady = embed["images"] / max(embed_wall - load, 1e-9)  # images/s once the encoder is loaded
+    embed_s = load + samples / steady
+    cached_epoch, live_epoch = samples / cached_sps, samples / live_sps
+    saved = live_epoch - cached_epoch
+    crossover = (samples / steady) / saved if saved > 0 else None
+    return {"images": samples, "embed_s": embed_s, "cached_epoch_s": cached_epoch, "live_epoch_s": live_epoch,
+            "embed_plus_1_epoch_s": embed_s + cached_epoch, "live_1_epoch_s": load + live_epoch,
+            "crossover_epochs": crossover}
+
+
+def measure(wl: Workload, device: str, work: Path, log) -> dict:
+    s = wl.sizes
+    t_start, meter = time.perf_counter(), loops.CpuMeter()
+    setup = loops.Setup(wl.cfg, device)
+    enc = load_encoder(wl.cfg.encoder, device)
+    res = {"workload": wl.info, "sizes": dataclasses.asdict(s), "train_samples": len(setup.data.train)}
+
+    log(f"[{wl.name}] P4 stage 1 vs encoder-only ({s.embed_images} images, {s.repeats} rounds)")
+    p4 = p4_embed(wl, enc, device, work)
+    log(f"[{wl.name}] P1/P2 train loops: {s.repeats} rounds of cached / RAM / live / live per-image windows "
+        f"({s.warmup} + {s.steps} steps, live {s.warmup} + {s.live_steps}; batch {s.batch})")
+    rates, round_foreign = p1_p2_train(wl, setup, enc, log)
+    log(f"[{wl.name}] P3 read path vs memmap ({s.read_rows} rows warm, {s.cold_rows} re-opened, {s.repeats} rounds)")
+    p3 = p3_read(wl, setup, device, work)
+    log(f"[{wl.name}] P5 peak memory, caches of {s.n} and {4 * s.n} images")
+    p5 = p5_memory(wl, device, work)
+
+    c, lv, pi, rm = (median(rates[k]) for k in ("cached", "live", "live_per_image", "ram"))
+    res.update({
+        "p1_cached_vs_live": c / lv,
+        "p1_cached_vs_live_per_image": c / pi,
+        "p1": {"cached_samples_s": figure(rates["cached"]), "live_samples_s": figure(rates["live"]),
+               "live_per_image_samples_s": figure(rates["live_per_image"])},
+        "p2_cached_vs_ram": c / rm,
+        "p2": {"cached_samples_s": figure(rates["cached"]), "ram_samples_s": figure(rates["ram"])},
+        "p3_read_vs_raw": p3["warm"]["loader_rows_s"]["median"] / p3["warm"]["raw_rows_s"]["median"],
+        "p3_read_vs_raw_reopened": p3["reopened"]["loader_rows_s"]["median"] / p3["reopened"]["raw_rows_s"]["median"],
+        "p3": p3,
+        "p4_embed_vs_encoder": p4["embed_img_s"]["median"] / p4["encoder_img_s"]["median"],
+        "p4": p4,
+        "p5_rss_4n_vs_n": p5["4n"]["total_mb"] / p5["n"]["total_mb"],
+        "p5": p5,
+        "end_to_end": end_to_end(len(setup.data.train), p4, c, lv),
+    })
+    if device.startswith("cuda"):
+        res["mfu"] = mfu(setup, enc, c, lv, p4["encoder_img_s"]["median"])
+    setup.close()
+    res["noise"] = {"foreign_cpu_pct": meter.foreign_pct(), "foreign_cpu_pct_per_train_round": round_foreign,
+                    "contended": median(round_foreign) > CONTENDED_PCT,
+                    "spread_pct": {k: spread(v) for k, v in rates.items()}}
+    res["wall_s"] = time.perf_counter() - t_start
+    return res
+
+
+def mfu(setup: loops.Setup, enc, cached_sps: float, live_sps: float, enc_img_s: float) -> dict:
+    peak = loops.peak_flops()
+    model, _, _ = setup.model()
+    batch = setup.data.train[setup.sampler().batches(0)[0]]
+    train_f = loops.train_flops_per_sample(model, batch["input_ids"].size(1))
+    enc_f = loops.encoder_flops_per_image(enc)
+    out = {"device": torch.cuda.get_device_name(), "peak_bf16_tflops": (peak or 0) / 1e12 or None,
+           "train_gflop_per_sample": train_f / 1e9, "encoder_gflop_per_image": enc_f / 1e9}
+    if peak:
+        out.update(cached=cached_sps * train_f / peak, live=live_sps * (train_f + enc_f) / peak,
+                   encoder=enc_img_s * enc_f / peak)
+    return out
+
+
+# ---- output -------------------------------------------------------------------------------------------
+
+def table(results: dict) -> str:
+    rows = [("workload", "figure", "measured", "baseline (same run)", "ratio", "noise")]
+    for name, r in results["workloads"].items():
+        p1, p2, p3, p4, p5, e2e = r["p1"], r["p2"], r["p3"], r["p4"], r["p5"], r["end_to_end"]
+        sp = r["noise"]["spread_pct"]
+        rows += [
+            (name, "P1 cached vs live", f"{p1['cached_samples_s']['median']:.1f} samples/s cached",
+             f"{p1['live_samples_s']['median']:.1f} live (batched enc)", f"{r['p1_cached_vs_live']:.2f}x",
+             f"±{max(sp['cached'], sp['live']) / 2:.0f}%"),
+            (name, "P1 cached vs seed loop", "", f"{p1['live_per_image_samples_s']['median']:.1f} live (per-image enc)",
+             f"{r['p1_cached_vs_live_per_image']:.2f}x", f"±{sp['live_per_image'] / 2:.0f}%"),
+            (name, "P2 cached vs RAM", "", f"{p2['ram_samples_s']['median']:.1f} samples/s RAM",
+             f"{r['p2_cached_vs_ram']:.2f}", f"±{sp['ram'] / 2:.0f}%"),
+        ]
+        for label, key, ratio in (("warm", "warm", "p3_read_vs_raw"), ("reopened", "reopened", "p3_read_vs_raw_reopened")):
+            q = p3[key]
+            rows.append((name, f"P3 read vs raw ({label})",
+                         f"{q['loader_rows_s']['median']:,.0f} rows/s {q['loader_mb_s']:,.0f} MB/s",
+                         f"{q['raw_rows_s']['median']:,.0f} rows/s {q['raw_mb_s']:,.0f} MB/s memmap",
+                         f"{r[ratio]:.2f}", f"±{spread(q['loader_rows_s']['repeats']) / 2:.0f}%"))
+        w = p3["warm"]
+        rows.append((name, "  P3 breakdown (warm)", f"h5 read_direct {w['h5_rows_s']['median']:,.0f} rows/s",
+                     f"+tokenize {w['getitem_rows_s']['median']:,.0f} (1 proc)", "", ""))
+        rows.append((name, "", f"loader, no read/tokenize {w['ipc_rows_s']['median']:,.0f} rows/s",
+                     f"pread {w['pread_rows_s']['median']:,.0f} warm, {p3['reopened']['pread_rows_s']['median']:,.0f} "
+                     f"re-opened", "", ""))
+        rows += [
+            (name, "P4 embed vs encoder", f"{p4['embed_img_s']['median']:.1f} img/s run_embed",
+             f"{p4['encoder_img_s']['median']:.1f} img/s encode() alone", f"{r['p4_embed_vs_encoder']:.2f}",
+             f"±{spread(p4['embed_img_s']['repeats']) / 2:.0f}%"),
+            (name, "P5 peak memory 4N vs N", f"{p5['4n']['total_mb']:,.0f} MB ({p5['images']['4n']} img)",
+             f"{p5['n']['total_mb']:,.0f} MB ({p5['images']['n']} img)", f"{r['p5_rss_4n_vs_n']:.2f}", ""),
+            (name, "end to end, E=1", f"embed+1 epoch {e2e['embed_plus_1_epoch_s']:,.0f} s",
+             f"live 1 epoch {e2e['live_1_epoch_s']:,.0f} s ({e2e['images']} samples)",
+             f"{e2e['live_1_epoch_s'] / e2e['embed_plus_1_epoch_s']:.2f}x", ""),
+            (name, "end to end, crossover", "cache pays off from epoch",
+             "" if e2e["crossover_epochs"] is None else f"E* = {e2e['crossover_epochs']:.2f}",
+             "never" if e2e["crossover_epochs"] is None else f"E >= {max(1, -(-e2e['crossover_epochs'] // 1)):.0f}", ""),
+        ]
+        flag = " CONTENDED: rerun on a quiet machine" if r["noise"]["contended"] else ""
+        rows.append((name, "noise" + flag, f"other processes: {r['noise']['foreign_cpu_pct']:.0f}% of the CPU",
+                     "per train round: " + " ".join(f"{x:.0f}%" for x in r["noise"]["foreign_cpu_pct_per_train_round"]),
+                     "", ""))
+        if "mfu" in r and "cached" in r["mfu"]:
+            m = r["mfu"]
+            rows.append((name, "MFU (bf16)", f"cached {100 * m['cached']:.1f}%", f"live {100 * m['live']:.1f}%",
+                         f"encoder {100 * m['encoder']:.1f}%", ""))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine(device: str) -> dict:
+    import h5py
+    cpu = platform.processor()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    out = {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
+           "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+           "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "device": device}
+    if device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer steps and repeats (make bench-quick)")
+    ap.add_argument("--smoke", action="store_true", help="tiny artefacts and 2 steps: checks the plumbing only")
+    ap.add_argument("--workloads", default="demo,b16", help="comma-separated: demo, b16")
+    ap.add_argument("--steps", type=int, help="timed steps per window (train loops), overriding the mode")
+    ap.add_argument("--repeats", type=int, help="timed windows per figure, overriding the mode")
+    ap.add_argument("--work", type=Path, default=HERE / "work", help="artefacts, reused between runs")
+    ap.add_argument("--out", type=Path, default=HERE / "results", help="where the results JSON goes")
+    args = ap.parse_args(argv)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BUILDERS]
+    if unknown:
+        ap.error(f"unknown workload(s) {unknown}; choose from {', '.join(BUILDERS)}")
+
+    def log(msg: str) -> None:
+        print(f"bench {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+    t0 = time.perf_counter()
+    results = {"mode": mode, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+               "machine": machine(device), "workloads": {}}
+    for name in names:
+        sizes = MODES[mode][name]
+        if device.startswith("cuda") and mode != "smoke":
+            sizes = dataclasses.replace(sizes, **GPU_SIZES[name])
+        over = {k: v for k, v in (("steps", args.steps), ("live_steps", args.steps), ("repeats", args.repeats)) if v}
+        sizes = dataclasses.replace(sizes, **over)
+        log(f"[{name}] building artefacts in {args.work} (reused when present)")
+        tb = time.perf_counter()
+        wl = BUILDERS[name](args.work, sizes, device, smoke=mode == "smoke")
+        build_s = time.perf_counter() - tb
+        results["workloads"][name] = measure(wl, device, args.work, log)
+        results["workloads"][name]["build_s"] = build_s
+    results["wall_s"] = time.perf_counter() - t0
+
+    suffix = "" if mode == "full" else f"-{mode}"
+    out = args.out / f"{socket.gethostname()}-{datetime.date.today().isoformat()}{suffix}.json"
+    atomic_write_json(out, results)
+    m = results["machine"]
+    print(f"\nminivlm bench ({mode}) on {m['host']}: {m['cpu']}, {m['cores_usable']} cores, torch {m['torch']}, "
+          f"{m.get('gpu', 'CPU only')}, {results['wall_s']:.0f} s")
+    print(table(results))
+    print(f"\n-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The two bench workloads and their artefacts under the bench work dir (built once, reused by later runs).
+
+- `demo`: the embedded demo (make_demo: 96 px synthetic shapes, tiny CLIP 64 px / patch 8, pool 2 ->
+  T=16, D=64) with the model of configs/demo.toml. Its caches are real stage-1 output (run_embed).
+- `b16`: the MiniMind 512x8 LM (configs/llava_pretrain.toml) on 196x768 rows. The encoder is a
+  ViT-B/16-shaped CLIPVisionModel with the openai/clip-vit-base-patch16 config values and random
+  weights (real compute, nothing downloaded), saved with save_pretrained + a 224 px CLIP processor.
+  Images are synthetic 500x375 JPEGs (~35 KB, photo-like: smooth colour field, shapes, grain).
+  Embedding thousands of images takes ~10 min on 2 CPU cores, so the b16 caches hold synthetic fp16
+  rows written directly with cache.write_shard (same format, same keys as the JPEGs); the encoder is
+  timed on a few hundred images for P4 and runs live in the P1 baselines.
+
+Each cache exists twice: N and 4N images (P5 compares their peak RSS); the 4N one feeds P1-P3.
+A marker with the build parameters is written last, so an interrupted or differently sized build is redone.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from minivlm import __version__, cache
+from minivlm.config import RunConfig, load_config
+from minivlm.dist import Dist
+from minivlm.encoder import fingerprint_id, spec_of
+from minivlm.fileio import atomic_write_json, atomic_write_text
+from minivlm.records import load_records, records_hash
+
+REPO = Path(__file__).resolve().parents[1]
+V3_TOKENIZER = REPO.parent / "shared" / "ref" / "minimind-tokenizer-v3"
+B16_PROMPTS = ("Describe the image concisely.", "Provide a brief description of the given image.",
+               "Render a clear and concise summary of the photo.", "Share a concise interpretation of the image provided.")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What a bench mode builds and runs. `n` and `4n` are the two cache sizes."""
+    n: int                      # images in the small cache (P5); the training cache has 4n
+    batch: int                  # train.batch_size (both loops)
+    workers: int                # DataLoader workers (cached and live loops alike)
+    enc_batch: int              # encoder.batch_size (stage 1, encoder-only, live loop encodes per train batch)
+    embed_images: int           # images run_embed embeds for P4
+    warmup: int                 # untimed steps before each loop's timed windows
+    steps: int                  # timed train steps per window (cached / RAM)
+    live_steps: int             # timed train steps per window (live loops: slower)
+    repeats: int                # windows per figure; figures are medians
+    read_rows: int              # rows per P3 window (warm)
+    cold_rows: int              # rows per P3 window after eviction
+    rss_steps: int              # train steps in each P5 child
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    cfg: RunConfig              # the training config on the 4n cache
+    small_cfg: RunConfig        # the same on the n cache (P5)
+    embed_cfg: RunConfig        # stage 1 for P4 (records of `embed_images` images, cache.dir to be replaced)
+    sizes: Sizes
+    info: dict                  # printable description for the JSON
+
+
+def _quiet():
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def _marker_ok(path: Path, params: dict) -> bool:
+    try:
+        return json.loads(path.read_text()) == params
+    except (OSError, ValueError):
+        return False
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    atomic_write_text(path, "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
+
+
+def _subset(src: Path, dst: Path, n: int) -> Path:
+    records = json.loads(src.read_text())
+    _write_records(dst, [r for r in records if "image" in r][:n])
+    return dst
+
+
+# ---- demo -------------------------------------------------------------------------------------------
+
+def build_demo(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
+    from minivlm.demo import make_demo
+    from minivlm.embed import run_embed
+
+    root = work / "demo"
+    n_train = 4 * sizes.n
+    with _quiet():
+        make_demo(root / "data", n_train=n_train, n_val=32, seed=0)
+    recs = {k: _subset(root / "data" / "train.json", root / f"records-{k}.json", k)
+            for k in (sizes.n, 4 * sizes.n, sizes.embed_images)}
+    base = [f"data.image_root={root}/data/images", f"encoder.name_or_path={root}/data/encoder",
+            "encoder.local_files_only=true", f"tokenizer.name_or_path={root}/data/tokenizer", "data.val_records=",
+            f"train.batch_size={sizes.batch}", f"train.num_workers={sizes.workers}", "train.eval_batches=1",
+            f"encoder.batch_size={sizes.enc_batch}", f"encoder.num_workers={sizes.workers}",
+            f"train.out_dir={work}/runs"] + (["encoder.dtype=bfloat16"] if device.startswith("cuda") else [])
+
+    def cfg_for(k: int) -> RunConfig:
+        return load_config(REPO / "configs" / "demo.toml",
+                           base + [f"data.records={recs[k]}", f"cache.dir={root}/cache-{k}"])
+
+    cfg, small = cfg_for(4 * sizes.n), cfg_for(sizes.n)
+    for c in (cfg, small):
+        with _quiet():
+            run_embed(c, Dist(device=device))  # skips when the cache is already complete
+    return Workload("demo", cfg, small, cfg_for(sizes.embed_images), sizes,
+                    {"images": f"{n_train} synthetic 96x96 JPEG/PNG (make_demo)",
+                     "encoder": "tiny CLIP 64px/patch 8, 2 layers, D=64, pool 2",
+                     "T": 16, "D": 64, "model": "configs/demo.toml (dim 128 x 4 layers)", "cache": "run_embed output",
+                     "tokenizer": "demo BPE"})
+
+
+# ---- b16 --------------------------------------------------------------------------------------------
+
+def photo(i: int, w: int = 500, h: int = 375, seed: int = 7) -> Image.Image:
+    """A photo-sized synthetic image: smooth random colour field, a few shapes, sensor-like grain."""
+    from minivlm.demo import SHAPES, draw_shape
+
+    rng = np.random.default_rng([seed, i])
+    im = Image.fromarray(rng.integers(40, 220, (4, 5, 3), dtype=np.uint8), "RGB").resize((w, h), Image.BICUBIC)
+    draw = ImageDraw.Draw(im)
+    for _ in range(int(rng.integers(2, 6))):
+        draw_shape(draw, SHAPES[int(rng.integers(len(SHAPES)))], rng.uniform(0, w), rng.uniform(0, h),
+                   rng.uniform(20, 120), tuple(int(c) for c in rng.integers(0, 256, 3)), rng.uniform(-30, 30))
+    grain = rng.integers(-12, 13, (h, w, 3), dtype=np.int16)
+    return Image.fromarray(np.clip(np.asarray(im, np.int16) + grain, 0, 255).astype(np.uint8))
+
+
+def _b16_records(n: int) -> list[dict]:
+    from minivlm.demo import caption, sample_scene
+
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([11, i])
+        out.append({"id": f"{i:06d}", "image": f"{i:06d}.jpg", "conversations": [
+            {"from": "human", "value": B16_PROMPTS[i % len(B16_PROMPTS)] + "\n<image>"},
+            {"from": "gpt", "value": caption(sample_scene(rng), rng)}]})
+    return out
+
+
+def _b16_encoder(path: Path, shape: dict) -> None:
+    from minivlm.demo import build_tiny_clip
+
+    if _marker_ok(path / "bench_marker.json", shape):
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    build_tiny_clip(path, image_size=shape["image_size"], patch_size=shape["patch_size"],
+                    hidden_size=shape["hidden_size"], layers=shape["layers"], heads=shape["heads"], seed=0)
+    atomic_write_json(path / "bench_marker.json", shape)
+
+
+def _b16_images(images: Path, n: int) -> None:
+    marker = images / "bench_marker.json"
+    have = json.loads(marker.read_text())["n"] if marker.is_file() else 0
+    if have >= n:
+        return
+    images.mkdir(parents=True, exist_ok=True)
+    for i in range(have, n):  # image i never depends on n, so a larger build extends a smaller one
+        photo(i).save(images / f"{i:06d}.jpg", "JPEG", quality=85)
+    atomic_write_json(marker, {"n": n})
+
+
+def synthetic_cache(cfg: RunConfig, tokens: int, width: int, seed: int = 0) -> None:
+    """A complete cache for cfg.data.records whose rows are N(0, 1) fp16 noise, written with the library's
+    own write_shard/finalize: the format, keys and manifest are what stage 1 writes, the numbers are not."""
+    cache_dir = Path(cfg.cache.dir)
+    records = load_records(cfg.data.records)
+    params = {"records_hash": records_hash(cfg.data.records), "tokens": tokens, "width": width, "seed": seed,
+              "shard_size": cfg.cache.shard_size}
+    if _marker_ok(cache_dir / "bench_marker.json", params) and cache.read_manifest(cache_dir):
+        return
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    plan = cache.plan_shards([r.image for r in records if r.image], cfg.cache.shard_size)
+    fields = {"arch": "CLIPVisionModel", "weights": "synthetic-rows", "processor": "synthetic-rows", **spec_of(cfg.encoder)}
+    fid, fp_json = fingerprint_id(fields), json.dumps(fields, sort_keys=True)
+    for s, keys in enumerate(plan):
+        rng = np.random.default_rng([seed, s])
+        emb = np.empty((len(keys), tokens, width), np.float16)  # (n, T, D)
+        for a in range(0, len(keys), 64):
+            emb[a:a + 64] = rng.standard_normal((len(emb[a:a + 64]), tokens, width), dtype=np.float32)
+        cache.write_shard(cache.shard_path(cache_dir, s), s, keys, emb, [], fid, fp_json, cache.plan_hash(keys))
+    info = {"encoder": {"name_or_path": cfg.encoder.name_or_path, "select_layer": cfg.encoder.select_layer,
+                        "keep_cls": cfg.encoder.keep_cls, "pool": cfg.encoder.pool, "compute_dtype": "synthetic"},
+            "fingerprint": fid, "fingerprint_fields": fields, "records": [cfg.data.records],
+            "records_hash": params["records_hash"], "shard_size": cfg.cache.shard_size, "tool_version": __version__}
+    cache.finalize(cache_dir, plan, info)
+    atomic_write_json(cache_dir / "bench_marker.json", params)
+
+
+B16_SHAPE = {"image_size": 224, "patch_size": 16, "hidden_size": 768, "layers": 12, "heads": 12}  # openai/clip-vit-base-patch16
+B16_SMOKE_SHAPE = {"image_size": 224, "patch_size": 16, "hidden_size": 32, "layers": 2, "heads": 2}
+SMOKE_MODEL = ["model.dim=64", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.multiple_of=16"]
+
+
+def build_b16(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
+    root = work / ("b16-smoke" if smoke else "b16")
+    shape = B16_SMOKE_SHAPE if smoke else B16_SHAPE
+    _b16_encoder(root / "encoder", shape)
+    n_images = 4 * sizes.n
+    _b16_images(root / "images", max(n_images, sizes.embed_images))
+    all_records = _b16_records(max(n_images, sizes.embed_images))
+    recs = {}
+    for k in (sizes.n, n_images, sizes.embed_images):
+        p = root / f"records-{k}.json"
+        if not p.is_file():
+            _write_records(p, all_records[:k])
+        recs[k] = p
+    tok_path, tok_name = (V3_TOKENIZER, "MiniMind v3 (6400)") if V3_TOKENIZER.is_dir() else (None, "demo BPE")
+    if tok_path is None:  # ../shared/ref absent: a BPE trained on the captions, as the demo does
+        from minivlm.demo import build_tokenizer, record_texts
+        tok_path = root / "tokenizer"
+        if not (tok_path / "tokenizer.json").is_file():
+            build_tokenizer(tok_path, record_texts(all_records), vocab_size=6400)
+    cuda = device.startswith("cuda")
+    base = [f"data.image_root={root}/images", f"encoder.name_or_path={root}/encoder", "encoder.local_files_only=true",
+            f"tokenizer.name_or_path={tok_path}", "data.val_records=", "cache.shard_size=1024",
+            f"train.batch_size={sizes.batch}", f"train.num_workers={sizes.workers}", "train.eval_batches=1",
+            f"encoder.batch_size={sizes.enc_batch}", f"encoder.num_workers={sizes.workers}",
+            f"train.out_dir={work}/runs"] + (["encoder.dtype=bfloat16"] if cuda else []) + (SMOKE_MODEL if smoke else [])
+
+    def cfg_for(k: int) -> RunConfig:
+        return load_config(REPO / "configs" / "llava_pretrain.toml",
+                           base + [f"data.records={recs[k]}", f"cache.dir={root}/cache-{k}"])
+
+    tokens = (shape["image_size"] // shape["patch_size"]) ** 2
+    cfg, small = cfg_for(n_images), cfg_for(sizes.n)
+    for c in (cfg, small):
+        synthetic_cache(c, tokens, shape["hidden_size"])
+    return Workload("b16", cfg, small, cfg_for(sizes.embed_images), sizes,
+                    {"images": f"{max(n_images, sizes.embed_images)} synthetic 500x375 JPEG (~35 KB)",
+                     "encoder": "CLIPVisionModel " + ", ".join(f"{k}={v}" for k, v in shape.items())
+                                + ", random weights, select_layer -2",
+                     "T": tokens, "D": shape["hidden_size"],
+                     "model": "configs/llava_pretrain.toml (MiniMind 512x8, mlp projector, freeze_llm=2)"
+                              + (" shrunk for --smoke" if smoke else ""),
+                     "cache": "synthetic fp16 rows via cache.write_shard", "tokenizer": tok_name})
+
+
+BUILDERS = {"demo": build_demo, "b16": build_b16}
+
+
+def with_cache_dir(cfg: RunConfig, cache_dir: Path) -> RunConfig:
+    return dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, dir=str(cache_dir)))
