@@ -8,7 +8,6 @@ Design choices:
 """
 from __future__ import annotations
 
-import json
 import textwrap
 from dataclasses import replace
 from pathlib import Path
@@ -24,11 +23,11 @@ from minivlm.records import load_records, resolve_image
 from minivlm.trainer import evaluate
 
 
-def held_out(run_dir: Path, cache_dir: str | None, records: str | None):
+def held_out(run_dir: Path, mc: dict, cache_dir: str | None, records: str | None):
+    """The run's config (cache optionally replaced), its validated cache and the held-out split."""
     cfg = load_config(run_dir / "config.toml")
     if cache_dir:
         cfg = replace(cfg, cache=replace(cfg.cache, dir=cache_dir))
-    mc = json.loads((run_dir / "model_config.json").read_text())
     manifest, index = open_cache(cfg, mc["image_tokens"], mc["image_width"])
     if manifest["fingerprint"] != mc["fingerprint"]:
         raise ValueError(f"cache {cfg.cache.dir} (fingerprint {manifest['fingerprint']}) was not built with the "
@@ -43,7 +42,7 @@ def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, records: str
                  device: str = "cpu") -> dict:
     run_dir = Path(run_dir)
     cap = load_run(run_dir, device, with_encoder=False)
-    cfg, index, split = held_out(run_dir, cache_dir, records)
+    cfg, index, split = held_out(run_dir, cap.config, cache_dir, records)
     ds = CacheBatches(split, index, cap.fmt)
     batches = [ds[ix] for ix in BatchSampler(ds, cfg.train.batch_size, 0, shuffle=False).batches(0)]
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
