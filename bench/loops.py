@@ -2,8 +2,9 @@
 
 Design choices:
 - Every train loop is the library's own: `trainer.load_data` + `build_model` + `train_step`. The cached
-  loop reads through `make_loader(CacheBatches, BatchSampler)`; the baselines swap only the batch source
-  (RAM tensor; JPEG decode in workers + live encoder) and see the same batches in the same order.
+  loop reads through `Loader(CacheBatches, BatchSampler)`; the baselines swap only the batch source
+  (RAM tensor; JPEG decode in workers + live encoder) and see the same batches in the same order, with
+  the same pre-tokenized text (`text.collate`): only the images' path differs.
 - Fixed step counts: each timed window opens its batch source, runs `warmup` untimed steps (workers
   starting, pipeline filling), then `steps` timed ones; each window is one rate. The caller interleaves
   the variants round by round, so a burst of load from another user hits numerator and baseline alike.
@@ -27,11 +28,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from minivlm import cache
-from minivlm.data import BatchSampler, CacheBatches, make_loader
+from minivlm.data import BatchSampler, CacheBatches, Loader
 from minivlm.dist import Dist
 from minivlm.encoder import encode, load_image, preprocess
 from minivlm.records import resolve_image
-from minivlm.text import IGNORE, encode_sample
 from minivlm.trainer import amp_dtype, build_model, load_data, to_device, train_step
 
 
@@ -56,9 +56,10 @@ def windows(step, warmup: int, steps: int, repeats: int, device: str) -> list[fl
 
 
 class Forever:
-    """Batches from a loader over a BatchSampler from `epoch` on, epoch after epoch; `close()` stops its workers."""
+    """Batches from a loader over a BatchSampler from `epoch` on, epoch after epoch; `close()` stops its
+    workers (DataLoader) or reader threads (Loader)."""
 
-    def __init__(self, loader: DataLoader, sampler: BatchSampler, epoch: int = 0):
+    def __init__(self, loader, sampler: BatchSampler, epoch: int = 0):
         self.loader, self.sampler, self.epoch, self.it = loader, sampler, epoch, None
 
     def __next__(self):
@@ -73,8 +74,10 @@ class Forever:
 
     def close(self):
         it = getattr(self.loader, "_iterator", None) or self.it
-        if it is not None and hasattr(it, "_shutdown_workers"):
+        if hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
+        elif hasattr(it, "close"):
+            it.close()
         self.it = self.loader = None
         gc.collect()
 
@@ -104,17 +107,6 @@ class CpuMeter:
         wall = time.monotonic() - self.wall
         foreign = (self._busy() - self.busy) - (self._own() - self.own)
         return max(0.0, 100.0 * foreign / (wall * (os.cpu_count() or 1))) if wall > 0 and foreign == foreign else 0.0
-
-
-def pad(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same right-padding CacheBatches applies: input_ids (B, L) with pad_id, labels (B, L) with IGNORE."""
-    L = max(len(ids) for ids, _ in seqs)
-    input_ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), L), IGNORE, dtype=torch.long)
-    for b, (ids, lab) in enumerate(seqs):
-        input_ids[b, :len(ids)] = torch.tensor(ids)
-        labels[b, :len(lab)] = torch.tensor(lab)
-    return input_ids, labels
 
 
 # ---- the train loops (P1, P2) -------------------------------------------------------------------------
@@ -163,13 +155,12 @@ def train_window(setup: Setup, source, warmup: int, steps: int) -> float:
 
 
 class CachedSource:
-    """The stage-2 path: make_loader(CacheBatches, BatchSampler) -> to_device."""
+    """The stage-2 path: Loader(CacheBatches, BatchSampler) -> to_device."""
 
     def __init__(self, setup: Setup, epoch: int):
         sampler = setup.sampler()
         self.device = setup.device
-        self.it = Forever(make_loader(setup.data.train, sampler, setup.cfg.train.num_workers, setup.device),
-                          sampler, epoch)
+        self.it = Forever(Loader(setup.data.train, sampler, setup.cfg.train.num_workers), sampler, epoch)
 
     def __next__(self):
         return to_device(next(self.it), self.device)
@@ -179,7 +170,7 @@ class CachedSource:
 
 
 class RamBatches:
-    """Every cache row in one RAM tensor (n, T, D) and every sample pre-tokenized: the in-memory bound."""
+    """Every cache row in one RAM tensor (n, T, D), gathered per batch: the in-memory bound."""
 
     def __init__(self, ds: CacheBatches):
         self.ds = ds
@@ -195,16 +186,12 @@ class RamBatches:
                 e.read_direct(self.rows.numpy()[offsets[s]:offsets[s] + len(e)])
         locs = ds.split.locations
         self.row = torch.tensor([offsets[loc[0]] + loc[1] if loc else 0 for loc in locs])
-        self.has = torch.tensor([loc is not None for loc in locs])
-        self.seqs = [encode_sample(ds.fmt, r, loc is not None) for r, loc in zip(ds.split.records, locs)]
 
     def batch(self, indices: list[int]) -> dict:
-        ix = torch.tensor(indices)
-        images = self.rows.index_select(0, self.row[ix])  # (B, T, D)
-        has = self.has[ix]
-        images[~has] = 0
-        input_ids, labels = pad([self.seqs[i] for i in indices], self.ds.fmt.pad_id)
-        return {"input_ids": input_ids, "labels": labels, "images": images, "has_image": has}
+        text = self.ds.text_batches([indices])[0]  # the library's own text path
+        images = self.rows.index_select(0, self.row[torch.tensor(indices)])  # (B, T, D)
+        images[~text["has_image"]] = 0
+        return {**text, "images": images}
 
 
 class RamSource:
@@ -236,17 +223,9 @@ class LiveBatches(Dataset):
         return len(self.ds)
 
     def __getitem__(self, indices: list[int]) -> dict:
-        pixels, seqs = [], []
-        has = torch.zeros(len(indices), dtype=torch.bool)
-        for b, i in enumerate(indices):
-            rec = self.ds.split.records[i]
-            if rec.image is not None:
-                pixels.append(preprocess(self.processor, load_image(resolve_image(self.root, rec.image), self.max_pixels)))
-                has[b] = True
-            seqs.append(encode_sample(self.ds.fmt, rec, rec.image is not None))
-        input_ids, labels = pad(seqs, self.ds.fmt.pad_id)
-        return {"input_ids": input_ids, "labels": labels, "pixels": torch.stack(pixels) if pixels else None,
-                "has_image": has}
+        pixels = [preprocess(self.processor, load_image(resolve_image(self.root, rec.image), self.max_pixels))
+                  for rec in (self.ds.split.records[i] for i in indices) if rec.image is not None]
+        return {**self.ds.text_batches([indices])[0], "pixels": torch.stack(pixels) if pixels else None}
 
 
 class LiveSource:
@@ -256,7 +235,7 @@ class LiveSource:
         cfg, self.device, self.enc, self.per_image = setup.cfg, setup.device, enc, per_image
         ds = LiveBatches(setup.data.train, enc.processor, cfg.data.image_root, cfg.encoder.max_image_pixels)
         sampler = setup.sampler()
-        w = cfg.train.num_workers
+        w = cfg.encoder.num_workers  # decode workers, as stage 1 uses
         loader = DataLoader(ds, sampler=sampler, batch_size=None, num_workers=w, pin_memory=self.device.startswith("cuda"),
                             persistent_workers=w > 0, prefetch_factor=4 if w else None)
         self.it = Forever(loader, sampler, epoch)
@@ -358,46 +337,60 @@ def read_pread(raw: Path, offsets: list[int], ds: CacheBatches, batches) -> floa
 
 
 def read_h5(ds: CacheBatches, batches) -> float:
-    """rows/s of the library's row read alone (read_direct into a (B, T, D) array), one process."""
-    t0 = time.perf_counter()
-    for ix in batches:
-        out = np.empty((len(ix), ds.tokens, ds.width), np.float16)
-        for b, i in enumerate(ix):
-            loc = ds.split.locations[i]
-            if loc is not None:
-                ds._dataset(loc[0]).read_direct(out[b], np.s_[loc[1]])
-    return count_rows(ds, batches) / (time.perf_counter() - t0)
+    """rows/s of h5py's own row read (read_direct into a (B, T, D) array, checksum checked), one process:
+    the read path stage 2 had before it read the raw bytes."""
+    files = [h5py.File(p, "r") for p in ds.files]
+    try:
+        t0 = time.perf_counter()
+        for ix in batches:
+            out = np.empty((len(ix), ds.tokens, ds.width), np.float16)
+            for b, i in enumerate(ix):
+                loc = ds.split.locations[i]
+                if loc is not None:
+                    files[loc[0]]["embeddings"].read_direct(out[b], np.s_[loc[1]])
+        return count_rows(ds, batches) / (time.perf_counter() - t0)
+    finally:
+        for f in files:
+            f.close()
 
 
 def read_getitem(ds: CacheBatches, batches) -> float:
-    """rows/s of CacheBatches[batch] in this process: read + tokenize + pad."""
+    """rows/s of CacheBatches[batch] in this process: the raw reads + pad/expand of pre-tokenized text."""
     t0 = time.perf_counter()
     for ix in batches:
         ds[ix]
     return count_rows(ds, batches) / (time.perf_counter() - t0)
 
 
-def read_loader(ds: CacheBatches, batches, num_workers: int, device: str) -> tuple[float, float]:
-    """make_loader over these batches: (rows/s from the first batch's arrival on, seconds to the first batch).
-    The first batch carries the worker start-up, which a training run pays once, not per row."""
+def read_loader(ds: CacheBatches, batches, threads: int) -> tuple[float, float]:
+    """The library's Loader over these batches: (rows/s from the first batch's arrival on, seconds to it)."""
     t0 = time.perf_counter()
-    loader = make_loader(ds, batches, num_workers, device)
+    it = iter(Loader(ds, batches, threads))
+    next(it)
+    t1 = time.perf_counter()
+    n = sum(int(b["has_image"].sum()) for b in it)
+    return n / (time.perf_counter() - t1), t1 - t0
+
+
+def read_processes(ds: Dataset, batches, num_workers: int, device: str) -> float:
+    """rows/s of a torch DataLoader with worker processes over these batches (first batch excluded)."""
+    loader = DataLoader(ds, sampler=batches, batch_size=None, num_workers=num_workers,
+                        pin_memory=device.startswith("cuda"), prefetch_factor=4 if num_workers else None)
     it = iter(loader)
     next(it)
     t1 = time.perf_counter()
-    n = 0
-    for b in it:
-        n += int(b["has_image"].sum())
+    n = sum(int(b["has_image"].sum()) for b in it)
     dt = time.perf_counter() - t1
     if hasattr(it, "_shutdown_workers"):
         it._shutdown_workers()
     del it, loader
     gc.collect()
-    return n / dt, t1 - t0
+    return n / dt
 
 
 class BatchShapes(Dataset):
-    """What the read path returns, without reading or tokenizing: the cost of the process boundary alone."""
+    """What the read path returns, without reading or tokenizing: the cost of a process boundary alone
+    (why stage 2 reads in threads, not DataLoader worker processes)."""
 
     def __init__(self, ds: CacheBatches):
         self.ds = ds

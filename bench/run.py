@@ -18,9 +18,10 @@ Figures per workload (demo, b16):
   P1 cached vs live      train samples/s from the cache / a seed-style loop (JPEG decode in workers + encoder
                          forward every step, batched), and / the seed's literal one-image-at-a-time encoder loop
   P2 cached vs RAM       / the same loop with every row already in a RAM tensor and every sample pre-tokenized
-  P3 read vs raw         stage-2 DataLoader alone (no model), rows/s and MB/s / a NumPy memmap of the same
+  P3 read vs raw         stage-2 Loader alone (no model), rows/s and MB/s / a NumPy memmap of the same
                          bytes read in the same order; warm, and re-opened after evicting the files; with a
-                         breakdown (h5py reads alone, + tokenizing, the loader with no work, raw pread)
+                         breakdown (CacheBatches[batch] in one thread, raw pread, h5py read_direct, and a
+                         DataLoader with worker processes returning empty batches: the process boundary)
   P4 embed vs encoder    run_embed images/s / encode() alone on pre-decoded tensors, same batch size
   P5 memory              peak memory training from a cache of N and of 4N images (child processes; see
                          peak_rss.py for why not ru_maxrss)
@@ -60,25 +61,25 @@ from workloads import BUILDERS, Sizes, Workload, with_cache_dir  # noqa: E402
 
 MODES = {  # mode -> workload -> Sizes (CPU); GPU_SIZES replaces some fields on CUDA
     "full": {
-        "demo": Sizes(n=1000, batch=32, workers=1, enc_batch=64, embed_images=4000, warmup=5, steps=20, live_steps=20,
+        "demo": Sizes(n=1000, batch=32, workers=1, readers=0, enc_batch=64, embed_images=4000, warmup=5, steps=20, live_steps=20,
                       repeats=5, read_rows=8000, cold_rows=4000, rss_steps=5),
-        "b16": Sizes(n=1000, batch=8, workers=2, enc_batch=16, embed_images=96, warmup=2, steps=4, live_steps=3,
+        "b16": Sizes(n=1000, batch=8, workers=2, readers=2, enc_batch=16, embed_images=96, warmup=2, steps=4, live_steps=3,
                      repeats=3, read_rows=1000, cold_rows=500, rss_steps=3),
     },
     "quick": {
-        "demo": Sizes(n=1000, batch=32, workers=1, enc_batch=64, embed_images=500, warmup=2, steps=8, live_steps=8,
+        "demo": Sizes(n=1000, batch=32, workers=1, readers=0, enc_batch=64, embed_images=500, warmup=2, steps=8, live_steps=8,
                       repeats=2, read_rows=2000, cold_rows=1000, rss_steps=2),
-        "b16": Sizes(n=1000, batch=8, workers=2, enc_batch=16, embed_images=16, warmup=1, steps=1, live_steps=1,
+        "b16": Sizes(n=1000, batch=8, workers=2, readers=2, enc_batch=16, embed_images=16, warmup=1, steps=1, live_steps=1,
                      repeats=2, read_rows=400, cold_rows=200, rss_steps=1),
     },
     "smoke": {
-        "demo": Sizes(n=32, batch=8, workers=1, enc_batch=16, embed_images=64, warmup=1, steps=2, live_steps=2,
+        "demo": Sizes(n=32, batch=8, workers=1, readers=0, enc_batch=16, embed_images=64, warmup=1, steps=2, live_steps=2,
                       repeats=1, read_rows=64, cold_rows=32, rss_steps=1),
-        "b16": Sizes(n=16, batch=4, workers=1, enc_batch=8, embed_images=16, warmup=1, steps=2, live_steps=2,
+        "b16": Sizes(n=16, batch=4, workers=1, readers=2, enc_batch=8, embed_images=16, warmup=1, steps=2, live_steps=2,
                      repeats=1, read_rows=32, cold_rows=16, rss_steps=1),
     },
 }
-GPU_SIZES = {"demo": {"workers": 4}, "b16": {"batch": 64, "workers": 8, "enc_batch": 256, "embed_images": 2048,
+GPU_SIZES = {"demo": {"workers": 4}, "b16": {"batch": 64, "workers": 8, "readers": 4, "enc_batch": 256, "embed_images": 2048,
                                              "steps": 20, "live_steps": 10, "read_rows": 8000, "cold_rows": 4000}}
 
 
@@ -165,7 +166,7 @@ def p3_read(wl: Workload, setup: loops.Setup, device: str, work: Path) -> dict:
     raw, offsets = loops.raw_copy(cache_dir, setup.data.manifest, work / "raw" / f"{wl.name}-{cache_dir.name}.npy")
     files = list(ds.files) + [str(raw)]
     row_mb = ds.tokens * ds.width * 2 / 1e6
-    bs, seed, workers = wl.cfg.train.batch_size, wl.cfg.train.seed, wl.cfg.train.num_workers
+    bs, seed, readers = wl.cfg.train.batch_size, wl.cfg.train.seed, wl.cfg.train.num_workers
     touch(files)
     warm = {k: [] for k in ("raw", "pread", "h5", "getitem", "loader", "ipc")}
     first_batch_s = []
@@ -176,10 +177,10 @@ def p3_read(wl: Workload, setup: loops.Setup, device: str, work: Path) -> dict:
         warm["pread"].append(loops.read_pread(raw, offsets, ds, batches))
         warm["h5"].append(loops.read_h5(ds, batches))
         warm["getitem"].append(loops.read_getitem(ds, batches))
-        rate, first = loops.read_loader(ds, batches, workers, device)
+        rate, first = loops.read_loader(ds, batches, readers)
         warm["loader"].append(rate)
         first_batch_s.append(first)
-        warm["ipc"].append(loops.read_loader(loops.BatchShapes(ds), batches, workers, device)[0])
+        warm["ipc"].append(loops.read_processes(loops.BatchShapes(ds), batches, max(readers, 1), device))
     ds.close()
     cold = {"raw": [], "pread": [], "loader": []}
     resident = []
@@ -187,14 +188,14 @@ def p3_read(wl: Workload, setup: loops.Setup, device: str, work: Path) -> dict:
         batches = loops.row_batches(ds, bs, seed + 1, s.cold_rows, skip_rows=r * s.cold_rows)
         loops.evict(files)
         resident.append(loops.resident_fraction(files))
-        fresh = loops.CacheBatches(ds.split, setup.data.index, ds.fmt)  # new handles, as a new run opens them
-        cold["loader"].append(loops.read_loader(fresh, batches, workers, device)[0])
+        ds.close()  # files re-opened on first read, as a new run opens them
+        cold["loader"].append(loops.read_loader(ds, batches, readers)[0])
         loops.evict(files)
         cold["raw"].append(loops.read_raw(raw, offsets, ds, batches))
         loops.evict(files)
         cold["pread"].append(loops.read_pread(raw, offsets, ds, batches))
     evicted = max(resident) < 0.05 if min(resident) >= 0 else False
-    out = {"row_mb": row_mb, "batch_size": bs, "loader_workers": workers, "loader_first_batch_s": median(first_batch_s),
+    out = {"row_mb": row_mb, "batch_size": bs, "loader_threads": readers, "loader_first_batch_s": median(first_batch_s),
            "warm": {"rows_per_window": s.read_rows, "resident_pct": 100 * resident_warm if resident_warm >= 0 else None}}
     for k, v in warm.items():
         out["warm"][f"{k}_rows_s"] = figure(v)
@@ -319,11 +320,11 @@ def table(results: dict) -> str:
                          f"{q['raw_rows_s']['median']:,.0f} rows/s {q['raw_mb_s']:,.0f} MB/s memmap",
                          f"{r[ratio]:.2f}", f"±{spread(q['loader_rows_s']['repeats']) / 2:.0f}%"))
         w = p3["warm"]
-        rows.append((name, "  P3 breakdown (warm)", f"h5 read_direct {w['h5_rows_s']['median']:,.0f} rows/s",
-                     f"+tokenize {w['getitem_rows_s']['median']:,.0f} (1 proc)", "", ""))
-        rows.append((name, "", f"loader, no read/tokenize {w['ipc_rows_s']['median']:,.0f} rows/s",
+        rows.append((name, "  P3 breakdown (warm)", f"dataset[batch] {w['getitem_rows_s']['median']:,.0f} rows/s",
                      f"pread {w['pread_rows_s']['median']:,.0f} warm, {p3['reopened']['pread_rows_s']['median']:,.0f} "
                      f"re-opened", "", ""))
+        rows.append((name, "", f"h5py read_direct {w['h5_rows_s']['median']:,.0f} rows/s",
+                     f"worker processes, empty batches {w['ipc_rows_s']['median']:,.0f}", "", ""))
         rows += [
             (name, "P4 embed vs encoder", f"{p4['embed_img_s']['median']:.1f} img/s run_embed",
              f"{p4['encoder_img_s']['median']:.1f} img/s encode() alone", f"{r['p4_embed_vs_encoder']:.2f}",

@@ -44,7 +44,8 @@ class Sizes:
     """What a bench mode builds and runs. `n` and `4n` are the two cache sizes."""
     n: int                      # images in the small cache (P5); the training cache has 4n
     batch: int                  # train.batch_size (both loops)
-    workers: int                # DataLoader workers (cached and live loops alike)
+    workers: int                # decode workers: encoder.num_workers (stage 1, the live loops' DataLoader)
+    readers: int                # train.num_workers: reader threads of the cached loop
     enc_batch: int              # encoder.batch_size (stage 1, encoder-only, live loop encodes per train batch)
     embed_images: int           # images run_embed embeds for P4
     warmup: int                 # untimed steps before each loop's timed windows
@@ -101,7 +102,7 @@ def build_demo(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
             for k in (sizes.n, 4 * sizes.n, sizes.embed_images)}
     base = [f"data.image_root={root}/data/images", f"encoder.name_or_path={root}/data/encoder",
             "encoder.local_files_only=true", f"tokenizer.name_or_path={root}/data/tokenizer", "data.val_records=",
-            f"train.batch_size={sizes.batch}", f"train.num_workers={sizes.workers}", "train.eval_batches=1",
+            f"train.batch_size={sizes.batch}", f"train.num_workers={sizes.readers}", "train.eval_batches=1",
             f"encoder.batch_size={sizes.enc_batch}", f"encoder.num_workers={sizes.workers}",
             f"train.out_dir={work}/runs"] + (["encoder.dtype=bfloat16"] if device.startswith("cuda") else [])
 
@@ -224,7 +225,7 @@ def build_b16(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
     cuda = device.startswith("cuda")
     base = [f"data.image_root={root}/images", f"encoder.name_or_path={root}/encoder", "encoder.local_files_only=true",
             f"tokenizer.name_or_path={tok_path}", "data.val_records=", "cache.shard_size=1024",
-            f"train.batch_size={sizes.batch}", f"train.num_workers={sizes.workers}", "train.eval_batches=1",
+            f"train.batch_size={sizes.batch}", f"train.num_workers={sizes.readers}", "train.eval_batches=1",
             f"encoder.batch_size={sizes.enc_batch}", f"encoder.num_workers={sizes.workers}",
             f"train.out_dir={work}/runs"] + (["encoder.dtype=bfloat16"] if cuda else []) + (SMOKE_MODEL if smoke else [])
 

@@ -138,7 +138,7 @@ class TrainConfig:
     freeze_llm: int = 2           # 0 train all, 1 projector + first/last LM layer, 2 projector only
     init_from: str = ""           # LM checkpoint (.safetensors or .pth) to start from
     allow_partial_init: bool = False
-    num_workers: int = 2          # DataLoader workers reading the cache
+    num_workers: int = 2          # threads reading cache rows ahead of the step (0: read in the loop)
     eval_interval: int = 200      # steps between evals; 0 -> only at the end
     eval_batches: int = 20
     save_interval: int = 500      # steps between checkpoints; 0 -> only at the end

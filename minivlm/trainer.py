@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from minivlm import checkpoint
 from minivlm.config import RunConfig, TrainConfig, load_config, to_toml, to_tree
-from minivlm.data import BatchSampler, CacheBatches, load_splits, make_loader, open_cache
+from minivlm.data import BatchSampler, CacheBatches, Loader, load_splits, open_cache
 from minivlm.dist import Dist, print0
 from minivlm.fileio import atomic_write_text
 from minivlm.model import VLM, freeze, num_params, param_groups, remap_lm_keys
@@ -213,14 +213,16 @@ def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int 
     train_split, val_split = load_splits(cfg, index)
     if not train_split.records:
         raise ValueError(f"no training samples: none of {cfg.data.records}'s images are in cache {cfg.cache.dir}")
-    train_ds, val_ds = CacheBatches(train_split, index, fmt), CacheBatches(val_split, index, fmt)
+    pin = dist.device.startswith("cuda")
+    train_ds = CacheBatches(train_split, index, fmt, pin_memory=pin, progress=dist.is_main)
+    val_ds = CacheBatches(val_split, index, fmt, pin_memory=pin)
     sampler = BatchSampler(train_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size)
     if len(sampler) < tc.grad_accum:
         raise ValueError(f"{len(train_ds)} training samples make no full step of train.batch_size={tc.batch_size} x "
                          f"train.grad_accum={tc.grad_accum} x {dist.world_size} ranks; lower the batch size")
     val_sampler = BatchSampler(val_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size, shuffle=False)
     eval_batches = [val_ds[ix] for ix in val_sampler.batches(0)[:tc.eval_batches]] if len(val_sampler) else []
-    val_ds.close()  # no HDF5 handle stays open across the training workers' fork
+    val_ds.close()
     return TrainData(manifest, index, tok, fmt, train_ds, sampler, eval_batches, len(val_ds),
                      train_split.dropped + val_split.dropped)
 
@@ -314,8 +316,7 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
     print0(dist, f"train: {len(data.train)} train / {data.n_val} val samples ({data.dropped} dropped: image not "
                  f"in cache), {num_params(raw) / 1e6:.2f}M params ({num_params(raw, True) / 1e6:.2f}M trainable), "
                  f"{total_steps} steps, T={index.tokens} D={index.width}")
-    loader = make_loader(data.train, sampler, tc.num_workers, device)
-    loader.generator = torch.Generator().manual_seed(tc.seed)  # keep worker seeding off the global RNG
+    loader = Loader(data.train, sampler, tc.num_workers)
 
     def save(final: bool = False):
         state = {"step": step, "epoch": epoch, "batch": batch_pos, "world_size": dist.world_size,

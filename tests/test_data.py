@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import demo_config, train_config
+from conftest import train_config
 from minivlm import cache
-from minivlm.config import load_config
-from minivlm.data import BatchSampler, CacheBatches, load_splits, make_loader, open_cache
+from minivlm.data import BatchSampler, CacheBatches, Loader, load_splits, open_cache
 from minivlm.text import load_tokenizer, text_format
 
 
@@ -71,15 +70,60 @@ def test_sampler_is_deterministic_partitions_ranks_and_resumes_mid_epoch(demo, d
     assert list(s) == s.batches(1)[3:]
 
 
-def test_workers_deliver_the_same_batches_as_the_main_process(demo, demo_cache, tmp_path):
+def test_reader_threads_deliver_the_same_batches_in_order_as_inline_reads(demo, demo_cache, tmp_path):
     ds, _, _ = dataset(train_config(demo, demo_cache, tmp_path))
     s = BatchSampler(ds, 8, seed=0)
-    inline = list(make_loader(ds, s, 0, "cpu"))
+    inline = list(Loader(ds, s, 0))
     ds.close()
-    workers = list(make_loader(ds, s, 2, "cpu"))
-    assert len(inline) == len(workers) == len(s)
-    for a, b in zip(inline, workers):
+    threaded = list(Loader(ds, s, 3))
+    assert len(inline) == len(threaded) == len(s)
+    for a, b in zip(inline, threaded):
         assert all(torch.equal(a[k], b[k]) for k in a)
+    s.set_position(0, len(s) - 2)
+    it = iter(Loader(ds, s, 2))
+    assert torch.equal(next(it)["input_ids"], inline[-2]["input_ids"])
+    it.close()  # a loop that stops mid-epoch: the reader threads are shut down
+
+
+def test_batches_collated_together_equal_each_batch_alone(demo, demo_cache, tmp_path):
+    ds, _, _ = dataset(train_config(demo, demo_cache, tmp_path))
+    batches = [[3, 1, 4], [len(ds) - 1], [5, 9, 2, 6, 0]]
+    for together, ix in zip(ds.text_batches(batches), batches):
+        alone = ds[ix]
+        assert together.keys() <= alone.keys() and all(torch.equal(together[k], alone[k]) for k in together)
+        assert together["input_ids"].is_contiguous()
+
+
+def test_raw_row_reads_equal_h5py_reads_for_every_row(demo, demo_cache, tmp_path):
+    ds, index, _ = dataset(train_config(demo, demo_cache, tmp_path))
+    batch = ds[list(range(len(ds)))]
+    for b, loc in enumerate(ds.split.locations):
+        if loc is not None:
+            with h5py.File(index.files[loc[0]]) as f:
+                assert np.array_equal(batch["images"][b].numpy(), f["embeddings"][loc[1]])
+
+
+def test_truncated_shard_fails_the_read_naming_the_file(demo, demo_cache, tmp_path):
+    broken = tmp_path / "cache"
+    shutil.copytree(demo_cache, broken)
+    ds, index, _ = dataset(train_config(demo, broken, tmp_path))
+    last = max(range(len(ds)), key=lambda i: ds.offset[i] if ds.shard[i] == 0 else -1)
+    with open(index.files[0], "r+b") as f:
+        f.truncate(int(ds.offset[last]) + 10)
+    with pytest.raises(ValueError, match="shard-00000.h5: row at byte .* cut short.*--verify"):
+        ds[[last]]
+
+
+def test_shards_in_another_layout_are_refused_at_open(demo, demo_cache, tmp_path):
+    other = tmp_path / "cache"
+    shutil.copytree(demo_cache, other)
+    path = cache.shard_path(other, 0)
+    with h5py.File(path, "r+") as f:
+        emb = f["embeddings"][...]
+        del f["embeddings"]
+        f.create_dataset("embeddings", data=emb, chunks=(1, *emb.shape[1:]), compression="gzip")
+    with pytest.raises(ValueError, match="shard-00000.h5: embeddings are not stored as one raw float16 row"):
+        open_cache(train_config(demo, other, tmp_path))
 
 
 def test_missing_and_incomplete_cache_say_what_to_run(demo, demo_cache, tmp_path):

@@ -1,6 +1,5 @@
 """Stage 1: the cache equals the encoder, survives kills, splits across ranks, and reports bad input."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,11 +14,9 @@ from PIL import Image
 from conftest import REPO, demo_config, demo_overrides, run_stage
 from minivlm import cache
 from minivlm.cache import CacheLock, shard_keys
-from minivlm.config import load_config
 from minivlm.dist import Dist
 from minivlm.embed import run_embed
 from minivlm.encoder import load_image, preprocess
-from minivlm.records import load_records
 
 
 def cache_rows(cache_dir) -> dict[str, np.ndarray]:

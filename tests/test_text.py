@@ -4,7 +4,7 @@ import pytest
 from conftest import tokenizer_dir
 from minivlm.config import TokenizerConfig
 from minivlm.records import Record
-from minivlm.text import IGNORE, decode, encode_sample, load_tokenizer, prompt_ids, text_format
+from minivlm.text import IGNORE, collate, decode, encode_sample, load_tokenizer, prompt_ids, text_format, tokenize
 
 T = 6
 
@@ -73,4 +73,17 @@ def test_truncation_cuts_the_answer_never_the_image(fmt):
     f = fmt_for(fmt.tokenizer.name_or_path, max_len=cfg_len)
     ids, labels = encode_sample(f, record(answer=long), with_image=True)
     assert len(ids) == cfg_len and ids.count(f.image_token_id) == T
-    assert encode_sample(fmt_for(fmt.tokenizer.name_or_path, max_len=T + 9), record(prompt="word " * 50), True) is None
+    with pytest.raises(ValueError, match="test record 0: prompt longer than tokenizer.max_len=15"):
+        encode_sample(fmt_for(fmt.tokenizer.name_or_path, max_len=T + 9), record(prompt="word " * 50), True)
+
+
+def test_batch_is_each_sample_padded_and_expanded_as_alone(fmt):
+    recs = [record(), record(answer="Two blue squares, one above the other."), record(prompt="What is it?")]
+    has = [True, False, True]
+    ids, labels = collate(fmt, tokenize(fmt, recs, has), [2, 0, 1])  # (3, L)
+    for b, i in enumerate([2, 0, 1]):
+        one_ids, one_labels = encode_sample(fmt, recs[i], has[i])
+        n = len(one_ids)
+        assert ids[b, :n].tolist() == one_ids and labels[b, :n].tolist() == one_labels
+        assert (ids[b, n:] == fmt.pad_id).all() and (labels[b, n:] == IGNORE).all()
+    assert ids.shape[1] == max(len(encode_sample(fmt, r, h)[0]) for r, h in zip(recs, has))
