@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from minivlm import cache
-from minivlm.data import BatchSampler, CacheBatches, Loader
+from minivlm.data import BatchSampler, CacheBatches, Loader, _groups
 from minivlm.dist import Dist
 from minivlm.encoder import encode, load_image, preprocess
 from minivlm.records import resolve_image
@@ -354,12 +354,20 @@ def read_h5(ds: CacheBatches, batches) -> float:
             f.close()
 
 
-def read_getitem(ds: CacheBatches, batches) -> float:
-    """rows/s of CacheBatches[batch] in this process: the raw reads + pad/expand of pre-tokenized text."""
+def read_rows(ds: CacheBatches, batches) -> float:
+    """rows/s of the library's row reads alone (`CacheBatches.images`, one batch per call), one thread."""
     t0 = time.perf_counter()
     for ix in batches:
-        ds[ix]
+        ds.images(ix)
     return count_rows(ds, batches) / (time.perf_counter() - t0)
+
+
+def read_text(ds: CacheBatches, batches) -> float:
+    """samples/s of the library's text collation alone, grouped as the Loader groups it."""
+    t0 = time.perf_counter()
+    for group in _groups(batches, len, Loader.TEXT_SAMPLES):
+        ds.text_batches(group)
+    return sum(map(len, batches)) / (time.perf_counter() - t0)
 
 
 def read_loader(ds: CacheBatches, batches, threads: int) -> tuple[float, float]:

@@ -20,8 +20,9 @@ Figures per workload (demo, b16):
   P2 cached vs RAM       / the same loop with every row already in a RAM tensor and every sample pre-tokenized
   P3 read vs raw         stage-2 Loader alone (no model), rows/s and MB/s / a NumPy memmap of the same
                          bytes read in the same order; warm, and re-opened after evicting the files; with a
-                         breakdown (CacheBatches[batch] in one thread, raw pread, h5py read_direct, and a
-                         DataLoader with worker processes returning empty batches: the process boundary)
+                         breakdown: the row reads alone (p3_rows_vs_raw), the text collation alone, raw
+                         pread, h5py read_direct, and a DataLoader with worker processes returning empty
+                         batches (the process boundary stage 2 no longer crosses)
   P4 embed vs encoder    run_embed images/s / encode() alone on pre-decoded tensors, same batch size
   P5 memory              peak memory training from a cache of N and of 4N images (child processes; see
                          peak_rss.py for why not ru_maxrss)
@@ -168,7 +169,7 @@ def p3_read(wl: Workload, setup: loops.Setup, device: str, work: Path) -> dict:
     row_mb = ds.tokens * ds.width * 2 / 1e6
     bs, seed, readers = wl.cfg.train.batch_size, wl.cfg.train.seed, wl.cfg.train.num_workers
     touch(files)
-    warm = {k: [] for k in ("raw", "pread", "h5", "getitem", "loader", "ipc")}
+    warm = {k: [] for k in ("raw", "pread", "h5", "rows", "text", "loader", "ipc")}
     first_batch_s = []
     resident_warm = loops.resident_fraction(files)
     for r in range(s.repeats):
@@ -176,7 +177,8 @@ def p3_read(wl: Workload, setup: loops.Setup, device: str, work: Path) -> dict:
         warm["raw"].append(loops.read_raw(raw, offsets, ds, batches))
         warm["pread"].append(loops.read_pread(raw, offsets, ds, batches))
         warm["h5"].append(loops.read_h5(ds, batches))
-        warm["getitem"].append(loops.read_getitem(ds, batches))
+        warm["rows"].append(loops.read_rows(ds, batches))
+        warm["text"].append(loops.read_text(ds, batches))
         rate, first = loops.read_loader(ds, batches, readers)
         warm["loader"].append(rate)
         first_batch_s.append(first)
@@ -266,6 +268,7 @@ def measure(wl: Workload, device: str, work: Path, log) -> dict:
         "p2": {"cached_samples_s": figure(rates["cached"]), "ram_samples_s": figure(rates["ram"])},
         "p3_read_vs_raw": p3["warm"]["loader_rows_s"]["median"] / p3["warm"]["raw_rows_s"]["median"],
         "p3_read_vs_raw_reopened": p3["reopened"]["loader_rows_s"]["median"] / p3["reopened"]["raw_rows_s"]["median"],
+        "p3_rows_vs_raw": p3["warm"]["rows_rows_s"]["median"] / p3["warm"]["raw_rows_s"]["median"],
         "p3": p3,
         "p4_embed_vs_encoder": p4["embed_img_s"]["median"] / p4["encoder_img_s"]["median"],
         "p4": p4,
@@ -320,7 +323,8 @@ def table(results: dict) -> str:
                          f"{q['raw_rows_s']['median']:,.0f} rows/s {q['raw_mb_s']:,.0f} MB/s memmap",
                          f"{r[ratio]:.2f}", f"±{spread(q['loader_rows_s']['repeats']) / 2:.0f}%"))
         w = p3["warm"]
-        rows.append((name, "  P3 breakdown (warm)", f"dataset[batch] {w['getitem_rows_s']['median']:,.0f} rows/s",
+        rows.append((name, "  P3 breakdown (warm)", f"rows alone {w['rows_rows_s']['median']:,.0f} rows/s "
+                     f"({r['p3_rows_vs_raw']:.2f}); text alone {w['text_rows_s']['median']:,.0f} samples/s",
                      f"pread {w['pread_rows_s']['median']:,.0f} warm, {p3['reopened']['pread_rows_s']['median']:,.0f} "
                      f"re-opened", "", ""))
         rows.append((name, "", f"h5py read_direct {w['h5_rows_s']['median']:,.0f} rows/s",

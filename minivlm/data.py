@@ -218,14 +218,14 @@ def _ahead(pool: ThreadPoolExecutor, fn, items, depth: int):
 
 
 class Loader:
-    """The sampler's batches. Text is collated ~2,048 samples at a time and image rows are read ~4 MiB
+    """The sampler's batches. Text is collated ~2,048 samples at a time and image rows are read ~1 MiB
     at a time (per-call costs amortized: bench P3), by `threads` reader threads 2 x threads reads ahead
     of the loop, or with 0 by the loop when it asks (with CUDA's async launches that already overlaps
     the GPU step). A batch's images are a slice of its read. Iterate it again after
     `sampler.set_position` to go on from elsewhere."""
 
     TEXT_SAMPLES = 2048
-    READ_BYTES = 4 << 20
+    READ_BYTES = 1 << 20
 
     def __init__(self, dataset: CacheBatches, sampler, threads: int):
         self.dataset, self.sampler, self.threads = dataset, sampler, threads

@@ -130,12 +130,15 @@ def _segments(fmt: TextFormat, record: Record, with_image: bool, prompts: dict) 
 
 @dataclass(frozen=True)
 class Tokens:
-    """Samples tokenized once, flat; sample i is [start[i]:start[i + 1]], its image ONE placeholder."""
+    """Samples tokenized once, flat, each cut to fit max_len once expanded and followed by one pad token
+    (not an answer) that every padding position of a batch reads: sample i is [start[i]:end[i]], its
+    image ONE placeholder."""
     ids: np.ndarray        # (N,) int32
     answer: np.ndarray     # (N,) bool: the loss is on this token
-    start: np.ndarray      # (n + 1,) int64
+    start: np.ndarray      # (n,) int64
+    end: np.ndarray        # (n,) int64: the sample's trailing pad token
     image_at: np.ndarray   # (n,) int64: the placeholder's index within its sample, -1 if text-only
-    length: np.ndarray     # (n,) int64: the sample's length in a batch (placeholder expanded, cut at max_len)
+    length: np.ndarray     # (n,) int64: the sample's length in a batch (placeholder expanded)
 
     def __len__(self) -> int:
         return len(self.image_at)
@@ -166,31 +169,30 @@ def tokenize(fmt: TextFormat, records: list[Record], with_image: list[bool], pro
                 if first + (fmt.image_tokens - 1 if 0 <= image_at[i] < first else 0) >= fmt.max_len:
                     raise ValueError(f"{records[i].where}: prompt longer than tokenizer.max_len={fmt.max_len}; "
                                      f"raise tokenizer.max_len")
-                ids.append(np.asarray(sid, np.int32))
-                answer.append(np.asarray(sans, bool))
+                keep = fmt.max_len - (fmt.image_tokens - 1 if image_at[i] >= 0 else 0)  # the answer's tail goes
+                ids.append(np.asarray(sid[:keep] + [fmt.pad_id], np.int32))
+                answer.append(np.asarray(sans[:keep] + [False], bool))
             bar.update(len(pieces))
-    start = np.zeros(len(records) + 1, np.int64)
-    start[1:] = np.cumsum([len(x) for x in ids])
-    length = np.minimum(np.diff(start) + np.where(image_at >= 0, fmt.image_tokens - 1, 0), fmt.max_len)
+    end = np.cumsum([len(x) for x in ids], dtype=np.int64) - 1
+    start = end - [len(x) - 1 for x in ids]
+    length = end - start + np.where(image_at >= 0, fmt.image_tokens - 1, 0)
     cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
-    return Tokens(cat(ids, np.int32), cat(answer, bool), start, image_at, length)
+    return Tokens(cat(ids, np.int32), cat(answer, bool), start, end, image_at, length)
 
 
 def collate(fmt: TextFormat, tokens: Tokens, indices) -> tuple[np.ndarray, np.ndarray]:
-    """input_ids (B, L) right-padded with pad_id and labels (B, L) with IGNORE off the answers, the image
-    expanded to T' placeholders and each sample cut at max_len. A few whole-batch ops: this runs per step."""
+    """input_ids (B, L) int64 right-padded with pad_id and labels (B, L) with IGNORE off the answers, the
+    image expanded to T' placeholders. A few whole-batch ops: this runs for every sample of every epoch."""
     ix = np.asarray(indices)
-    length, at = tokens.length[ix], tokens.image_at[ix]
-    L = int(length.max())
+    at = tokens.image_at[ix]
+    L = int(tokens.length[ix].max())
     j = np.arange(L)                                                                  # (L,) position
-    # a position's index in the unexpanded sample: the T' image positions all map to the placeholder
+    # a position's index in the unexpanded sample: the T' image positions all map to the placeholder,
+    # positions past the sample's end to its trailing pad token
     k = j - np.clip(j - np.where(at >= 0, at, L)[:, None], 0, fmt.image_tokens - 1)   # (B, L)
-    src = np.minimum(tokens.start[ix][:, None] + k, len(tokens.ids) - 1)             # (B, L) flat index
-    pad = j >= length[:, None]                                                       # (B, L)
+    src = np.minimum(tokens.start[ix][:, None] + k, tokens.end[ix][:, None])          # (B, L) flat index
     ids = tokens.ids[src].astype(np.int64)
-    ids[pad] = fmt.pad_id
-    labels = np.where(tokens.answer[src] & ~pad, ids, IGNORE)
-    return ids, labels
+    return ids, np.where(tokens.answer[src], ids, IGNORE)
 
 
 def encode_sample(fmt: TextFormat, record: Record, with_image: bool) -> tuple[list[int], list[int]]:
