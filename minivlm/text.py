@@ -18,6 +18,7 @@ Design choices:
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,6 +179,25 @@ def tokenize(fmt: TextFormat, records: list[Record], with_image: list[bool], pro
     length = end - start + np.where(image_at >= 0, fmt.image_tokens - 1, 0)
     cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
     return Tokens(cat(ids, np.int32), cat(answer, bool), start, end, image_at, length)
+
+
+TOKENS_FORMAT = 1  # bump when what tokenize returns for the same input changes
+
+
+def tokens_key(fmt: TextFormat, records: list[Record], with_image: list[bool]) -> str:
+    """A hash of everything `tokenize` output depends on: tokenizer, template, format, the records' text."""
+    import tokenizers
+    import transformers
+
+    tok, h = fmt.tokenizer, hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)  # vocab, merges, normalizer, added tokens
+    h.update((backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))).encode())
+    h.update(repr((TOKENS_FORMAT, transformers.__version__, tokenizers.__version__, tok.chat_template,
+                   fmt.image_token, fmt.image_token_id, fmt.image_tokens, fmt.chat, fmt.eos_id, fmt.pad_id,
+                   fmt.max_len, fmt.prompt)).encode())
+    for record, w in zip(records, with_image):
+        h.update(repr((record.turns, w)).encode())
+    return h.hexdigest()[:32]
 
 
 def collate(fmt: TextFormat, tokens: Tokens, indices) -> tuple[np.ndarray, np.ndarray]:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from minivlm import checkpoint
 from minivlm.config import RunConfig, TrainConfig, load_config, to_toml, to_tree
-from minivlm.data import BatchSampler, CacheBatches, Loader, load_splits, open_cache
+from minivlm.data import BatchSampler, CacheBatches, Loader, load_splits, open_cache, split_tokens
 from minivlm.dist import Dist, print0
 from minivlm.fileio import atomic_write_text
 from minivlm.model import VLM, freeze, num_params, param_groups, remap_lm_keys
@@ -213,9 +213,10 @@ def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int 
     train_split, val_split = load_splits(cfg, index)
     if not train_split.records:
         raise ValueError(f"no training samples: none of {cfg.data.records}'s images are in cache {cfg.cache.dir}")
-    pin = dist.device.startswith("cuda")
-    train_ds = CacheBatches(train_split, index, fmt, pin_memory=pin, progress=dist.is_main)
-    val_ds = CacheBatches(val_split, index, fmt, pin_memory=pin)
+    pin, text_dir = dist.device.startswith("cuda"), Path(cfg.cache.dir) / "text"
+    train_ds = CacheBatches(train_split, index, fmt, pin,
+                            split_tokens(fmt, train_split, text_dir, save=dist.is_main, progress=dist.is_main))
+    val_ds = CacheBatches(val_split, index, fmt, pin, split_tokens(fmt, val_split, text_dir, save=dist.is_main))
     sampler = BatchSampler(train_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size)
     if len(sampler) < tc.grad_accum:
         raise ValueError(f"{len(train_ds)} training samples make no full step of train.batch_size={tc.batch_size} x "

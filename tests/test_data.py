@@ -1,4 +1,5 @@
 """Stage-2 data: rows stay aligned with their records, order is deterministic and resumable, bad caches fail clearly."""
+import dataclasses
 import json
 import shutil
 
@@ -9,7 +10,8 @@ import torch
 
 from conftest import train_config
 from minivlm import cache
-from minivlm.data import BatchSampler, CacheBatches, Loader, load_splits, open_cache
+from minivlm import data
+from minivlm.data import BatchSampler, CacheBatches, Loader, load_splits, open_cache, split_tokens
 from minivlm.text import load_tokenizer, text_format
 
 
@@ -149,3 +151,27 @@ def test_shape_and_encoder_mismatches_name_the_field(demo, demo_cache, tmp_path)
         open_cache(cfg, width=7)
     with pytest.raises(ValueError, match="encoder.keep_cls=False, the config asks for True"):
         open_cache(train_config(demo, demo_cache, tmp_path, "encoder.keep_cls=true"))
+
+
+def test_tokenized_text_is_kept_and_reused_only_for_the_same_inputs(demo, demo_cache, tmp_path, monkeypatch):
+    cfg = train_config(demo, demo_cache, tmp_path)
+    _, index = open_cache(cfg)
+    fmt = text_format(load_tokenizer(cfg.tokenizer), cfg.tokenizer, index.tokens)
+    train, _ = load_splits(cfg, index)
+    first = split_tokens(fmt, train, tmp_path / "text", save=True)
+    (kept,) = (tmp_path / "text").glob("*.npz")
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(data, "tokenize", no_tokenizing)
+    again = split_tokens(fmt, train, tmp_path / "text")
+    assert all(np.array_equal(getattr(first, f.name), getattr(again, f.name)) for f in dataclasses.fields(first))
+    fewer = data.Split(train.records[:5], train.locations[:5], 0)
+    longer = text_format(fmt.tokenizer, dataclasses.replace(cfg.tokenizer, max_len=90), index.tokens)
+    for other_fmt, other_split in ((fmt, fewer), (longer, train)):
+        with pytest.raises(AssertionError, match="tokenized again"):
+            split_tokens(other_fmt, other_split, tmp_path / "text")
+    kept.write_bytes(b"not a zip")
+    monkeypatch.undo()
+    assert np.array_equal(split_tokens(fmt, train, tmp_path / "text").ids, first.ids)  # unreadable: tokenized again
