@@ -316,39 +316,37 @@ def read_raw(raw: Path, offsets: list[int], ds: CacheBatches, batches) -> float:
     return count_rows(ds, batches) / dt
 
 
+def _rows_per_s(ds: CacheBatches, batches, read_row) -> float:
+    """rows/s of read_row(dst, (shard, row)) over the batches' image rows, into a fresh (B, T, D) array per batch."""
+    t0 = time.perf_counter()
+    for ix in batches:
+        out = np.empty((len(ix), ds.tokens, ds.width), np.float16)
+        for b, i in enumerate(ix):
+            loc = ds.split.locations[i]
+            if loc is not None:
+                read_row(out[b], loc)
+    return count_rows(ds, batches) / (time.perf_counter() - t0)
+
+
 def read_pread(raw: Path, offsets: list[int], ds: CacheBatches, batches) -> float:
-    """rows/s reading the same rows of the same file with one pread per row (what HDF5 does underneath),
-    into a fresh (B, T, D) array per batch: the raw limit for a reader that does not map the file."""
+    """rows/s reading the same rows of the same file with one pread per row: the raw limit for a reader
+    that does not map the file."""
     header = np.load(raw, mmap_mode="r").offset
     row_bytes = ds.tokens * ds.width * 2
     fd = os.open(raw, os.O_RDONLY)
     try:
-        t0 = time.perf_counter()
-        for ix in batches:
-            out = np.empty((len(ix), ds.tokens, ds.width), np.float16)
-            for b, i in enumerate(ix):
-                loc = ds.split.locations[i]
-                if loc is not None:
-                    os.preadv(fd, [memoryview(out[b]).cast("B")], header + (offsets[loc[0]] + loc[1]) * row_bytes)
-        dt = time.perf_counter() - t0
+        return _rows_per_s(ds, batches, lambda dst, loc: os.preadv(
+            fd, [memoryview(dst).cast("B")], header + (offsets[loc[0]] + loc[1]) * row_bytes))
     finally:
         os.close(fd)
-    return count_rows(ds, batches) / dt
 
 
 def read_h5(ds: CacheBatches, batches) -> float:
-    """rows/s of h5py's own row read (read_direct into a (B, T, D) array, checksum checked), one process:
-    the read path stage 2 had before it read the raw bytes."""
+    """rows/s of h5py's own row read (read_direct, checksum checked), one process: the read path stage 2
+    had before it read the raw bytes."""
     files = [h5py.File(p, "r") for p in ds.files]
     try:
-        t0 = time.perf_counter()
-        for ix in batches:
-            out = np.empty((len(ix), ds.tokens, ds.width), np.float16)
-            for b, i in enumerate(ix):
-                loc = ds.split.locations[i]
-                if loc is not None:
-                    files[loc[0]]["embeddings"].read_direct(out[b], np.s_[loc[1]])
-        return count_rows(ds, batches) / (time.perf_counter() - t0)
+        return _rows_per_s(ds, batches, lambda dst, loc: files[loc[0]]["embeddings"].read_direct(dst, np.s_[loc[1]]))
     finally:
         for f in files:
             f.close()
