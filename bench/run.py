@@ -1,7 +1,7 @@
 """minivlm benchmarks: the cached pipeline against the seed's live loop and against the limits.
 
-    python bench/run.py                # make bench: full (~7 min on 2 idle CPU cores once artefacts exist)
-    python bench/run.py --quick        # make bench-quick (~2 min once artefacts exist)
+    python bench/run.py                # make bench: full (~6 min on 2 idle CPU cores once artefacts exist)
+    python bench/run.py --quick        # make bench-quick (~1.5 min once artefacts exist)
     python bench/run.py --smoke --work /tmp/w --out /tmp/r   # tiny sizes, for the test (~30 s)
 
 The first run builds the artefacts (~1 min: 4,000 JPEGs, a ViT-B/16-shaped encoder, 1.5 GB of caches).
