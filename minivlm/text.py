@@ -175,7 +175,7 @@ def tokenize(fmt: TextFormat, records: list[Record], with_image: list[bool], pro
                 answer.append(np.asarray(sans[:keep] + [False], bool))
             bar.update(len(pieces))
     end = np.cumsum([len(x) for x in ids], dtype=np.int64) - 1
-    start = end - [len(x) - 1 for x in ids]
+    start = end - np.array([len(x) - 1 for x in ids], np.int64)
     length = end - start + np.where(image_at >= 0, fmt.image_tokens - 1, 0)
     cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
     return Tokens(cat(ids, np.int32), cat(answer, bool), start, end, image_at, length)
