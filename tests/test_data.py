@@ -155,9 +155,8 @@ def test_shape_and_encoder_mismatches_name_the_field(demo, demo_cache, tmp_path)
 
 def test_tokenized_text_is_kept_and_reused_only_for_the_same_inputs(demo, demo_cache, tmp_path, monkeypatch):
     cfg = train_config(demo, demo_cache, tmp_path)
-    _, index = open_cache(cfg)
-    fmt = text_format(load_tokenizer(cfg.tokenizer), cfg.tokenizer, index.tokens)
-    train, _ = load_splits(cfg, index)
+    ds, index, fmt = dataset(cfg)
+    train = ds.split
     first = split_tokens(fmt, train, tmp_path / "text", save=True)
     (kept,) = (tmp_path / "text").glob("*.npz")
 
