@@ -84,7 +84,8 @@ class Forever:
 
 class CpuMeter:
     """CPU time other processes used since start, as a share of all cores (steal included): the noise
-    a shared machine adds. Own time counts this process and its waited-for children (the live loops' decode workers, the P5 children)."""
+    a shared machine adds. Own time counts this process and its waited-for children (the live loops'
+    decode workers, the P5 children)."""
 
     def __init__(self):
         self.wall, self.busy, self.own = time.monotonic(), self._busy(), self._own()
