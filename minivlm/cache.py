@@ -99,7 +99,8 @@ def shard_failures(f: h5py.File) -> list[dict]:
 
 def remove_stale_temps(cache_dir: Path, indices) -> None:
     for i in indices:
-        shard_path(cache_dir, i).with_name(shard_path(cache_dir, i).name + TMP_SUFFIX).unlink(missing_ok=True)
+        for tmp in shard_dir(cache_dir).glob(shard_path(cache_dir, i).name + "*" + TMP_SUFFIX):
+            tmp.unlink(missing_ok=True)
 
 
 class CacheLock:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +17,9 @@ TMP_SUFFIX = ".tmp"
 
 
 def tmp_path(path: Path) -> Path:
-    return path.with_name(path.name + TMP_SUFFIX)
+    """A temp name of this process and thread: two writers publishing the same file at once (the last
+    two ranks to finish an embed both write the manifest) never write into one temp file."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}{TMP_SUFFIX}")
 
 
 def fsync_file(path: Path) -> None:

@@ -3,6 +3,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import h5py
@@ -17,6 +18,7 @@ from minivlm.cache import CacheLock, shard_keys
 from minivlm.dist import Dist
 from minivlm.embed import run_embed
 from minivlm.encoder import load_image, preprocess
+from minivlm.fileio import atomic_write_text
 
 
 def cache_rows(cache_dir) -> dict[str, np.ndarray]:
@@ -144,6 +146,27 @@ def _bad_image_set(demo, root):
                                                       {"from": "gpt", "value": "x"}]} for n in names + list(bad)]
     (root.parent / "r.json").write_text(json.dumps(recs))
     return names, bad
+
+
+def test_ranks_publishing_the_same_file_together_both_succeed(tmp_path):
+    """The last two ranks to finish can both see every shard and both write the manifest."""
+    target, go, errors = tmp_path / "manifest.json", threading.Barrier(2), []
+
+    def rank(r):
+        for i in range(100):
+            go.wait()
+            try:
+                atomic_write_text(target, f"rank {r} round {i}")
+            except OSError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and target.read_text() in ("rank 0 round 99", "rank 1 round 99")
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_each_bad_image_kind_is_a_failure_with_its_reason(demo, tmp_path):
