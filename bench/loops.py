@@ -20,6 +20,7 @@ import gc
 import mmap
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -359,6 +360,19 @@ def read_rows(ds: CacheBatches, batches) -> float:
     for ix in batches:
         ds.images(ix)
     return count_rows(ds, batches) / (time.perf_counter() - t0)
+
+
+@contextmanager
+def pread_path(ds: CacheBatches):
+    """The dataset read as a cache bigger than half the free memory is: one pread per row, no read-ahead."""
+    mapped = ds.mapped
+    ds.close()
+    ds.mapped = False
+    try:
+        yield ds
+    finally:
+        ds.close()
+        ds.mapped = mapped
 
 
 def read_text(ds: CacheBatches, batches) -> float:

@@ -5,15 +5,17 @@ Design choices:
   dropped and counted. Text-only records stay (they get no placeholders and a zero image slot).
 - Every sample is tokenized once when the dataset is built (`text.tokenize`); a batch is then a row
   read per image plus a vectorized pad (`text.collate`).
-- Rows are read with one `pread` each, at byte offsets found once per shard (`cache.row_offsets`), into
-  a preallocated (B, T, D) float16 tensor (pinned for CUDA). Within a batch, rows go in (shard, row)
+- A row is raw bytes at an offset found once per shard (`cache.row_offsets`), copied into a
+  preallocated (B, T, D) float16 tensor (pinned for CUDA). Within a batch, rows go in (shard, row)
   order: same batch, better locality on disk. bench P3: h5py's `read_direct` ran at a quarter of this.
-- When the cache takes under half the available memory, a shard is read ahead whole when first opened
-  (posix_fadvise WILLNEED): an epoch reads every row anyway, and one sequential read of a shard beats
-  thousands of random ones on a cold disk or a network filesystem. Bigger caches are read row by row.
-- Batches are read in this process, by `num_workers` threads running ahead of the step (`pread`
-  releases the GIL), not by DataLoader worker processes: handing a batch across the process boundary
-  capped the read path at ~3.5k B/16 rows/s on 2 cores, against ~20k for the reads themselves.
+- When the cache takes under half the available memory, each shard is read ahead whole when first
+  opened (posix_fadvise WILLNEED: an epoch reads every row anyway, and one sequential read beats
+  thousands of random ones on a cold disk) and mapped read-only; a row is then a copy out of memory,
+  a fifth of a `pread` system call for small rows. Bigger caches are read with one `pread` per row.
+  Both copies release the GIL. The mapping's pages count in the process's RSS as shared file pages.
+- Batches are read in this process, by `num_workers` threads running ahead of the step, not by
+  DataLoader worker processes: handing a batch across the process boundary capped the read path at
+  ~3.5k B/16 rows/s on 2 cores, against ~20k for the reads themselves.
 - The sampler's order is a pure function of (seed, epoch, rank, world size); its position is
   (epoch, batch), saved in checkpoints, so a resumed run sees exactly the batches it would have seen.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import mmap
 import os
 import threading
 import zipfile
@@ -146,33 +149,47 @@ class CacheBatches:
         self.text = text if text is not None else split_tokens(fmt, split)
         self.shard = np.array([loc[0] if loc else -1 for loc in split.locations], np.int64)       # (n,)
         self.offset = np.array([index.offsets[loc[0]][loc[1]] if loc else 0 for loc in split.locations], np.int64)
-        self._files: dict[int, object] = {}   # shard -> open file, opened on first read
-        self._read_whole = _fits_in_memory(self.files)
-        self._fds = np.full(len(self.files) + 1, -2, np.int64)  # shard -> fd, -2 not yet open
-        self._fds[-1] = -1                                          # shard -1: text-only, no row
+        self._end = [int(o.max()) + self.row_bytes if len(o) else 0 for o in index.offsets]  # bytes a shard's rows need
+        self.mapped = _fits_in_memory(self.files)  # rows copied out of mapped shards, else one pread each
+        self._source = np.full(len(self.files) + 1, None, object)  # shard -> its bytes or fd; [-1]: text-only
+        self._opened = np.zeros(len(self.files) + 1, bool)
+        self._opened[-1] = True
+        self._files: list = []                                      # what close() closes
         self._opening = threading.Lock()
 
     def __len__(self):
         return len(self.split.records)
 
-    def _fd_of(self, shard: np.ndarray) -> list[int]:
-        """File descriptor per row (-1 for text-only), opening shards on first use."""
-        fds = self._fds[shard]
-        if (fds == -2).any():
+    def _sources(self, shard: np.ndarray) -> list:
+        """Per row: its shard's bytes (mapped) or file descriptor, None for text-only; opens shards on first use."""
+        if not self._opened[shard].all():
             with self._opening:  # reader threads
-                for s in np.unique(shard[self._fds[shard] == -2]).tolist():
-                    self._files[s] = open(self.files[s], "rb", buffering=0)
-                    self._fds[s] = self._files[s].fileno()
-                    if self._read_whole:  # an epoch reads every row: one sequential read beats random ones
-                        os.posix_fadvise(self._fds[s], 0, 0, os.POSIX_FADV_WILLNEED)
-            fds = self._fds[shard]
-        return fds.tolist()
+                for s in np.unique(shard[~self._opened[shard]]).tolist():
+                    self._source[s] = self._open(s)
+                    self._opened[s] = True
+        return self._source[shard].tolist()
+
+    def _open(self, s: int):
+        f = open(self.files[s], "rb", buffering=0)
+        size = os.fstat(f.fileno()).st_size
+        if size < self._end[s]:
+            f.close()
+            raise ValueError(f"{self.files[s]}: {size} bytes, but its rows reach byte {self._end[s]} (truncated "
+                             f"shard?); run stages/embed.py --verify")
+        if not self.mapped:
+            self._files.append(f)
+            return f.fileno()
+        with f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # published shards never change
+        self._files.append(m)
+        return np.frombuffer(m, np.uint8)
 
     def close(self):
-        self._fds[:-1] = -2
-        for f in self._files.values():
+        self._source[:-1] = None  # a mapping closes only once no array of it is left
+        for f in self._files:
             f.close()
-        self._files = {}
+        self._opened[:-1], self._files = False, []
 
     def shard_order(self, indices: list[int]) -> list[int]:
         return sorted(indices, key=lambda i: self.split.locations[i] or (-1, i))
@@ -187,24 +204,25 @@ class CacheBatches:
         images = torch.empty(len(ix), self.tokens, self.width, dtype=torch.float16, pin_memory=self.pin_memory)
         rows = images.numpy().view(np.uint8).reshape(len(ix), self.row_bytes)  # (B, T*D*2) bytes of images
         rows[shard < 0] = 0
-        for row, fd, o in zip(rows, self._fd_of(shard), self.offset[ix].tolist()):
-            if fd >= 0 and os.preadv(fd, [row], o) != self.row_bytes:
-                path = self.files[int(np.flatnonzero(self._fds == fd)[0])]
+        sources, offsets, n = self._sources(shard), self.offset[ix].tolist(), self.row_bytes
+        if self.mapped:  # a NumPy copy of a row releases the GIL, as pread does
+            for b, shard_bytes, o in zip(range(len(ix)), sources, offsets):
+                if shard_bytes is not None:
+                    rows[b] = shard_bytes[o:o + n]
+            return images
+        flat = memoryview(rows.reshape(-1))  # slicing a memoryview: a third of a NumPy row view
+        for a, fd, o in zip(range(0, len(ix) * n, n), sources, offsets):
+            if fd is not None and os.preadv(fd, [flat[a:a + n]], o) != n:
+                path = self.files[self._source.tolist().index(fd)]
                 raise ValueError(f"{path}: row at byte {o} is cut short (truncated shard?); run stages/embed.py --verify")
         return images
 
     def text_batches(self, batches: list[list[int]]) -> list[dict]:
-        """input_ids, labels and has_image of several batches, collated at once: NumPy's per-call cost
-        (more than the reads of small rows, and paid cache-cold after big ones) is paid once."""
-        ix = np.concatenate([np.asarray(b, np.int64) for b in batches])
-        input_ids, labels = collate(self.fmt, self.text, ix)  # (N, L) over all the batches
-        has_image = torch.from_numpy(self.shard[ix] >= 0)
-        sizes = [len(b) for b in batches]
-        starts = np.cumsum(sizes) - sizes
-        longest = np.maximum.reduceat(self.text.length[ix], starts).tolist()  # each batch padded to its own L
-        part = lambda x, a, n, L: torch.from_numpy(np.ascontiguousarray(x[a:a + n, :L]))  # noqa: E731
-        return [{"input_ids": part(input_ids, a, n, L), "labels": part(labels, a, n, L), "has_image": has_image[a:a + n]}
-                for a, n, L in zip(starts.tolist(), sizes, longest)]
+        """input_ids, labels and has_image of several batches, collated at once (`text.collate`)."""
+        ix, sizes = np.concatenate(batches), [len(b) for b in batches]
+        has_image = torch.from_numpy(self.shard[ix] >= 0).split(sizes)
+        return [{"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), "has_image": has}
+                for (ids, labels), has in zip(collate(self.fmt, self.text, ix, sizes), has_image)]
 
 
 class BatchSampler:
@@ -286,12 +304,10 @@ class Loader:
                                self.READ_BYTES)
 
     def _read(self, jobs: list) -> list[dict]:
-        images = self.dataset.images([i for ix, _ in jobs for i in ix])  # (N, T, D) for all the jobs' batches
-        out, a = [], 0
-        for ix, text in jobs:
-            out.append({**text, "images": images[a:a + len(ix)]})
-            a += len(ix)
-        return out
+        images = self.dataset.images(np.concatenate([ix for ix, _ in jobs]))  # (N, T, D) for all the jobs' batches
+        parts = images.split([len(ix) for ix, _ in jobs])
+        # new dicts: the text group still holds its own until its last batch, and must not hold the images
+        return [{**text, "images": part} for (_, text), part in zip(jobs, parts)]
 
     def __iter__(self):
         if not self.threads:

@@ -200,24 +200,32 @@ def tokens_key(fmt: TextFormat, records: list[Record], with_image: list[bool]) -
     return h.hexdigest()[:32]
 
 
-def collate(fmt: TextFormat, tokens: Tokens, indices) -> tuple[np.ndarray, np.ndarray]:
-    """input_ids (B, L) int64 right-padded with pad_id and labels (B, L) with IGNORE off the answers, the
-    image expanded to T' placeholders. A few whole-batch ops: this runs for every sample of every epoch."""
-    ix = np.asarray(indices)
-    at = tokens.image_at[ix]
-    L = int(tokens.length[ix].max())
-    j = np.arange(L)                                                                  # (L,) position
-    # a position's index in the unexpanded sample: the T' image positions all map to the placeholder,
-    # positions past the sample's end to its trailing pad token
-    k = j - np.clip(j - np.where(at >= 0, at, L)[:, None], 0, fmt.image_tokens - 1)   # (B, L)
-    src = np.minimum(tokens.start[ix][:, None] + k, tokens.end[ix][:, None])          # (B, L) flat index
+def collate(fmt: TextFormat, tokens: Tokens, ix: np.ndarray, sizes: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The samples `ix` as consecutive batches of `sizes` samples. Per batch: input_ids (B, L) int64,
+    right-padded with pad_id to its longest sample, and labels (B, L), IGNORE off the answers; the image
+    expanded to T' placeholders. Every batch in a few whole-group ops: this runs for every sample of
+    every epoch, and NumPy's per-call cost is paid once per group."""
+    length, start, at = tokens.length[ix], tokens.start[ix], tokens.image_at[ix]
+    longest = np.maximum.reduceat(length, np.cumsum(sizes) - sizes)         # (batches,) each batch's L
+    seg = tokens.end[ix] - start + 1                                        # (N,) tokens + the trailing pad
+    first = np.cumsum(seg) - seg                                            # (N,) where each sample's run starts
+    src = np.arange(first[-1] + seg[-1]) + np.repeat(start - first, seg)    # (U,) flat index of every token
+    count = np.ones(len(src), np.int64)                                     # (U,) positions it fills in its row
+    count[(first + at)[at >= 0]] = fmt.image_tokens                         # the placeholder: T' of them
+    count[first + seg - 1] = np.repeat(longest, sizes) - length             # the pad token: up to the batch's L
+    src = np.repeat(src, count)                                             # (sum of B*L,) batch after batch
     ids = tokens.ids[src].astype(np.int64)
-    return ids, np.where(tokens.answer[src], ids, IGNORE)
+    labels = np.where(tokens.answer[src], ids, IGNORE)
+    out, a = [], 0
+    for n, L in zip(sizes, longest.tolist()):
+        out.append((ids[a:a + n * L].reshape(n, L), labels[a:a + n * L].reshape(n, L)))
+        a += n * L
+    return out
 
 
 def encode_sample(fmt: TextFormat, record: Record, with_image: bool) -> tuple[list[int], list[int]]:
     """One record's ids and labels, exactly as a training batch holds them (without padding)."""
-    ids, labels = collate(fmt, tokenize(fmt, [record], [with_image]), [0])
+    (ids, labels), = collate(fmt, tokenize(fmt, [record], [with_image]), np.zeros(1, np.int64), [1])
     return ids[0].tolist(), labels[0].tolist()
 
 

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import shutil
+import weakref
 
 import h5py
 import numpy as np
@@ -22,7 +23,14 @@ def dataset(cfg, split="train"):
     return CacheBatches(train if split == "train" else val, index, fmt), index, fmt
 
 
-def test_batch_rows_are_the_cache_rows_of_their_records(demo, demo_cache, tmp_path):
+@pytest.fixture(params=["mapped", "pread"])
+def read_mode(request, monkeypatch):
+    """Both ways rows are read: copied out of a mapped shard (caches that fit in memory) or with pread."""
+    monkeypatch.setattr(data, "_fits_in_memory", lambda files: request.param == "mapped")
+    return request.param
+
+
+def test_batch_rows_are_the_cache_rows_of_their_records(demo, demo_cache, tmp_path, read_mode):
     ds, index, fmt = dataset(train_config(demo, demo_cache, tmp_path))
     ix = [5, 0, 17, len(ds) - 1]
     batch = ds[ix]
@@ -72,7 +80,7 @@ def test_sampler_is_deterministic_partitions_ranks_and_resumes_mid_epoch(demo, d
     assert list(s) == s.batches(1)[3:]
 
 
-def test_reader_threads_deliver_the_same_batches_in_order_as_inline_reads(demo, demo_cache, tmp_path):
+def test_reader_threads_deliver_the_same_batches_in_order_as_inline_reads(demo, demo_cache, tmp_path, read_mode):
     ds, _, _ = dataset(train_config(demo, demo_cache, tmp_path))
     s = BatchSampler(ds, 8, seed=0)
     inline = list(Loader(ds, s, 0))
@@ -87,6 +95,16 @@ def test_reader_threads_deliver_the_same_batches_in_order_as_inline_reads(demo, 
     it.close()  # a loop that stops mid-epoch: the reader threads are shut down
 
 
+def test_the_loader_holds_no_batch_beyond_the_read_it_came_from(demo, demo_cache, tmp_path, monkeypatch):
+    ds, _, _ = dataset(train_config(demo, demo_cache, tmp_path))
+    monkeypatch.setattr(Loader, "READ_BYTES", 2 * ds.row_bytes)  # a read per batch; a text group is many batches
+    alive = []
+    for batch in Loader(ds, BatchSampler(ds, 2, seed=0), 0):
+        alive.append(weakref.ref(batch["images"]))
+        assert sum(r() is not None for r in alive) <= 2  # this batch and at most the one before it
+    assert len(alive) > 2
+
+
 def test_batches_collated_together_equal_each_batch_alone(demo, demo_cache, tmp_path):
     ds, _, _ = dataset(train_config(demo, demo_cache, tmp_path))
     batches = [[3, 1, 4], [len(ds) - 1], [5, 9, 2, 6, 0]]
@@ -96,7 +114,7 @@ def test_batches_collated_together_equal_each_batch_alone(demo, demo_cache, tmp_
         assert together["input_ids"].is_contiguous()
 
 
-def test_raw_row_reads_equal_h5py_reads_for_every_row(demo, demo_cache, tmp_path):
+def test_raw_row_reads_equal_h5py_reads_for_every_row(demo, demo_cache, tmp_path, read_mode):
     ds, index, _ = dataset(train_config(demo, demo_cache, tmp_path))
     batch = ds[list(range(len(ds)))]
     for b, loc in enumerate(ds.split.locations):
@@ -105,11 +123,25 @@ def test_raw_row_reads_equal_h5py_reads_for_every_row(demo, demo_cache, tmp_path
                 assert np.array_equal(batch["images"][b].numpy(), f["embeddings"][loc[1]])
 
 
-def test_truncated_shard_fails_the_read_naming_the_file(demo, demo_cache, tmp_path):
+def test_truncated_shard_fails_at_open_naming_the_file(demo, demo_cache, tmp_path, read_mode):
     broken = tmp_path / "cache"
     shutil.copytree(demo_cache, broken)
     ds, index, _ = dataset(train_config(demo, broken, tmp_path))
-    last = max(range(len(ds)), key=lambda i: ds.offset[i] if ds.shard[i] == 0 else -1)
+    first = next(i for i in range(len(ds)) if ds.shard[i] == 0)
+    with open(index.files[0], "r+b") as f:
+        f.truncate(int(ds.offset[first]) + 10)
+    with pytest.raises(ValueError, match="shard-00000.h5: .* bytes, but its rows reach byte .*truncated.*--verify"):
+        ds[[first]]
+
+
+def test_shard_cut_short_after_open_fails_the_read_naming_the_file(demo, demo_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_fits_in_memory", lambda files: False)  # a mapping cut short is a SIGBUS, not a check
+    broken = tmp_path / "cache"
+    shutil.copytree(demo_cache, broken)
+    ds, index, _ = dataset(train_config(demo, broken, tmp_path))
+    in_shard0 = [i for i in range(len(ds)) if ds.shard[i] == 0]
+    last = max(in_shard0, key=lambda i: ds.offset[i])
+    ds[[in_shard0[0]]]
     with open(index.files[0], "r+b") as f:
         f.truncate(int(ds.offset[last]) + 10)
     with pytest.raises(ValueError, match="shard-00000.h5: row at byte .* cut short.*--verify"):

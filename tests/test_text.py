@@ -1,4 +1,5 @@
 """Prompt format, placeholders and loss masks, for the demo tokenizer and both real MiniMind tokenizers."""
+import numpy as np
 import pytest
 
 from conftest import tokenizer_dir
@@ -80,7 +81,7 @@ def test_truncation_cuts_the_answer_never_the_image(fmt):
 def test_batch_is_each_sample_padded_and_expanded_as_alone(fmt):
     recs = [record(), record(answer="Two blue squares, one above the other."), record(prompt="What is it?")]
     has = [True, False, True]
-    ids, labels = collate(fmt, tokenize(fmt, recs, has), [2, 0, 1])  # (3, L)
+    (ids, labels), = collate(fmt, tokenize(fmt, recs, has), np.array([2, 0, 1]), [3])  # (3, L)
     for b, i in enumerate([2, 0, 1]):
         one_ids, one_labels = encode_sample(fmt, recs[i], has[i])
         n = len(one_ids)
