@@ -5,9 +5,10 @@
 Why not ru_maxrss: a child's ru_maxrss (and the parent's RUSAGE_CHILDREN) starts from the RSS of the
 process that forked it, so every child of a big bench process reports the bench's own size. Instead
 `total_mb` is this process's peak RSS, VmHWM from /proc/self/status (exact; reset by exec). Stage 2 reads
-in this process (reader threads, no worker processes), so that is the job's whole footprint. Rows are
-read with pread, not mapped, so pages of the cache never count in it. Without /proc (not Linux) it falls
-back to ru_maxrss, which is then an upper bound.
+in this process (reader threads, no worker processes), so that is the job's whole footprint. A cache
+that fits in memory is mapped, so the shard pages its steps touched count in it too (shared page cache,
+a few rows a step here). Without /proc (not Linux) it falls back to ru_maxrss, which is then an upper
+bound.
 """
 from __future__ import annotations
 

@@ -13,9 +13,10 @@ Design choices:
   a published shard is complete by construction and never changes.
 - h5py reads rows one at a time (`ds[i]` / `read_direct`), never with a list index (150x slower).
 - Training bypasses HDF5 for rows: `row_offsets` finds where each row's chunk sits in the file once, and
-  stage 2 reads the raw bytes with `pread` (4x h5py's per-row speed, ~0.95x a memmap, no mapped pages
-  growing the RSS). Our chunks are stored unfiltered but for the 4-byte fletcher32 trailer, so the bytes
-  are the fp16 row; the checksum is checked by `verify` (`stages/embed.py --verify`), not per read.
+  stage 2 copies the raw bytes out of a mapped shard, or with `pread` for caches too big for memory (4x
+  h5py's per-row speed or more, bench P3). Our chunks are stored unfiltered but for the 4-byte fletcher32
+  trailer, so the bytes are the fp16 row; the checksum is checked by `verify` (`stages/embed.py
+  --verify`), not per read.
 """
 from __future__ import annotations
 
