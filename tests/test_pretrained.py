@@ -139,13 +139,13 @@ def v1_state(cfg: ModelConfig, vocab: int, use_moe: bool) -> dict:
     def w(*shape, std=0.02):
         return torch.randn(*shape, generator=g) * std
 
-    sd = {"tok_embeddings.weight": w(vocab, d, std=0.5), "norm.weight": 1 + w(d, std=0.3)}
+    sd = {"tok_embeddings.weight": w(vocab, d, std=0.1), "norm.weight": 1 + w(d, std=0.3)}
     sd["output.weight"] = sd["tok_embeddings.weight"]
     ffn = lambda p: {f"{p}.w1.weight": w(f, d), f"{p}.w2.weight": w(d, f), f"{p}.w3.weight": w(f, d)}  # noqa: E731
     for i in range(cfg.n_layer):
         p = f"layers.{i}"
-        sd.update({f"{p}.attention.wq.weight": w(cfg.n_head * hd, d, std=0.2),
-                   f"{p}.attention.wk.weight": w(cfg.n_kv_head * hd, d, std=0.2),
+        sd.update({f"{p}.attention.wq.weight": w(cfg.n_head * hd, d, std=0.05),
+                   f"{p}.attention.wk.weight": w(cfg.n_kv_head * hd, d, std=0.05),
                    f"{p}.attention.wv.weight": w(cfg.n_kv_head * hd, d), f"{p}.attention.wo.weight": w(d, d),
                    f"{p}.attention_norm.weight": 1 + w(d, std=0.3), f"{p}.ffn_norm.weight": 1 + w(d, std=0.3),
                    f"{p}.attention.mask": torch.full((1, 1, 8, 8), float("-inf")).triu(1)})  # a v1 buffer
