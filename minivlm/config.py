@@ -108,7 +108,7 @@ class ModelConfig:
     n_routed_experts: int = 4
     n_experts_per_tok: int = 2
     n_shared_experts: int = 1
-    moe_norm_topk: str = "multi"  # renormalise top-k router weights: multi (only k > 1: MiniMind v1/2), always (minimind-3), never
+    moe_norm_topk: str = "k>1"    # top-k weights rescaled to sum 1: k>1 (MiniMind v1/2), always (minimind-3), never
     aux_loss_alpha: float = 0.1
     projector: str = "mlp"        # linear | mlp (LayerNorm -> Linear -> GELU -> Linear)
 
@@ -117,13 +117,13 @@ class ModelConfig:
             raise ValueError(f"model.dim ({self.dim}) must be divisible by model.n_head ({self.n_head}), "
                              f"or set model.head_dim")
         if self.head_size % 2:
-            raise ValueError(f"the head width ({self.head_size}) must be even for RoPE")
+            raise ValueError(f"model.head_dim (or dim / n_head) must be even for RoPE, got {self.head_size}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
         if self.projector not in ("linear", "mlp"):
             raise ValueError(f"model.projector must be linear or mlp, got {self.projector!r}")
-        if self.moe_norm_topk not in ("multi", "always", "never"):
-            raise ValueError(f"model.moe_norm_topk must be multi, always or never, got {self.moe_norm_topk!r}")
+        if self.moe_norm_topk not in ("k>1", "always", "never"):
+            raise ValueError(f"model.moe_norm_topk must be k>1, always or never, got {self.moe_norm_topk!r}")
         if self.use_moe and not 1 <= self.n_experts_per_tok <= self.n_routed_experts:
             raise ValueError("model.n_experts_per_tok must be between 1 and model.n_routed_experts")
 
@@ -139,7 +139,7 @@ class ModelConfig:
     @property
     def renorm_topk(self) -> bool:
         """Whether the chosen experts' router weights are rescaled to sum to 1."""
-        return self.moe_norm_topk == "always" or self.moe_norm_topk == "multi" and self.n_experts_per_tok > 1
+        return self.moe_norm_topk == "always" or self.moe_norm_topk == "k>1" and self.n_experts_per_tok > 1
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class TrainConfig:
     dtype: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16 (GradScaler)
     compile: bool = False
     freeze_llm: int = 2           # 0 train all, 1 projector + first/last LM layer, 2 projector only
-    init_from: str = ""           # start from: an LM file (.safetensors/.pth), a HF Llama/Qwen3 dir, or an earlier run dir
+    init_from: str = ""           # an LM file (.safetensors/.pth), a HF Llama/Qwen3 dir, or an earlier run's dir
     allow_partial_init: bool = False  # let tensors the init_from checkpoint lacks start random
     num_workers: int = 2          # threads reading cache rows ahead of the step (0: read in the loop)
     eval_interval: int = 200      # steps between evals; 0 -> only at the end

@@ -105,18 +105,42 @@ def test_hf_qwen3_moe_directory_loads_exactly(tmp_path, top_k, norm):
     init_from(ours, str(path), False, {})
     assert_same_function(ours, lambda x: ref(x).logits)
     if top_k == 1:  # MiniMind2's routing (renormalise only when k > 1) is another function: refused by name
-        with pytest.raises(ValueError, match=r"model.moe_norm_topk=False but norm_topk_prob=True"):
-            init_from(our_vlm(dataclasses.replace(cfg, moe_norm_topk="multi")), str(path), False, {})
+        with pytest.raises(ValueError, match=r"model.moe_norm_topk='k>1' \(k=1\) but config.json: norm_topk_prob=true "
+                                             r"\(model.moe_norm_topk='always'\)"):
+            init_from(our_vlm(dataclasses.replace(cfg, moe_norm_topk="k>1")), str(path), False, {})
 
 
 def test_hf_config_mismatch_names_the_field_and_both_values(tmp_path):
     _, path = hf_reference(tmp_path, "Qwen3ForCausalLM", intermediate_size=48, head_dim=16, rms_norm_eps=1e-6,
                            rope_parameters={"rope_type": "default", "rope_theta": 5e5}, **SMALL)
-    with pytest.raises(ValueError, match=r"model.norm_eps=1e-05 but rms_norm_eps=1e-06; "
-                                         r"model.rope_theta=1000000.0 but rope_theta=500000.0"):
+    with pytest.raises(ValueError, match=r"model.norm_eps=1e-05 but config.json rms_norm_eps=1e-06; "
+                                         r"model.rope_theta=1000000.0 but config.json rope_theta=500000.0"):
         init_from(our_vlm(dataclasses.replace(QWEN3, norm_eps=1e-5, rope_theta=1e6)), str(path), False, {})
-    with pytest.raises(ValueError, match=r"model.qk_norm=False but architectures=True"):
+    with pytest.raises(ValueError, match=r"model.qk_norm=False but config.json: Qwen3ForCausalLM \(q_norm"):
         init_from(our_vlm(dataclasses.replace(QWEN3, qk_norm=False)), str(path), False, {})
+    with pytest.raises(ValueError, match=r"model.head_dim=0 \(-> 8\) but config.json head_dim=16"):
+        init_from(our_vlm(dataclasses.replace(QWEN3, head_dim=0)), str(path), False, {})
+
+
+def test_fused_experts_and_a_transformers_4_config_load_exactly(tmp_path):
+    """Weights as transformers 5 holds them in memory (each layer's experts as 3-D gate_up/down tensors),
+    next to a config.json as transformers 4 wrote it (top-level rope_theta, no head_dim)."""
+    from safetensors.torch import save_file
+    ref, path = hf_reference(tmp_path, "Qwen3MoeForCausalLM", moe_intermediate_size=40, head_dim=128 // 8,
+                             intermediate_size=64, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                             rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5e5}, **SMALL)
+    fused = {k: v.contiguous() for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in fused
+    save_file(fused, str(path / "model.safetensors"))
+    conf = json.loads((path / "config.json").read_text())
+    conf.pop("rope_parameters")
+    conf.update(rope_theta=5e5, rope_scaling=None, head_dim=16, num_experts=conf.pop("num_local_experts"))
+    (path / "config.json").write_text(json.dumps(conf))
+    cfg = dataclasses.replace(QWEN3, ffn_dim=40, use_moe=True, n_routed_experts=4, n_experts_per_tok=2,
+                              n_shared_experts=0, moe_norm_topk="k>1")
+    ours = our_vlm(cfg)
+    init_from(ours, str(path), False, {})
+    assert_same_function(ours, lambda x: ref(x).logits)
 
 
 @pytest.mark.parametrize("conf,needle", [({"tie_word_embeddings": False}, "tie_word_embeddings=false"),
@@ -159,13 +183,13 @@ def v1_state(cfg: ModelConfig, vocab: int, use_moe: bool) -> dict:
     return sd
 
 
-def v1_forward(sd: dict, cfg: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
+def v1_forward(sd: dict, cfg: ModelConfig, ids: torch.Tensor, theta: float) -> torch.Tensor:
     """MiniMind v1's forward, fp32, no cache: RMSNorm, RoPE as a complex rotation of pairs (2i, 2i+1) at
-    base 10,000, GQA by repeating kv heads, causal softmax attention, SwiGLU (w2(silu(w1 x) * w3 x)), MoE
+    base `theta` (v1: 10,000; the first MiniMind2 `model.py` kept this code at 1e6), GQA by repeating kv heads, causal softmax attention, SwiGLU (w2(silu(w1 x) * w3 x)), MoE
     with softmax gate, top-k renormalised only when k > 1, plus one shared expert; tied output."""
     B, L = ids.shape
     hd, H, Hkv = cfg.dim // cfg.n_head, cfg.n_head, cfg.n_kv_head
-    freqs = torch.outer(torch.arange(L).float(), 1.0 / 10000.0 ** (torch.arange(0, hd, 2).float() / hd))
+    freqs = torch.outer(torch.arange(L).float(), 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd))
     pos_cis = torch.polar(torch.ones_like(freqs), freqs)  # (L, hd/2)
 
     def norm(x, wt):
@@ -205,29 +229,27 @@ def v1_forward(sd: dict, cfg: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
     return F.linear(norm(h, sd["norm.weight"]), sd["output.weight"])
 
 
-def v1_model_config(**over) -> ModelConfig:
-    """configs/minimind_v1.toml's [model] section, shrunk only where the test allows (layers for time)."""
+def test_minimind_v1_config_is_v1s_lmconfig():
+    """configs/minimind_v1.toml's [model] against v1's `LMConfig` (2024), value by value."""
     cfg = load_config(REPO / "configs" / "minimind_v1.toml").model
-    return dataclasses.replace(cfg, n_layer=2, **over)
+    assert (cfg.dim, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_size, cfg.ffn_size, cfg.norm_eps, cfg.rope_theta,
+            cfg.qk_norm, cfg.n_routed_experts, cfg.n_experts_per_tok, cfg.n_shared_experts, cfg.moe_norm_topk) == \
+        (512, 8, 16, 8, 32, 1408, 1e-5, 10000.0, False, 4, 2, 1, "k>1")
 
 
-@pytest.mark.parametrize("use_moe", [False, True])
-def test_minimind_v1_pth_loads_exactly_with_the_v1_config(tmp_path, use_moe):
-    cfg = v1_model_config(use_moe=use_moe, n_routed_experts=4, n_experts_per_tok=2, n_shared_experts=1)
-    assert cfg.rope_theta == 10000.0 and cfg.norm_eps == 1e-5 and not cfg.qk_norm
+@pytest.mark.parametrize("config,theta,use_moe", [("minimind_v1", 1e4, False), ("minimind_v1", 1e4, True),
+                                                  ("llava_pretrain", 1e6, False)])
+def test_old_name_minimind_pth_loads_exactly_with_its_generations_config(tmp_path, config, theta, use_moe):
+    """v1 under configs/minimind_v1.toml; the first MiniMind2 (old names, base 1e6, 8 / 2 heads) under
+    configs/llava_pretrain.toml. Both [model] sections as shipped, two layers instead of eight for time."""
+    cfg = dataclasses.replace(load_config(REPO / "configs" / f"{config}.toml").model, n_layer=2, use_moe=use_moe)
     sd = v1_state(cfg, V, use_moe)
     torch.save({"_orig_mod." + k: v for k, v in sd.items()}, tmp_path / "pretrain_512.pth")
     ours = our_vlm(cfg)
     summary = init_from(ours, str(tmp_path / "pretrain_512.pth"), False, {})
-    assert "MiniMind v1" in summary and "skipped 2 buffers" in summary
-    assert_same_function(ours, lambda x: v1_forward(sd, cfg, x))
-
-
-def test_minimind_v1_checkpoint_with_another_rope_base_is_refused(tmp_path):
-    cfg = v1_model_config()
-    torch.save(v1_state(cfg, V, False), tmp_path / "v1.pth")
-    with pytest.raises(ValueError, match=r"MiniMind v1 checkpoint \(RoPE base 10,000\).*model.rope_theta=10000"):
-        init_from(our_vlm(dataclasses.replace(cfg, rope_theta=1e6)), str(tmp_path / "v1.pth"), False, {})
+    assert f"old MiniMind names (v1 / early MiniMind2), RoPE pairs reordered, base {theta:g}" in summary
+    assert "skipped 2 buffers" in summary
+    assert_same_function(ours, lambda x: v1_forward(sd, cfg, x, theta))
 
 
 def test_v1_rope_permutation_preserves_attention_scores():
@@ -248,57 +270,70 @@ def test_v1_rope_permutation_preserves_attention_scores():
     q2 = apply_rope((x @ ours["model.layers.0.self_attn.q_proj.weight"].T).view(L, H, hd).transpose(0, 1), cos, sin)
     k2 = apply_rope((x @ ours["model.layers.0.self_attn.k_proj.weight"].T).view(L, H, hd).transpose(0, 1), cos, sin)
     torch.testing.assert_close(q2 @ k2.transpose(1, 2), q1.transpose(0, 1) @ k1.permute(1, 2, 0))
-    with pytest.raises(ValueError, match="head_dim"):
-        remap_lm_keys({"layers.0.attention.wq.weight": wq})
 
 
 # ---- minimind-3 and silent partial loads ------------------------------------------------------------
 
-def minimind3_state(cfg: ModelConfig) -> dict:
-    """A minimind-3-shaped state dict (`model/model_minimind.py` of 2026: q_norm/k_norm per head)."""
-    src = our_vlm(dataclasses.replace(cfg, qk_norm=True), vocab=V)
+def lm_state(cfg: ModelConfig) -> dict:
+    """A current-names MiniMind state dict: minimind-3-shaped (`model/model_minimind.py` of 2026, q_norm /
+    k_norm per head) when cfg.qk_norm, else MiniMind2-shaped."""
+    src = our_vlm(cfg, vocab=V)
     return {k: v for k, v in src.state_dict().items() if not k.startswith("projector.")}
 
 
+MM2 = ModelConfig(dim=32, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, ffn_dim=48, max_seq_len=64)  # eps 1e-5
+MM3 = dataclasses.replace(MM2, qk_norm=True, norm_eps=1e-6)
+
+
 def test_minimind3_state_dict_into_a_model_without_qk_norm_fails_naming_q_norm(tmp_path):
-    cfg = ModelConfig(dim=32, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, ffn_dim=48, max_seq_len=64)
-    torch.save(minimind3_state(cfg), tmp_path / "minimind3.pth")
-    with pytest.raises(ValueError, match=r"q_norm.*-> model.qk_norm=true"):
-        init_from(our_vlm(cfg), str(tmp_path / "minimind3.pth"), False, {})
-    init_from(our_vlm(dataclasses.replace(cfg, qk_norm=True)), str(tmp_path / "minimind3.pth"), False, {})
+    torch.save(lm_state(MM3), tmp_path / "minimind3.pth")
+    with pytest.raises(ValueError, match=r"minimind-3 \(it has q_norm/k_norm\) state dict.*"
+                                         r"model.norm_eps=1e-05 but minimind-3 used 1e-06; "
+                                         r"model.qk_norm=False but minimind-3 used True"):
+        init_from(our_vlm(MM2), str(tmp_path / "minimind3.pth"), False, {})
+    with pytest.raises(ValueError, match=r"model.moe_norm_topk='k>1' \(k=1\) but minimind-3 used moe_norm_topk='always'"):
+        init_from(our_vlm(dataclasses.replace(MM3, use_moe=True, n_experts_per_tok=1, n_shared_experts=0)),
+                  str(tmp_path / "minimind3.pth"), False, {})
+    init_from(our_vlm(MM3), str(tmp_path / "minimind3.pth"), False, {})
 
 
 def test_missing_tensors_are_an_error_unless_partial_init_is_allowed(tmp_path):
-    cfg = dataclasses.replace(QWEN3, qk_norm=False)
-    state = minimind3_state(cfg)  # has q_norm/k_norm
-    mm2 = {k: v for k, v in state.items() if "_norm." not in k or "layernorm" in k}  # a MiniMind2 LM
-    torch.save(mm2, tmp_path / "mm2.pth")
-    with pytest.raises(ValueError, match=r"lacks 4 of 24 tensors: .*q_norm.*-> model.qk_norm=false.*allow_partial_init"):
-        init_from(our_vlm(QWEN3), str(tmp_path / "mm2.pth"), False, {})
-    assert "4 missing, left random" in init_from(our_vlm(QWEN3), str(tmp_path / "mm2.pth"), True, {})
+    state = lm_state(MM2)
+    torch.save({k: v for k, v in state.items() if "layers.1." not in k}, tmp_path / "one_layer.pth")
+    with pytest.raises(ValueError, match=r"lacks 9 of 20 tensors: model.layers.1.*\(\+6 more\) -> model.n_layer=1; set.*allow_partial_init"):
+        init_from(our_vlm(MM2), str(tmp_path / "one_layer.pth"), False, {})
+    assert "9 missing, left random" in init_from(our_vlm(MM2), str(tmp_path / "one_layer.pth"), True, {})
+
+
+def test_a_vocabulary_that_grew_by_more_than_the_image_token_is_refused(tmp_path):
+    state = lm_state(MM2)
+    state["model.embed_tokens.weight"] = state["lm_head.weight"] = state["lm_head.weight"][:V - 5]
+    torch.save(state, tmp_path / "small_vocab.pth")
+    with pytest.raises(ValueError, match=r"91 vocabulary rows, but the tokenizer has 97 tokens.*tokenizer.name_or_path"):
+        init_from(our_vlm(MM2), str(tmp_path / "small_vocab.pth"), False, {})
 
 
 def test_unexpected_experts_biases_and_untied_heads_are_refused_buffers_are_not(tmp_path):
-    cfg = dataclasses.replace(QWEN3, use_moe=True, n_shared_experts=0, n_experts_per_tok=1, moe_norm_topk="always")
-    state = minimind3_state(cfg)
+    cfg = dataclasses.replace(MM3, use_moe=True, n_shared_experts=0, n_experts_per_tok=1, moe_norm_topk="always")
+    state = lm_state(cfg)
     torch.save(state, tmp_path / "moe.pth")
     with pytest.raises(ValueError, match=r"mlp.experts.*-> model.use_moe=true"):
-        init_from(our_vlm(QWEN3), str(tmp_path / "moe.pth"), False, {})
+        init_from(our_vlm(MM3), str(tmp_path / "moe.pth"), False, {})
     with pytest.raises(ValueError, match=r"shared_experts.*model.n_shared_experts \(fewer there\)"):
         init_from(our_vlm(dataclasses.replace(cfg, n_shared_experts=1)), str(tmp_path / "moe.pth"), False, {})
-    dense = minimind3_state(QWEN3)
+    dense = lm_state(MM3)
     extra = {**dense, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64),
              "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}
     torch.save(extra, tmp_path / "bias.pth")
     with pytest.raises(ValueError, match=r"q_proj.bias -> none"):
-        init_from(our_vlm(QWEN3), str(tmp_path / "bias.pth"), False, {})
+        init_from(our_vlm(MM3), str(tmp_path / "bias.pth"), False, {})
     del extra["model.layers.0.self_attn.q_proj.bias"]
     torch.save(extra, tmp_path / "buffer.pth")
-    assert "skipped 1 buffers" in init_from(our_vlm(QWEN3), str(tmp_path / "buffer.pth"), False, {})
+    assert "skipped 1 buffers" in init_from(our_vlm(MM3), str(tmp_path / "buffer.pth"), False, {})
     untied = {**dense, "lm_head.weight": dense["model.embed_tokens.weight"] + 1}
     torch.save(untied, tmp_path / "untied.pth")
     with pytest.raises(ValueError, match="untied embeddings"):
-        init_from(our_vlm(QWEN3), str(tmp_path / "untied.pth"), False, {})
+        init_from(our_vlm(MM3), str(tmp_path / "untied.pth"), False, {})
 
 
 # ---- chaining runs ----------------------------------------------------------------------------------
@@ -318,11 +353,18 @@ def test_a_run_starts_from_an_earlier_run_and_goes_on(demo, demo_cache, tmp_path
     after = fit(second, Dist())
     assert after["step"] == 4 and math.isfinite(after["eval_loss"]) and after["eval_loss"] < at_step_0
 
-    for field, value, needle in [("fingerprint", "0" * 16, "encoder fingerprint"), ("image_tokens", 64, "image rows T")]:
-        other = tmp_path / f"other_{field}"
+    mc = json.loads((first.train.run_dir / "model_config.json").read_text())
+    for i, (change, needle) in enumerate([({"fingerprint": "0" * 16}, "encoder fingerprint: '0000000000000000' there"),
+                                          ({"image_tokens": 64}, "image rows T: 64 there, 16 here"),
+                                          ({"vocab_size": mc["vocab_size"] + 1}, "vocab_size"),
+                                          ({"model": {**mc["model"], "n_kv_head": 2}}, "model.n_kv_head=1 but 2 there"),
+                                          ({"model": {**mc["model"], "projector": "mlp"}}, "model.projector")]):
+        other = tmp_path / f"other{i}"
         shutil.copytree(first.train.run_dir, other)
-        mc = json.loads((other / "model_config.json").read_text())
-        (other / "model_config.json").write_text(json.dumps({**mc, field: value}))
-        cfg = train_config(demo, demo_cache, tmp_path, "train.run_name=x", f"train.init_from={other}")
+        (other / "model_config.json").write_text(json.dumps({**mc, **change}))
         with pytest.raises(ValueError, match=needle):
-            fit(cfg, Dist())
+            init_from(model, str(other), False, data.manifest)
+    # a run written before the LM options existed (its model config lacks them) still chains
+    old = {k: v for k, v in mc["model"].items() if k not in ("head_dim", "ffn_dim", "qk_norm", "moe_norm_topk")}
+    (other / "model_config.json").write_text(json.dumps({**mc, "model": old}))
+    assert "minivlm run" in init_from(model, str(other), False, data.manifest)
