@@ -185,3 +185,33 @@ def test_rerunning_a_finished_run_does_nothing_and_other_settings_are_refused(de
                          "train.lr=1e-3"), Dist())
     longer = fit(train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=5", "train.run_name=done"), Dist())
     assert longer["step"] == 5
+
+
+class Killed(Exception):
+    """Stands in for a kill at a chosen point of the end of a run."""
+
+
+def metric_rows(run_dir) -> list[dict]:
+    """metrics.jsonl without the figures that depend on timing."""
+    timing = {"samples_per_s", "tokens_per_s", "image_rows_per_s", "data_wait", "peak_mem_mb", "mfu"}
+    return [{k: v for k, v in json.loads(ln).items() if k not in timing}
+            for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_between_final_checkpoint_and_weights_the_rerun_logs_the_final_eval_once(demo, demo_cache, tmp_path,
+                                                                                          monkeypatch):
+    rec = small_records(demo, tmp_path)
+    cfg = train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=3", "train.run_name=end")
+    real = checkpoint.save_final
+
+    def killed(*a, **kw):
+        raise Killed
+
+    monkeypatch.setattr(checkpoint, "save_final", killed)
+    with pytest.raises(Killed):
+        fit(cfg, Dist())
+    monkeypatch.setattr(checkpoint, "save_final", real)
+    fit(cfg, Dist())
+    rows = metric_rows(cfg.train.run_dir)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [3]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
