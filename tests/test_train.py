@@ -215,3 +215,49 @@ def test_killed_between_final_checkpoint_and_weights_the_rerun_logs_the_final_ev
     rows = metric_rows(cfg.train.run_dir)
     assert [r["step"] for r in rows if "eval_loss" in r] == [3]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
+def end_state(run_dir) -> dict:
+    """Everything a finished run leaves, timing figures aside."""
+    run_dir = Path(run_dir)
+    files = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted((run_dir / "tokenizer").rglob("*"))
+             if p.is_file()}
+    return {"metrics": metric_rows(run_dir), "weights": (run_dir / "model.safetensors").read_bytes(),
+            "model_config": json.loads((run_dir / "model_config.json").read_text()), "tokenizer": files,
+            "checkpoints": [p.name for p in checkpoint.checkpoints(run_dir)]}
+
+
+def test_the_end_of_a_run_cut_short_anywhere_reruns_to_the_same_end_state(demo, demo_cache, tmp_path, monkeypatch):
+    import minivlm.trainer as trainer
+    rec = small_records(demo, tmp_path)
+    over = (rec, "train.max_steps=3", "train.save_interval=2")
+    fit(train_config(demo, demo_cache, tmp_path, *over, "train.run_name=straight"), Dist())
+    want = end_state(tmp_path / "runs" / "straight")
+
+    def after(real):
+        def cut(*a, **kw):
+            real(*a, **kw)
+            raise Killed
+        return cut
+
+    def before(real):
+        def cut(*a, **kw):
+            raise Killed
+        return cut
+
+    points = [(trainer, "run_eval", after),            # the final eval row is in metrics.jsonl
+              (checkpoint, "save_final", before),      # ... and the final checkpoint is published
+              (checkpoint, "atomic_write_json", before),  # ... and tokenizer/ is written
+              (checkpoint, "save_weights", before)]    # ... and model_config.json: only the weights are missing
+    for i, (module, name, when) in enumerate(points):
+        cfg = train_config(demo, demo_cache, tmp_path, *over, f"train.run_name=cut{i}")
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, when(real))
+        with pytest.raises(Killed):
+            fit(cfg, Dist())
+        monkeypatch.setattr(module, name, real)
+        assert not (cfg.train.run_dir / "model.safetensors").exists()
+        fit(cfg, Dist())
+        assert end_state(cfg.train.run_dir) == want, f"cut short at {name}"
+        fit(cfg, Dist())  # and once more, finished: nothing changes
+        assert end_state(cfg.train.run_dir) == want
