@@ -144,3 +144,20 @@ def test_train_and_caption_with_the_real_minimind_tokenizers(demo, demo_cache, t
     assert cap.fmt.image_token_id == (6400 if version == "v1" else 12)
     results = caption_files(cap, sorted((demo / "images").rglob("*.jpg"))[:2], max_new_tokens=8)
     assert all(err is None and isinstance(c, str) for _, c, err in results)
+
+
+def test_evaluate_computes_in_the_dtype_the_run_trained_in(tiny_run, tmp_path, monkeypatch):
+    import dataclasses
+
+    import minivlm.evaluation as evaluation
+    from minivlm.config import load_config, to_toml, to_tree
+    run_dir = tmp_path / "bf16"
+    shutil.copytree(tiny_run.train.run_dir, run_dir)
+    cfg = load_config(run_dir / "config.toml")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype="bfloat16"))
+    (run_dir / "config.toml").write_text(to_toml(to_tree(cfg)))
+    seen, real = [], evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, batches, dtype, device: seen.append(dtype) or
+                        real(model, batches, dtype, device))
+    evaluation.evaluate_run(run_dir, n=1)
+    assert seen == [torch.bfloat16]
