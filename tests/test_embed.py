@@ -238,3 +238,20 @@ def test_a_second_writer_is_locked_out(demo, tmp_path):
             run_embed(cfg, Dist())
     finally:
         lock.release()
+
+
+def test_other_compute_dtype_or_processor_class_refuses_and_names_it(demo, tmp_path, monkeypatch):
+    import transformers
+    run_embed(demo_config(demo, tmp_path), Dist())  # CPU: float32
+    with pytest.raises(ValueError, match="compute_dtype: 'float32' -> 'bfloat16'.*--overwrite"):
+        run_embed(demo_config(demo, tmp_path, "encoder.dtype=bfloat16"), Dist())
+    real = transformers.AutoImageProcessor.from_pretrained
+
+    def other_processor(*a, **kw):  # as transformers' choice differs with torchvision installed or not
+        p = real(*a, **kw)
+        p.__class__ = type("OtherImageProcessor", (type(p),), {})
+        return p
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", other_processor)
+    with pytest.raises(ValueError, match="processor_class: '\\w+' -> 'OtherImageProcessor'.*--overwrite"):
+        run_embed(demo_config(demo, tmp_path), Dist())
