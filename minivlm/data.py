@@ -224,10 +224,14 @@ class CacheBatches:
     def text_batches(self, batches: list[list[int]]) -> list[dict]:
         """input_ids, labels and has_image of several batches, collated at once (`text.collate`)."""
         ix, sizes = np.concatenate(batches), [len(b) for b in batches]
-        has_image = torch.from_numpy(self.shard[ix] >= 0).split(sizes)
+        has_image = np.split(self.shard[ix] >= 0, np.cumsum(sizes)[:-1])
         index = np.split(ix, np.cumsum(sizes)[:-1])
-        return [{"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), "has_image": has, "index": i}
-                for (ids, labels), has, i in zip(collate(self.fmt, self.text, ix, sizes), has_image, index)]
+        return [{"input_ids": self._tensor(ids), "labels": self._tensor(labels), "has_image": self._tensor(has),
+                 "index": i} for (ids, labels), has, i in zip(collate(self.fmt, self.text, ix, sizes), has_image, index)]
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        """Pinned for CUDA: a copy from pageable memory may wait for the GPU's stream, pinned ones never do."""
+        return torch.from_numpy(a).pin_memory() if self.pin_memory else torch.from_numpy(a)
 
     def text_tokens(self, index: np.ndarray) -> int:
         """Real text tokens of these samples: no padding, no image placeholder."""
