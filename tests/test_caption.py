@@ -50,6 +50,7 @@ def test_unreadable_images_get_their_own_error_and_the_rest_are_captioned(demo, 
     assert results[0][1] is not None and results[2][1] is not None
 
 
+@pytest.mark.slow
 def test_changed_encoder_files_refuse_to_caption_naming_the_fingerprint(demo, tmp_path):
     shutil.copytree(demo / "encoder", tmp_path / "encoder")
     cfg = demo_config(demo, tmp_path, f"encoder.name_or_path={tmp_path}/encoder", "model.dim=32",
@@ -68,6 +69,7 @@ def test_changed_encoder_files_refuse_to_caption_naming_the_fingerprint(demo, tm
     assert r.returncode == 2 and "fingerprint" in r.stderr and r.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_greedy_with_kv_cache_equals_full_recompute_on_a_trained_run(trained_demo):
     cfg, _ = trained_demo
     cap = load_run(cfg.train.run_dir)
@@ -79,12 +81,14 @@ def test_greedy_with_kv_cache_equals_full_recompute_on_a_trained_run(trained_dem
     assert fast == slow
 
 
+@pytest.mark.slow
 def test_demo_run_learns_from_the_image(trained_demo):
     """Rows stay aligned with their records end to end: true images beat shuffled ones by >= 0.3 nats."""
     _, final = trained_demo
     assert final["image_gap"] >= 0.3, final
 
 
+@pytest.mark.slow
 def test_demo_captions_differ_and_name_the_main_colour(trained_demo):
     cfg, _ = trained_demo
     cap = load_run(cfg.train.run_dir)
@@ -97,6 +101,7 @@ def test_demo_captions_differ_and_name_the_main_colour(trained_demo):
     assert np.mean(hits) >= 0.6
 
 
+@pytest.mark.slow
 def test_evaluate_writes_three_files_whose_numbers_match_a_recomputation(trained_demo):
     cfg, _ = trained_demo
     run_dir = cfg.train.run_dir
@@ -131,6 +136,7 @@ def test_evaluate_writes_three_files_whose_numbers_match_a_recomputation(trained
     assert first["generated"] == caption_features(cap, ds[[0]]["images"])[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["v1", "v3"])
 def test_train_and_caption_with_the_real_minimind_tokenizers(demo, demo_cache, tmp_path, version):
     from conftest import tokenizer_dir
