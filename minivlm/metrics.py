@@ -64,18 +64,29 @@ def peak_memory_mb(device: str) -> float:
 
 
 class Throughput:
-    """Counts since the last log row, on the host: samples, text tokens, image rows, model FLOPs, data wait."""
+    """Counts since the last log row, from the host side of each batch (no device read): samples, real text
+    tokens, image rows, model FLOPs (`flops`: `flop_counts` of the model), time spent waiting for data."""
 
-    def __init__(self, world_size: int, peak: float | None):
-        self.world_size, self.peak = world_size, peak
+    def __init__(self, world_size: int, peak: float | None, flops: tuple[float, float]):
+        self.world_size, self.peak, self.flop_counts = world_size, peak, flops
         self.reset()
 
     def reset(self) -> None:
         self.t0, self.wait, self.samples, self.tokens, self.images, self.flops = time.time(), 0.0, 0, 0, 0, 0.0
 
-    def add(self, samples: int, tokens: int, images: int, flops: float, wait: float) -> None:
-        self.samples, self.tokens, self.images = self.samples + samples, self.tokens + tokens, self.images + images
-        self.flops, self.wait = self.flops + flops, self.wait + wait
+    def add(self, batches: list[dict], dataset, wait: float) -> None:
+        """One step's host batches (`index` and input_ids' shape) of `dataset` (minivlm.data.CacheBatches)."""
+        a, b = self.flop_counts
+        for batch in batches:
+            B, L = batch["input_ids"].shape
+            self.samples += B
+            self.tokens += dataset.text_tokens(batch["index"])
+            self.images += dataset.image_rows(batch["index"])
+            self.flops += B * L * (a + b * L)
+        self.wait += wait
+
+    def assumed_peak(self) -> str:
+        return f"; mfu against an assumed {self.peak / 1e12:.0f} TFLOP/s bf16 peak" if self.peak else ""
 
     def row(self) -> dict:
         """Rates over every rank since the last reset (ranks run the same shapes in lockstep)."""

@@ -262,14 +262,11 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", to_toml(to_tree(cfg)))
     log = MetricsLogger(metrics_path, dist.is_main, state.step if ckpt.latest else None, open_wandb(cfg, dist.is_main))
-    peak = peak_flops(device)
-    dense, attn = flop_counts(raw)
+    meter, health = Throughput(dist.world_size, peak_flops(device), flop_counts(raw)), NonFinite(device)
     print0(dist, f"train: {len(data.train)} train / {data.n_val} val samples ({data.dropped} dropped: image not "
                  f"in cache), {num_params(raw) / 1e6:.2f}M params ({num_params(raw, True) / 1e6:.2f}M trainable), "
-                 f"{total} steps, T={data.index.tokens} D={data.index.width}"
-                 + (f"; mfu against an assumed {peak / 1e12:.0f} TFLOP/s bf16 peak" if peak else ""))
+                 f"{total} steps, T={data.index.tokens} D={data.index.width}{meter.assumed_peak()}")
     meta = {"image_tokens": data.index.tokens, "image_width": data.index.width}
-    meter, health = Throughput(dist.world_size, peak), NonFinite(device)
     batches = step_batches(Loader(data.train, data.sampler, tc.num_workers), data.sampler, state, tc.grad_accum)
     bar = tqdm(total=total, initial=state.step, unit="step", disable=not dist.is_main or None, mininterval=1.0)
     last = last_metrics(metrics_path) if ckpt.latest else {}
@@ -286,9 +283,7 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
             stats = train_step(model, opt, mbs, tc, scaler, dtype, device)
             state.step, state.batch = state.step + 1, state.batch + tc.grad_accum
             health.update(state.step, stats, [b["index"] for b in host])
-            meter.add(stats.samples, sum(data.train.text_tokens(b["index"]) for b in host),
-                      sum(data.train.image_rows(b["index"]) for b in host),
-                      sum(b["input_ids"].numel() * (dense + attn * b["input_ids"].size(1)) for b in host), wait)
+            meter.add(host, data.train, wait)
             bar.update(1)
             log_step = state.step % tc.log_interval == 0 or state.step == total
             if log_step:
@@ -316,12 +311,9 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
     if dist.is_main:  # model.safetensors last: its presence marks a finished run
         checkpoint.save_final(run_dir, raw, model_config(cfg, data.manifest, data.fmt), data.tokenizer)
     log.close()
-    if result:
-        print0(dist, f"train: done {state.step} steps -> {run_dir}; final eval_loss {result['eval_loss']:.4f}, "
-                     f"shuffled-image eval_loss {result['eval_loss_shuffled']:.4f}, image gap "
-                     f"{result['image_gap']:.3f} nats")
-    else:
-        print0(dist, f"train: done {state.step} steps -> {run_dir} (no held-out samples, no eval)")
+    print0(dist, f"train: done {state.step} steps -> {run_dir}" + (
+        f"; final eval_loss {result['eval_loss']:.4f}, shuffled-image eval_loss {result['eval_loss_shuffled']:.4f}, "
+        f"image gap {result['image_gap']:.3f} nats" if result else " (no held-out samples, no eval)"))
     return {**last, **result}
 
 class stop_requests(contextlib.AbstractContextManager):
