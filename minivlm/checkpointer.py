@@ -106,7 +106,8 @@ class Checkpointer:
         if self.dist.is_main:
             train_state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
                            "cuda_rng": cuda_rng}
-            self.latest = checkpoint.save_checkpoint(self.run_dir, model, train_state, self.saved, self.keep)
+            checkpoint.save_checkpoint(self.run_dir, model, train_state, self.saved, self.keep)
+        self.latest = Path(self.run_dir) / checkpoint.CKPT_DIR / f"step-{state.step:07d}"  # every rank: for messages
 
 
 def _gather_rng(dist: Dist, state: torch.Tensor) -> list[torch.Tensor]:
