@@ -12,7 +12,7 @@ IMAGE  ?=
 TORCH_CPU_VERSION ?= 2.13.0
 TORCH_CPU_INDEX   ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo demo-data embed train sweep caption evaluate test bench bench-quick clean-demo
+.PHONY: install demo demo-data embed train sweep caption evaluate test test-fast gpu-check bench bench-quick clean-demo
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,16 @@ evaluate: install
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# the edit loop: everything but the end-to-end (slow) and CUDA (gpu) tiers
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(ARGS)
+
+# one GPU, under 8 minutes: the CUDA test tier, then the bench in quick CUDA mode (b16: P1-P4, samples/s,
+# tokens/s, MFU) -> bench/results/<host>-<date>-cuda.json
+gpu-check: install
+	$(BIN)/python -m pytest -q -m gpu -rs -p no:cacheprovider $(ARGS)
+	$(BIN)/python bench/run.py --cuda
 
 bench: install
 	$(BIN)/python bench/run.py $(ARGS)

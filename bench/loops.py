@@ -1,7 +1,7 @@
 """The measured loops. Each returns rates per timed window (items/s); figures are their medians.
 
 Design choices:
-- Every train loop is the library's own: `trainer.load_data` + `build_model` + `train_step`. The cached
+- Every train loop is the library's own: `data.load_data` + `trainer.build_model` + `train_step`. The cached
   loop reads through `Loader(CacheBatches, BatchSampler)`; the baselines swap only the batch source
   (RAM tensor; JPEG decode in workers + live encoder) and see the same batches in the same order, with
   the same pre-tokenized text (`text.collate`): only the images' path differs.
@@ -29,11 +29,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from minivlm import cache
-from minivlm.data import BatchSampler, CacheBatches, Loader, _groups
+from minivlm.data import BatchSampler, CacheBatches, Loader, _groups, load_data
 from minivlm.dist import Dist
 from minivlm.encoder import encode, load_image, preprocess
 from minivlm.records import resolve_image
-from minivlm.trainer import amp_dtype, build_model, load_data, to_device, train_step
+from minivlm.trainer import amp_dtype, build_model, to_device, train_step
 
 
 def sync(device: str) -> None:
@@ -490,29 +490,7 @@ def encoder_rate(enc, pixels: torch.Tensor, batch_size: int, device: str) -> flo
     return len(pixels) / (time.perf_counter() - t0)
 
 
-# ---- GPU only: model FLOPs -----------------------------------------------------------------------------
-
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12,
-             "RTX 4090": 165e12, "RTX 3090": 71e12}
-
-
-def peak_flops() -> float | None:
-    name = torch.cuda.get_device_name()
-    env = os.environ.get("BENCH_PEAK_TFLOPS")
-    if env:
-        return float(env) * 1e12
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
-
-
-def train_flops_per_sample(model, seq_len: int) -> float:
-    """Matmul FLOPs of one train step per sample: forward 2P, input-gradient backward 2P (gradients reach
-    the projector through every layer), weight-gradient backward 2P_trainable; P excludes embeddings."""
-    emb = model.model.embed_tokens.weight
-    params = [p for p in model.parameters() if p is not emb]
-    P = sum(p.numel() for p in params) + emb.numel()  # the tied head is a matmul
-    Pt = sum(p.numel() for p in params if p.requires_grad) + (emb.numel() if emb.requires_grad else 0)
-    return (4 * P + 2 * Pt) * seq_len
-
+# ---- model FLOPs (MFU on CUDA; the train step's count is minivlm.metrics.flops_per_token) --------------
 
 def encoder_flops_per_image(enc) -> float:
     P = sum(p.numel() for p in enc.model.parameters())

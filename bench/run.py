@@ -3,6 +3,7 @@
     python bench/run.py                # make bench: full (~6 min on 2 idle CPU cores once artefacts exist)
     python bench/run.py --quick        # make bench-quick (~1.5 min once artefacts exist)
     python bench/run.py --smoke --work /tmp/w --out /tmp/r   # tiny sizes, for the test (~30 s)
+    python bench/run.py --cuda         # make gpu-check: quick CUDA mode, b16, P1-P4 + tokens/s + MFU
 
 The first run builds the artefacts (~1 min: 4,000 JPEGs, a ViT-B/16-shaped encoder, 1.5 GB of caches).
     python bench/run.py --workloads b16 --steps 6 --repeats 5
@@ -29,6 +30,12 @@ Figures per workload (demo, b16):
   P5 memory              peak memory training from a cache of N and of 4N images (child processes; see
                          peak_rss.py for why not ru_maxrss)
   end to end             embed once + E epochs vs E epochs of the live loop (projected from the rates above)
+  tokens/s, MFU          cached samples/s x real text tokens per sample; on CUDA, model FLOPs/s over the
+                         device's assumed peak bf16 FLOP/s (minivlm.metrics; MINIVLM_PEAK_TFLOPS overrides)
+
+--cuda (make gpu-check) runs the quick sizes with the GPU batch sizes, b16 only, without P5, and writes
+bench/results/<host>-<date>-cuda.json; it refuses to run without CUDA (except with --smoke, which
+exercises the same path on CPU for the test).
 """
 from __future__ import annotations
 
@@ -52,6 +59,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import loops  # noqa: E402
@@ -60,6 +68,7 @@ from minivlm.dist import Dist  # noqa: E402
 from minivlm.embed import run_embed  # noqa: E402
 from minivlm.encoder import load_encoder  # noqa: E402
 from minivlm.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+from minivlm.metrics import flops_per_token, peak_flops  # noqa: E402
 from workloads import BUILDERS, Sizes, Workload, with_cache_dir  # noqa: E402
 
 MODES = {  # mode -> workload -> Sizes (CPU); GPU_SIZES replaces some fields on CUDA
@@ -249,7 +258,8 @@ def end_to_end(samples: int, embed: dict, cached_sps: float, live_sps: float) ->
             "crossover_epochs": crossover}
 
 
-def measure(wl: Workload, device: str, work: Path, log) -> dict:
+def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flops: bool = False) -> dict:
+    """Every figure of one workload; `memory`: P5 too (child processes), `flops`: MFU even off CUDA."""
     s = wl.sizes
     t_start, meter = time.perf_counter(), loops.CpuMeter()
     setup = loops.Setup(wl.cfg, device)
@@ -263,15 +273,19 @@ def measure(wl: Workload, device: str, work: Path, log) -> dict:
     rates, round_foreign = p1_p2_train(wl, setup, enc, log)
     log(f"[{wl.name}] P3 read path vs memmap ({s.read_rows} rows warm, {s.cold_rows} re-opened, {s.repeats} rounds)")
     p3 = p3_read(wl, setup, device, work)
-    log(f"[{wl.name}] P5 peak memory, caches of {s.n} and {4 * s.n} images")
-    p5 = p5_memory(wl, device, work)
+    if memory:
+        log(f"[{wl.name}] P5 peak memory, caches of {s.n} and {4 * s.n} images")
+        p5 = p5_memory(wl, device, work)
+    ds = setup.data.train
+    tokens_per_sample = ds.text_tokens(np.arange(len(ds))) / len(ds)
 
     c, lv, pi, rm = (median(rates[k]) for k in ("cached", "live", "live_per_image", "ram"))
     res.update({
         "p1_cached_vs_live": c / lv,
         "p1_cached_vs_live_per_image": c / pi,
         "p1": {"cached_samples_s": figure(rates["cached"]), "live_samples_s": figure(rates["live"]),
-               "live_per_image_samples_s": figure(rates["live_per_image"])},
+               "live_per_image_samples_s": figure(rates["live_per_image"]),
+               "cached_tokens_s": c * tokens_per_sample, "text_tokens_per_sample": tokens_per_sample},
         "p2_cached_vs_ram": c / rm,
         "p2": {"cached_samples_s": figure(rates["cached"]), "ram_samples_s": figure(rates["ram"])},
         "p3_read_vs_raw": p3["warm"]["loader_rows_s"]["median"] / p3["warm"]["raw_rows_s"]["median"],
@@ -282,12 +296,12 @@ def measure(wl: Workload, device: str, work: Path, log) -> dict:
         "p3": p3,
         "p4_embed_vs_encoder": p4["embed_img_s"]["median"] / p4["encoder_img_s"]["median"],
         "p4": p4,
-        "p5_rss_4n_vs_n": p5["4n"]["total_mb"] / p5["n"]["total_mb"],
-        "p5": p5,
         "end_to_end": end_to_end(len(setup.data.train), p4, c, lv),
     })
-    if device.startswith("cuda"):
-        res["mfu"] = mfu(setup, enc, c, lv, p4["encoder_img_s"]["median"])
+    if memory:
+        res.update(p5_rss_4n_vs_n=p5["4n"]["total_mb"] / p5["n"]["total_mb"], p5=p5)
+    if flops or device.startswith("cuda"):
+        res["mfu"] = mfu(setup, enc, device, c, lv, p4["encoder_img_s"]["median"])
     setup.close()
     res["noise"] = {"foreign_cpu_pct": meter.foreign_pct(), "foreign_cpu_pct_per_train_round": round_foreign,
                     "contended": median(round_foreign) > CONTENDED_PCT,
@@ -296,13 +310,15 @@ def measure(wl: Workload, device: str, work: Path, log) -> dict:
     return res
 
 
-def mfu(setup: loops.Setup, enc, cached_sps: float, live_sps: float, enc_img_s: float) -> dict:
-    peak = loops.peak_flops()
+def mfu(setup: loops.Setup, enc, device: str, cached_sps: float, live_sps: float, enc_img_s: float) -> dict:
+    """Model FLOPs/s over the assumed peak (None off CUDA or for a device not in minivlm.metrics' table)."""
+    peak = peak_flops(device)
     model, _, _ = setup.model()
-    batch = setup.data.train[setup.sampler().batches(0)[0]]
-    train_f = loops.train_flops_per_sample(model, batch["input_ids"].size(1))
+    L = setup.data.train[setup.sampler().batches(0)[0]]["input_ids"].size(1)
+    train_f = flops_per_token(model, L) * L
     enc_f = loops.encoder_flops_per_image(enc)
-    out = {"device": torch.cuda.get_device_name(), "peak_bf16_tflops": (peak or 0) / 1e12 or None,
+    out = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+           "peak_bf16_tflops": peak / 1e12 if peak else None,
            "train_gflop_per_sample": train_f / 1e9, "encoder_gflop_per_image": enc_f / 1e9}
     if peak:
         out.update(cached=cached_sps * train_f / peak, live=live_sps * (train_f + enc_f) / peak,
@@ -315,7 +331,7 @@ def mfu(setup: loops.Setup, enc, cached_sps: float, live_sps: float, enc_img_s: 
 def table(results: dict) -> str:
     rows = [("workload", "figure", "measured", "baseline (same run)", "ratio", "noise")]
     for name, r in results["workloads"].items():
-        p1, p2, p3, p4, p5, e2e = r["p1"], r["p2"], r["p3"], r["p4"], r["p5"], r["end_to_end"]
+        p1, p2, p3, p4, p5, e2e = r["p1"], r["p2"], r["p3"], r["p4"], r.get("p5"), r["end_to_end"]
         sp = r["noise"]["spread_pct"]
         rows += [
             (name, "P1 cached vs live", f"{p1['cached_samples_s']['median']:.1f} samples/s cached",
@@ -323,6 +339,8 @@ def table(results: dict) -> str:
              f"±{max(sp['cached'], sp['live']) / 2:.0f}%"),
             (name, "P1 cached vs seed loop", "", f"{p1['live_per_image_samples_s']['median']:.1f} live (per-image enc)",
              f"{r['p1_cached_vs_live_per_image']:.2f}x", f"±{sp['live_per_image'] / 2:.0f}%"),
+            (name, "P1 text tokens/s", f"{p1['cached_tokens_s']:,.0f} tokens/s cached",
+             f"{p1['text_tokens_per_sample']:.1f} text tokens per sample", "", ""),
             (name, "P2 cached vs RAM", "", f"{p2['ram_samples_s']['median']:.1f} samples/s RAM",
              f"{r['p2_cached_vs_ram']:.2f}", f"±{sp['ram'] / 2:.0f}%"),
         ]
@@ -346,8 +364,11 @@ def table(results: dict) -> str:
             (name, "P4 embed vs encoder", f"{p4['embed_img_s']['median']:.1f} img/s run_embed",
              f"{p4['encoder_img_s']['median']:.1f} img/s encode() alone", f"{r['p4_embed_vs_encoder']:.2f}",
              f"±{spread(p4['embed_img_s']['repeats']) / 2:.0f}%"),
-            (name, "P5 peak memory 4N vs N", f"{p5['4n']['total_mb']:,.0f} MB ({p5['images']['4n']} img)",
-             f"{p5['n']['total_mb']:,.0f} MB ({p5['images']['n']} img)", f"{r['p5_rss_4n_vs_n']:.2f}", ""),
+        ]
+        if p5:
+            rows.append((name, "P5 peak memory 4N vs N", f"{p5['4n']['total_mb']:,.0f} MB ({p5['images']['4n']} img)",
+                         f"{p5['n']['total_mb']:,.0f} MB ({p5['images']['n']} img)", f"{r['p5_rss_4n_vs_n']:.2f}", ""))
+        rows += [
             (name, "end to end, E=1", f"embed+1 epoch {e2e['embed_plus_1_epoch_s']:,.0f} s",
              f"live 1 epoch {e2e['live_1_epoch_s']:,.0f} s ({e2e['images']} samples)",
              f"{e2e['live_1_epoch_s'] / e2e['embed_plus_1_epoch_s']:.2f}x", ""),
@@ -390,15 +411,20 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats (make bench-quick)")
     ap.add_argument("--smoke", action="store_true", help="tiny artefacts and 2 steps: checks the plumbing only")
-    ap.add_argument("--workloads", default="demo,b16", help="comma-separated: demo, b16")
+    ap.add_argument("--cuda", action="store_true", help="quick CUDA mode (make gpu-check): b16, P1-P4, tokens/s, MFU")
+    ap.add_argument("--workloads", help="comma-separated: demo, b16 (default: both; b16 with --cuda)")
     ap.add_argument("--steps", type=int, help="timed steps per window (train loops), overriding the mode")
     ap.add_argument("--repeats", type=int, help="timed windows per figure, overriding the mode")
     ap.add_argument("--work", type=Path, default=HERE / "work", help="artefacts, reused between runs")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="where the results JSON goes")
     args = ap.parse_args(argv)
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = "smoke" if args.smoke else "quick" if args.quick or args.cuda else "full"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    if args.cuda and device == "cpu" and not args.smoke:
+        print("bench --cuda needs a CUDA device and torch sees none here; run make gpu-check on a GPU machine",
+              file=sys.stderr)
+        return 2
+    names = [n.strip() for n in (args.workloads or ("b16" if args.cuda else "demo,b16")).split(",") if n.strip()]
     unknown = [n for n in names if n not in BUILDERS]
     if unknown:
         ap.error(f"unknown workload(s) {unknown}; choose from {', '.join(BUILDERS)}")
@@ -407,7 +433,7 @@ def main(argv=None) -> int:
         print(f"bench {time.strftime('%H:%M:%S')} {msg}", flush=True)
 
     t0 = time.perf_counter()
-    results = {"mode": mode, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    results = {"mode": mode + ("-cuda" if args.cuda else ""), "date": datetime.datetime.now().isoformat(timespec="seconds"),
                "machine": machine(device), "workloads": {}}
     for name in names:
         sizes = MODES[mode][name]
@@ -419,11 +445,11 @@ def main(argv=None) -> int:
         tb = time.perf_counter()
         wl = BUILDERS[name](args.work, sizes, device, smoke=mode == "smoke")
         build_s = time.perf_counter() - tb
-        results["workloads"][name] = measure(wl, device, args.work, log)
+        results["workloads"][name] = measure(wl, device, args.work, log, memory=not args.cuda, flops=args.cuda)
         results["workloads"][name]["build_s"] = build_s
     results["wall_s"] = time.perf_counter() - t0
 
-    suffix = "" if mode == "full" else f"-{mode}"
+    suffix = ("-cuda" if args.cuda else "") + ("" if mode == "full" or (args.cuda and mode == "quick") else f"-{mode}")
     out = args.out / f"{socket.gethostname()}-{datetime.date.today().isoformat()}{suffix}.json"
     atomic_write_json(out, results)
     m = results["machine"]

@@ -5,7 +5,8 @@ Layout of a run (`runs/<name>/`):
   scaler, RNG states: tensors and plain containers only, loaded with `weights_only=True`) and
   `state.json` (step, epoch, batch cursor, world size, scheduler position). A checkpoint is built in
   `step-N.tmp/` and published with one directory rename, so a kill mid-write leaves the previous one.
-- `model.safetensors` + `model_config.json` (+ `tokenizer/`): everything captioning needs.
+- `model.safetensors` + `model_config.json` (+ `tokenizer/`): everything captioning needs; the weights
+  are written last and mark a finished run.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def remove_stale(run_dir: Path) -> None:
 
 
 def save_final(run_dir: Path, model: torch.nn.Module, model_config: dict, tokenizer) -> None:
-    save_weights(Path(run_dir) / "model.safetensors", model)
+    """The finished run's files; model.safetensors comes last, so its presence means all are there."""
     tokenizer.save_pretrained(str(Path(run_dir) / "tokenizer"))
     atomic_write_json(Path(run_dir) / "model_config.json", model_config)
+    save_weights(Path(run_dir) / "model.safetensors", model)

@@ -170,8 +170,8 @@ class TrainConfig:
     save_interval: int = 500      # steps between checkpoints; 0 -> only at the end
     keep_checkpoints: int = 2
     resume: str = "auto"          # auto (newest checkpoint if any), never
-    log_interval: int = 10
-    deterministic: bool = False   # torch.use_deterministic_algorithms, for exact-resume checks
+    log_interval: int = 10        # steps between metrics rows: the only steps that read the GPU's numbers
+    deterministic: bool = False   # torch.use_deterministic_algorithms for the run, for exact-resume checks
     wandb: bool = False
     wandb_project: str = "minivlm"
 

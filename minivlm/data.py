@@ -18,6 +18,9 @@ Design choices:
   ~3.5k B/16 rows/s on 2 cores, against ~20k for the reads themselves.
 - The sampler's order is a pure function of (seed, epoch, rank, world size); its position is
   (epoch, batch), saved in checkpoints, so a resumed run sees exactly the batches it would have seen.
+- A batch keeps the sample indices it holds (`index`, on the host): the loop counts real text tokens
+  and image rows from them without reading a device tensor, and a step whose loss is not finite can
+  name the shards and rows it read.
 """
 from __future__ import annotations
 
@@ -38,10 +41,11 @@ import torch
 
 from minivlm import cache
 from minivlm.config import RunConfig
+from minivlm.dist import Dist
 from minivlm.encoder import fingerprint_diff, spec_of
 from minivlm.records import Record, load_records
 from minivlm.fileio import atomic_write
-from minivlm.text import TextFormat, Tokens, collate, tokenize, tokens_key
+from minivlm.text import TextFormat, Tokens, collate, load_tokenizer, text_format, tokenize, tokens_key
 
 
 def open_cache(cfg: RunConfig, tokens: int | None = None, width: int | None = None) -> tuple[dict, cache.CacheIndex]:
@@ -220,9 +224,33 @@ class CacheBatches:
     def text_batches(self, batches: list[list[int]]) -> list[dict]:
         """input_ids, labels and has_image of several batches, collated at once (`text.collate`)."""
         ix, sizes = np.concatenate(batches), [len(b) for b in batches]
-        has_image = torch.from_numpy(self.shard[ix] >= 0).split(sizes)
-        return [{"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), "has_image": has}
-                for (ids, labels), has in zip(collate(self.fmt, self.text, ix, sizes), has_image)]
+        has_image = np.split(self.shard[ix] >= 0, np.cumsum(sizes)[:-1])
+        index = np.split(ix, np.cumsum(sizes)[:-1])
+        return [{"input_ids": self._tensor(ids), "labels": self._tensor(labels), "has_image": self._tensor(has),
+                 "index": i} for (ids, labels), has, i in zip(collate(self.fmt, self.text, ix, sizes), has_image, index)]
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        """Pinned for CUDA: a copy from pageable memory may wait for the GPU's stream, pinned ones never do."""
+        return torch.from_numpy(a).pin_memory() if self.pin_memory else torch.from_numpy(a)
+
+    def text_tokens(self, index: np.ndarray) -> int:
+        """Real text tokens of these samples: no padding, no image placeholder."""
+        return int((self.text.end[index] - self.text.start[index] - (self.text.image_at[index] >= 0)).sum())
+
+    def image_rows(self, index: np.ndarray) -> int:
+        return int((self.shard[index] >= 0).sum())
+
+    def describe_rows(self, index: np.ndarray, limit: int = 8) -> str:
+        """'shard-00001.h5 rows 3, 9; shard-00004.h5 row 0' for the cached rows of these samples."""
+        locs = sorted({self.split.locations[i] for i in np.asarray(index).tolist() if self.split.locations[i]})
+        if not locs:
+            return "no cached rows (text-only samples)"
+        by_shard: dict[int, list[int]] = {}
+        for s, r in locs[:limit]:
+            by_shard.setdefault(s, []).append(r)
+        text = "; ".join(f"{Path(self.files[s]).name} row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}"
+                         for s, rows in by_shard.items())
+        return text + (f" and {len(locs) - limit} more" if len(locs) > limit else "")
 
 
 class BatchSampler:
@@ -320,3 +348,53 @@ class Loader:
                 yield from batches
         finally:  # also when the loop stops mid-epoch and drops this iterator
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class TrainData:
+    manifest: dict
+    index: cache.CacheIndex
+    tokenizer: object
+    fmt: TextFormat
+    train: CacheBatches
+    sampler: BatchSampler
+    eval_batches: list[dict]   # held-out batches, read once and kept in memory
+    n_val: int
+    dropped: int               # records whose image is not in the cache
+
+
+def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int | None = None) -> TrainData:
+    """Validate the cache, join records with rows, tokenizer + format, the resumable sampler, eval batches."""
+    tc = cfg.train
+    manifest, index = open_cache(cfg, tokens, width)
+    tok = load_tokenizer(cfg.tokenizer)
+    fmt = text_format(tok, cfg.tokenizer, index.tokens)
+    train_split, val_split = load_splits(cfg, index)
+    if not train_split.records:
+        raise ValueError(f"no training samples: none of {cfg.data.records}'s images are in cache {cfg.cache.dir}")
+    pin, text_dir = dist.device.startswith("cuda"), Path(cfg.cache.dir) / "text"
+    train_ds = CacheBatches(train_split, index, fmt, pin,
+                            split_tokens(fmt, train_split, text_dir, save=dist.is_main, progress=dist.is_main))
+    val_ds = CacheBatches(val_split, index, fmt, pin, split_tokens(fmt, val_split, text_dir, save=dist.is_main))
+    sampler = BatchSampler(train_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size)
+    if len(sampler) < tc.grad_accum:
+        raise ValueError(f"{len(train_ds)} training samples make no full step of train.batch_size={tc.batch_size} x "
+                         f"train.grad_accum={tc.grad_accum} x {dist.world_size} ranks; lower the batch size")
+    val_sampler = BatchSampler(val_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size, shuffle=False)
+    eval_batches = [val_ds[ix] for ix in val_sampler.batches(0)[:tc.eval_batches]] if len(val_sampler) else []
+    val_ds.close()
+    return TrainData(manifest, index, tok, fmt, train_ds, sampler, eval_batches, len(val_ds),
+                     train_split.dropped + val_split.dropped)
+
+
+def step_batches(loader: Loader, sampler: BatchSampler, state, grad_accum: int):
+    """The micro-batches of each optimizer step from `state` (epoch, batch) on, epoch after epoch. The
+    caller advances `state.batch` after each step; an epoch's tail shorter than a step is skipped, and the
+    next epoch starts only when another step is asked for (so a run ending on an epoch's last step saves
+    that epoch's cursor)."""
+    while True:
+        sampler.set_position(state.epoch, state.batch)
+        it = iter(loader)
+        while state.batch + grad_accum <= len(sampler):
+            yield [next(it) for _ in range(grad_accum)]
+        state.epoch, state.batch = state.epoch + 1, 0

@@ -9,7 +9,9 @@ Design choices:
 - Features are `hidden_states[select_layer]`, CLS dropped unless `keep_cls`, then k x k average pooling
   of the patch grid; stored as float16.
 - The fingerprint hashes everything that changes the numbers: the weights (tensor bytes, so the same
-  path with other weights differs), the processor config, select_layer, keep_cls, pool and storage
+  path with other weights differs), the processor config and class (transformers picks a torchvision-
+  based processor where torchvision is installed and a PIL one elsewhere; their resampling differs),
+  the compute dtype (fp16 on CUDA, fp32 on CPU by default), select_layer, keep_cls, pool and storage
   dtype. Its components are kept so a mismatch names the field that differs.
 """
 from __future__ import annotations
@@ -152,7 +154,10 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Enco
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = cls.from_pretrained(cfg.name_or_path, **kw)
-    fp = {"arch": cls.__name__, "weights": weights_hash(model), "processor": processor_hash(processor), **spec_of(cfg)}
+    dtype = compute_dtype(cfg.dtype, device)
+    fp = {"arch": cls.__name__, "weights": weights_hash(model), "processor": processor_hash(processor),
+          "processor_class": type(processor).__name__, "compute_dtype": str(dtype).removeprefix("torch."),
+          **spec_of(cfg)}
 
     tower, layers, vcfg = _vision_parts(model)
     n = len(layers)
@@ -162,7 +167,6 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Enco
                          f"(use -1..-{n} or 1..{n})")
     tower.encoder.layers = layers[:keep]  # hidden_states[-1] of the truncated tower = hidden_states[select_layer]
 
-    dtype = compute_dtype(cfg.dtype, device)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     grid = vcfg.image_size // vcfg.patch_size
     if grid % cfg.pool:

@@ -3,7 +3,8 @@
 Design choices:
 - Image features come from the cache the run was trained on (bitwise what the live path computes), so
   evaluation needs no encoder and no image decoding except for the thumbnails.
-- Losses are token-weighted over every held-out sample, with the same `evaluate` the trainer logs.
+- Losses are token-weighted over every held-out sample, with the same `evaluate` the trainer logs, in
+  the compute dtype the run trained in (`train.dtype`).
 - Output goes to `runs/<name>/eval/`: `eval.json` (numbers), `captions.md`, `contact_sheet.png`.
 """
 from __future__ import annotations
@@ -12,7 +13,6 @@ import textwrap
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from minivlm.captioner import caption_features, load_run
@@ -20,7 +20,7 @@ from minivlm.config import load_config
 from minivlm.data import BatchSampler, CacheBatches, join, load_splits, open_cache
 from minivlm.fileio import atomic_write, atomic_write_json, atomic_write_text
 from minivlm.records import load_records, resolve_image
-from minivlm.trainer import evaluate
+from minivlm.trainer import amp_dtype, evaluate
 
 
 def held_out(run_dir: Path, mc: dict, cache_dir: str | None, records: str | None):
@@ -45,8 +45,7 @@ def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, records: str
     cfg, index, split = held_out(run_dir, cap.config, cache_dir, records)
     ds = CacheBatches(split, index, cap.fmt)
     batches = [ds[ix] for ix in BatchSampler(ds, cfg.train.batch_size, 0, shuffle=False).batches(0)]
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    losses = evaluate(cap.model, batches, dtype, device)
+    losses = evaluate(cap.model, batches, amp_dtype(cfg.train, device), device)  # the dtype the run trained in
 
     picked = [i for i, loc in enumerate(split.locations) if loc is not None][:n]
     rows = ds[picked] if picked else None

@@ -245,12 +245,15 @@ class VLM(nn.Module):
         if images.dim() != 3 or images.size(0) != input_ids.size(0) or images.size(2) != self.image_dim:
             raise ValueError(f"images must be (B={input_ids.size(0)}, T, {self.image_dim}), got {tuple(images.shape)}")
         T = images.size(1)
-        bad = (counts != 0) & (counts != T)
-        if bad.any():
-            r = int(bad.nonzero()[0])
-            raise ValueError(f"row {r} has {int(counts[r])} image placeholder tokens; expected 0 or T={T}")
-        proj = self.projector(images.to(h.dtype))[counts == T]  # (B_img, T, D), the rows that have placeholders, in order
-        return h.masked_scatter(is_img.unsqueeze(-1), proj.to(h.dtype))  # fills placeholders row-major
+        if input_ids.device.type == "cpu":  # a check that reads counts on the host would stall a CUDA step;
+            bad = (counts != 0) & (counts != T)  # the data code builds every row with 0 or T placeholders
+            if bad.any():
+                r = int(bad.nonzero()[0])
+                raise ValueError(f"row {r} has {int(counts[r])} image placeholder tokens; expected 0 or T={T}")
+        proj = self.projector(images.to(h.dtype)).to(h.dtype)  # (B, T, D); rows without placeholders go unused
+        slot = (is_img.cumsum(dim=1) - 1).clamp(min=0)  # (B, L): which of its row's T rows a placeholder takes
+        rows = proj.gather(1, slot.unsqueeze(-1).expand(-1, -1, proj.size(-1)))  # (B, L, D)
+        return torch.where(is_img.unsqueeze(-1), rows, h)  # no boolean indexing: its size would need a sync
 
     def forward(self, input_ids, images=None, labels=None, kv_cache: KVCache | None = None,
                 start_pos: int = 0) -> VLMOutput:

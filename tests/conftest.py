@@ -1,7 +1,13 @@
 """Shared fixtures: a tiny offline demo (images, records, CLIP, tokenizer) built once per session with the
-same code `make demo-data` uses, and configs built from the real dataclasses."""
+same code `make demo-data` uses, and configs built from the real dataclasses.
+
+Tiers: `slow` marks the end-to-end tests (training to the end, subprocesses, torchrun, the bench);
+`gpu` the CUDA tier (tests/test_gpu.py). `make test` runs everything, `make test-fast` neither tier.
+Every test leaves the process as it found it (deterministic mode, RNG, logging levels): see
+`restore_global_state`."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -14,6 +20,25 @@ from minivlm.demo import make_demo
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_REF = REPO.parent / "shared" / "ref"
+
+
+@pytest.fixture(autouse=True)
+def restore_global_state():
+    """Undo what a test changed process-wide, so no test depends on the order tests run in."""
+    import torch
+    from transformers.utils import logging as hf_logging
+    deterministic, rng, threads = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state(), \
+        torch.get_num_threads()
+    hf_level, hf_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    levels = {name: logging.getLogger(name).level for name in [None, *logging.root.manager.loggerDict]}
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_rng_state(rng)
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity(hf_level)
+    (hf_logging.enable_progress_bar if hf_bar else hf_logging.disable_progress_bar)()
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture(scope="session")

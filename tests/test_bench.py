@@ -1,9 +1,12 @@
-"""bench/run.py end to end at smoke size: it runs and writes every figure. No timing is asserted."""
+"""bench/run.py end to end at smoke size: it runs and writes every figure; make gpu-check's CPU-side parts.
+No timing is asserted."""
 import json
 import math
 import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO
 
@@ -30,6 +33,7 @@ def numbers(tree, path=()):
         yield path, tree
 
 
+@pytest.mark.slow
 def test_smoke_bench_writes_every_figure_positive(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--work", str(tmp_path / "work"),
@@ -59,3 +63,38 @@ def test_smoke_bench_writes_every_figure_positive(tmp_path):
             assert v >= 0 and math.isfinite(v), f"{where} = {v}"
         else:
             assert v > 0 and math.isfinite(v), f"{where} = {v}"
+
+
+def test_gpu_tier_on_a_cpu_machine_is_all_skipped_needing_cuda():
+    n = (REPO / "tests" / "test_gpu.py").read_text().count("\ndef test_")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider",
+                        str(REPO / "tests")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert r.stdout.count(": needs CUDA") == n and f"{n} skipped" in r.stdout and "error" not in r.stdout.lower()
+
+
+def test_make_gpu_check_runs_the_gpu_tier_then_the_cuda_bench_which_refuses_without_cuda():
+    r = subprocess.run(["make", "-n", "gpu-check"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    commands = [ln for ln in r.stdout.splitlines() if "pytest" in ln or "bench/run.py" in ln]
+    assert r.returncode == 0 and "-m gpu" in commands[0] and commands[-1].endswith("bench/run.py --cuda")
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--cuda"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "needs a CUDA device" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_cuda_bench_mode_writes_p1_to_p4_tokens_and_mfu_for_b16(tmp_path):
+    """The CUDA bench's code path at smoke size on CPU (where MFU has no peak to divide by)."""
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--cuda", "--smoke", "--work",
+                        str(tmp_path / "work"), "--out", str(tmp_path / "results")], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    [out] = list((tmp_path / "results").glob("*-cuda-smoke.json"))
+    res = json.loads(out.read_text())
+    assert set(res["workloads"]) == {"b16"} and res["mode"] == "smoke-cuda"
+    w = res["workloads"]["b16"]
+    for key in ("p1_cached_vs_live", "p2_cached_vs_ram", "p3_read_vs_raw", "p4_embed_vs_encoder", "mfu"):
+        assert key in w, key
+    assert "p5" not in w  # peak memory is the CPU bench's figure
+    assert w["p1"]["cached_samples_s"]["median"] > 0 and w["p1"]["cached_tokens_s"] > 0
+    assert w["mfu"]["train_gflop_per_sample"] > 0 and w["mfu"]["peak_bf16_tflops"] is None

@@ -50,6 +50,7 @@ def test_unreadable_images_get_their_own_error_and_the_rest_are_captioned(demo, 
     assert results[0][1] is not None and results[2][1] is not None
 
 
+@pytest.mark.slow
 def test_changed_encoder_files_refuse_to_caption_naming_the_fingerprint(demo, tmp_path):
     shutil.copytree(demo / "encoder", tmp_path / "encoder")
     cfg = demo_config(demo, tmp_path, f"encoder.name_or_path={tmp_path}/encoder", "model.dim=32",
@@ -68,6 +69,7 @@ def test_changed_encoder_files_refuse_to_caption_naming_the_fingerprint(demo, tm
     assert r.returncode == 2 and "fingerprint" in r.stderr and r.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_greedy_with_kv_cache_equals_full_recompute_on_a_trained_run(trained_demo):
     cfg, _ = trained_demo
     cap = load_run(cfg.train.run_dir)
@@ -79,12 +81,14 @@ def test_greedy_with_kv_cache_equals_full_recompute_on_a_trained_run(trained_dem
     assert fast == slow
 
 
+@pytest.mark.slow
 def test_demo_run_learns_from_the_image(trained_demo):
     """Rows stay aligned with their records end to end: true images beat shuffled ones by >= 0.3 nats."""
     _, final = trained_demo
     assert final["image_gap"] >= 0.3, final
 
 
+@pytest.mark.slow
 def test_demo_captions_differ_and_name_the_main_colour(trained_demo):
     cfg, _ = trained_demo
     cap = load_run(cfg.train.run_dir)
@@ -97,6 +101,7 @@ def test_demo_captions_differ_and_name_the_main_colour(trained_demo):
     assert np.mean(hits) >= 0.6
 
 
+@pytest.mark.slow
 def test_evaluate_writes_three_files_whose_numbers_match_a_recomputation(trained_demo):
     cfg, _ = trained_demo
     run_dir = cfg.train.run_dir
@@ -131,6 +136,7 @@ def test_evaluate_writes_three_files_whose_numbers_match_a_recomputation(trained
     assert first["generated"] == caption_features(cap, ds[[0]]["images"])[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["v1", "v3"])
 def test_train_and_caption_with_the_real_minimind_tokenizers(demo, demo_cache, tmp_path, version):
     from conftest import tokenizer_dir
@@ -144,3 +150,20 @@ def test_train_and_caption_with_the_real_minimind_tokenizers(demo, demo_cache, t
     assert cap.fmt.image_token_id == (6400 if version == "v1" else 12)
     results = caption_files(cap, sorted((demo / "images").rglob("*.jpg"))[:2], max_new_tokens=8)
     assert all(err is None and isinstance(c, str) for _, c, err in results)
+
+
+def test_evaluate_computes_in_the_dtype_the_run_trained_in(tiny_run, tmp_path, monkeypatch):
+    import dataclasses
+
+    import minivlm.evaluation as evaluation
+    from minivlm.config import load_config, to_toml, to_tree
+    run_dir = tmp_path / "bf16"
+    shutil.copytree(tiny_run.train.run_dir, run_dir)
+    cfg = load_config(run_dir / "config.toml")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype="bfloat16"))
+    (run_dir / "config.toml").write_text(to_toml(to_tree(cfg)))
+    seen, real = [], evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, batches, dtype, device: seen.append(dtype) or
+                        real(model, batches, dtype, device))
+    evaluation.evaluate_run(run_dir, n=1)
+    assert seen == [torch.bfloat16]

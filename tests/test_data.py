@@ -1,8 +1,10 @@
 """Stage-2 data: rows stay aligned with their records, order is deterministic and resumable, bad caches fail clearly."""
 import dataclasses
 import json
+import re
 import shutil
 import weakref
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -13,7 +15,7 @@ from conftest import train_config
 from minivlm import cache
 from minivlm import data
 from minivlm.data import BatchSampler, CacheBatches, Loader, load_splits, open_cache, split_tokens
-from minivlm.text import load_tokenizer, text_format
+from minivlm.text import encode_sample, load_tokenizer, text_format
 
 
 def dataset(cfg, split="train"):
@@ -28,6 +30,11 @@ def read_mode(request, monkeypatch):
     """Both ways rows are read: copied out of a mapped shard (caches that fit in memory) or with pread."""
     monkeypatch.setattr(data, "_fits_in_memory", lambda files: request.param == "mapped")
     return request.param
+
+
+def same(a, b) -> bool:
+    """Equal batch entries: tensors, or the host-side sample index."""
+    return torch.equal(a, b) if torch.is_tensor(a) else np.array_equal(a, b)
 
 
 def test_batch_rows_are_the_cache_rows_of_their_records(demo, demo_cache, tmp_path, read_mode):
@@ -88,7 +95,7 @@ def test_reader_threads_deliver_the_same_batches_in_order_as_inline_reads(demo, 
     threaded = list(Loader(ds, s, 3))
     assert len(inline) == len(threaded) == len(s)
     for a, b in zip(inline, threaded):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     s.set_position(0, len(s) - 2)
     it = iter(Loader(ds, s, 2))
     assert torch.equal(next(it)["input_ids"], inline[-2]["input_ids"])
@@ -110,7 +117,7 @@ def test_batches_collated_together_equal_each_batch_alone(demo, demo_cache, tmp_
     batches = [[3, 1, 4], [len(ds) - 1], [5, 9, 2, 6, 0]]
     for together, ix in zip(ds.text_batches(batches), batches):
         alone = ds[ix]
-        assert together.keys() <= alone.keys() and all(torch.equal(together[k], alone[k]) for k in together)
+        assert together.keys() <= alone.keys() and all(same(together[k], alone[k]) for k in together)
         assert together["input_ids"].is_contiguous()
 
 
@@ -206,3 +213,16 @@ def test_tokenized_text_is_kept_and_reused_only_for_the_same_inputs(demo, demo_c
     kept.write_bytes(b"not a zip")
     monkeypatch.undo()
     assert np.array_equal(split_tokens(fmt, train, tmp_path / "text").ids, first.ids)  # unreadable: tokenized again
+
+
+def test_a_batch_counts_its_real_text_tokens_and_names_its_cached_rows(demo, demo_cache, tmp_path):
+    ds, _, fmt = dataset(train_config(demo, demo_cache, tmp_path))
+    ix = [0, 3, 5]
+    batch = ds[ix]
+    unpadded = [encode_sample(fmt, ds.split.records[i], True)[0] for i in ix]  # one sample at a time, no padding
+    assert ds.text_tokens(batch["index"]) == sum(sum(t != fmt.image_token_id for t in ids) for ids in unpadded)
+    assert ds.image_rows(batch["index"]) == 3 and list(batch["index"]) == ix
+    named = ds.describe_rows(batch["index"])
+    for i in ix:
+        shard, row = ds.split.locations[i]
+        assert re.search(rf"{Path(ds.files[shard]).name} rows? [0-9, ]*\b{row}\b", named), named

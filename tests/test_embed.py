@@ -75,6 +75,7 @@ def test_identical_keys_are_embedded_once_and_rerun_skips_published_shards(demo,
     assert mtimes == {p: p.stat().st_mtime_ns for p in cache.shard_dir(cfg.cache.dir).iterdir()}
 
 
+@pytest.mark.slow
 def test_sigkill_after_first_shard_then_rerun_is_bitwise_equal(demo, tmp_path):
     args = ["--config", str(REPO / "configs/demo.toml"), *demo_overrides(demo, tmp_path / "a"),
             "cache.shard_size=2", "encoder.batch_size=1"]
@@ -108,6 +109,7 @@ def test_stale_temp_file_is_deleted_by_the_next_run(demo, tmp_path):
     assert not tmp.exists() and cache.shard_path(cfg.cache.dir, 1).exists()
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equals_one_process(demo, tmp_path):
     args = ["--config", str(REPO / "configs/demo.toml"), *demo_overrides(demo, tmp_path / "two"), "cache.shard_size=16"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -181,6 +183,7 @@ def test_each_bad_image_kind_is_a_failure_with_its_reason(demo, tmp_path):
     assert set(cache_rows(cfg.cache.dir)) == set(names) and m["counts"]["failed"] == len(bad)
 
 
+@pytest.mark.slow
 def test_too_many_failures_end_the_run_nonzero_with_a_clear_message(demo, tmp_path):
     _bad_image_set(demo, tmp_path / "imgs")
     r = run_stage("embed.py", "--config", str(REPO / "configs/demo.toml"), *demo_overrides(demo, tmp_path),
@@ -189,6 +192,7 @@ def test_too_many_failures_end_the_run_nonzero_with_a_clear_message(demo, tmp_pa
     assert "max_failure_frac" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_malformed_records_and_outside_paths_give_one_line_naming_the_record(demo, tmp_path):
     recs = json.loads((demo / "train.json").read_text())[:5]
     del recs[3]["conversations"]
@@ -206,6 +210,7 @@ def test_malformed_records_and_outside_paths_give_one_line_naming_the_record(dem
     assert r.returncode == 0 and len(lines) == 1 and "record 2" in lines[0]
 
 
+@pytest.mark.slow
 def test_verify_passes_then_names_the_shard_with_a_flipped_byte(demo, tmp_path):
     cfg = demo_config(demo, tmp_path, "cache.shard_size=32")
     run_embed(cfg, Dist())
@@ -238,3 +243,20 @@ def test_a_second_writer_is_locked_out(demo, tmp_path):
             run_embed(cfg, Dist())
     finally:
         lock.release()
+
+
+def test_other_compute_dtype_or_processor_class_refuses_and_names_it(demo, tmp_path, monkeypatch):
+    import transformers
+    run_embed(demo_config(demo, tmp_path), Dist())  # CPU: float32
+    with pytest.raises(ValueError, match="compute_dtype: 'float32' -> 'bfloat16'.*--overwrite"):
+        run_embed(demo_config(demo, tmp_path, "encoder.dtype=bfloat16"), Dist())
+    real = transformers.AutoImageProcessor.from_pretrained
+
+    def other_processor(*a, **kw):  # as transformers' choice differs with torchvision installed or not
+        p = real(*a, **kw)
+        p.__class__ = type("OtherImageProcessor", (type(p),), {})
+        return p
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", other_processor)
+    with pytest.raises(ValueError, match="processor_class: '\\w+' -> 'OtherImageProcessor'.*--overwrite"):
+        run_embed(demo_config(demo, tmp_path), Dist())

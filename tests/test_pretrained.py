@@ -19,7 +19,8 @@ from minivlm.dist import Dist
 from minivlm.generate import generate
 from minivlm.model import VLM
 from minivlm.pretrained import init_from, remap_lm_keys
-from minivlm.trainer import build_model, evaluate, fit, load_data
+from minivlm.data import load_data
+from minivlm.trainer import build_model, evaluate, fit
 
 transformers = pytest.importorskip("transformers")
 

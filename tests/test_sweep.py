@@ -31,6 +31,7 @@ def mtimes(run_dir) -> dict:
     return {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
 
 
+@pytest.mark.slow
 def test_grid_sweep_writes_each_run_and_a_summary_read_from_their_metrics(demo, demo_cache, tmp_path):
     sweep = '[base]\n"train.max_steps" = 3\n[grid]\n"train.lr" = [1e-3, 3e-3]\n"model.projector" = ["linear", "mlp"]\n'
     r = run_stage("sweep.py", *sweep_args(demo, demo_cache, tmp_path, sweep, "--parallel", "2"))
@@ -52,6 +53,7 @@ def test_grid_sweep_writes_each_run_and_a_summary_read_from_their_metrics(demo, 
         assert im.format == "PNG" and im.size[0] > 100
 
 
+@pytest.mark.slow
 def test_killed_sweep_reruns_to_completion_skipping_finished_runs_and_resuming_the_interrupted_one(
         demo, demo_cache, tmp_path):
     sweep = 'name = "k"\n[base]\n"train.max_steps" = 40\n"train.save_interval" = 4\n[grid]\n"train.lr" = [1e-3, 2e-3]\n'
@@ -73,6 +75,7 @@ def test_killed_sweep_reruns_to_completion_skipping_finished_runs_and_resuming_t
     assert [row["status"] for row in summary(tmp_path / "runs" / "k")] == ["done", "done"]
 
 
+@pytest.mark.slow
 def test_failing_runs_are_reported_and_the_others_still_run(demo, demo_cache, tmp_path):
     sweep = ('name = "bad"\n[base]\n"train.max_steps" = 2\n'
              '[[runs]]\n"train.batch_size" = 1000\n'   # valid config, fails when training starts
@@ -88,6 +91,7 @@ def test_failing_runs_are_reported_and_the_others_still_run(demo, demo_cache, tm
     assert not (tmp_path / "runs" / "bad" / "bogus=1").exists()
 
 
+@pytest.mark.slow
 def test_sweep_over_another_encoder_than_the_cache_stops_before_any_run(demo, demo_cache, tmp_path):
     sweep = 'name = "enc"\n[grid]\n"encoder.pool" = [2, 1]\n'
     r = run_stage("sweep.py", *sweep_args(demo, demo_cache, tmp_path, sweep))

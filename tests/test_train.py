@@ -1,11 +1,15 @@
 """Stage 2 end to end: it learns from the images, resumes exactly, survives kills, runs under torchrun."""
+import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -13,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REPO, demo_overrides, run_stage, train_config
 from minivlm import checkpoint
-from minivlm.config import to_toml, to_tree
+from minivlm.config import RunFailed, to_toml, to_tree
+from minivlm.data import load_data
 from minivlm.dist import Dist
 from minivlm.trainer import fit, lr_at
 
@@ -44,6 +49,7 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert lr_at(55, 100, tc) == pytest.approx(0.55) and lr_at(100, 100, tc) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_stop_mid_epoch_then_resume_gives_identical_weights(demo, demo_cache, tmp_path, monkeypatch):
     rec = small_records(demo, tmp_path)
     straight = train_config(demo, demo_cache, tmp_path, rec, "train.run_name=straight", *RESUME)
@@ -70,6 +76,7 @@ def test_stop_mid_epoch_then_resume_gives_identical_weights(demo, demo_cache, tm
     steps = [json.loads(ln)["step"] for ln in (stopped.train.run_dir / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(ln)]
     assert steps == list(range(1, 9))  # every step logged exactly once across the stop
+    assert not torch.are_deterministic_algorithms_enabled()  # train.deterministic holds for the run only
 
 
 @pytest.mark.slow
@@ -147,6 +154,7 @@ def test_torchrun_two_ranks_trains_logs_once_checkpoints_once_and_resumes(demo, 
     assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_init_from_loads_an_lm_checkpoint_and_refuses_a_poor_match(demo, demo_cache, tmp_path):
     rec = small_records(demo, tmp_path)
     cfg = train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=1", "train.run_name=a")
@@ -164,6 +172,7 @@ def test_init_from_loads_an_lm_checkpoint_and_refuses_a_poor_match(demo, demo_ca
                          f"train.init_from={tmp_path}/poor.safetensors"), Dist())
 
 
+@pytest.mark.slow
 def test_stage_errors_are_one_line(demo, demo_cache, tmp_path):
     r = run_stage("train.py", *demo_overrides(demo, tmp_path), f"cache.dir={tmp_path}/none")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "run stages/embed.py" in r.stderr
@@ -171,6 +180,7 @@ def test_stage_errors_are_one_line(demo, demo_cache, tmp_path):
     assert r.returncode == 2 and "encoder.pool=2" in r.stderr and r.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_does_nothing_and_other_settings_are_refused(demo, demo_cache, tmp_path):
     rec = small_records(demo, tmp_path)
     cfg = train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=3", "train.run_name=done")
@@ -185,3 +195,157 @@ def test_rerunning_a_finished_run_does_nothing_and_other_settings_are_refused(de
                          "train.lr=1e-3"), Dist())
     longer = fit(train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=5", "train.run_name=done"), Dist())
     assert longer["step"] == 5
+
+
+class Killed(Exception):
+    """Stands in for a kill at a chosen point of the end of a run."""
+
+
+def metric_rows(run_dir) -> list[dict]:
+    """metrics.jsonl without the figures that depend on timing."""
+    timing = {"samples_per_s", "tokens_per_s", "image_rows_per_s", "data_wait", "peak_mem_mb", "mfu"}
+    return [{k: v for k, v in json.loads(ln).items() if k not in timing}
+            for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_killed_between_final_checkpoint_and_weights_the_rerun_logs_the_final_eval_once(demo, demo_cache, tmp_path,
+                                                                                          monkeypatch):
+    rec = small_records(demo, tmp_path)
+    cfg = train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=3", "train.run_name=end")
+    real = checkpoint.save_final
+
+    def killed(*a, **kw):
+        raise Killed
+
+    monkeypatch.setattr(checkpoint, "save_final", killed)
+    with pytest.raises(Killed):
+        fit(cfg, Dist())
+    monkeypatch.setattr(checkpoint, "save_final", real)
+    fit(cfg, Dist())
+    rows = metric_rows(cfg.train.run_dir)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [3]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
+def end_state(run_dir) -> dict:
+    """Everything a finished run leaves, timing figures aside."""
+    run_dir = Path(run_dir)
+    files = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted((run_dir / "tokenizer").rglob("*"))
+             if p.is_file()}
+    return {"metrics": metric_rows(run_dir), "weights": (run_dir / "model.safetensors").read_bytes(),
+            "model_config": json.loads((run_dir / "model_config.json").read_text()), "tokenizer": files,
+            "checkpoints": [p.name for p in checkpoint.checkpoints(run_dir)]}
+
+
+@pytest.mark.slow
+def test_the_end_of_a_run_cut_short_anywhere_reruns_to_the_same_end_state(demo, demo_cache, tmp_path, monkeypatch):
+    import minivlm.trainer as trainer
+    rec = small_records(demo, tmp_path)
+    over = (rec, "train.max_steps=3", "train.save_interval=2")
+    fit(train_config(demo, demo_cache, tmp_path, *over, "train.run_name=straight"), Dist())
+    want = end_state(tmp_path / "runs" / "straight")
+
+    def after(real):
+        def cut(*a, **kw):
+            real(*a, **kw)
+            raise Killed
+        return cut
+
+    def before(real):
+        def cut(*a, **kw):
+            raise Killed
+        return cut
+
+    points = [(trainer, "run_eval", after),            # the final eval row is in metrics.jsonl
+              (checkpoint, "save_final", before),      # ... and the final checkpoint is published
+              (checkpoint, "atomic_write_json", before),  # ... and tokenizer/ is written
+              (checkpoint, "save_weights", before)]    # ... and model_config.json: only the weights are missing
+    for i, (module, name, when) in enumerate(points):
+        cfg = train_config(demo, demo_cache, tmp_path, *over, f"train.run_name=cut{i}")
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, when(real))
+        with pytest.raises(Killed):
+            fit(cfg, Dist())
+        monkeypatch.setattr(module, name, real)
+        assert not (cfg.train.run_dir / "model.safetensors").exists()
+        fit(cfg, Dist())
+        assert end_state(cfg.train.run_dir) == want, f"cut short at {name}"
+        fit(cfg, Dist())  # and once more, finished: nothing changes
+        assert end_state(cfg.train.run_dir) == want
+
+
+def test_no_tensor_is_read_on_the_host_between_log_steps(demo, demo_cache, tmp_path, monkeypatch):
+    """.item(), float(), int(), .tolist() on a tensor, called from minivlm: on CUDA each waits for the GPU.
+    minivlm.data is left out: it builds batches on the host (the sampler's epoch order is a CPU tensor)
+    and never sees a device tensor."""
+    import minivlm.trainer as trainer
+    rec = small_records(demo, tmp_path)
+    cfg = train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=8", "train.log_interval=4",
+                       "train.eval_interval=4", "train.save_interval=4", "train.grad_accum=2")
+    step, reads = [0], collections.Counter()  # reads by the step in flight (its data, its step, what follows it)
+    for name in ("item", "tolist", "__float__", "__int__"):
+        def counted(self, *a, _real=getattr(torch.Tensor, name), **kw):
+            where = sys._getframe(1).f_code.co_filename
+            if where.startswith(str(REPO / "minivlm")) and where != str(REPO / "minivlm" / "data.py"):
+                reads[step[0]] += 1
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real_step = trainer.train_step
+
+    def counting_step(*a, **kw):
+        step[0] += 1
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(trainer, "train_step", counting_step)
+    fit(cfg, Dist())
+    assert step[0] == 8 and reads[4] > 0 and reads[8] > 0  # the log steps read, so the count works
+    assert {s: n for s, n in reads.items() if s % 4} == {}
+
+
+def corrupt_row(cfg, step: int) -> tuple[Path, int, int, bytes]:
+    """Overwrite the first cached row read at `step` (1-based, grad_accum 1) with inf; returns the shard,
+    the row, the row's offset and its original bytes."""
+    data = load_data(cfg, Dist())
+    i = data.sampler.batches(0)[step - 1][0]
+    (shard, row), offset = data.train.split.locations[i], int(data.train.offset[i])
+    path, n = Path(data.train.files[shard]), data.train.row_bytes
+    data.train.close()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        original = f.read(n)
+        f.seek(offset)
+        f.write(np.full(n // 2, np.inf, np.float16).tobytes())
+    return path, row, offset, original
+
+
+@pytest.mark.slow
+def test_a_non_finite_row_stops_training_at_its_step_naming_the_row_and_a_rerun_resumes(demo, demo_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(demo_cache, cache)
+    rec = small_records(demo, tmp_path)
+    over = (rec, "train.max_steps=6", "train.log_interval=3", "train.save_interval=2")
+    straight = train_config(demo, demo_cache, tmp_path, *over, "train.run_name=straight")
+    fit(straight, Dist())
+    cfg = train_config(demo, cache, tmp_path, *over, "train.run_name=bad")
+    path, row, offset, original = corrupt_row(cfg, step=4)
+    named = rf"non-finite .* at step 4 .*{path.name} rows? [0-9, ]*\b{row}\b.*stages/embed.py .*--verify"
+    with pytest.raises(RunFailed, match=named) as e:
+        fit(cfg, Dist())  # flagged on the device at step 4, acted on before step 4's checkpoint
+    assert "\n" not in str(e.value) and "resume from step-0000002" in str(e.value)
+    run_dir = cfg.train.run_dir
+    assert not (run_dir / "model.safetensors").exists()
+    assert [p.name for p in checkpoint.checkpoints(run_dir)] == ["step-0000002"]
+
+    late = train_config(demo, cache, tmp_path, rec, "train.max_steps=6", "train.log_interval=5",
+                        "train.save_interval=0", "train.run_name=late")
+    with pytest.raises(RunFailed, match=named.replace("step-0000002", "")):
+        fit(late, Dist())  # acted on at the next log step (5), naming the first bad step (4)
+    assert not (late.train.run_dir / "metrics.jsonl").exists()  # step 5's row was not logged either
+    assert not checkpoint.checkpoints(late.train.run_dir) and not (late.train.run_dir / "model.safetensors").exists()
+
+    with open(path, "r+b") as f:  # the cache repaired: the rerun resumes from the last finite checkpoint
+        f.seek(offset)
+        f.write(original)
+    fit(cfg, Dist())
+    assert_same_weights(straight.train.run_dir, run_dir)
