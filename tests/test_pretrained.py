@@ -15,11 +15,11 @@ import torch.nn.functional as F
 
 from conftest import REPO, train_config
 from minivlm.config import ModelConfig, load_config
+from minivlm.data import load_data
 from minivlm.dist import Dist
 from minivlm.generate import generate
 from minivlm.model import VLM
 from minivlm.pretrained import init_from, remap_lm_keys
-from minivlm.data import load_data
 from minivlm.trainer import build_model, evaluate, fit
 
 transformers = pytest.importorskip("transformers")
