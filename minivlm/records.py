@@ -56,12 +56,24 @@ def _parse_record(obj, where: str) -> Record:
     return Record(rid, normalize_key(image) if image else None, tuple(turns), where)
 
 
+def read_utf8(path: Path) -> str:
+    """The file as text (a UTF-8 BOM is dropped); bytes that are not UTF-8 are an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path} line {line}: byte 0x{data[e.start]:02x} at column {column} is not UTF-8 "
+                         f"({e.reason}); save the file as UTF-8") from None
+
+
 def load_records(path: str | Path) -> list[Record]:
     """Read and validate every record of a JSON array or JSONL file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"records file {path} not found; set data.records (make demo-data writes the demo's)")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     records = []
     if text.lstrip().startswith("["):
         try:

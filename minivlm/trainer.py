@@ -34,7 +34,7 @@ from minivlm import checkpoint
 from minivlm.config import RunConfig, TrainConfig, load_config, to_toml, to_tree
 from minivlm.data import BatchSampler, CacheBatches, Loader, load_splits, open_cache, split_tokens
 from minivlm.dist import Dist, print0
-from minivlm.fileio import atomic_write_text
+from minivlm.fileio import append_text, atomic_write_text
 from minivlm.model import VLM, freeze, num_params, param_groups, remap_lm_keys
 from minivlm.text import IGNORE, load_tokenizer, text_format
 
@@ -187,8 +187,7 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_text(self.path, json.dumps(row) + "\n")
 
 
 @dataclass
