@@ -22,12 +22,15 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from minivlm.config import RunFailed
-
 TMP_SUFFIX = ".tmp"
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 FULL_WORDS = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
 NEARLY_FULL = 1 << 20  # bytes: below this, a write that failed is taken as a full disk
+
+
+class RunFailed(RuntimeError):
+    """A run stopped by its input or its surroundings (too many bad images, a cache locked by another run, a
+    full disk): one line and exit 1, unlike a bug, which keeps its traceback."""
 
 
 class DiskFull(RunFailed):
@@ -185,6 +188,37 @@ def append_text(path: str | Path, text: str) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def read_utf8(path: str | Path) -> str:
+    """A user's text file (records, configs); a UTF-8 BOM is dropped, bytes that are not UTF-8 are a
+    one-line error naming the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path} line {line}: byte 0x{data[e.start]:02x} at column {column} is not UTF-8 "
+                         f"({e.reason}); save the file as UTF-8") from None
+
+
+BUGS = (AssertionError, AttributeError, NameError, ImportError)  # never reported as a bad file
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, fix: str) -> Iterator[None]:
+    """Around parsing a user's file (shard, manifest, tokenizer, checkpoint): whatever the parser raises on
+    bad bytes (OSError, KeyError, a library's own Exception) becomes one ValueError naming the file and the fix."""
+    try:
+        yield
+    except (RunFailed, FileNotFoundError, *BUGS):
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        if isinstance(e, ValueError) and first.startswith(str(path)):
+            raise  # already one line naming it
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {first}); {fix}") from None
 
 
 def sha256_file(path: str | Path, block: int = 1 << 22) -> str:

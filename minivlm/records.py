@@ -16,6 +16,8 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
+from minivlm.fileio import read_utf8
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_TAG = "<image>"
 
@@ -54,18 +56,6 @@ def _parse_record(obj, where: str) -> Record:
     if not any(role == "assistant" for role, _ in turns):
         raise ValueError(f"{where}: conversations has no gpt turn (nothing to learn)")
     return Record(rid, normalize_key(image) if image else None, tuple(turns), where)
-
-
-def read_utf8(path: Path) -> str:
-    """The file as text (a UTF-8 BOM is dropped); bytes that are not UTF-8 are an error naming the line."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ValueError(f"{path} line {line}: byte 0x{data[e.start]:02x} at column {column} is not UTF-8 "
-                         f"({e.reason}); save the file as UTF-8") from None
 
 
 def load_records(path: str | Path) -> list[Record]:
