@@ -266,3 +266,40 @@ def test_records_with_non_utf8_bytes_name_the_file_and_line(demo, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "r.jsonl line 3" in r.stderr, r.stderr
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(recs).encode())
     assert len(load_records(tmp_path / "bom.json")) == 4  # a UTF-8 byte-order mark is fine
+
+
+def _garble(path, data=b"\xff\xfe garbage \x00\x81{[\n"):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["config", "sweep", "manifest", "shard", "tokenizer", "checkpoint"])
+def test_an_unreadable_user_file_is_one_line_naming_it(demo, demo_cache, tmp_path, kind):
+    """Each kind of file a user hands over, filled with garbage: a one-line user error that names the file."""
+    from minivlm.sweep import load_sweep
+    from minivlm.trainer import load_data
+    if kind == "checkpoint":
+        pytest.xfail("checkpoint.load_checkpoint and fit's state.json read are outside helper B's files: wrap them "
+                     "in fileio.reading (see the issue-14 report)")
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(demo_cache, cache_dir, ignore=shutil.ignore_patterns("text"))
+    cfg = train_config(demo, cache_dir, tmp_path)
+    if kind == "config":
+        bad, call = _garble(tmp_path / "c.toml"), lambda: load_config(tmp_path / "c.toml")
+    elif kind == "sweep":
+        bad, call = _garble(tmp_path / "s.toml", b'name = "ok"\n[grid]\n"train.lr" = [1e-3, \xff]\n'), \
+            lambda: load_sweep(tmp_path / "s.toml")
+    elif kind == "manifest":
+        bad, call = _garble(cache_dir / cache.MANIFEST), lambda: load_data(cfg, Dist())
+    elif kind == "shard":
+        shard = cache.shard_path(cache_dir, 2)
+        bad, call = _garble(shard, shard.read_bytes()[:4096]), lambda: load_data(cfg, Dist())
+    else:
+        tok = tmp_path / "tok"
+        shutil.copytree(demo / "tokenizer", tok)
+        bad = _garble(tok / "tokenizer.json")
+        call = lambda: load_data(train_config(demo, cache_dir, tmp_path, f"tokenizer.name_or_path={tok}"), Dist())  # noqa: E731
+    with pytest.raises(USER_ERRORS) as e:
+        call()
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and str(bad if kind != "tokenizer" else bad.parent) in msg, msg
