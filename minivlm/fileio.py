@@ -38,12 +38,13 @@ class DiskFull(RunFailed):
 
 
 def free_bytes(path: str | Path) -> int:
-    """Free bytes for an unprivileged writer on the filesystem holding `path` (or its nearest existing parent)."""
+    """Free bytes for this writer on the filesystem holding `path` (or its nearest existing parent); root
+    may also use the blocks reserved for it."""
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
     st = os.statvfs(p)
-    return st.f_bavail * st.f_frsize
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
 
 def _mb(n: int) -> str:
