@@ -20,6 +20,7 @@ Design choices:
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -32,11 +33,12 @@ import h5py
 import numpy as np
 
 from minivlm.config import RunFailed
-from minivlm.fileio import atomic_write, atomic_write_json, atomic_write_text, sha256_file, TMP_SUFFIX
+from minivlm.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, reading, sha256_file, TMP_SUFFIX
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
+REDO_SHARD = "run stages/embed.py --verify, delete the shard and rerun embed"
 
 
 def shard_dir(cache_dir: str | Path) -> Path:
@@ -59,22 +61,25 @@ def plan_hash(keys: list[str]) -> str:
 
 def write_shard(path: Path, index: int, keys: list[str], embeddings: np.ndarray,
                 failures: list[tuple[str, str]], fingerprint: str, encoder_json: str, planned: str) -> None:
-    """Publish one shard atomically. `embeddings` is float16 (n, T, D) aligned with `keys`."""
+    """Publish one shard atomically. `embeddings` is float16 (n, T, D) aligned with `keys`.
+
+    The HDF5 file is built in memory and written as plain bytes: a full disk is then an ordinary write error
+    caught before anything is published, never h5py closing a half-written file (which can crash the
+    interpreter after ENOSPC)."""
     assert embeddings.dtype == np.float16 and len(keys) == len(embeddings)
-
-    def write(tmp: Path):
-        with h5py.File(tmp, "w") as f:
-            n, T, D = embeddings.shape
-            ds = f.create_dataset("embeddings", shape=(n, T, D), dtype="float16",
-                                  chunks=(1, T, D) if n else None, fletcher32=bool(n))
-            if n:
-                ds[...] = embeddings
-            f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
-            f.attrs.update(format_version=FORMAT_VERSION, fingerprint=fingerprint, encoder=encoder_json, shard_index=index,
-                           plan=planned, n_rows=n, tokens=T, width=D,
-                           failures=json.dumps([{"key": k, "reason": r} for k, r in failures]), complete=True)
-
-    atomic_write(path, write)
+    n, T, D = embeddings.shape
+    with h5py.File(path.name, "w", driver="core", backing_store=False) as f:
+        ds = f.create_dataset("embeddings", shape=(n, T, D), dtype="float16",
+                              chunks=(1, T, D) if n else None, fletcher32=bool(n))
+        if n:
+            ds[...] = embeddings
+        f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        f.attrs.update(format_version=FORMAT_VERSION, fingerprint=fingerprint, encoder=encoder_json, shard_index=index,
+                       plan=planned, n_rows=n, tokens=T, width=D,
+                       failures=json.dumps([{"key": k, "reason": r} for k, r in failures]), complete=True)
+        f.flush()
+        image = f.id.get_file_image()
+    atomic_write_bytes(path, image)
 
 
 def open_shard(path: Path) -> h5py.File:
@@ -82,8 +87,7 @@ def open_shard(path: Path) -> h5py.File:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise ValueError(f"{path}: unreadable HDF5 shard ({e}); run stages/embed.py --verify, "
-                         f"delete the shard and rerun embed") from None
+        raise ValueError(f"{path}: unreadable HDF5 shard ({e}); {REDO_SHARD}") from None
     if not f.attrs.get("complete", False) or f.attrs.get("n_rows", -1) != len(f["embeddings"]):
         f.close()
         raise ValueError(f"{path}: incomplete shard; delete it and rerun stages/embed.py to rewrite it")
@@ -105,22 +109,36 @@ def remove_stale_temps(cache_dir: Path, indices) -> None:
 
 
 class CacheLock:
-    """flock on cache/<name>/.lock: exclusive for a single run, shared among the ranks of one torchrun."""
+    """A POSIX record lock on cache/<name>/.lock: exclusive for a single run, shared among the ranks of one torchrun.
+
+    A POSIX lock (`lockf`), not `flock`: it belongs to the process that took it, so DataLoader workers forked
+    later do not hold it, and it is gone the moment that process dies (even by kill -9), whatever its children do.
+    """
+
+    held: set[Path] = set()  # POSIX locks never exclude their own process: a second lock in it is refused here
 
     def __init__(self, cache_dir: Path, shared: bool):
         cache_dir.mkdir(parents=True, exist_ok=True)
-        self.path = cache_dir / ".lock"
+        self.path = (cache_dir / ".lock").resolve()
+        if self.path in CacheLock.held:
+            raise self._busy(cache_dir)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as e:
             os.close(self.fd)
-            raise RunFailed(f"{cache_dir} is being written by another embed run (lock {self.path}); "
-                               f"wait for it or use another cache.dir") from None
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise self._busy(cache_dir) from None
+        CacheLock.held.add(self.path)
+
+    def _busy(self, cache_dir: Path) -> RunFailed:
+        return RunFailed(f"{cache_dir} is being written by another embed run (lock {self.path}); "
+                         f"wait for it or use another cache.dir")
 
     def release(self):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+        CacheLock.held.discard(self.path)
+        os.close(self.fd)  # closing drops the process's POSIX lock
 
 
 # --- manifest ---------------------------------------------------------------------------------------
@@ -129,10 +147,8 @@ def read_manifest(cache_dir: str | Path) -> dict | None:
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: corrupt manifest ({e}); rerun stages/embed.py to rewrite it") from None
+    with reading(path, "rerun stages/embed.py to rewrite it"):
+        return json.loads(path.read_bytes())
 
 
 def finalize(cache_dir: Path, plan: list[list[str]], info: dict) -> dict | None:
@@ -193,7 +209,7 @@ def verify(cache_dir: str | Path) -> list[str]:
         if sha256_file(p) != s["sha256"]:
             problems.append(f"{p}: file checksum differs from manifest.json (corrupted or replaced)")
         try:
-            with open_shard(p) as f:
+            with reading(p, REDO_SHARD), open_shard(p) as f:
                 ds = f["embeddings"]
                 if f.attrs["fingerprint"] != manifest["fingerprint"]:
                     problems.append(f"{p}: fingerprint {f.attrs['fingerprint']} != manifest {manifest['fingerprint']}")
@@ -206,8 +222,8 @@ def verify(cache_dir: str | Path) -> list[str]:
                 row = np.empty(ds.shape[1:], np.float16)
                 for i in range(len(ds)):
                     ds.read_direct(row, np.s_[i])  # fletcher32 raises OSError on a corrupt chunk
-        except (OSError, ValueError, KeyError) as e:
-            problems.append(f"{p}: {str(e).splitlines()[0]}")
+        except ValueError as e:
+            problems.append(str(e).splitlines()[0])
     return problems
 
 
@@ -249,7 +265,7 @@ def build_index(cache_dir: str | Path, manifest: dict) -> CacheIndex:
     for s, entry in enumerate(manifest["shards"]):
         p = shard_dir(cache_dir) / entry["file"]
         files.append(str(p))
-        with open_shard(p) as f:
+        with reading(p, REDO_SHARD), open_shard(p) as f:
             for row, key in enumerate(shard_keys(f)):
                 locations[key] = (s, row)
             offsets.append(row_offsets(p, f["embeddings"]))

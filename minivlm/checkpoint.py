@@ -4,21 +4,21 @@ Layout of a run (`runs/<name>/`):
 - `checkpoints/step-0000200/`: `model.safetensors` (unwrapped module), `train_state.pt` (optimizer,
   scaler, RNG states: tensors and plain containers only, loaded with `weights_only=True`) and
   `state.json` (step, epoch, batch cursor, world size, scheduler position). A checkpoint is built in
-  `step-N.tmp/` and published with one directory rename, so a kill mid-write leaves the previous one.
+  `step-N.tmp/` and published with one directory rename, so a kill mid-write leaves the previous one; a
+  full disk is refused up front (the tensors' size is known) or caught mid-write, naming the file.
 - `model.safetensors` + `model_config.json` (+ `tokenizer/`): everything captioning needs; the weights
   are written last and mark a finished run.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from minivlm.fileio import atomic_write, atomic_write_json, fsync_dir, fsync_file
+from minivlm.fileio import atomic_dir, atomic_write, atomic_write_json, fsync_dir, writing
 
 CKPT_DIR = "checkpoints"
 
@@ -28,9 +28,20 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
 
 
+def nbytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state: what a checkpoint file needs, give or take its headers."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
 def save_weights(path: Path, model: torch.nn.Module) -> None:
     state = cpu_state(model)
-    atomic_write(path, lambda p: save_file(state, str(p)))
+    atomic_write(path, lambda p: save_file(state, str(p)), needed=nbytes(state))
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
@@ -50,18 +61,17 @@ def checkpoints(run_dir: Path) -> list[Path]:
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, train_state: dict, state: dict, keep: int) -> Path:
     d = Path(run_dir) / CKPT_DIR
     final = d / f"step-{state['step']:07d}"
-    tmp = d / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(cpu_state(model), str(tmp / "model.safetensors"))
-    torch.save(train_state, tmp / "train_state.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    for f in tmp.iterdir():
-        fsync_file(f)
-    fsync_dir(tmp)
-    if final.exists():  # same step saved again (e.g. the end of a resumed run): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    weights = cpu_state(model)
+
+    def write(tmp: Path):
+        with writing(tmp / "model.safetensors"):
+            save_file(weights, str(tmp / "model.safetensors"))
+        with writing(tmp / "train_state.pt"):  # torch's writer loses the errno: `writing` probes the disk
+            torch.save(train_state, tmp / "train_state.pt")
+        with writing(tmp / "state.json"):
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+
+    atomic_dir(final, write, needed=nbytes(weights) + nbytes(train_state))
     fsync_dir(d)
     for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -75,12 +85,12 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict, dict]:
 
 
 def remove_stale(run_dir: Path) -> None:
-    for tmp in (Path(run_dir) / CKPT_DIR).glob("step-*.tmp"):
+    for tmp in [*(Path(run_dir) / CKPT_DIR).glob("step-*.tmp"), Path(run_dir) / "tokenizer.tmp"]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_final(run_dir: Path, model: torch.nn.Module, model_config: dict, tokenizer) -> None:
     """The finished run's files; model.safetensors comes last, so its presence means all are there."""
-    tokenizer.save_pretrained(str(Path(run_dir) / "tokenizer"))
+    atomic_dir(Path(run_dir) / "tokenizer", lambda tmp: tokenizer.save_pretrained(str(tmp)))
     atomic_write_json(Path(run_dir) / "model_config.json", model_config)
     save_weights(Path(run_dir) / "model.safetensors", model)

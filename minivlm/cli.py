@@ -7,6 +7,7 @@ import sys
 from typing import Callable
 
 from minivlm.config import RunConfig, RunFailed, describe, load_config
+from minivlm.fileio import FULL_ERRNOS
 
 USER_ERRORS = (ValueError, FileNotFoundError, RunFailed)
 
@@ -36,4 +37,10 @@ def run(main: Callable[[], object]) -> None:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1 if isinstance(e, RunFailed) else 2)
+    except OSError as e:  # a write no fileio helper wraps still ends in one line when the disk is full
+        if e.errno not in FULL_ERRNOS:
+            raise
+        print(f"error: {e.filename or 'a file'}: disk full ({e.strerror}); free some space and rerun the same "
+              f"command: it resumes from what is already written", file=sys.stderr)
+        sys.exit(1)
     sys.exit(0 if result is None or result is True else int(not result))

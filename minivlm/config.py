@@ -18,15 +18,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from minivlm.fileio import RunFailed, read_utf8  # noqa: F401  (RunFailed is imported from here by the stages)
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
 
-class RunFailed(RuntimeError):
-    """A run stopped by its input or its surroundings (too many bad images, a cache locked by another run):
-    one line and exit 1, unlike a bug, which keeps its traceback."""
 
 
 @dataclass(frozen=True)
@@ -263,8 +262,7 @@ def load_toml(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found; pass --config configs/demo.toml or another TOML file")
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(read_utf8(path))
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: invalid TOML ({e})") from None
 

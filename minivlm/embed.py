@@ -23,6 +23,7 @@ from tqdm import tqdm
 from minivlm import __version__, cache
 from minivlm.config import RunConfig, RunFailed
 from minivlm.dist import Dist
+from minivlm.fileio import reading
 from minivlm.encoder import (ImageError, encode, fingerprint_diff, fingerprint_id, load_encoder, load_image,
                              preprocess)
 from minivlm.records import first_record_with, image_keys, load_records, records_hash, resolve_image
@@ -66,10 +67,10 @@ def _check_existing(cache_dir: Path, plan: list[list[str]], fp: dict, mine, over
         if not mine(i):
             continue
         try:
-            with cache.open_shard(p) as f:
+            with reading(p, cache.REDO_SHARD), cache.open_shard(p) as f:
                 old = json.loads(f.attrs["encoder"])
                 old_plan = f.attrs["plan"]
-        except (ValueError, KeyError):
+        except ValueError:
             old, old_plan = None, None
         if old is not None and old == fp and i < n_planned and old_plan == cache.plan_hash(plan[i]):
             keep.add(i)

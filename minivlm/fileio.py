@@ -3,17 +3,97 @@
 Every file that must be complete (shards, manifests, checkpoints, run summaries) is written under a
 temporary name in the same directory, flushed, fsynced, renamed over the target with `os.replace`, and
 the directory is fsynced so the rename itself survives a power cut.
+
+Running out of space (ENOSPC, EDQUOT) while writing is a `DiskFull`: one line naming the file, how much
+the write needed where known, and that a rerun resumes; the temp file is gone and nothing is published.
+Every writer gets this through `atomic_write`, `atomic_dir`, `append_text` or the `writing` context.
+Some writers lose the errno (torch's C++ zip writer says "unexpected pos"), so a failed write is also
+taken as a full disk when the filesystem has (almost) no space left at that moment.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 TMP_SUFFIX = ".tmp"
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+FULL_WORDS = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
+NEARLY_FULL = 1 << 20  # bytes: below this, a write that failed is taken as a full disk
+
+
+class RunFailed(RuntimeError):
+    """A run stopped by its input or its surroundings (too many bad images, a cache locked by another run, a
+    full disk): one line and exit 1, unlike a bug, which keeps its traceback."""
+
+
+class DiskFull(RunFailed):
+    """Out of space while writing a file: exit 1 with one line; what was published is intact."""
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes for this writer on the filesystem holding `path` (or its nearest existing parent); root
+    may also use the blocks reserved for it."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    st = os.statvfs(p)
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} bytes"
+
+
+def disk_full(path: str | Path, needed: int | None = None, free: int | None = None) -> DiskFull:
+    free = free_bytes(path) if free is None else free
+    need = f"the write needed {_mb(needed)}, {_mb(free)} free" if needed else f"{_mb(free)} free"
+    return DiskFull(f"{path}: disk full ({need} in {Path(path).parent}); nothing half-written was kept; free "
+                    f"some space and rerun the same command: it resumes from what is already written")
+
+
+def is_disk_full(e: BaseException, path: str | Path) -> bool:
+    """An exception from a write that ran out of space, by errno, by message, or by a (nearly) full disk."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in FULL_ERRNOS:
+            return True
+        if any(w in str(seen).lower() for w in FULL_WORDS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return isinstance(e, (OSError, RuntimeError)) and free_bytes(path) < NEARLY_FULL
+    except OSError:
+        return False
+
+
+def check_space(path: str | Path, needed: int | None) -> None:
+    """Refuse a write of a known size up front when the disk cannot hold it (cheaper than failing midway)."""
+    if needed:
+        free = free_bytes(path)
+        if free < needed:
+            raise disk_full(path, needed, free)
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, needed: int | None = None) -> Iterator[None]:
+    """Around any write of `path`: running out of space becomes `DiskFull` naming it (checked before the
+    caller removes its temp file, so the probe sees the disk as the write left it)."""
+    check_space(path, needed)
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as e:
+        if is_disk_full(e, path):
+            raise disk_full(path, needed) from None
+        raise
 
 
 def tmp_path(path: Path) -> Path:
@@ -40,15 +120,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp) to produce the file, then publish it at `path` atomically."""
+def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int | None = None) -> Path:
+    """Call write(tmp) to produce the file, then publish it at `path` atomically. `needed`: its size, if known."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     try:
-        write(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, path)
+        with writing(path, needed):
+            write(tmp)
+            fsync_file(tmp)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -56,8 +137,31 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def atomic_dir(path: str | Path, write: Callable[[Path], None], needed: int | None = None) -> Path:
+    """Build a directory in `<path>.tmp/` with write(tmp), fsync its files, and publish it with one rename
+    (replacing an older `path`). A kill leaves the old directory or a `.tmp` the next writer clears."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with writing(path, needed):
+            tmp.mkdir(parents=True)
+            write(tmp)
+            for f in sorted(tmp.rglob("*")):
+                fsync_file(f) if f.is_file() else fsync_dir(f)
+            fsync_dir(tmp)
+            if path.exists():  # the same directory written again (the end of a resumed run): replace it
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda p: p.write_bytes(data))
+    return atomic_write(path, lambda p: p.write_bytes(data), needed=len(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -66,6 +170,56 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append to a log (metrics.jsonl); a write that runs out of space is cut back off, so the file never
+    ends in half a line."""
+    data = text.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            with writing(path):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+        except BaseException:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def read_utf8(path: str | Path) -> str:
+    """A user's text file (records, configs); a UTF-8 BOM is dropped, bytes that are not UTF-8 are a
+    one-line error naming the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path} line {line}: byte 0x{data[e.start]:02x} at column {column} is not UTF-8 "
+                         f"({e.reason}); save the file as UTF-8") from None
+
+
+BUGS = (AssertionError, AttributeError, NameError, ImportError)  # never reported as a bad file
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, fix: str) -> Iterator[None]:
+    """Around parsing a user's file (shard, manifest, tokenizer, checkpoint): whatever the parser raises on
+    bad bytes (OSError, KeyError, a library's own Exception) becomes one ValueError naming the file and the fix."""
+    try:
+        yield
+    except (RunFailed, FileNotFoundError, *BUGS):
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        if isinstance(e, ValueError) and first.startswith(str(path)):
+            raise  # already one line naming it
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {first}); {fix}") from None
 
 
 def sha256_file(path: str | Path, block: int = 1 << 22) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from minivlm.config import RunConfig, to_tree
-from minivlm.fileio import atomic_write_text
+from minivlm.fileio import append_text, atomic_write_text
 
 # Peak dense bf16 FLOP/s by device-name substring (datasheet figures, no sparsity).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12,
@@ -141,8 +141,7 @@ class MetricsLogger:
     def log(self, row: dict) -> None:
         if not self.enabled or _kind(row) in self.logged:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_text(self.path, json.dumps(row) + "\n")
         self.logged.add(_kind(row))
         if self.wandb:
             self.wandb.log(row, step=row["step"])

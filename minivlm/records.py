@@ -16,6 +16,8 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
+from minivlm.fileio import read_utf8
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_TAG = "<image>"
 
@@ -61,7 +63,7 @@ def load_records(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"records file {path} not found; set data.records (make demo-data writes the demo's)")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     records = []
     if text.lstrip().startswith("["):
         try:

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minivlm.config import TokenizerConfig
+from minivlm.fileio import BUGS
 from minivlm.records import Record
 
 IGNORE = -100
@@ -38,9 +39,11 @@ def load_tokenizer(cfg: TokenizerConfig):
     hf_logging.set_verbosity_error()
     try:
         tok = AutoTokenizer.from_pretrained(cfg.name_or_path)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # the tokenizers library raises a bare Exception on a corrupt tokenizer.json
+        if isinstance(e, BUGS):
+            raise
         raise FileNotFoundError(f"tokenizer.name_or_path={cfg.name_or_path!r}: cannot load a tokenizer "
-                                f"({str(e).splitlines()[0]})") from None
+                                f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
     if tok.convert_tokens_to_ids(cfg.image_token) in (None, tok.unk_token_id):
         tok.add_special_tokens({"additional_special_tokens": [cfg.image_token]})
     if len(tok(cfg.image_token, add_special_tokens=False)["input_ids"]) != 1:
