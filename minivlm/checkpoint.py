@@ -5,7 +5,7 @@ Layout of a run (`runs/<name>/`):
   scaler, RNG states: tensors and plain containers only, loaded with `weights_only=True`) and
   `state.json` (step, epoch, batch cursor, world size, scheduler position). A checkpoint is built in
   `step-N.tmp/` and published with one directory rename, so a kill mid-write leaves the previous one.
-- `model.safetensors` + `model_config.json` (+ `tokenizer/`): everything captioning needs.
+- `model.safetensors` + `model_config.json` (VLM.save_pretrained) + `tokenizer/`: everything captioning needs.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from minivlm.fileio import atomic_write, atomic_write_json, fsync_dir, fsync_file
+from minivlm.fileio import atomic_write, fsync_dir, fsync_file
 
 CKPT_DIR = "checkpoints"
 
@@ -78,10 +78,10 @@ def remove_stale(run_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_final(run_dir: Path, model: torch.nn.Module, model_config: dict, tokenizer) -> None:
-    save_weights(Path(run_dir) / "model.safetensors", model)
+def save_final(run_dir: Path, model: torch.nn.Module, config, tokenizer) -> None:
+    """The finished run: the tokenizer, then the model (VLM.save_pretrained; its config is written last)."""
     tokenizer.save_pretrained(str(Path(run_dir) / "tokenizer"))
-    atomic_write_json(Path(run_dir) / "model_config.json", model_config)
+    model.save_pretrained(run_dir, config)
 
 
 def read_lm_state(path: str | Path) -> dict[str, torch.Tensor]:

@@ -103,15 +103,15 @@ class ModelConfig:
     n_experts_per_tok: int = 2
     n_shared_experts: int = 1
     aux_loss_alpha: float = 0.1
-    projector: str = "mlp"        # linear | mlp (LayerNorm -> Linear -> GELU -> Linear)
+    projector: str = "mlp"        # linear | mlp2x_gelu (LLaVA-1.5: Linear -> GELU -> Linear) | mlp (LayerNorm first)
 
     def __post_init__(self):
         if self.dim % self.n_head:
             raise ValueError(f"model.dim ({self.dim}) must be divisible by model.n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
-        if self.projector not in ("linear", "mlp"):
-            raise ValueError(f"model.projector must be linear or mlp, got {self.projector!r}")
+        if self.projector not in ("linear", "mlp2x_gelu", "mlp"):
+            raise ValueError(f"model.projector must be linear, mlp2x_gelu or mlp, got {self.projector!r}")
         if self.use_moe and not 1 <= self.n_experts_per_tok <= self.n_routed_experts:
             raise ValueError("model.n_experts_per_tok must be between 1 and model.n_routed_experts")
 

@@ -15,7 +15,6 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import resource
@@ -35,7 +34,7 @@ from minivlm.config import RunConfig, TrainConfig, load_config, to_toml, to_tree
 from minivlm.data import BatchSampler, CacheBatches, Loader, load_splits, open_cache, split_tokens
 from minivlm.dist import Dist, print0
 from minivlm.fileio import atomic_write_text
-from minivlm.model import VLM, freeze, num_params, param_groups, remap_lm_keys
+from minivlm.model import VLM, VLMConfig, freeze, num_params, param_groups, remap_lm_keys
 from minivlm.text import IGNORE, load_tokenizer, text_format
 
 
@@ -149,15 +148,6 @@ def init_lm(model: VLM, path: str, allow_partial: bool) -> None:
         raise ValueError(f"train.init_from={path}: only {len(matched)} of {len(own)} LM tensors matched "
                          f"(first missing: {missing[:3]}); check model.* against the checkpoint, or set "
                          f"train.allow_partial_init=true to accept a partial load")
-
-
-def model_config(cfg: RunConfig, manifest: dict, fmt) -> dict:
-    """model_config.json: everything captioning needs besides the weights."""
-    return {"model": dataclasses.asdict(cfg.model), "vocab_size": fmt.vocab_size, "image_tokens": manifest["tokens"],
-            "image_width": manifest["width"], "image_token": fmt.image_token, "image_token_id": fmt.image_token_id,
-            "tokenizer": dataclasses.asdict(cfg.tokenizer), "encoder": manifest["encoder"],
-            "fingerprint": manifest["fingerprint"], "fingerprint_fields": manifest["fingerprint_fields"],
-            "cache": cfg.cache.dir}
 
 
 def peak_memory_mb(device: str) -> float:
@@ -330,7 +320,7 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
                            "cuda_rng": cuda_rng}
             checkpoint.save_checkpoint(run_dir, raw, train_state, state, tc.keep_checkpoints)
             if final:
-                checkpoint.save_final(run_dir, raw, model_config(cfg, data.manifest, data.fmt), data.tokenizer)
+                checkpoint.save_final(run_dir, raw, VLMConfig.of_run(cfg, data.manifest, data.fmt), data.tokenizer)
 
     def run_eval() -> dict:
         result = evaluate(raw, data.eval_batches, dtype, device) if data.eval_batches else {}
