@@ -19,6 +19,9 @@ Design choices:
 - Image rows replace the embeddings of the placeholder tokens with one masked_scatter: every row has
   either 0 or exactly T placeholders, anything else is a ValueError, never a silent misalignment.
 - The KV cache is a plain per-layer list of tensors that `forward(kv_cache=..., start_pos=p)` appends to.
+- A trained model is one artifact: `VLM.save_pretrained` writes safetensors + `VLMConfig` (asdict) as
+  `model_config.json`, `VLM.from_pretrained` reads them back; the config is the only place its shape,
+  prompt format and encoder spec are recorded (captioning, evaluation and export read it, never a dict).
 """
 from __future__ import annotations
 

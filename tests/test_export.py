@@ -193,3 +193,13 @@ def test_save_pretrained_round_trips_the_model_and_its_config(clip_run, tmp_path
     (tmp_path / "model_config.json").write_text(json.dumps({**saved, "format": 1}))
     with pytest.raises(ValueError, match="model_config.json has format 1, this minivlm reads 2; retrain"):
         VLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_runs_with_the_real_minimind_tokenizers_export_exactly(demo, clip_run, tmp_path, version):
+    from conftest import tokenizer_dir
+    cfg = train_config(demo, Path(clip_run.cache.dir), tmp_path, *ROOM, "train.max_steps=1", "train.eval_batches=1",
+                       f"tokenizer.name_or_path={tokenizer_dir(version)}", "tokenizer.max_len=160",
+                       "model.max_seq_len=200")
+    fit(cfg, Dist())
+    assert_exact_export(cfg.train.run_dir, tmp_path / "hf", demo)
