@@ -122,9 +122,9 @@ def vision_tower(run_dir: Path, spec: EncoderSpec):
     enc = load_encoder(spec.encoder_config(), "cpu")  # truncated after select_layer; its fingerprint is checked
     spec.check(EncoderSpec.of_encoder(enc), f"encoder {spec.name_or_path}",
                f"the fingerprint run {run_dir} was trained with", "restore the original encoder files")
-    full = type(enc.model).from_pretrained(spec.name_or_path, dtype=torch.float32)
+    full = type(enc.model).from_pretrained(spec.name_or_path, local_files_only=enc.cfg.local_files_only)
     assert weights_hash(full) == spec.fingerprint["weights"], "the reloaded tower is not the fingerprinted one"
-    return full, enc.processor
+    return full.float(), enc.processor
 
 
 def llava(model: VLM, fmt: TextFormat, tower, strategy: str):
@@ -161,10 +161,14 @@ def processor(fmt: TextFormat, tower, image_processor, strategy: str):
     from transformers import LlavaProcessor
 
     has_cls = type(tower).__name__ == "CLIPVisionModel"
-    return LlavaProcessor(image_processor=image_processor, tokenizer=fmt.tokenizer,
+    proc = LlavaProcessor(image_processor=image_processor, tokenizer=fmt.tokenizer,
                           patch_size=tower.config.patch_size, vision_feature_select_strategy=strategy,
                           chat_template=chat_template(fmt), image_token=fmt.image_token,
                           num_additional_image_tokens=int(has_cls))
+    if proc.image_token != fmt.image_token:  # LlavaProcessor prefers the tokenizer's own image_token
+        raise ValueError(f"the run's tokenizer declares image_token {proc.image_token!r}, the run used "
+                         f"tokenizer.image_token={fmt.image_token!r}; LlavaProcessor would expand the wrong token")
+    return proc
 
 
 def publish_dir(out: Path, overwrite: bool, build: Callable[[Path], None]) -> None:

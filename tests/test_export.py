@@ -203,3 +203,36 @@ def test_runs_with_the_real_minimind_tokenizers_export_exactly(demo, clip_run, t
                        "model.max_seq_len=200")
     fit(cfg, Dist())
     assert_exact_export(cfg.train.run_dir, tmp_path / "hf", demo)
+
+
+def test_export_refuses_an_encoder_that_no_longer_matches_the_fingerprint(clip_run, tmp_path):
+    import shutil
+    from safetensors.torch import load_file, save_file
+    run = tmp_path / "run"
+    shutil.copytree(clip_run.train.run_dir, run)
+    shutil.copytree(clip_run.encoder.name_or_path, tmp_path / "encoder")
+    weights = load_file(str(tmp_path / "encoder" / "model.safetensors"))
+    name = sorted(weights)[-1]
+    save_file({**weights, name: weights[name] + 0.01}, str(tmp_path / "encoder" / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = json.loads((run / "model_config.json").read_text())
+    config["encoder"]["name_or_path"] = str(tmp_path / "encoder")
+    (run / "model_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="has encoder.weights=.* where the fingerprint run .* was trained with"):
+        export_run(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_failed_export_leaves_the_previous_one_and_no_temporary_files(clip_run, tmp_path, monkeypatch):
+    from transformers import LlavaProcessor
+    out = tmp_path / "hf"
+    export_run(clip_run.train.run_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(self, *a, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(LlavaProcessor, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_run(clip_run.train.run_dir, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
