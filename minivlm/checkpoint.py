@@ -82,22 +82,3 @@ def save_final(run_dir: Path, model: torch.nn.Module, config, tokenizer) -> None
     """The finished run: the tokenizer, then the model (VLM.save_pretrained; its config is written last)."""
     tokenizer.save_pretrained(str(Path(run_dir) / "tokenizer"))
     model.save_pretrained(run_dir, config)
-
-
-def read_lm_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """An LM checkpoint for train.init_from: safetensors, or a .pth/.pt read with weights_only=True."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"train.init_from={str(path)!r} not found; point it at an LM checkpoint "
-                                f"(.safetensors or .pth)")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"train.init_from={str(path)!r}: cannot read it without pickle ({type(e).__name__}); "
-                         f"convert it to safetensors") from None
-    for key in ("model", "state_dict", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state

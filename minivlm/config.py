@@ -88,32 +88,58 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """MiniMind-style decoder LM plus the projector from image rows to the LM width."""
+    """MiniMind-style decoder LM plus the projector from image rows to the LM width.
+
+    The defaults are MiniMind2's (26M); configs/minimind_v1.toml and configs/minimind3.toml hold the
+    other generations' values, and a Hugging Face Llama/Qwen3 directory is checked against these fields."""
     dim: int = 512
     n_layer: int = 8
-    n_head: int = 16
-    n_kv_head: int = 8
-    multiple_of: int = 64         # SwiGLU hidden = multiple_of * ceil(8*dim/3 / multiple_of)
+    n_head: int = 8
+    n_kv_head: int = 2
+    head_dim: int = 0             # per-head width; 0 -> dim // n_head
+    ffn_dim: int = 0              # SwiGLU (and expert) width; 0 -> multiple_of * ceil(int(8*dim/3) / multiple_of)
+    multiple_of: int = 64         # rounding of the default ffn_dim
     norm_eps: float = 1e-5
     rope_theta: float = 1e6
+    qk_norm: bool = False         # per-head RMSNorm on q and k before RoPE (minimind-3, Qwen3)
     max_seq_len: int = 2048
     dropout: float = 0.0
     use_moe: bool = False
     n_routed_experts: int = 4
     n_experts_per_tok: int = 2
     n_shared_experts: int = 1
+    moe_norm_topk: str = "k>1"    # top-k weights rescaled to sum 1: k>1 (MiniMind v1/2), always (minimind-3), never
     aux_loss_alpha: float = 0.1
     projector: str = "mlp"        # linear | mlp2x_gelu (LLaVA-1.5: Linear -> GELU -> Linear) | mlp (LayerNorm first)
 
     def __post_init__(self):
-        if self.dim % self.n_head:
-            raise ValueError(f"model.dim ({self.dim}) must be divisible by model.n_head ({self.n_head})")
+        if not self.head_dim and self.dim % self.n_head:
+            raise ValueError(f"model.dim ({self.dim}) must be divisible by model.n_head ({self.n_head}), "
+                             f"or set model.head_dim")
+        if self.head_size % 2:
+            raise ValueError(f"model.head_dim (or dim / n_head) must be even for RoPE, got {self.head_size}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
         if self.projector not in ("linear", "mlp2x_gelu", "mlp"):
             raise ValueError(f"model.projector must be linear, mlp2x_gelu or mlp, got {self.projector!r}")
+        if self.moe_norm_topk not in ("k>1", "always", "never"):
+            raise ValueError(f"model.moe_norm_topk must be k>1, always or never, got {self.moe_norm_topk!r}")
         if self.use_moe and not 1 <= self.n_experts_per_tok <= self.n_routed_experts:
             raise ValueError("model.n_experts_per_tok must be between 1 and model.n_routed_experts")
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.dim // self.n_head
+
+    @property
+    def ffn_size(self) -> int:
+        """MiniMind's rule when ffn_dim is 0: 1408 for dim 512."""
+        return self.ffn_dim or self.multiple_of * -(-int(8 * self.dim / 3) // self.multiple_of)
+
+    @property
+    def renorm_topk(self) -> bool:
+        """Whether the chosen experts' router weights are rescaled to sum to 1."""
+        return self.moe_norm_topk == "always" or self.moe_norm_topk == "k>1" and self.n_experts_per_tok > 1
 
 
 @dataclass(frozen=True)
@@ -136,8 +162,8 @@ class TrainConfig:
     dtype: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16 (GradScaler)
     compile: bool = False
     freeze_llm: int = 2           # 0 train all, 1 projector + first/last LM layer, 2 projector only
-    init_from: str = ""           # LM checkpoint (.safetensors or .pth) to start from
-    allow_partial_init: bool = False
+    init_from: str = ""           # an LM file (.safetensors/.pth), a HF Llama/Qwen3 dir, or an earlier run's dir
+    allow_partial_init: bool = False  # let tensors the init_from checkpoint lacks start random
     num_workers: int = 2          # threads reading cache rows ahead of the step (0: read in the loop)
     eval_interval: int = 200      # steps between evals; 0 -> only at the end
     eval_batches: int = 20

@@ -8,7 +8,8 @@ Design choices:
 - Built in memory with transformers' own classes, our tensors copied into their modules, written with
   their `save_pretrained`: the file layout is whatever this transformers version writes and reads back.
 - The LM: MiniMind2-style dense -> `LlamaForCausalLM` (same parameter names, RMSNorm, rotate-half RoPE,
-  GQA, SwiGLU, tied embeddings). `lm_config` is the one place that picks the architecture.
+  GQA, SwiGLU, tied embeddings); with `qk_norm` (minimind-3) -> `Qwen3ForCausalLM` (the same plus per-head
+  q/k RMSNorm, also under our names). `lm_config` is the one place that picks the architecture.
 - The projector: `mlp2x_gelu` is LLaVA's Linear -> GELU -> Linear. `linear` maps onto the same two
   layers with the activation `linear` (identity) and an identity second layer (x @ I + 0 is exact in fp32).
 - Feature selection: `select_layer` is `vision_feature_layer` (both index hidden_states); LLaVA's
@@ -37,7 +38,7 @@ import torch
 from minivlm.config import ModelConfig
 from minivlm.encoder import EncoderSpec, load_encoder, weights_hash
 from minivlm.fileio import fsync_dir, fsync_file
-from minivlm.model import VLM, VLMConfig, ffn_hidden
+from minivlm.model import VLM, VLMConfig
 from minivlm.text import TextFormat, load_tokenizer, text_format
 
 LLAVA_PROJECTORS = {"linear": "linear", "mlp2x_gelu": "gelu"}  # ours -> LLaVA's projector_hidden_act
@@ -46,7 +47,7 @@ LLAVA_PROJECTORS = {"linear": "linear", "mlp2x_gelu": "gelu"}  # ours -> LLaVA's
 def refusal(vc: VLMConfig, lm_only: bool) -> str | None:
     """Why this run has no exact export (None if it has one)."""
     if vc.model.use_moe:
-        return "model.use_moe=true: a MoE LM has no LlamaForCausalLM equivalent; dense runs export"
+        return "model.use_moe=true: MoE LMs have no exact export here; dense runs export (Llama, or Qwen3 with qk_norm)"
     if lm_only:
         return None
     alt = "; or pass --lm-only to export the LM alone"
@@ -60,16 +61,17 @@ def refusal(vc: VLMConfig, lm_only: bool) -> str | None:
 
 
 def lm_config(cfg: ModelConfig, fmt: TextFormat):
-    """The transformers config of our LM: the one place that picks the architecture."""
-    from transformers import LlamaConfig
+    """The transformers config of our dense LM: the one place that picks the architecture. q/k RMSNorm per
+    head (minimind-3) is Qwen3's attention; without it (MiniMind2, v1) the LM is Llama's."""
+    from transformers import LlamaConfig, Qwen3Config
 
-    return LlamaConfig(vocab_size=fmt.vocab_size, hidden_size=cfg.dim, intermediate_size=ffn_hidden(cfg),
-                       num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                       num_key_value_heads=cfg.n_kv_head, head_dim=cfg.dim // cfg.n_head, hidden_act="silu",
-                       max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                       attention_bias=False, mlp_bias=False, tie_word_embeddings=True,
-                       bos_token_id=fmt.tokenizer.bos_token_id, eos_token_id=fmt.eos_id, pad_token_id=fmt.pad_id)
+    same = dict(vocab_size=fmt.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_size,
+                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                head_dim=cfg.head_size, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
+                rms_norm_eps=cfg.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                attention_bias=False, tie_word_embeddings=True, bos_token_id=fmt.tokenizer.bos_token_id,
+                eos_token_id=fmt.eos_id, pad_token_id=fmt.pad_id)
+    return Qwen3Config(**same, use_sliding_window=False) if cfg.qk_norm else LlamaConfig(**same, mlp_bias=False)
 
 
 def lm_state(model: VLM) -> dict[str, torch.Tensor]:

@@ -1,18 +1,19 @@
 """The VLM: a MiniMind-style decoder LM plus a projector from cached image rows to the LM width.
 
 Design choices:
-- Parameter names follow the current MiniMind (`model/model_minimind.py`): `model.embed_tokens`,
-  `model.layers.N.{input_layernorm,self_attn.{q,k,v,o}_proj,post_attention_layernorm,mlp.*}`,
-  `model.norm`, `lm_head` (tied to `model.embed_tokens`), so its checkpoints load as they are.
-  `remap_lm_keys` converts the 2024 v1 names (`tok_embeddings`, `layers.N.attention.wq`, ...) and strips
-  `_orig_mod.` / `module.` prefixes.
-- RoPE uses the rotate-half convention (pairs (i, i + head_dim/2)), as current MiniMind does. v1 rotated
-  adjacent pairs (2i, 2i+1), so `remap_lm_keys` permutes v1 `wq`/`wk` rows per head to match.
+- Parameter names follow the current MiniMind (`model/model_minimind.py`), which are also Hugging Face
+  Llama/Qwen3's: `model.embed_tokens`, `model.layers.N.{input_layernorm,self_attn.{q,k,v,o}_proj,
+  post_attention_layernorm,mlp.*}`, `model.norm`, `lm_head` (tied to `model.embed_tokens`).
+- RoPE uses the rotate-half convention (pairs (i, i + head_dim/2)), as MiniMind2, minimind-3, Llama and
+  Qwen3 do. v1 rotated adjacent pairs (2i, 2i+1); `minivlm.pretrained` permutes v1 `wq`/`wk` rows per head.
+- The options that differ between the LMs we load are config fields, never guesses: `head_dim` apart
+  from dim / n_head and `qk_norm` (per-head RMSNorm of q and k before RoPE) for minimind-3 / Qwen3,
+  `ffn_dim`, `moe_norm_topk` (minimind-3 and Qwen3-MoE renormalise even a single expert's weight to 1).
 - RMSNorm computes in fp32. Grouped-query attention via SDPA: query head h reads KV head h // n_rep.
 - Every Linear/Embedding starts at N(0, 0.02); residual output projections (`o_proj`, `down_proj`) at
   0.02 / sqrt(2 * n_layer) (GPT-2). The projector uses the same init.
-- MoE (cfg.use_moe): softmax router, top-k experts per token with weights renormalised to sum to 1
-  (when k > 1, as MiniMind), always-on shared experts, and in training the Switch/DeepSeek balance loss
+- MoE (cfg.use_moe): softmax router, top-k experts per token with weights renormalised per
+  `moe_norm_topk`, `n_shared_experts` always-on shared experts, and in training the Switch/DeepSeek balance loss
   alpha * sum_i f_i * P_i (f_i = E * share of routed slots, P_i = mean router prob); 0 in eval, so
   validation loss is pure cross-entropy. An expert with no tokens still runs on an empty batch, so
   every parameter stays in the graph (DDP).
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -40,11 +40,6 @@ from minivlm.checkpoint import load_weights, save_weights
 from minivlm.config import ModelConfig, TokenizerConfig
 from minivlm.encoder import EncoderSpec
 from minivlm.fileio import atomic_write_json
-
-
-def ffn_hidden(cfg: ModelConfig) -> int:
-    """SwiGLU width: multiple_of * ceil(8 * dim / 3 / multiple_of) (1408 for dim 512)."""
-    return cfg.multiple_of * -(-8 * cfg.dim // (3 * cfg.multiple_of))
 
 
 class RMSNorm(nn.Module):
@@ -93,11 +88,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head = layer, cfg.n_head, cfg.n_kv_head
-        self.head_dim = cfg.dim // cfg.n_head
+        self.head_dim = cfg.head_size
         self.q_proj = nn.Linear(cfg.dim, cfg.n_head * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:  # minimind-3 / Qwen3: RMSNorm over each head's q and k, before RoPE
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps), RMSNorm(self.head_dim, cfg.norm_eps)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
@@ -106,6 +103,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, L, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
         k = self.k_proj(x).view(B, L, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
         v = self.v_proj(x).view(B, L, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, hd), S = start_pos + L
@@ -123,7 +122,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = ffn_hidden(cfg)
+        hidden = cfg.ffn_size
         self.gate_proj = nn.Linear(cfg.dim, hidden, bias=False)
         self.up_proj = nn.Linear(cfg.dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, cfg.dim, bias=False)
@@ -136,7 +135,7 @@ class FeedForward(nn.Module):
 class MoEFeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.top_k, self.alpha = cfg.n_experts_per_tok, cfg.aux_loss_alpha
+        self.top_k, self.renorm, self.alpha = cfg.n_experts_per_tok, cfg.renorm_topk, cfg.aux_loss_alpha
         self.gate = nn.Linear(cfg.dim, cfg.n_routed_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(cfg) for _ in range(cfg.n_routed_experts))
         self.shared_experts = nn.ModuleList(FeedForward(cfg) for _ in range(cfg.n_shared_experts))
@@ -147,7 +146,7 @@ class MoEFeedForward(nn.Module):
         xf = x.reshape(-1, D)  # (N, D)
         probs = self.gate(xf).float().softmax(dim=-1)  # (N, E)
         top_w, top_i = probs.topk(self.top_k, dim=-1)  # (N, k)
-        if self.top_k > 1:
+        if self.renorm:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         y = torch.zeros_like(xf)  # (N, D)
         for e, expert in enumerate(self.experts):
@@ -187,7 +186,7 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        cos, sin = rope_tables(cfg.dim // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("freqs_cos", cos, persistent=False)  # (max_seq_len, hd)
         self.register_buffer("freqs_sin", sin, persistent=False)
 
@@ -232,14 +231,21 @@ class VLMConfig:
 
     @classmethod
     def from_json(cls, d: dict, where: str) -> VLMConfig:
-        if d.get("format") != MODEL_FORMAT:
-            raise ValueError(f"{where} has format {d.get('format')!r}, this minivlm reads {MODEL_FORMAT}; retrain the "
-                             f"run (or caption it with the minivlm version that trained it)")
-        return cls(ModelConfig(**d["model"]), d["vocab_size"], d["image_dim"], d["image_tokens"], d["image_token_id"],
-                   TokenizerConfig(**d["tokenizer"]), EncoderSpec(**d["encoder"]))
+        """model_config.json as saved by save_pretrained; format 1 (before VLMConfig) holds the same facts."""
+        try:
+            if d.get("format") is None and "image_width" in d:  # format 1
+                d = {**d, "format": MODEL_FORMAT, "image_dim": d["image_width"],
+                     "encoder": {**d["encoder"], "fingerprint": d["fingerprint_fields"]}}
+            if d.get("format") != MODEL_FORMAT:
+                raise ValueError(f"{where} has format {d.get('format')!r}, this minivlm reads {MODEL_FORMAT}; "
+                                 f"use the minivlm version that wrote it")
+            return cls(ModelConfig(**d["model"]), d["vocab_size"], d["image_dim"], d["image_tokens"],
+                       d["image_token_id"], TokenizerConfig(**d["tokenizer"]), EncoderSpec(**d["encoder"]))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{where}: not a minivlm model config ({type(e).__name__}: {e})") from None
 
 
-MODEL_FORMAT = 2  # model_config.json layout (1: the hand-built dict before VLMConfig)
+MODEL_FORMAT = 2  # model_config.json layout (1: the dict the trainer built by hand before VLMConfig)
 
 
 class VLMOutput(NamedTuple):
@@ -357,42 +363,3 @@ def param_groups(model: VLM, weight_decay: float) -> list[dict]:
 def num_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Parameter count; tied tensors count once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-_V1_RULES = [  # MiniMind v1 (2024, `MiniMindLM`) name -> ours; applied in order, each to every key
-    (r"^tok_embeddings\.", "model.embed_tokens."),
-    (r"^output\.", "lm_head."),
-    (r"^norm\.", "model.norm."),
-    (r"^layers\.(\d+)\.attention\.w([qkvo])\.", r"model.layers.\1.self_attn.\2_proj."),
-    (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
-    (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
-    (r"^layers\.(\d+)\.feed_forward\.", r"model.layers.\1.mlp."),
-    (r"\.mlp\.shared_experts\.w", ".mlp.shared_experts.0.w"),  # v1 had one shared expert, not a list
-    (r"\.w1\.", ".gate_proj."), (r"\.w2\.", ".down_proj."), (r"\.w3\.", ".up_proj."),
-]
-
-
-def remap_lm_keys(state_dict: dict, head_dim: int | None = None) -> dict:
-    """MiniMind LM state dict (current or v1 names, maybe `_orig_mod.`/`module.`-prefixed) -> our names.
-
-    v1 rotated adjacent RoPE pairs (2i, 2i+1); we rotate (i, i + hd/2). The same per-head row
-    permutation of q and k keeps q.k unchanged, so v1 `wq`/`wk` are permuted; that needs `head_dim`
-    (cfg.dim // cfg.n_head). Keys that are neither current nor v1 LM names pass through unchanged.
-    """
-    out = {}
-    for key, t in state_dict.items():
-        while key.startswith(("_orig_mod.", "module.")):
-            key = key.split(".", 1)[1]
-        v1 = re.match(r"^(tok_embeddings|output|norm|layers)\.", key) is not None
-        if v1 and re.match(r"^layers\.\d+\.attention\.w[qk]\.weight$", key):
-            if head_dim is None:
-                raise ValueError(f"{key}: MiniMind v1 checkpoint; pass head_dim=model.dim // model.n_head "
-                                 "so wq/wk can be converted to rotate-half RoPE")
-            t = t.view(-1, head_dim // 2, 2, t.size(1)).transpose(1, 2).reshape(t.shape)
-        for pattern, repl in _V1_RULES if v1 else ():
-            key = re.sub(pattern, repl, key)
-        out[key] = t
-    for a, b in (("lm_head.weight", "model.embed_tokens.weight"), ("model.embed_tokens.weight", "lm_head.weight")):
-        if a in out and b not in out:  # tied: a checkpoint may store only one of the two
-            out[b] = out[a]
-    return out

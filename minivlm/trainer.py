@@ -34,7 +34,8 @@ from minivlm.config import RunConfig, TrainConfig, load_config, to_toml, to_tree
 from minivlm.data import BatchSampler, CacheBatches, Loader, load_splits, open_cache, split_tokens
 from minivlm.dist import Dist, print0
 from minivlm.fileio import atomic_write_text
-from minivlm.model import VLM, VLMConfig, freeze, num_params, param_groups, remap_lm_keys
+from minivlm.model import VLM, VLMConfig, freeze, num_params, param_groups
+from minivlm.pretrained import init_from
 from minivlm.text import IGNORE, load_tokenizer, text_format
 
 
@@ -121,33 +122,6 @@ def evaluate(model: VLM, batches: list[dict], dtype: torch.dtype, device: str) -
     return out
 
 
-def init_lm(model: VLM, path: str, allow_partial: bool) -> None:
-    """Load an LM checkpoint into the VLM's LM; refuse a load that matched under 90% of the LM tensors."""
-    src = remap_lm_keys(checkpoint.read_lm_state(path), head_dim=model.cfg.dim // model.cfg.n_head)
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith("projector.")}
-    matched, mismatched = [], []
-    with torch.no_grad():
-        for k, v in own.items():
-            if k not in src:
-                continue
-            w = src[k]
-            if w.shape == v.shape:
-                v.copy_(w)
-                matched.append(k)
-            elif w.dim() == 2 and w.shape[1] == v.shape[1] and k.endswith(("embed_tokens.weight", "lm_head.weight")):
-                n = min(w.shape[0], v.shape[0])  # vocabulary grew (an added image token): copy the overlap
-                v[:n].copy_(w[:n])
-                matched.append(k)
-            else:
-                mismatched.append(f"{k} {tuple(w.shape)}->{tuple(v.shape)}")
-    missing = [k for k in own if k not in matched]
-    unexpected = [k for k in src if k not in own]
-    print(f"init_from {path}: matched {len(matched)}/{len(own)} LM tensors, missing {len(missing)}, "
-          f"unexpected {len(unexpected)}" + (f", shape mismatch: {', '.join(mismatched[:3])}" if mismatched else ""))
-    if len(matched) < 0.9 * len(own) and not allow_partial:
-        raise ValueError(f"train.init_from={path}: only {len(matched)} of {len(own)} LM tensors matched "
-                         f"(first missing: {missing[:3]}); check model.* against the checkpoint, or set "
-                         f"train.allow_partial_init=true to accept a partial load")
 
 
 def peak_memory_mb(device: str) -> float:
@@ -223,7 +197,7 @@ def build_model(cfg: RunConfig, data: TrainData, device: str, init: bool):
     tc = cfg.train
     model = VLM(cfg.model, data.fmt.vocab_size, data.index.width, data.fmt.image_token_id)
     if init and tc.init_from:
-        init_lm(model, tc.init_from, tc.allow_partial_init)
+        init_from(model, tc.init_from, tc.allow_partial_init, data.manifest)
     freeze(model, tc.freeze_llm)
     model.to(device)
     opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),

@@ -190,9 +190,14 @@ def test_save_pretrained_round_trips_the_model_and_its_config(clip_run, tmp_path
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
     saved = json.loads((tmp_path / "model_config.json").read_text())
-    (tmp_path / "model_config.json").write_text(json.dumps({**saved, "format": 1}))
-    with pytest.raises(ValueError, match="model_config.json has format 1, this minivlm reads 2; retrain"):
+    (tmp_path / "model_config.json").write_text(json.dumps({**saved, "format": 3}))
+    with pytest.raises(ValueError, match="model_config.json has format 3, this minivlm reads 2; use the minivlm"):
         VLM.from_pretrained(tmp_path)
+    v1 = {k: v for k, v in saved.items() if k not in ("format", "image_dim")}  # format 1: the trainer's old dict
+    v1.update(image_width=saved["image_dim"], encoder={k: v for k, v in saved["encoder"].items() if k != "fingerprint"},
+              fingerprint_fields=saved["encoder"]["fingerprint"], fingerprint="id", image_token="<|image_pad|>")
+    (tmp_path / "model_config.json").write_text(json.dumps(v1))
+    assert VLM.from_pretrained(tmp_path).config == model.config
 
 
 @pytest.mark.parametrize("version", ["v1", "v3"])
@@ -236,3 +241,18 @@ def test_a_failed_export_leaves_the_previous_one_and_no_temporary_files(clip_run
         export_run(clip_run.train.run_dir, out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_qk_norm_lm_exports_as_qwen3(demo, clip_run, tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+    cfg = train_config(demo, Path(clip_run.cache.dir), tmp_path, *ROOM, "train.max_steps=4", "train.eval_batches=1",
+                       "model.qk_norm=true", "model.head_dim=24", "model.norm_eps=1e-6")
+    fit(cfg, Dist())
+    hf, _, cap = assert_exact_export(cfg.train.run_dir, tmp_path / "hf", demo)
+    assert hf.config.text_config.model_type == "qwen3"
+    export_run(cfg.train.run_dir, tmp_path / "lm", lm_only=True)
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", local_files_only=True).eval()
+    assert isinstance(lm, Qwen3ForCausalLM)
+    ids = torch.tensor([prompt_ids(cap.fmt, PROMPT, with_image=False)])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, cap.model(ids).logits, atol=1e-4, rtol=0)

@@ -7,8 +7,7 @@ import torch
 
 from minivlm.config import ModelConfig
 from minivlm.generate import generate, sample_next
-from minivlm.model import (VLM, MoEFeedForward, apply_rope, ffn_hidden, freeze, num_params, param_groups,
-                           remap_lm_keys, rope_tables)
+from minivlm.model import VLM, MoEFeedForward, apply_rope, freeze, num_params, param_groups, rope_tables
 
 V, D_IMG, T = 50, 12, 4
 IMG = V - 1  # image placeholder token id
@@ -175,80 +174,16 @@ def test_param_groups_skip_decay_on_norms_biases_and_embeddings():
     torch.optim.AdamW(groups, lr=1e-3)
 
 
-def to_v1(sd: dict, head_dim: int) -> dict:
-    """Our LM names -> MiniMind v1 names, with wq/wk rows back in interleaved-RoPE order."""
-    rules = [("model.embed_tokens.", "tok_embeddings."), ("lm_head.", "output."), ("model.norm.", "norm."),
-             ("model.layers.", "layers."), ("self_attn.", "attention."), ("input_layernorm", "attention_norm"),
-             ("post_attention_layernorm", "ffn_norm"), ("mlp.shared_experts.0.", "feed_forward.shared_experts."),
-             ("mlp.", "feed_forward."), ("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3"),
-             ("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")]
-    out = {}
-    for k, t in sd.items():
-        if k.startswith("projector."):
-            continue
-        if k.endswith(("q_proj.weight", "k_proj.weight")):
-            t = t.view(-1, 2, head_dim // 2, t.size(1)).transpose(1, 2).reshape(t.shape)
-        for a, b in rules:
-            k = k.replace(a, b)
-        out[k] = t.clone()
-    return out
-
-
-@pytest.mark.parametrize("use_moe", [False, True])
-def test_remapped_v1_checkpoint_loads_every_lm_tensor(use_moe):
-    src = tiny_vlm(seed=0, use_moe=use_moe, n_shared_experts=1).eval()
-    hd = TINY.dim // TINY.n_head
-    v1 = {"_orig_mod.module." + k: t for k, t in to_v1(src.state_dict(), hd).items()}
-    assert "_orig_mod.module.layers.1.attention.wq.weight" in v1 and "_orig_mod.module.tok_embeddings.weight" in v1
-    dst = tiny_vlm(seed=1, use_moe=use_moe, n_shared_experts=1).eval()
-    missing, unexpected = dst.load_state_dict(remap_lm_keys(v1, head_dim=hd), strict=False)
-    assert unexpected == [] and all(k.startswith("projector.") for k in missing)
-    for k, t in src.state_dict().items():
-        if not k.startswith("projector."):
-            assert torch.equal(dst.state_dict()[k], t), k
-    ids, _ = batch(2, image_rows=[])
-    torch.testing.assert_close(dst(ids).logits, src(ids).logits)
-    with pytest.raises(ValueError, match="head_dim"):
-        remap_lm_keys(v1)
-
-
-def test_remap_strips_prefixes_and_fills_in_the_tied_embedding():
-    sd = tiny_vlm().state_dict()
-    current = {"module." + k: t for k, t in sd.items() if k != "model.embed_tokens.weight"}
-    out = remap_lm_keys(current)
-    assert set(out) == set(sd)
-    assert out["model.embed_tokens.weight"] is out["lm_head.weight"]
-
-
-def test_v1_rope_permutation_preserves_attention_scores():
-    """v1 rotated adjacent pairs (complex view); after remap our rotate-half RoPE gives the same q.k."""
-    torch.manual_seed(0)
-    hd, H, L, dim = 8, 2, 6, 16
-    wq, wk, x = torch.randn(H * hd, dim), torch.randn(H * hd, dim), torch.randn(L, dim)
-    cos, sin = rope_tables(hd, L, TINY.rope_theta)
-
-    def v1_rope(t):  # (L, H, hd), MiniMind v1 apply_rotary_emb
-        freqs = torch.outer(torch.arange(L).float(), 1.0 / TINY.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
-        tc = torch.view_as_complex(t.reshape(L, H, hd // 2, 2)) * torch.polar(torch.ones_like(freqs), freqs)[:, None]
-        return torch.view_as_real(tc).flatten(2)
-
-    q1, k1 = v1_rope((x @ wq.T).view(L, H, hd)), v1_rope((x @ wk.T).view(L, H, hd))
-    ours = remap_lm_keys({"layers.0.attention.wq.weight": wq, "layers.0.attention.wk.weight": wk}, head_dim=hd)
-    q2 = apply_rope((x @ ours["model.layers.0.self_attn.q_proj.weight"].T).view(L, H, hd).transpose(0, 1), cos, sin)
-    k2 = apply_rope((x @ ours["model.layers.0.self_attn.k_proj.weight"].T).view(L, H, hd).transpose(0, 1), cos, sin)
-    torch.testing.assert_close(q2 @ k2.transpose(1, 2), q1.transpose(0, 1) @ k1.permute(1, 2, 0))
-
-
 def test_swiglu_hidden_and_default_lm_size_match_minimind_26m():
     cfg = ModelConfig()
-    assert ffn_hidden(cfg) == 1408
+    assert cfg.ffn_size == 1408
     for dim in (256, 512, 640, 768, 1024):  # MiniMind: int(8 * dim / 3) rounded up to a multiple of 64
-        assert ffn_hidden(dataclasses.replace(cfg, dim=dim, n_head=8, n_kv_head=8)) == 64 * math.ceil(int(dim * 8 / 3) / 64)
+        assert dataclasses.replace(cfg, dim=dim, n_head=8, n_kv_head=8).ffn_size == 64 * math.ceil(int(dim * 8 / 3) / 64)
     vocab = 6400  # MiniMind tokenizer
     with torch.device("meta"):
         model = VLM(cfg, vocab_size=vocab, image_dim=768, image_token_id=vocab - 1)
     lm = num_params(model) - num_params(model.projector)
-    d, hd, F = cfg.dim, cfg.dim // cfg.n_head, ffn_hidden(cfg)
+    d, hd, F = cfg.dim, cfg.dim // cfg.n_head, cfg.ffn_size
     per_layer = d * hd * (cfg.n_head + 2 * cfg.n_kv_head) + cfg.n_head * hd * d + 3 * d * F + 2 * d
     expected = vocab * d + cfg.n_layer * per_layer + d  # tied embeddings counted once
     print(f"default LM: {lm / 1e6:.2f}M parameters (projector {num_params(model.projector) / 1e6:.2f}M)")
