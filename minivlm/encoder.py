@@ -173,7 +173,7 @@ class EncoderSpec:
         wrong = self.differs(other)
         if wrong:
             theirs = ", ".join(f"encoder.{k}={other.value(k)!r}" for k in wrong)
-            ours = ", ".join(repr(self.value(k)) for k in wrong)
+            ours = ", ".join(f"encoder.{k}={self.value(k)!r}" for k in wrong)
             raise ValueError(f"{subject} has {theirs} where {reference} has {ours}; {fix}")
 
 

@@ -26,7 +26,7 @@ def test_configs_differ_by_selection_or_path_and_loaded_encoders_by_fingerprint_
 
 def test_check_names_every_differing_field_with_both_values_and_the_fix():
     with pytest.raises(ValueError, match=r"^the config has encoder.select_layer=-1, encoder.pool=2 where cache c "
-                                         r"has -2, 1; re-embed$"):
+                                         r"has encoder.select_layer=-2, encoder.pool=1; re-embed$"):
         spec().check(spec(select_layer=-1, pool=2), "the config", "cache c", "re-embed")
     spec().check(spec(batch_size=7, num_workers=0), "the config", "cache c", "re-embed")  # not part of the spec
 
