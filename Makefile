@@ -7,12 +7,13 @@ ARGS   ?=
 SWEEP  ?= configs/sweeps/demo_lr.toml
 RUN    ?= runs/demo
 IMAGE  ?=
+OUT    ?=
 # CPU machines get this CPU build of torch (from a local wheel when pip finds one, else the CPU index);
 # machines with nvidia-smi get the default (CUDA) build through pyproject's permissive range.
 TORCH_CPU_VERSION ?= 2.13.0
 TORCH_CPU_INDEX   ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo demo-data embed train sweep caption evaluate test test-fast gpu-check bench bench-quick clean-demo
+.PHONY: install demo demo-data embed train sweep caption evaluate export test test-fast gpu-check bench bench-quick clean-demo
 
 install: $(VENV)/.installed
 
@@ -48,6 +49,9 @@ caption: install
 
 evaluate: install
 	$(BIN)/python stages/evaluate.py --run $(RUN) $(ARGS)
+
+export: install
+	$(BIN)/python stages/export.py --run $(RUN) --out $(or $(OUT),exports/$(notdir $(RUN))) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)

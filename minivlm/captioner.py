@@ -1,66 +1,52 @@
 """A trained run, loaded for captioning: weights, tokenizer and the live encoder it was trained against.
 
 Design choices:
-- Everything comes from the run directory (`model.safetensors`, `model_config.json`, `tokenizer/`);
-  the encoder is reloaded from the stored spec and its fingerprint must equal the one stage 1 recorded
-  (other weights at the same path are refused, naming the field).
+- Everything comes from the run directory (`VLM.from_pretrained`, `tokenizer/`); the encoder is reloaded
+  from the stored spec and its fingerprint must equal the one stage 1 recorded (other weights at the same
+  path are refused, naming the field).
 - Live features go through the same `load_image` / `preprocess` / `encode` as stage 1, so a live row is
   the cached row.
 - An image that cannot be read is reported for that image; the others are still captioned.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from minivlm.checkpoint import load_weights
-from minivlm.config import EncoderConfig, ModelConfig, TokenizerConfig
-from minivlm.encoder import Encoder, ImageError, encode, fingerprint_diff, load_encoder, load_image, preprocess
+from minivlm.encoder import Encoder, EncoderSpec, ImageError, encode, load_encoder, load_image, preprocess
 from minivlm.generate import generate
-from minivlm.model import VLM
+from minivlm.model import VLM, VLMConfig
 from minivlm.text import TextFormat, decode, load_tokenizer, prompt_ids, text_format
 
 
 @dataclass
 class Captioner:
-    model: VLM
+    model: VLM            # .config: the run's VLMConfig
     fmt: TextFormat
-    config: dict          # model_config.json
     device: str
     encoder: Encoder | None = None
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", with_encoder: bool = True) -> Captioner:
     run_dir = Path(run_dir)
-    path = run_dir / "model_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no model_config.json: it is not a finished run "
-                                f"(train it to the end with stages/train.py first)")
-    mc = json.loads(path.read_text())
-    tcfg = TokenizerConfig(**{**mc["tokenizer"], "name_or_path": str(run_dir / "tokenizer")})
-    fmt = text_format(load_tokenizer(tcfg), tcfg, mc["image_tokens"])
-    model = VLM(ModelConfig(**mc["model"]), mc["vocab_size"], mc["image_width"], mc["image_token_id"])
-    load_weights(run_dir / "model.safetensors", model)
-    cap = Captioner(model.to(device).eval(), fmt, mc, device)
+    model = VLM.from_pretrained(run_dir)
+    vc = model.config
+    tcfg = replace(vc.tokenizer, name_or_path=str(run_dir / "tokenizer"))
+    fmt = text_format(load_tokenizer(tcfg), tcfg, vc.image_tokens)
+    cap = Captioner(model.to(device), fmt, device)
     if with_encoder:
-        cap.encoder = load_run_encoder(mc, device)
+        cap.encoder = load_run_encoder(run_dir, vc, device)
     return cap
 
 
-def load_run_encoder(mc: dict, device: str) -> Encoder:
+def load_run_encoder(run_dir: Path, vc: VLMConfig, device: str) -> Encoder:
     """The encoder from the run's stored spec, refused if its fingerprint differs from stage 1's."""
-    spec = mc["encoder"]
-    enc = load_encoder(EncoderConfig(name_or_path=spec["name_or_path"], select_layer=spec["select_layer"],
-                                     keep_cls=spec["keep_cls"], pool=spec["pool"], dtype=spec["compute_dtype"]),
-                       device)
-    wrong = fingerprint_diff(mc["fingerprint_fields"], enc.fingerprint)
-    if wrong:
-        raise ValueError(f"encoder {spec['name_or_path']} no longer matches the fingerprint this run was trained "
-                         f"with (differs: {', '.join(wrong)}); restore the original encoder files, or re-embed "
-                         f"and retrain")
+    enc = load_encoder(vc.encoder.encoder_config(), device)
+    vc.encoder.check(EncoderSpec.of_encoder(enc), f"encoder {vc.encoder.name_or_path}",
+                     f"the fingerprint run {run_dir} was trained with",
+                     "restore the original encoder files, or re-embed and retrain")
     return enc
 
 

@@ -6,8 +6,8 @@ Layout of a run (`runs/<name>/`):
   `state.json` (step, epoch, batch cursor, world size, scheduler position). A checkpoint is built in
   `step-N.tmp/` and published with one directory rename, so a kill mid-write leaves the previous one; a
   full disk is refused up front (the tensors' size is known) or caught mid-write, naming the file.
-- `model.safetensors` + `model_config.json` (+ `tokenizer/`): everything captioning needs; the weights
-  are written last and mark a finished run.
+- `model.safetensors` + `model_config.json` (VLM.save_pretrained) + `tokenizer/`: everything captioning
+  needs; the weights are written last and mark a finished run.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from minivlm.fileio import atomic_dir, atomic_write, atomic_write_json, fsync_dir, writing
+from minivlm.fileio import atomic_dir, atomic_write, fsync_dir, writing
 
 CKPT_DIR = "checkpoints"
 
@@ -89,8 +89,8 @@ def remove_stale(run_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_final(run_dir: Path, model: torch.nn.Module, model_config: dict, tokenizer) -> None:
-    """The finished run's files; model.safetensors comes last, so its presence means all are there."""
+def save_final(run_dir: Path, model: torch.nn.Module, config, tokenizer) -> None:
+    """The finished run: the tokenizer, then the model (VLM.save_pretrained writes its weights last, so
+    model.safetensors marks a finished run)."""
     atomic_dir(Path(run_dir) / "tokenizer", lambda tmp: tokenizer.save_pretrained(str(tmp)))
-    atomic_write_json(Path(run_dir) / "model_config.json", model_config)
-    save_weights(Path(run_dir) / "model.safetensors", model)
+    model.save_pretrained(run_dir, config)

@@ -109,7 +109,7 @@ class ModelConfig:
     n_shared_experts: int = 1
     moe_norm_topk: str = "k>1"    # top-k weights rescaled to sum 1: k>1 (MiniMind v1/2), always (minimind-3), never
     aux_loss_alpha: float = 0.1
-    projector: str = "mlp"        # linear | mlp (LayerNorm -> Linear -> GELU -> Linear)
+    projector: str = "mlp"        # linear | mlp2x_gelu (LLaVA-1.5: Linear -> GELU -> Linear) | mlp (LayerNorm first)
 
     def __post_init__(self):
         if not self.head_dim and self.dim % self.n_head:
@@ -119,8 +119,8 @@ class ModelConfig:
             raise ValueError(f"model.head_dim (or dim / n_head) must be even for RoPE, got {self.head_size}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
-        if self.projector not in ("linear", "mlp"):
-            raise ValueError(f"model.projector must be linear or mlp, got {self.projector!r}")
+        if self.projector not in ("linear", "mlp2x_gelu", "mlp"):
+            raise ValueError(f"model.projector must be linear, mlp2x_gelu or mlp, got {self.projector!r}")
         if self.moe_norm_topk not in ("k>1", "always", "never"):
             raise ValueError(f"model.moe_norm_topk must be k>1, always or never, got {self.moe_norm_topk!r}")
         if self.use_moe and not 1 <= self.n_experts_per_tok <= self.n_routed_experts:

@@ -42,7 +42,7 @@ import torch
 from minivlm import cache
 from minivlm.config import RunConfig
 from minivlm.dist import Dist
-from minivlm.encoder import fingerprint_diff, spec_of
+from minivlm.encoder import EncoderSpec
 from minivlm.records import Record, load_records
 from minivlm.fileio import atomic_write
 from minivlm.text import TextFormat, Tokens, collate, load_tokenizer, text_format, tokenize, tokens_key
@@ -52,12 +52,8 @@ def open_cache(cfg: RunConfig, tokens: int | None = None, width: int | None = No
     """Validate the cache before anything else: complete, published, expected T/D, same encoder spec."""
     cache_dir = Path(cfg.cache.dir)
     manifest = cache.load_manifest(cache_dir)
-    fields = manifest.get("fingerprint_fields", {})
-    wrong = fingerprint_diff(spec_of(cfg.encoder), fields)
-    if wrong:
-        k = wrong[0]
-        raise ValueError(f"cache {cache_dir} was embedded with encoder.{k}={fields[k]!r}, the config asks for "
-                         f"{spec_of(cfg.encoder)[k]!r}; re-embed into another cache.dir or fix the config")
+    EncoderSpec.of_manifest(manifest).check(EncoderSpec.of_config(cfg.encoder), "the config", f"cache {cache_dir}",
+                                            "re-embed into another cache.dir or fix the config")
     for name, want, got in (("T (image tokens)", tokens, manifest["tokens"]), ("D (width)", width, manifest["width"])):
         if want is not None and want != got:
             raise ValueError(f"cache {cache_dir} has {name} = {got}, the model expects {want}; use the cache "

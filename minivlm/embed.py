@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from minivlm import __version__, cache
 from minivlm.config import RunConfig, RunFailed
 from minivlm.dist import Dist
 from minivlm.fileio import reading
-from minivlm.encoder import (ImageError, encode, fingerprint_diff, fingerprint_id, load_encoder, load_image,
+from minivlm.encoder import (EncoderSpec, ImageError, encode, fingerprint_id, load_encoder, load_image,
                              preprocess)
 from minivlm.records import first_record_with, image_keys, load_records, records_hash, resolve_image
 
@@ -56,7 +57,7 @@ def _collate(batch):
     return batch
 
 
-def _check_existing(cache_dir: Path, plan: list[list[str]], fp: dict, mine, overwrite: bool) -> set[int]:
+def _check_existing(cache_dir: Path, plan: list[list[str]], spec: EncoderSpec, mine, overwrite: bool) -> set[int]:
     """Published shards of this rank that can be kept. A shard from another encoder spec is refused (or with
     overwrite, deleted); an unreadable one, or one whose planned images changed, is deleted and redone."""
     keep = set()
@@ -72,15 +73,14 @@ def _check_existing(cache_dir: Path, plan: list[list[str]], fp: dict, mine, over
                 old_plan = f.attrs["plan"]
         except ValueError:
             old, old_plan = None, None
-        if old is not None and old == fp and i < n_planned and old_plan == cache.plan_hash(plan[i]):
+        if old is not None and old == spec.fingerprint and i < n_planned and old_plan == cache.plan_hash(plan[i]):
             keep.add(i)
             continue
-        if old is not None and old != fp and not overwrite:
-            fields = fingerprint_diff(old, fp) or ["fingerprint"]
-            raise ValueError(f"cache {cache_dir}: {p.name} was embedded with a different encoder spec ("
-                             + ", ".join(f"{k}: {old.get(k)!r} -> {fp.get(k)!r}" for k in fields)
-                             + "); rerun with --overwrite to replace the cache, or set cache.dir to a new directory")
-        if old is not None and old == fp:  # same encoder, other images in this slot: the records changed
+        if old is not None and old != spec.fingerprint and not overwrite:
+            replace(spec, fingerprint=old).check(spec, "this encoder", f"cache {cache_dir} ({p.name})",
+                                               "rerun with --overwrite to replace the cache, or set cache.dir "
+                                               "to a new directory")
+        if old is not None and old == spec.fingerprint:  # same encoder, other images in this slot: the records changed
             print(f"embed: {p.name} holds other images than the records now plan; re-embedding it", flush=True)
         p.unlink()
     return keep
@@ -105,13 +105,13 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
     lock = cache.CacheLock(cache_dir, shared=dist.is_distributed)
     try:
         enc = load_encoder(cfg.encoder, dist.device)
-        fp = enc.fingerprint
-        fid = fingerprint_id(fp)
+        spec = EncoderSpec.of_encoder(enc)
+        fid = fingerprint_id(spec.fingerprint)
         manifest = cache.read_manifest(cache_dir)
         mine = lambda i: i % dist.world_size == dist.rank  # noqa: E731
         if overwrite and dist.is_main:
             (cache_dir / cache.MANIFEST).unlink(missing_ok=True)
-        keep = _check_existing(cache_dir, plan, fp, mine, overwrite)
+        keep = _check_existing(cache_dir, plan, spec, mine, overwrite)
         if manifest and manifest.get("fingerprint") == fid and len(keep) == sum(map(mine, range(len(plan)))) \
                 and manifest.get("records_hash") == rhash and not overwrite:
             if dist.is_main:
@@ -131,10 +131,7 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
             print(f"warning: {len(outside) - 5} more image paths outside data.image_root", flush=True)
 
         n_failed = _embed_shards(enc, cfg, dist, cache_dir, plan, todo, items, fid, len(keys))
-        info = {"encoder": {"name_or_path": cfg.encoder.name_or_path, "select_layer": cfg.encoder.select_layer,
-                            "keep_cls": cfg.encoder.keep_cls, "pool": cfg.encoder.pool,
-                            "compute_dtype": str(enc.dtype).removeprefix("torch.")},
-                "fingerprint": fid, "fingerprint_fields": fp,
+        info = {"encoder": spec.as_json(), "fingerprint": fid, "fingerprint_fields": spec.fingerprint,
                 "records": files, "records_hash": rhash,
                 "shard_size": cfg.cache.shard_size, "tool_version": __version__}
         manifest = cache.finalize(cache_dir, plan, info)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,9 +119,64 @@ def spec_of(cfg: EncoderConfig) -> dict:
     return {"select_layer": cfg.select_layer, "keep_cls": cfg.keep_cls, "pool": cfg.pool, "storage_dtype": STORAGE_DTYPE}
 
 
-def fingerprint_diff(expected: dict, actual: dict) -> list[str]:
-    """Names of fingerprint fields that differ (only fields present in both)."""
-    return [k for k in expected if k in actual and expected[k] != actual[k]]
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which features a cache holds: the encoder, how its features are selected, and, once the encoder
+    has been loaded, its fingerprint components. Stored in the manifest and in every run; `check` is the
+    one comparison every stage makes (embed, train, caption, evaluate, sweep, export)."""
+    name_or_path: str
+    select_layer: int
+    keep_cls: bool
+    pool: int
+    compute_dtype: str = "auto"
+    fingerprint: dict = field(default_factory=dict)  # fingerprint components; spec_of(cfg) alone from a config
+
+    @classmethod
+    def of_config(cls, cfg: EncoderConfig) -> EncoderSpec:
+        return cls(cfg.name_or_path, cfg.select_layer, cfg.keep_cls, cfg.pool, cfg.dtype, spec_of(cfg))
+
+    @classmethod
+    def of_encoder(cls, enc: Encoder) -> EncoderSpec:
+        return replace(cls.of_config(enc.cfg), compute_dtype=str(enc.dtype).removeprefix("torch."),
+                       fingerprint=dict(enc.fingerprint))
+
+    @classmethod
+    def of_manifest(cls, manifest: dict) -> EncoderSpec:
+        return cls(**manifest["encoder"], fingerprint=manifest["fingerprint_fields"])
+
+    def as_json(self) -> dict:
+        """The manifest's `encoder` entry (the fingerprint is stored beside it, as `fingerprint_fields`)."""
+        return {k: v for k, v in asdict(self).items() if k != "fingerprint"}
+
+    def encoder_config(self, **kw) -> EncoderConfig:
+        """An EncoderConfig that loads this encoder again (kw: batch size, workers, ...)."""
+        return EncoderConfig(name_or_path=self.name_or_path, select_layer=self.select_layer, keep_cls=self.keep_cls,
+                             pool=self.pool, dtype=self.compute_dtype, **kw)
+
+    def differs(self, other: EncoderSpec) -> list[str]:
+        """Fields that differ: every fingerprint field both sides know. Until both are loaded (a config
+        against a config) the weights are known only by their path, so the path counts too."""
+        a, b = self.fingerprint, other.fingerprint
+        wrong = [k for k in a if k in b and a[k] != b[k]]
+        if not wrong and "weights" in a and "weights" in b and a != b:  # a field only one side has
+            wrong = ["fingerprint"]
+        if "weights" not in a and "weights" not in b and self.name_or_path != other.name_or_path:
+            wrong.insert(0, "name_or_path")
+        return wrong
+
+    def value(self, name: str):
+        special = {"name_or_path": self.name_or_path, "fingerprint": fingerprint_id(self.fingerprint)}
+        return special[name] if name in special else self.fingerprint.get(name)
+
+    def check(self, other: EncoderSpec, subject: str, reference: str, fix: str) -> None:
+        """Raise one line naming each field where `other` (the subject's spec) differs from this one."""
+        wrong = self.differs(other)
+        if wrong:
+            theirs = ", ".join(f"encoder.{k}={other.value(k)!r}" for k in wrong)
+            ours = ", ".join(f"encoder.{k}={self.value(k)!r}" for k in wrong)
+            raise ValueError(f"{subject} has {theirs} where {reference} has {ours}; {fix}")
 
 
 def _vision_parts(model):
@@ -178,7 +233,13 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Enco
 
 @torch.inference_mode()
 def encode(enc: Encoder, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) pixels -> (B, T, D) float16 features on enc.device."""
+    """(B, 3, H, W) pixels -> (B, T, D) float16 features on enc.device (what the cache stores)."""
+    return features(enc, pixels).to(torch.float16)
+
+
+@torch.inference_mode()
+def features(enc: Encoder, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) pixels -> (B, T, D) features in the compute dtype, before the storage rounding."""
     pixels = pixels.to(enc.device, enc.dtype, non_blocking=True)
     hidden = enc.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]  # (B, 1+N or N, D)
     cls_tok, patches = (hidden[:, :1], hidden[:, 1:]) if enc.fingerprint["arch"] == "CLIPVisionModel" else (None, hidden)
@@ -188,5 +249,4 @@ def encode(enc: Encoder, pixels: torch.Tensor) -> torch.Tensor:
         g = int(round(N ** 0.5))
         grid = patches.transpose(1, 2).reshape(B, D, g, g)                        # (B, D, g, g)
         patches = F.avg_pool2d(grid.float(), k).flatten(2).transpose(1, 2).to(hidden.dtype)  # (B, N/k², D)
-    out = torch.cat([cls_tok, patches], 1) if cls_tok is not None and enc.cfg.keep_cls else patches
-    return out.to(torch.float16)
+    return torch.cat([cls_tok, patches], 1) if cls_tok is not None and enc.cfg.keep_cls else patches

@@ -18,20 +18,21 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from minivlm.captioner import caption_features, load_run
 from minivlm.config import load_config
 from minivlm.data import BatchSampler, CacheBatches, join, load_splits, open_cache
+from minivlm.encoder import EncoderSpec
 from minivlm.fileio import atomic_write, atomic_write_json, atomic_write_text
+from minivlm.model import VLMConfig
 from minivlm.records import load_records, resolve_image
 from minivlm.trainer import amp_dtype, evaluate
 
 
-def held_out(run_dir: Path, mc: dict, cache_dir: str | None, records: str | None):
+def held_out(run_dir: Path, vc: VLMConfig, cache_dir: str | None, records: str | None):
     """The run's config (cache optionally replaced), its validated cache and the held-out split."""
     cfg = load_config(run_dir / "config.toml")
     if cache_dir:
         cfg = replace(cfg, cache=replace(cfg.cache, dir=cache_dir))
-    manifest, index = open_cache(cfg, mc["image_tokens"], mc["image_width"])
-    if manifest["fingerprint"] != mc["fingerprint"]:
-        raise ValueError(f"cache {cfg.cache.dir} (fingerprint {manifest['fingerprint']}) was not built with the "
-                         f"encoder this run was trained on ({mc['fingerprint']}); pass --cache with the right one")
+    manifest, index = open_cache(cfg, vc.image_tokens, vc.image_dim)
+    vc.encoder.check(EncoderSpec.of_manifest(manifest), f"cache {cfg.cache.dir}", f"run {run_dir}",
+                     "pass --cache with the cache this run was trained on")
     split = join(load_records(records), index) if records else load_splits(cfg, index)[1]
     if not split.records:
         raise ValueError(f"no held-out samples with cached images for {run_dir}; pass --records")
@@ -42,7 +43,7 @@ def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, records: str
                  device: str = "cpu") -> dict:
     run_dir = Path(run_dir)
     cap = load_run(run_dir, device, with_encoder=False)
-    cfg, index, split = held_out(run_dir, cap.config, cache_dir, records)
+    cfg, index, split = held_out(run_dir, cap.model.config, cache_dir, records)
     ds = CacheBatches(split, index, cap.fmt)
     batches = [ds[ix] for ix in BatchSampler(ds, cfg.train.batch_size, 0, shuffle=False).batches(0)]
     losses = evaluate(cap.model, batches, amp_dtype(cfg.train, device), device)  # the dtype the run trained in

@@ -20,17 +20,26 @@ Design choices:
 - Image rows replace the embeddings of the placeholder tokens with one masked_scatter: every row has
   either 0 or exactly T placeholders, anything else is a ValueError, never a silent misalignment.
 - The KV cache is a plain per-layer list of tensors that `forward(kv_cache=..., start_pos=p)` appends to.
+- A trained model is one artifact: `VLM.save_pretrained` writes safetensors + `VLMConfig` (asdict) as
+  `model_config.json`, `VLM.from_pretrained` reads them back; the config is the only place its shape,
+  prompt format and encoder spec are recorded (captioning, evaluation and export read it, never a dict).
 """
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minivlm.config import ModelConfig
+from minivlm.checkpoint import load_weights, save_weights
+from minivlm.config import ModelConfig, TokenizerConfig
+from minivlm.encoder import EncoderSpec
+from minivlm.fileio import atomic_write_json, reading
 
 
 class RMSNorm(nn.Module):
@@ -193,14 +202,50 @@ class Transformer(nn.Module):
 
 
 class Projector(nn.Sequential):
-    """Image rows (B, T, image_dim) -> LM width (B, T, dim): `linear`, or LayerNorm -> Linear -> GELU -> Linear."""
+    """Image rows (B, T, image_dim) -> LM width (B, T, dim): `linear`; `mlp2x_gelu` (LLaVA-1.5's
+    Linear -> GELU -> Linear, so it exports as LLaVA's projector); `mlp` (LayerNorm first, no LLaVA twin)."""
 
     def __init__(self, cfg: ModelConfig, image_dim: int):
-        if cfg.projector == "linear":
-            super().__init__(nn.Linear(image_dim, cfg.dim))
-        else:
-            super().__init__(nn.LayerNorm(image_dim), nn.Linear(image_dim, cfg.dim), nn.GELU(),
-                             nn.Linear(cfg.dim, cfg.dim))
+        mlp = [nn.Linear(image_dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim)]
+        layers = {"linear": mlp[:1], "mlp2x_gelu": mlp, "mlp": [nn.LayerNorm(image_dim), *mlp]}
+        super().__init__(*layers[cfg.projector])
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    """A trained VLM's `model_config.json`: what builds it and what it reads (the prompt format, the image
+    rows' encoder spec), so captioning, evaluation and export need nothing else from the run."""
+    model: ModelConfig
+    vocab_size: int
+    image_dim: int                # D, the width of an image row
+    image_tokens: int             # T', image rows (placeholder tokens) per image
+    image_token_id: int
+    tokenizer: TokenizerConfig    # how prompts were built; the tokenizer itself is saved beside the weights
+    encoder: EncoderSpec          # the features it was trained on (spec + fingerprint of the cache)
+
+    @classmethod
+    def of_run(cls, cfg, manifest: dict, fmt) -> VLMConfig:
+        """A training run's (RunConfig, cache manifest, text.TextFormat)."""
+        return cls(cfg.model, fmt.vocab_size, manifest["width"], manifest["tokens"], fmt.image_token_id,
+                   cfg.tokenizer, EncoderSpec.of_manifest(manifest))
+
+    @classmethod
+    def from_json(cls, d: dict, where: str) -> VLMConfig:
+        """model_config.json as saved by save_pretrained; format 1 (before VLMConfig) holds the same facts."""
+        try:
+            if d.get("format") is None and "image_width" in d:  # format 1
+                d = {**d, "format": MODEL_FORMAT, "image_dim": d["image_width"],
+                     "encoder": {**d["encoder"], "fingerprint": d["fingerprint_fields"]}}
+            if d.get("format") != MODEL_FORMAT:
+                raise ValueError(f"{where} has format {d.get('format')!r}, this minivlm reads {MODEL_FORMAT}; "
+                                 f"use the minivlm version that wrote it")
+            return cls(ModelConfig(**d["model"]), d["vocab_size"], d["image_dim"], d["image_tokens"],
+                       d["image_token_id"], TokenizerConfig(**d["tokenizer"]), EncoderSpec(**d["encoder"]))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{where}: not a minivlm model config ({type(e).__name__}: {e})") from None
+
+
+MODEL_FORMAT = 2  # model_config.json layout (1: the dict the trainer built by hand before VLMConfig)
 
 
 class VLMOutput(NamedTuple):
@@ -213,6 +258,7 @@ class VLM(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, image_dim: int, image_token_id: int):
         super().__init__()
         self.cfg, self.image_dim, self.image_token_id = cfg, image_dim, image_token_id
+        self.config: VLMConfig | None = None  # set by from_config / from_pretrained
         self.model = Transformer(cfg, vocab_size)
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
         self.model.embed_tokens.weight = self.lm_head.weight  # tied
@@ -268,6 +314,35 @@ class VLM(nn.Module):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100) + aux
         return VLMOutput(logits, loss, aux)
+
+    @classmethod
+    def from_config(cls, config: VLMConfig) -> VLM:
+        model = cls(config.model, config.vocab_size, config.image_dim, config.image_token_id)
+        model.config = config
+        return model
+
+    def save_pretrained(self, directory: str | Path, config: VLMConfig) -> None:
+        """`model_config.json` then `model.safetensors` (its presence marks a complete save), each atomic."""
+        assert (config.model, config.vocab_size, config.image_dim, config.image_token_id) == \
+            (self.cfg, self.lm_head.out_features, self.image_dim, self.image_token_id), "config of another model"
+        atomic_write_json(Path(directory) / CONFIG, {"format": MODEL_FORMAT, **asdict(config)})
+        save_weights(Path(directory) / WEIGHTS, self)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> VLM:
+        """A model saved by save_pretrained, in eval mode on the CPU, with its VLMConfig as `.config`."""
+        path = Path(directory) / CONFIG
+        if not (Path(directory) / WEIGHTS).is_file():
+            raise FileNotFoundError(f"{directory} has no {WEIGHTS}: it is not a finished run "
+                                    f"(train it to the end with stages/train.py first)")
+        with reading(path, "train the run again to rewrite it"):
+            config = VLMConfig.from_json(json.loads(path.read_text()), str(path))
+        model = cls.from_config(config)
+        load_weights(Path(directory) / WEIGHTS, model)
+        return model.eval()
+
+
+WEIGHTS, CONFIG = "model.safetensors", "model_config.json"
 
 
 def freeze(model: VLM, level: int) -> None:

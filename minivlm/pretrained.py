@@ -33,7 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from minivlm.config import ModelConfig
-from minivlm.model import VLM
+from minivlm.encoder import EncoderSpec
+from minivlm.model import VLM, VLMConfig
 
 RUN_FILES = ("model.safetensors", "model_config.json")
 
@@ -245,22 +246,19 @@ def read_run(path: Path, model: VLM, manifest: dict) -> dict[str, torch.Tensor]:
     """An earlier run's final weights, refused unless it saw the same image rows and vocabulary and has the
     same LM and projector."""
     mc_path = path / "model_config.json"
-    mc = _read_json(mc_path)
-    try:
-        theirs_cfg = ModelConfig(**mc["model"])  # fields added since that run take their defaults
-        theirs = {"image rows T": mc["image_tokens"], "image width D": mc["image_width"],
-                  "encoder fingerprint": mc["fingerprint"], "vocab_size": mc["vocab_size"],
-                  "image_token_id": mc["image_token_id"], "model.projector": theirs_cfg.projector}
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{mc_path}: not a minivlm run's model config ({e})") from None
+    vc = VLMConfig.from_json(_read_json(mc_path), str(mc_path))  # model fields added since take their defaults
+    fix = "start from a run on the same cache with the same model.*"
+    EncoderSpec.of_manifest(manifest).check(vc.encoder, f"train.init_from={path}", "this run's cache", fix)
+    theirs = {"image rows T": vc.image_tokens, "image width D": vc.image_dim, "vocab_size": vc.vocab_size,
+              "image_token_id": vc.image_token_id, "model.projector": vc.model.projector}
     ours = {"image rows T": manifest["tokens"], "image width D": manifest["width"],
-            "encoder fingerprint": manifest["fingerprint"], "vocab_size": model.lm_head.weight.size(0),
-            "image_token_id": model.image_token_id, "model.projector": model.cfg.projector}
+            "vocab_size": model.lm_head.weight.size(0), "image_token_id": model.image_token_id,
+            "model.projector": model.cfg.projector}
     wrong = [f"{k}: {theirs[k]!r} there, {v!r} here" for k, v in ours.items() if theirs[k] != v]
-    wrong += _differences(model.cfg, {k: (f"{v!r} there", v) for k, v in lm_function(theirs_cfg).items()})
+    wrong += _differences(model.cfg, {k: (f"{v!r} there", v) for k, v in lm_function(vc.model).items()})
     if wrong:
         raise ValueError(f"train.init_from={path}: that run was trained on other image rows or with another "
-                         f"model ({'; '.join(wrong)}); start from a run on the same cache with the same model.*")
+                         f"model ({'; '.join(wrong)}); {fix}")
     return read_state(path / "model.safetensors")
 
 

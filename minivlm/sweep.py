@@ -32,7 +32,7 @@ from typing import Any
 from minivlm.config import (RunConfig, build_config, build_config_strings, load_config, load_toml, merge,
                             parse_overrides, to_toml, to_tree)
 from minivlm.data import open_cache
-from minivlm.encoder import spec_of
+from minivlm.encoder import EncoderSpec
 from minivlm.fileio import atomic_write, atomic_write_text
 
 SET_BY_SWEEP = ("train.out_dir", "train.run_name")
@@ -149,21 +149,16 @@ def plan(spec: SweepSpec, config: str | Path, overrides: list[str], where: str) 
     return base, runs
 
 
-def _cache_spec(cfg: RunConfig) -> dict[str, Any]:
-    """What makes two configs read the same cache."""
-    return {"cache.dir": cfg.cache.dir, "encoder.name_or_path": cfg.encoder.name_or_path,
-            **{f"encoder.{k}": v for k, v in spec_of(cfg.encoder).items()}}
-
-
 def check_one_cache(base: RunConfig, runs: list[PlannedRun], where: str) -> None:
-    want = _cache_spec(base)
+    """Every run reads the base config's cache: same cache.dir, same encoder spec."""
+    want = EncoderSpec.of_config(base.encoder)
+    fix = "all runs of a sweep read one cache: take it out of the sweep"
     for run in (r for r in runs if r.cfg is not None):
-        got = _cache_spec(run.cfg)
-        differ = [k for k in want if got[k] != want[k]]
-        if differ:
-            k = differ[0]
-            raise ValueError(f"{where}: run {run.name} asks for {k}={got[k]!r}, the sweep's cache {base.cache.dir} "
-                             f"is for {k}={want[k]!r}; all runs of a sweep read one cache: take {k} out of the sweep")
+        if run.cfg.cache.dir != base.cache.dir:
+            raise ValueError(f"{where}: run {run.name} has cache.dir={run.cfg.cache.dir!r} where the sweep's cache "
+                             f"is {base.cache.dir!r}; {fix}")
+        want.check(EncoderSpec.of_config(run.cfg.encoder), f"{where}: run {run.name}",
+                   f"the sweep's cache {base.cache.dir}", fix)
 
 
 def finished(cfg: RunConfig) -> bool:

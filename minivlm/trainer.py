@@ -25,7 +25,6 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import signal
 import threading
@@ -46,7 +45,7 @@ from minivlm.dist import Dist, print0
 from minivlm.fileio import atomic_write_text
 from minivlm.metrics import (MetricsLogger, Throughput, flop_counts, last_metrics, open_wandb, peak_flops,
                              peak_memory_mb)
-from minivlm.model import VLM, freeze, num_params, param_groups
+from minivlm.model import VLM, VLMConfig, freeze, num_params, param_groups
 from minivlm.pretrained import init_from
 from minivlm.text import IGNORE
 
@@ -133,13 +132,6 @@ def evaluate(model: VLM, batches: list[dict], dtype: torch.dtype, device: str) -
     return out
 
 
-def model_config(cfg: RunConfig, manifest: dict, fmt) -> dict:
-    """model_config.json: everything captioning needs besides the weights."""
-    return {"model": dataclasses.asdict(cfg.model), "vocab_size": fmt.vocab_size, "image_tokens": manifest["tokens"],
-            "image_width": manifest["width"], "image_token": fmt.image_token, "image_token_id": fmt.image_token_id,
-            "tokenizer": dataclasses.asdict(cfg.tokenizer), "encoder": manifest["encoder"],
-            "fingerprint": manifest["fingerprint"], "fingerprint_fields": manifest["fingerprint_fields"],
-            "cache": cfg.cache.dir}
 
 
 def build_model(cfg: RunConfig, data: TrainData, device: str, init: bool):
@@ -281,7 +273,7 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
         result = run_eval(raw, data, state, log, dtype, device)
         ckpt.save(state, {**meta, "lr": lr_at(state.step, total, tc)})
     if dist.is_main:  # model.safetensors last: its presence marks a finished run
-        checkpoint.save_final(run_dir, raw, model_config(cfg, data.manifest, data.fmt), data.tokenizer)
+        checkpoint.save_final(run_dir, raw, VLMConfig.of_run(cfg, data.manifest, data.fmt), data.tokenizer)
     log.close()
     print0(dist, f"train: done {state.step} steps -> {run_dir}" + (
         f"; final eval_loss {result['eval_loss']:.4f}, shuffled-image eval_loss {result['eval_loss_shuffled']:.4f}, "

@@ -355,7 +355,8 @@ def test_a_run_starts_from_an_earlier_run_and_goes_on(demo, demo_cache, tmp_path
     assert after["step"] == 4 and math.isfinite(after["eval_loss"]) and after["eval_loss"] < at_step_0
 
     mc = json.loads((first.train.run_dir / "model_config.json").read_text())
-    for i, (change, needle) in enumerate([({"fingerprint": "0" * 16}, "encoder fingerprint: '0000000000000000' there"),
+    other_weights = {**mc["encoder"], "fingerprint": {**mc["encoder"]["fingerprint"], "weights": "0" * 16}}
+    for i, (change, needle) in enumerate([({"encoder": other_weights}, "has encoder.weights='0000000000000000' where"),
                                           ({"image_tokens": 64}, "image rows T: 64 there, 16 here"),
                                           ({"vocab_size": mc["vocab_size"] + 1}, "vocab_size"),
                                           ({"model": {**mc["model"], "n_kv_head": 2}}, "model.n_kv_head=1 but 2 there"),

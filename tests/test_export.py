@@ -1,0 +1,258 @@
+"""Export to transformers: the exported LLaVA (or causal LM) computes what the run computes, loads offline
+with transformers alone, and runs without an exact export are refused in one line."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import demo_config, run_stage, train_config
+from minivlm.captioner import caption_features, load_run, live_features
+from minivlm.demo import CLIP_MEAN, CLIP_STD
+from minivlm.dist import Dist
+from minivlm.embed import run_embed
+from minivlm.encoder import features, load_image, preprocess
+from minivlm.export import export_run, refusal
+from minivlm.generate import generate
+from minivlm.model import VLM
+from minivlm.text import prompt_ids
+from minivlm.trainer import fit
+
+PROMPT = "Describe the picture briefly."
+N_IMAGES, NEW_TOKENS = 8, 24
+# 64 image rows (pool 1) + prompt + a 24-token answer: more room than the demo's 96 / 128
+ROOM = ["encoder.pool=1", "tokenizer.max_len=128", "model.max_seq_len=160"]
+SHORT = ["train.max_steps=8", "train.batch_size=16", "train.eval_batches=1", "train.log_interval=4"]
+TINY = ["model.dim=32", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.multiple_of=16"]
+
+
+def build_tiny_siglip(out_dir: Path) -> None:
+    """A random SigLIP vision tower shaped like the demo CLIP (64 px, patch 8, width 64, 2 layers)."""
+    import transformers
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    SiglipVisionModel(SiglipVisionConfig(image_size=64, patch_size=8, hidden_size=64, intermediate_size=256,
+                                         num_hidden_layers=2, num_attention_heads=4)).save_pretrained(out_dir)
+    cls = getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
+    cls(size={"height": 64, "width": 64}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(out_dir)
+
+
+def trained_run(demo: Path, work: Path, *overrides: str):
+    cfg = demo_config(demo, work, f"train.out_dir={work}/runs", f"cache.dir={work}/cache", *overrides)
+    run_embed(cfg, Dist())
+    fit(cfg, Dist())
+    return cfg
+
+
+def held_out_images(demo: Path) -> list[Path]:
+    return [demo / "images" / r["image"] for r in json.loads((demo / "val.json").read_text())[:N_IMAGES]]
+
+
+def exported_inputs(proc, paths: list[Path], prompt: str):
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return proc(images=[Image.open(p) for p in paths], text=[text] * len(paths), return_tensors="pt")
+
+
+def assert_exact_export(run_dir: Path, out: Path, demo: Path):
+    """The acceptance checks for one exported run against the run itself."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    export_run(run_dir, out)
+    hf = LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True).eval()
+    proc = AutoProcessor.from_pretrained(out, local_files_only=True)
+    cap = load_run(run_dir)
+    paths = held_out_images(demo)
+    inputs = exported_inputs(proc, paths, PROMPT)
+    ours_ids = torch.tensor([prompt_ids(cap.fmt, PROMPT)] * len(paths))
+    assert torch.equal(inputs["input_ids"], ours_ids)  # the processor builds caption.py's prompt
+
+    pixels = torch.stack([preprocess(cap.encoder.processor, load_image(p, 10 ** 8)) for p in paths])
+    assert torch.equal(inputs["pixel_values"], pixels)
+    exact = features(cap.encoder, pixels).float()  # (B, T, D) before the fp16 storage rounding
+    with torch.no_grad():
+        theirs = hf(**inputs).logits
+        ours = cap.model(ours_ids, exact).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+    with torch.no_grad():
+        gen = hf.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[:, ours_ids.size(1):].tolist()
+    gen = [row[:row.index(cap.fmt.eos_id) + 1] if cap.fmt.eos_id in row else row for row in gen]
+    assert gen == generate(cap.model, ours_ids, exact, NEW_TOKENS, cap.fmt.eos_id)  # same features: same tokens
+    stored, _ = live_features(cap, paths)  # what caption.py feeds: fp16 rows
+    captions = caption_features(cap, stored, prompt=PROMPT, max_new_tokens=NEW_TOKENS)
+    for i, (caption, row) in enumerate(zip(captions, gen)):
+        if caption != proc.decode(row, skip_special_tokens=True).strip():
+            assert_near_tie(cap, ours_ids[i:i + 1], exact[i:i + 1], stored[i:i + 1], row)
+    return hf, proc, cap
+
+
+def assert_near_tie(cap, ids, exact, stored, row):
+    """Where caption.py's fp16 rows pick another token than the exact features, the two were nearly tied."""
+    ours = generate(cap.model, ids, stored, NEW_TOKENS, cap.fmt.eos_id)[0]
+    k = next(i for i, (a, b) in enumerate(zip(ours, row)) if a != b)
+    with torch.no_grad():
+        logits = cap.model(torch.cat([ids, torch.tensor([row[:k]])], 1), stored).logits[0, -1]
+    margin = (logits[ours[k]] - logits[row[k]]).item()
+    assert 0 <= margin < 1e-2, f"step {k}: fp16 rows prefer token {ours[k]} by {margin} logits, not a near-tie"
+
+
+@pytest.fixture(scope="module")
+def clip_run(demo, tmp_path_factory):
+    return trained_run(demo, tmp_path_factory.mktemp("export_clip"), *ROOM, *SHORT)
+
+
+def test_linear_projector_run_exports_to_llava_with_the_same_prompt_logits_and_captions(demo, clip_run, tmp_path):
+    assert clip_run.model.projector == "linear"
+    assert_exact_export(clip_run.train.run_dir, tmp_path / "hf", demo)
+
+
+def test_mlp2x_gelu_run_exports_exactly(demo, clip_run, tmp_path):
+    cfg = train_config(demo, Path(clip_run.cache.dir), tmp_path, *ROOM, *SHORT, "model.projector=mlp2x_gelu")
+    fit(cfg, Dist())
+    hf, _, _ = assert_exact_export(cfg.train.run_dir, tmp_path / "hf", demo)
+    assert hf.config.projector_hidden_act == "gelu"
+
+
+def test_v1_style_last_layer_with_cls_exports_with_the_full_strategy(demo, tmp_path):
+    cfg = trained_run(demo, tmp_path, *ROOM, *SHORT, *TINY, "encoder.select_layer=-1", "encoder.keep_cls=true")
+    hf, proc, cap = assert_exact_export(cfg.train.run_dir, tmp_path / "hf", demo)
+    assert hf.config.vision_feature_select_strategy == "full" and hf.config.vision_feature_layer == -1
+    assert cap.fmt.image_tokens == 65  # CLS + 8x8 patches
+
+
+def test_siglip_tower_exports_with_every_row(demo, tmp_path):
+    build_tiny_siglip(tmp_path / "siglip")
+    cfg = trained_run(demo, tmp_path, *ROOM, *SHORT, *TINY, f"encoder.name_or_path={tmp_path}/siglip")
+    hf, _, cap = assert_exact_export(cfg.train.run_dir, tmp_path / "hf", demo)
+    assert hf.config.vision_config.model_type == "siglip_vision_model" and cap.fmt.image_tokens == 64
+    assert hf.config.vision_feature_select_strategy == "full"  # `default` would drop a patch row
+
+
+@pytest.mark.parametrize("setting", ["model.projector=mlp", "encoder.pool=2"])
+def test_runs_without_an_exact_export_are_refused_in_one_line_and_export_their_lm(
+        demo, demo_cache, clip_run, tmp_path, setting):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    cache = demo_cache if setting == "encoder.pool=2" else clip_run.cache.dir
+    room = [] if setting == "encoder.pool=2" else ROOM
+    cfg = train_config(demo, Path(cache), tmp_path, *room, "train.max_steps=2", "train.eval_batches=1", setting)
+    fit(cfg, Dist())
+    with pytest.raises(ValueError, match=f"cannot be exported exactly: {setting}.*--lm-only to export the LM alone"):
+        export_run(cfg.train.run_dir, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    if setting == "model.projector=mlp":  # the stage says it in one line
+        r = run_stage("export.py", "--run", str(cfg.train.run_dir), "--out", str(tmp_path / "hf"))
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and setting in r.stderr, r.stderr
+
+    export_run(cfg.train.run_dir, tmp_path / "lm", lm_only=True)
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", local_files_only=True).eval()
+    assert isinstance(lm, LlamaForCausalLM)
+    cap = load_run(cfg.train.run_dir, with_encoder=False)
+    ids = torch.tensor([prompt_ids(cap.fmt, PROMPT, with_image=False)])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, cap.model(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_export_loads_offline_with_no_custom_code(demo, clip_run, tmp_path):
+    out = tmp_path / "hf"
+    export_run(clip_run.train.run_dir, out)
+    assert not [p for p in out.rglob("*") if p.suffix == ".py"]
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    code = ("import sys; from transformers import AutoProcessor, LlavaForConditionalGeneration as L; "
+            "L.from_pretrained(sys.argv[1], local_files_only=True); AutoProcessor.from_pretrained(sys.argv[1], "
+            "local_files_only=True); print('ok')")
+    import subprocess
+    import sys
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        export_run(clip_run.train.run_dir, out)
+    export_run(clip_run.train.run_dir, out, overwrite=True)
+
+
+def test_moe_runs_are_refused_even_for_the_lm_alone(clip_run):
+    vc = VLM.from_pretrained(clip_run.train.run_dir).config
+    assert refusal(vc, lm_only=False) is None and refusal(vc, lm_only=True) is None
+    moe = replace(vc, model=replace(vc.model, use_moe=True))
+    assert refusal(moe, lm_only=True).startswith("model.use_moe=true")
+
+
+def test_save_pretrained_round_trips_the_model_and_its_config(clip_run, tmp_path):
+    model = VLM.from_pretrained(clip_run.train.run_dir)
+    model.save_pretrained(tmp_path, model.config)
+    again = VLM.from_pretrained(tmp_path)
+    assert again.config == model.config and again.config.encoder.fingerprint["weights"]
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    saved = json.loads((tmp_path / "model_config.json").read_text())
+    (tmp_path / "model_config.json").write_text(json.dumps({**saved, "format": 3}))
+    with pytest.raises(ValueError, match="model_config.json has format 3, this minivlm reads 2; use the minivlm"):
+        VLM.from_pretrained(tmp_path)
+    v1 = {k: v for k, v in saved.items() if k not in ("format", "image_dim")}  # format 1: the trainer's old dict
+    v1.update(image_width=saved["image_dim"], encoder={k: v for k, v in saved["encoder"].items() if k != "fingerprint"},
+              fingerprint_fields=saved["encoder"]["fingerprint"], fingerprint="id", image_token="<|image_pad|>")
+    (tmp_path / "model_config.json").write_text(json.dumps(v1))
+    assert VLM.from_pretrained(tmp_path).config == model.config
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_runs_with_the_real_minimind_tokenizers_export_exactly(demo, clip_run, tmp_path, version):
+    from conftest import tokenizer_dir
+    cfg = train_config(demo, Path(clip_run.cache.dir), tmp_path, *ROOM, "train.max_steps=1", "train.eval_batches=1",
+                       f"tokenizer.name_or_path={tokenizer_dir(version)}", "tokenizer.max_len=160",
+                       "model.max_seq_len=200")
+    fit(cfg, Dist())
+    assert_exact_export(cfg.train.run_dir, tmp_path / "hf", demo)
+
+
+def test_export_refuses_an_encoder_that_no_longer_matches_the_fingerprint(clip_run, tmp_path):
+    import shutil
+    from safetensors.torch import load_file, save_file
+    run = tmp_path / "run"
+    shutil.copytree(clip_run.train.run_dir, run)
+    shutil.copytree(clip_run.encoder.name_or_path, tmp_path / "encoder")
+    weights = load_file(str(tmp_path / "encoder" / "model.safetensors"))
+    name = sorted(weights)[-1]
+    save_file({**weights, name: weights[name] + 0.01}, str(tmp_path / "encoder" / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = json.loads((run / "model_config.json").read_text())
+    config["encoder"]["name_or_path"] = str(tmp_path / "encoder")
+    (run / "model_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="has encoder.weights=.* where the fingerprint run .* was trained with"):
+        export_run(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_failed_export_leaves_the_previous_one_and_no_temporary_files(clip_run, tmp_path, monkeypatch):
+    from transformers import LlavaProcessor
+    out = tmp_path / "hf"
+    export_run(clip_run.train.run_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(self, *a, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(LlavaProcessor, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_run(clip_run.train.run_dir, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_qk_norm_lm_exports_as_qwen3(demo, clip_run, tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+    cfg = train_config(demo, Path(clip_run.cache.dir), tmp_path, *ROOM, "train.max_steps=4", "train.eval_batches=1",
+                       "model.qk_norm=true", "model.head_dim=24", "model.norm_eps=1e-6")
+    fit(cfg, Dist())
+    hf, _, cap = assert_exact_export(cfg.train.run_dir, tmp_path / "hf", demo)
+    assert hf.config.text_config.model_type == "qwen3"
+    export_run(cfg.train.run_dir, tmp_path / "lm", lm_only=True)
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", local_files_only=True).eval()
+    assert isinstance(lm, Qwen3ForCausalLM)
+    ids = torch.tensor([prompt_ids(cap.fmt, PROMPT, with_image=False)])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, cap.model(ids).logits, atol=1e-4, rtol=0)
