@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from minivlm.fileio import atomic_dir, atomic_write, fsync_dir, writing
+from minivlm.fileio import atomic_dir, atomic_write, fsync_dir, reading, writing
 
 CKPT_DIR = "checkpoints"
 
@@ -78,10 +78,22 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, train_state: dict, st
     return final
 
 
+def _damaged(path: Path) -> str:
+    return f"delete {path} to resume from the checkpoint before it"
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json (step, epoch, batch, world size, T, D)."""
+    with reading(path / "state.json", _damaged(path)):
+        return json.loads((path / "state.json").read_text())
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict, dict]:
-    load_weights(path / "model.safetensors", model)
-    train_state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
-    return train_state, json.loads((path / "state.json").read_text())
+    with reading(path / "model.safetensors", _damaged(path)):
+        load_weights(path / "model.safetensors", model)
+    with reading(path / "train_state.pt", _damaged(path)):
+        train_state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+    return train_state, read_state(path)
 
 
 def remove_stale(run_dir: Path) -> None:

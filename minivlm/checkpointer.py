@@ -13,7 +13,6 @@ Design choices:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,7 +61,7 @@ class Checkpointer:
         self.run_dir, self.dist, self.interval, self.keep = tc.run_dir, dist, tc.save_interval, tc.keep_checkpoints
         found = checkpoint.checkpoints(self.run_dir) if tc.resume == "auto" else []
         self.latest: Path | None = found[-1] if found else None
-        self.saved = json.loads((self.latest / "state.json").read_text()) if self.latest else None
+        self.saved = checkpoint.read_state(self.latest) if self.latest else None
         if self.saved and self.saved["world_size"] != dist.world_size:
             raise ValueError(f"{self.latest} was written by {self.saved['world_size']} rank(s), this run has "
                              f"{dist.world_size}; resume with the same --nproc_per_node or set train.resume=never")

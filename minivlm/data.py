@@ -237,14 +237,14 @@ class CacheBatches:
         return int((self.shard[index] >= 0).sum())
 
     def describe_rows(self, index: np.ndarray, limit: int = 8) -> str:
-        """'shard-00001.h5 rows 3, 9; shard-00004.h5 row 0' for the cached rows of these samples."""
+        """'<cache>/shards/shard-00001.h5 rows 3, 9; <cache>/shards/shard-00004.h5 row 0' for these samples."""
         locs = sorted({self.split.locations[i] for i in np.asarray(index).tolist() if self.split.locations[i]})
         if not locs:
             return "no cached rows (text-only samples)"
         by_shard: dict[int, list[int]] = {}
         for s, r in locs[:limit]:
             by_shard.setdefault(s, []).append(r)
-        text = "; ".join(f"{Path(self.files[s]).name} row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}"
+        text = "; ".join(f"{self.files[s]} row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}"
                          for s, rows in by_shard.items())
         return text + (f" and {len(locs) - limit} more" if len(locs) > limit else "")
 
@@ -355,6 +355,7 @@ class TrainData:
     train: CacheBatches
     sampler: BatchSampler
     eval_batches: list[dict]   # held-out batches, read once and kept in memory
+    val: CacheBatches          # closed after reading them; names their cache rows
     n_val: int
     dropped: int               # records whose image is not in the cache
 
@@ -379,7 +380,7 @@ def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int 
     val_sampler = BatchSampler(val_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size, shuffle=False)
     eval_batches = [val_ds[ix] for ix in val_sampler.batches(0)[:tc.eval_batches]] if len(val_sampler) else []
     val_ds.close()
-    return TrainData(manifest, index, tok, fmt, train_ds, sampler, eval_batches, len(val_ds),
+    return TrainData(manifest, index, tok, fmt, train_ds, sampler, eval_batches, val_ds, len(val_ds),
                      train_split.dropped + val_split.dropped)
 
 

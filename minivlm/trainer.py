@@ -200,6 +200,12 @@ def run_eval(model: VLM, data: TrainData, state: TrainState, log: MetricsLogger,
     """Held-out losses, rounded as metrics.jsonl holds them (and fit returns them), logged."""
     result = evaluate(model, data.eval_batches, dtype, device) if data.eval_batches else {}
     result = {k: round(v, 5) for k, v in result.items()}
+    if not all(map(math.isfinite, result.values())):  # the training loss was finite (checked just before)
+        bad = next(b for b in data.eval_batches if not math.isfinite(evaluate(model, [b], dtype, device)["eval_loss"]))
+        raise RunFailed(f"train: held-out loss not finite at step {state.step} although the training loss is; the "
+                        f"held-out batch read {data.val.describe_rows(bad['index'])}; check the cache with "
+                        f"`python stages/embed.py --config <this config> --verify` (re-embed with --overwrite if a "
+                        f"shard is bad), then rerun")
     if result:
         log.log({"step": state.step, "epoch": state.epoch, **result})
     return result

@@ -199,11 +199,6 @@ def test_sweep_killed_at_random_moments_reruns_to_a_complete_summary(demo, demo_
 
 # --- garbage in a shard -----------------------------------------------------------------------------
 
-# The one-line stop on a non-finite loss is issue 14 point 3 (helper A's branch). Until it is merged a
-# NaN from a garbage row lets training "succeed"; flip this to True once it is in.
-NONFINITE_STOP_MERGED = False
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_garbage_bytes_in_a_shard_train_finite_or_stop_with_one_line_and_verify_names_it(
         demo, demo_cache, tmp_path, seed):
@@ -227,10 +222,7 @@ def test_garbage_bytes_in_a_shard_train_finite_or_stop_with_one_line_and_verify_
     except USER_ERRORS as e:
         assert len(str(e).splitlines()) == 1 and str(cache_dir) in str(e), e
         return
-    finite = all(np.isfinite(v) for k, v in final.items() if isinstance(v, float))
-    if not finite and not NONFINITE_STOP_MERGED:
-        pytest.xfail("non-finite training from a garbage row: the stop is helper A's issue-14 point 3")
-    assert finite, final
+    assert all(np.isfinite(v) for k, v in final.items() if isinstance(v, float)), final
 
 
 # --- user files that are not what they claim ----------------------------------------------------------
@@ -258,9 +250,6 @@ def test_an_unreadable_user_file_is_one_line_naming_it(demo, demo_cache, tmp_pat
     """Each kind of file a user hands over, filled with garbage: a one-line user error that names the file."""
     from minivlm.sweep import load_sweep
     from minivlm.trainer import load_data
-    if kind == "checkpoint":
-        pytest.xfail("checkpoint.load_checkpoint and fit's state.json read are outside helper B's files: wrap them "
-                     "in fileio.reading (see the issue-14 report)")
     cache_dir = tmp_path / "cache"
     shutil.copytree(demo_cache, cache_dir, ignore=shutil.ignore_patterns("text"))
     cfg = train_config(demo, cache_dir, tmp_path)
@@ -274,6 +263,11 @@ def test_an_unreadable_user_file_is_one_line_naming_it(demo, demo_cache, tmp_pat
     elif kind == "shard":
         shard = cache.shard_path(cache_dir, 2)
         bad, call = _garble(shard, shard.read_bytes()[:4096]), lambda: load_data(cfg, Dist())
+    elif kind == "checkpoint":
+        cfg = train_config(demo, cache_dir, tmp_path, "train.max_steps=2", "train.save_interval=1")
+        fit(cfg, Dist())
+        (cfg.train.run_dir / "model.safetensors").unlink()  # unfinished, so the rerun restores the checkpoint
+        bad, call = _garble(checkpoint.checkpoints(cfg.train.run_dir)[-1] / "train_state.pt"), lambda: fit(cfg, Dist())
     else:
         tok = tmp_path / "tok"
         shutil.copytree(demo / "tokenizer", tok)
