@@ -240,6 +240,7 @@ def end_state(run_dir) -> dict:
 
 @pytest.mark.slow
 def test_the_end_of_a_run_cut_short_anywhere_reruns_to_the_same_end_state(demo, demo_cache, tmp_path, monkeypatch):
+    import minivlm.model as model
     import minivlm.trainer as trainer
     rec = small_records(demo, tmp_path)
     over = (rec, "train.max_steps=3", "train.save_interval=2")
@@ -259,8 +260,8 @@ def test_the_end_of_a_run_cut_short_anywhere_reruns_to_the_same_end_state(demo, 
 
     points = [(trainer, "run_eval", after),            # the final eval row is in metrics.jsonl
               (checkpoint, "save_final", before),      # ... and the final checkpoint is published
-              (checkpoint, "atomic_write_json", before),  # ... and tokenizer/ is written
-              (checkpoint, "save_weights", before)]    # ... and model_config.json: only the weights are missing
+              (model, "atomic_write_json", before),    # ... and tokenizer/ is written
+              (model, "save_weights", before)]         # ... and model_config.json: only the weights are missing
     for i, (module, name, when) in enumerate(points):
         cfg = train_config(demo, demo_cache, tmp_path, *over, f"train.run_name=cut{i}")
         real = getattr(module, name)
