@@ -1,7 +1,5 @@
 """minivlm.checkpoint on a tiny module: what a checkpoint holds comes back, half-written ones are invisible,
-the newest `keep` are kept, and LM checkpoints are read without pickle."""
-import pickle
-
+the newest `keep` are kept."""
 import pytest
 import torch
 
@@ -37,18 +35,3 @@ def test_a_half_written_checkpoint_is_never_listed_and_is_removed(tmp_path):
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-0000001"]
     checkpoint.remove_stale(tmp_path)
     assert sorted(p.name for p in (tmp_path / checkpoint.CKPT_DIR).iterdir()) == ["step-0000001"]
-
-
-class NotATensor:
-    pass
-
-
-def test_an_lm_checkpoint_that_needs_pickle_is_refused(tmp_path):
-    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "ok.pth")
-    assert torch.equal(checkpoint.read_lm_state(tmp_path / "ok.pth")["w"], torch.ones(2))
-    with open(tmp_path / "bad.pth", "wb") as f:
-        pickle.dump({"w": NotATensor()}, f, protocol=2)
-    with pytest.raises(ValueError, match="without pickle.*safetensors"):
-        checkpoint.read_lm_state(tmp_path / "bad.pth")
-    with pytest.raises(FileNotFoundError, match="init_from"):
-        checkpoint.read_lm_state(tmp_path / "none.safetensors")

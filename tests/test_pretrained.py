@@ -7,6 +7,7 @@ pairs, base 10,000, v1 key names)."""
 import dataclasses
 import json
 import math
+import pickle
 import shutil
 
 import pytest
@@ -19,7 +20,7 @@ from minivlm.data import load_data
 from minivlm.dist import Dist
 from minivlm.generate import generate
 from minivlm.model import VLM
-from minivlm.pretrained import init_from, remap_lm_keys
+from minivlm.pretrained import init_from, read_state, remap_lm_keys
 from minivlm.trainer import build_model, evaluate, fit
 
 transformers = pytest.importorskip("transformers")
@@ -312,6 +313,21 @@ def test_a_vocabulary_that_grew_by_more_than_the_image_token_is_refused(tmp_path
     torch.save(state, tmp_path / "small_vocab.pth")
     with pytest.raises(ValueError, match=r"91 vocabulary rows, but the tokenizer has 97 tokens.*tokenizer.name_or_path"):
         init_from(our_vlm(MM2), str(tmp_path / "small_vocab.pth"), False, {})
+
+
+class NotATensor:
+    pass
+
+
+def test_an_lm_file_that_needs_pickle_is_refused_naming_it(tmp_path):
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "ok.pth")
+    assert torch.equal(read_state(tmp_path / "ok.pth")["w"], torch.ones(2))
+    with open(tmp_path / "bad.pth", "wb") as f:
+        pickle.dump({"w": NotATensor()}, f, protocol=2)
+    with pytest.raises(ValueError, match="bad.pth: cannot read it without pickle.*safetensors"):
+        read_state(tmp_path / "bad.pth")
+    with pytest.raises(FileNotFoundError, match="init_from.*none.safetensors.*not found"):
+        init_from(our_vlm(MM2), str(tmp_path / "none.safetensors"), False, {})
 
 
 def test_unexpected_experts_biases_and_untied_heads_are_refused_buffers_are_not(tmp_path):
