@@ -248,7 +248,8 @@ def test_a_second_writer_is_locked_out(demo, tmp_path):
 def test_other_compute_dtype_or_processor_class_refuses_and_names_it(demo, tmp_path, monkeypatch):
     import transformers
     run_embed(demo_config(demo, tmp_path), Dist())  # CPU: float32
-    with pytest.raises(ValueError, match="compute_dtype: 'float32' -> 'bfloat16'.*--overwrite"):
+    with pytest.raises(ValueError, match="encoder.compute_dtype='bfloat16' where cache .* has "
+                                         "encoder.compute_dtype='float32'.*--overwrite"):
         run_embed(demo_config(demo, tmp_path, "encoder.dtype=bfloat16"), Dist())
     real = transformers.AutoImageProcessor.from_pretrained
 
@@ -258,5 +259,6 @@ def test_other_compute_dtype_or_processor_class_refuses_and_names_it(demo, tmp_p
         return p
 
     monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", other_processor)
-    with pytest.raises(ValueError, match="processor_class: '\\w+' -> 'OtherImageProcessor'.*--overwrite"):
+    with pytest.raises(ValueError, match="encoder.processor_class='OtherImageProcessor' where cache .* has "
+                                         "encoder.processor_class='\\w+'.*--overwrite"):
         run_embed(demo_config(demo, tmp_path), Dist())
