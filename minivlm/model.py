@@ -206,9 +206,12 @@ class Projector(nn.Sequential):
     Linear -> GELU -> Linear, so it exports as LLaVA's projector); `mlp` (LayerNorm first, no LLaVA twin)."""
 
     def __init__(self, cfg: ModelConfig, image_dim: int):
-        mlp = [nn.Linear(image_dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim)]
-        layers = {"linear": mlp[:1], "mlp2x_gelu": mlp, "mlp": [nn.LayerNorm(image_dim), *mlp]}
-        super().__init__(*layers[cfg.projector])
+        # Build only the layers used: each Linear draws from the RNG when made, so an unused one would change
+        # every initial weight that follows (and the demo's numbers).
+        norm = [nn.LayerNorm(image_dim)] if cfg.projector == "mlp" else []
+        first = nn.Linear(image_dim, cfg.dim)
+        rest = [] if cfg.projector == "linear" else [nn.GELU(), nn.Linear(cfg.dim, cfg.dim)]
+        super().__init__(*norm, first, *rest)
 
 
 @dataclass(frozen=True)
