@@ -356,7 +356,6 @@ class TrainData:
     sampler: BatchSampler
     eval_batches: list[dict]   # held-out batches, read once and kept in memory
     val: CacheBatches          # closed after reading them; names their cache rows
-    n_val: int
     dropped: int               # records whose image is not in the cache
 
 
@@ -380,7 +379,7 @@ def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int 
     val_sampler = BatchSampler(val_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size, shuffle=False)
     eval_batches = [val_ds[ix] for ix in val_sampler.batches(0)[:tc.eval_batches]] if len(val_sampler) else []
     val_ds.close()
-    return TrainData(manifest, index, tok, fmt, train_ds, sampler, eval_batches, val_ds, len(val_ds),
+    return TrainData(manifest, index, tok, fmt, train_ds, sampler, eval_batches, val_ds,
                      train_split.dropped + val_split.dropped)
 
 
