@@ -2,14 +2,15 @@
 
 Design choices:
 - Every train loop is the library's own: `data.load_data` + `trainer.build_model` + `train_step`. The cached
-  loop reads through `Loader(CacheBatches, BatchSampler)`; the baselines swap only the batch source
+  loop reads through `Loader(Samples, BatchSampler)`; the baselines swap only the batch source
   (RAM tensor; JPEG decode in workers + live encoder) and see the same batches in the same order, with
   the same pre-tokenized text (`text.collate`): only the images' path differs.
 - Fixed step counts: each timed window opens its batch source, runs `warmup` untimed steps (workers
   starting, pipeline filling), then `steps` timed ones; each window is one rate. The caller interleaves
   the variants round by round, so a burst of load from another user hits numerator and baseline alike.
-- The raw read baseline copies the same rows, in the same order, from a NumPy memmap of the same bytes
-  into a fresh (B, T, D) array per batch, in one process.
+- The raw read baseline copies the same rows, in the same order, from a NumPy memmap of the same stored
+  bytes into a fresh (B, row_bytes) array per batch, in one process. Rows are read through the library
+  only (`Samples.rows`, `shard.RowReader`): no row size or offset is computed here.
 - "Cold" reads evict the files from the page cache with posix_fadvise(DONTNEED) (no root, no effect on
   other users' files) and re-open them; `resident_fraction` (mincore) checks the eviction worked.
 """
@@ -29,11 +30,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from minivlm import cache
-from minivlm.data import BatchSampler, CacheBatches, Loader, _groups, load_data
+from minivlm.data import BatchSampler, Loader, Samples, _groups, load_data, to_device
 from minivlm.dist import Dist
-from minivlm.encoder import encode, load_image, preprocess
+from minivlm.encoder import features, load_image, preprocess
 from minivlm.records import resolve_image
-from minivlm.trainer import amp_dtype, build_model, to_device, train_step
+from minivlm.shard import Codec, RowReader
+from minivlm.trainer import amp_dtype, build_model, train_step
 
 
 def sync(device: str) -> None:
@@ -74,13 +76,10 @@ class Forever:
                 self.it, self.epoch = None, self.epoch + 1
 
     def close(self):
-        it = getattr(self.loader, "_iterator", None) or self.it
-        if hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        elif hasattr(it, "close"):
-            it.close()
+        if hasattr(self.it, "close"):  # the Loader's generator: its reader threads stop
+            self.it.close()
         self.it = self.loader = None
-        gc.collect()
+        gc.collect()  # a DataLoader's workers stop when its iterator is collected
 
 
 class CpuMeter:
@@ -157,43 +156,31 @@ def train_window(setup: Setup, source, warmup: int, steps: int) -> float:
 
 
 class CachedSource:
-    """The stage-2 path: Loader(CacheBatches, BatchSampler) -> to_device."""
+    """The stage-2 path: Loader(Samples, BatchSampler) -> to_device (rows decoded on the device)."""
 
     def __init__(self, setup: Setup, epoch: int):
         sampler = setup.sampler()
-        self.device = setup.device
+        self.device, self.codec = setup.device, setup.data.codec
         self.it = Forever(Loader(setup.data.train, sampler, setup.cfg.train.num_workers), sampler, epoch)
 
     def __next__(self):
-        return to_device(next(self.it), self.device)
+        return to_device(next(self.it), self.device, self.codec)
 
     def close(self):
         self.it.close()
 
 
 class RamBatches:
-    """Every cache row in one RAM tensor (n, T, D), gathered per batch: the in-memory bound."""
+    """Every sample's stored rows in one RAM tensor (n, row_bytes), gathered per batch: the in-memory bound
+    (decoded on the device like the cached path's)."""
 
-    def __init__(self, ds: CacheBatches):
+    def __init__(self, ds: Samples):
         self.ds = ds
-        offsets, total = [], 0
-        for path in ds.files:
-            with h5py.File(path, "r") as f:
-                offsets.append(total)
-                total += len(f["embeddings"])
-        self.rows = torch.empty(total, ds.tokens, ds.width, dtype=torch.float16)  # (n, T, D)
-        for s, path in enumerate(ds.files):
-            with h5py.File(path, "r") as f:
-                e = f["embeddings"]
-                e.read_direct(self.rows.numpy()[offsets[s]:offsets[s] + len(e)])
-        locs = ds.split.locations
-        self.row = torch.tensor([offsets[loc[0]] + loc[1] if loc else 0 for loc in locs])
+        self.rows = torch.cat([ds.rows(range(a, min(a + 256, len(ds)))) for a in range(0, len(ds), 256)])
 
     def batch(self, indices: list[int]) -> dict:
         text = self.ds.text_batches([indices])[0]  # the library's own text path
-        images = self.rows.index_select(0, self.row[torch.tensor(indices)])  # (B, T, D)
-        images[~text["has_image"]] = 0
-        return {**text, "images": images}
+        return {**text, "rows": self.rows.index_select(0, torch.tensor(indices))}  # (B, row_bytes)
 
 
 class RamSource:
@@ -209,7 +196,7 @@ class RamSource:
             self.epoch += 1
             self.batches = iter(self.sampler.batches(self.epoch))
             ix = next(self.batches)
-        return to_device(self.ram.batch(ix), self.setup.device)
+        return to_device(self.ram.batch(ix), self.setup.device, self.setup.data.codec)
 
     def close(self):
         pass
@@ -218,7 +205,7 @@ class RamSource:
 class LiveBatches(Dataset):
     """The seed-style source: dataset[list of indices] decodes + preprocesses the JPEGs (in a worker)."""
 
-    def __init__(self, ds: CacheBatches, processor, image_root: str, max_pixels: int):
+    def __init__(self, ds: Samples, processor, image_root: str, max_pixels: int):
         self.ds, self.processor, self.root, self.max_pixels = ds, processor, image_root, max_pixels
 
     def __len__(self):
@@ -248,9 +235,9 @@ class LiveSource:
         pixels, has = b.pop("pixels"), b["has_image"]
         images = torch.zeros(len(has), enc.tokens, enc.width, dtype=torch.float16, device=device)  # (B, T, D)
         if pixels is not None:
-            feats = torch.cat([encode(enc, p[None]) for p in pixels]) if self.per_image else encode(enc, pixels)
-            images[has.to(device)] = feats.to(device)
-        b = to_device(b, device)
+            feats = torch.cat([features(enc, p[None]) for p in pixels]) if self.per_image else features(enc, pixels)
+            images[has.to(device)] = feats.to(device, torch.float16)
+        b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
         b["images"] = images
         return b
 
@@ -260,36 +247,35 @@ class LiveSource:
 
 # ---- P3: the read path against raw bytes --------------------------------------------------------------
 
-def raw_copy(cache_dir: Path, manifest: dict, out: Path) -> tuple[Path, list[int]]:
-    """The cache's rows, shard after shard, as one flat float16 file (n, T, D); returns it and shard offsets."""
-    offsets, total = [], 0
-    for s in manifest["shards"]:
-        offsets.append(total)
-        total += s["rows"]
+def raw_copy(ds: Samples, manifest: dict, out: Path) -> tuple[Path, np.ndarray]:
+    """Every cached row's stored bytes, shard after shard, as one flat (n, row_bytes) uint8 .npy file read
+    through the library's reader; returns it and each shard's first row in it."""
+    reader = ds.reader
+    first = np.cumsum([0] + [s.n_rows for s in reader.shards])
     marker = out.with_suffix(".json")
-    key = {"fingerprint": manifest["fingerprint"], "written_at": manifest["written_at"], "rows": total}
+    key = {"fingerprint_id": manifest["fingerprint_id"], "written_at": manifest["written_at"], "rows": int(first[-1])}
     if out.is_file() and marker.is_file() and marker.read_text() == repr(key):
-        return out, offsets
-    shape = (total, manifest["tokens"], manifest["width"])
+        return out, first
     out.parent.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)  # the marker is written last: a half-written copy is never trusted
-    mm = np.lib.format.open_memmap(out, mode="w+", dtype=np.float16, shape=shape)
-    for s, entry in enumerate(manifest["shards"]):
-        with h5py.File(cache.shard_dir(cache_dir) / entry["file"], "r") as f:
-            f["embeddings"].read_direct(mm[offsets[s]:offsets[s] + entry["rows"]])
+    mm = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(int(first[-1]), ds.row_bytes))
+    for s, info in enumerate(reader.shards):
+        for a in range(0, info.n_rows, 256):
+            rows = np.arange(a, min(a + 256, info.n_rows))
+            reader.read(np.full(len(rows), s), rows, mm[first[s] + a:first[s] + a + len(rows)])
     mm.flush()
     del mm
     marker.write_text(repr(key))
-    return out, offsets
+    return out, first
 
 
-def row_batches(ds: CacheBatches, batch_size: int, seed: int, n_rows: int, skip_rows: int = 0) -> list[list[int]]:
+def row_batches(ds: Samples, batch_size: int, seed: int, n_rows: int, skip_rows: int = 0) -> list[list[int]]:
     """The training sampler's batches (epoch after epoch) holding n_rows image rows, after skip_rows."""
     sampler = BatchSampler(ds, batch_size, seed)
     out, seen, epoch = [], 0, 0
     while seen < skip_rows + n_rows:
         for ix in sampler.batches(epoch):
-            rows = sum(ds.split.locations[i] is not None for i in ix)
+            rows = ds.image_rows(np.asarray(ix))
             if seen >= skip_rows:
                 out.append(ix)
             seen += rows
@@ -299,83 +285,77 @@ def row_batches(ds: CacheBatches, batch_size: int, seed: int, n_rows: int, skip_
     return out
 
 
-def count_rows(ds: CacheBatches, batches) -> int:
-    return sum(ds.split.locations[i] is not None for ix in batches for i in ix)
+def count_rows(ds: Samples, batches) -> int:
+    return sum(ds.image_rows(np.asarray(ix)) for ix in batches)
 
 
-def read_raw(raw: Path, offsets: list[int], ds: CacheBatches, batches) -> float:
-    """rows/s copying the batches' rows from a memmap (opened here) into a fresh (B, T, D) array each."""
-    mm = np.load(raw, mmap_mode="r")
+def _rows_per_s(ds: Samples, batches, read_row) -> float:
+    """rows/s of read_row(dst, position in the raw copy) over the batches' image rows, into a fresh
+    (B, row_bytes) array per batch."""
     t0 = time.perf_counter()
     for ix in batches:
-        out = np.empty((len(ix), ds.tokens, ds.width), np.float16)  # (B, T, D)
+        out = np.empty((len(ix), ds.row_bytes), np.uint8)
         for b, i in enumerate(ix):
-            loc = ds.split.locations[i]
-            if loc is not None:
-                out[b] = mm[offsets[loc[0]] + loc[1]]
-    dt = time.perf_counter() - t0
-    del mm
-    return count_rows(ds, batches) / dt
-
-
-def _rows_per_s(ds: CacheBatches, batches, read_row) -> float:
-    """rows/s of read_row(dst, (shard, row)) over the batches' image rows, into a fresh (B, T, D) array per batch."""
-    t0 = time.perf_counter()
-    for ix in batches:
-        out = np.empty((len(ix), ds.tokens, ds.width), np.float16)
-        for b, i in enumerate(ix):
-            loc = ds.split.locations[i]
-            if loc is not None:
-                read_row(out[b], loc)
+            if ds.shard[i] >= 0:
+                read_row(out[b], int(ds.shard[i]), int(ds.row[i]))
     return count_rows(ds, batches) / (time.perf_counter() - t0)
 
 
-def read_pread(raw: Path, offsets: list[int], ds: CacheBatches, batches) -> float:
-    """rows/s reading the same rows of the same file with one pread per row: the raw limit for a reader
+def read_raw(raw: Path, first: np.ndarray, ds: Samples, batches) -> float:
+    """rows/s copying the batches' rows from a memmap of the raw copy (opened here)."""
+    mm = np.load(raw, mmap_mode="r")
+
+    def copy(dst, s, r):
+        dst[:] = mm[first[s] + r]
+
+    return _rows_per_s(ds, batches, copy)  # the mapping closes with this frame
+
+
+def read_pread(raw: Path, first: np.ndarray, ds: Samples, batches) -> float:
+    """rows/s reading the same rows of the raw copy with one pread per row: the raw limit for a reader
     that does not map the file."""
     header = np.load(raw, mmap_mode="r").offset
-    row_bytes = ds.tokens * ds.width * 2
     fd = os.open(raw, os.O_RDONLY)
     try:
-        return _rows_per_s(ds, batches, lambda dst, loc: os.preadv(
-            fd, [memoryview(dst).cast("B")], header + (offsets[loc[0]] + loc[1]) * row_bytes))
+        return _rows_per_s(ds, batches, lambda dst, s, r: os.preadv(
+            fd, [memoryview(dst)], header + (first[s] + r) * ds.row_bytes))
     finally:
         os.close(fd)
 
 
-def read_h5(ds: CacheBatches, batches) -> float:
-    """rows/s of h5py's own row read (read_direct, checksum checked), one process: the read path stage 2
-    had before it read the raw bytes."""
-    files = [h5py.File(p, "r") for p in ds.files]
+def read_h5(ds: Samples, batches) -> float:
+    """rows/s of h5py's own read of a row's stored values (read_direct), one process: what a reader
+    through HDF5 gets."""
+    files = [h5py.File(s.path, "r") for s in ds.reader.shards]
+    codec = ds.reader.codec
     try:
-        return _rows_per_s(ds, batches, lambda dst, loc: files[loc[0]]["embeddings"].read_direct(dst, np.s_[loc[1]]))
+        values = np.empty((codec.tokens, codec.width), codec.stored)
+        return _rows_per_s(ds, batches, lambda dst, s, r: files[s]["embeddings"].read_direct(values, np.s_[r]))
     finally:
         for f in files:
             f.close()
 
 
-def read_rows(ds: CacheBatches, batches) -> float:
-    """rows/s of the library's row reads alone (`CacheBatches.images`, one batch per call), one thread."""
+def read_rows(ds: Samples, batches) -> float:
+    """rows/s of the library's row reads alone (`Samples.rows`, one batch per call), one thread."""
     t0 = time.perf_counter()
     for ix in batches:
-        ds.images(ix)
+        ds.rows(ix)
     return count_rows(ds, batches) / (time.perf_counter() - t0)
 
 
 @contextmanager
-def pread_path(ds: CacheBatches):
-    """The dataset read as a cache bigger than half the free memory is: one pread per row, no read-ahead."""
-    mapped = ds.mapped
-    ds.close()
-    ds.mapped = False
+def reading_as(ds: Samples, mapped: bool, check: bool = True):
+    """The same samples read another way: `mapped=False` as a cache bigger than half the free memory is
+    (one pread per row, no read-ahead); `check=False` without the per-row CRC-32."""
+    other = Samples(ds.split, RowReader(ds.reader.shards, mapped=mapped, check=check), ds.fmt, text=ds.text)
     try:
-        yield ds
+        yield other
     finally:
-        ds.close()
-        ds.mapped = mapped
+        other.close()
 
 
-def read_text(ds: CacheBatches, batches) -> float:
+def read_text(ds: Samples, batches) -> float:
     """samples/s of the library's text collation alone, grouped as the Loader groups it."""
     t0 = time.perf_counter()
     for group in _groups(batches, len, Loader.TEXT_SAMPLES):
@@ -383,7 +363,7 @@ def read_text(ds: CacheBatches, batches) -> float:
     return sum(map(len, batches)) / (time.perf_counter() - t0)
 
 
-def read_loader(ds: CacheBatches, batches, threads: int) -> tuple[float, float]:
+def read_loader(ds: Samples, batches, threads: int) -> tuple[float, float]:
     """The library's Loader over these batches: (rows/s over all of them, the first batch included: no
     worker processes to start; seconds to the first batch)."""
     t0 = time.perf_counter()
@@ -404,9 +384,7 @@ def read_processes(ds: Dataset, batches, num_workers: int, device: str) -> float
     t1 = time.perf_counter()
     n = sum(int(b["has_image"].sum()) for b in it)
     dt = time.perf_counter() - t1
-    if hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()
-    del it, loader
+    del it, loader  # an exhausted iterator's workers stop when it is collected
     gc.collect()
     return n / dt
 
@@ -415,16 +393,16 @@ class BatchShapes(Dataset):
     """What the read path returns, without reading or tokenizing: the cost of a process boundary alone
     (why stage 2 reads in threads, not DataLoader worker processes)."""
 
-    def __init__(self, ds: CacheBatches):
+    def __init__(self, ds: Samples):
         self.ds = ds
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, indices: list[int]) -> dict:
-        has = torch.tensor([self.ds.split.locations[i] is not None for i in indices])
-        images = torch.zeros(len(indices), self.ds.tokens, self.ds.width, dtype=torch.float16)  # as CacheBatches
-        return {"input_ids": torch.zeros(len(indices), 1, dtype=torch.long), "images": images, "has_image": has}
+        has = torch.from_numpy(self.ds.shard[np.asarray(indices)] >= 0)
+        rows = torch.zeros(len(indices), self.ds.row_bytes, dtype=torch.uint8)  # as Samples.rows
+        return {"input_ids": torch.zeros(len(indices), 1, dtype=torch.long), "rows": rows, "has_image": has}
 
 
 def evict(paths) -> None:
@@ -481,13 +459,29 @@ def decoded_pixels(cfg, processor, n: int) -> torch.Tensor:
 
 
 def encoder_rate(enc, pixels: torch.Tensor, batch_size: int, device: str) -> float:
-    """images/s of encode() alone over pre-decoded pixels (already on the device), in batches of batch_size."""
+    """images/s of the encoder forward alone (`features`) over pre-decoded pixels (already on the device),
+    in batches of batch_size."""
     sync(device)
     t0 = time.perf_counter()
     for a in range(0, len(pixels), batch_size):
-        encode(enc, pixels[a:a + batch_size])
+        features(enc, pixels[a:a + batch_size])
     sync(device)
     return len(pixels) / (time.perf_counter() - t0)
+
+
+def codec_errors(enc, pixels: torch.Tensor, batch_size: int) -> dict:
+    """Each codec's rows against the float16 rows stage 1 stores by default, on the encoder's real output for
+    these images: `cache.row_errors` summarised, as `stages/embed.py --compare` reports two caches."""
+    feats = torch.cat([features(enc, pixels[a:a + batch_size]).float().cpu() for a in range(0, len(pixels), batch_size)])
+    T, D = feats.shape[1:]
+    ref = Codec("float16", T, D)
+    base = ref.decode(ref.encode(feats))
+    out = {}
+    for name in ("bfloat16", "int8", "float8_e4m3"):
+        codec = Codec(name, T, D)
+        out[name] = {"bytes_per_row": codec.row_bytes, "float16_bytes_per_row": ref.row_bytes,
+                     **cache.summarize([cache.row_errors(base, codec.decode(codec.encode(feats)))])}
+    return out
 
 
 # ---- model FLOPs (MFU on CUDA; the train step's count is minivlm.metrics.flops_per_token) --------------

@@ -21,12 +21,16 @@ Figures per workload (demo, b16):
   P2 cached vs RAM       / the same loop with every row already in a RAM tensor and every sample pre-tokenized
   P3 read vs raw         stage-2 Loader alone (no model), rows/s and MB/s / a NumPy memmap of the same
                          bytes read in the same order; warm, and re-opened after evicting the files; with a
-                         breakdown: the row reads alone (p3_rows_vs_raw), the text collation alone, raw
-                         pread, h5py read_direct, and a DataLoader with worker processes returning empty
-                         batches (the process boundary stage 2 no longer crosses). Both workloads' caches
-                         fit in memory, so the library maps them; the pread path that bigger caches take
-                         is measured too (p3_pread_path_vs_raw_reopened: its loader re-opened / memmap)
-  P4 embed vs encoder    run_embed images/s / encode() alone on pre-decoded tensors, same batch size
+                         breakdown: the row reads alone (p3_rows_vs_raw), the same without the per-row
+                         CRC-32 (what the check costs a row, and as a share of P2's training time), the text
+                         collation alone, raw pread, h5py read_direct, and a DataLoader with worker
+                         processes returning empty batches (the process boundary stage 2 no longer
+                         crosses). Both workloads' caches fit in memory, so the library maps them; the pread
+                         path that bigger caches take is measured too (p3_pread_path_vs_raw_reopened)
+  codec                  the same run on a cache stored with the 8-bit codec (workloads.CODEC8): its bytes per
+                         row, P2 and P3; and every codec's reconstruction error against float16 rows on the
+                         encoder's real output for the P4 images (what `stages/embed.py --compare` reports)
+  P4 embed vs encoder    run_embed images/s / the encoder forward alone on pre-decoded tensors, same batch size
   P5 memory              peak memory training from a cache of N and of 4N images (child processes; see
                          peak_rss.py for why not ru_maxrss)
   end to end             embed once + E epochs vs E epochs of the live loop (projected from the rates above)
@@ -125,10 +129,9 @@ def touch(paths) -> None:
 
 # ---- the figures of one workload ----------------------------------------------------------------------
 
-def p4_embed(wl: Workload, enc, device: str, work: Path) -> dict:
-    """Rounds of (run_embed into a fresh cache dir, encode() alone over the same images pre-decoded)."""
+def p4_embed(wl: Workload, enc, pixels: torch.Tensor, device: str, work: Path) -> dict:
+    """Rounds of (run_embed into a fresh cache dir, the encoder alone over the same images pre-decoded)."""
     s, root = wl.sizes, work / "p4" / wl.name
-    pixels = loops.decoded_pixels(wl.embed_cfg, enc.processor, s.embed_images).to(device)
     loops.encoder_rate(enc, pixels[:wl.cfg.encoder.batch_size], wl.cfg.encoder.batch_size, device)  # warm-up
     embed_rates, enc_rates = [], []
     for _ in range(s.repeats):
@@ -139,7 +142,6 @@ def p4_embed(wl: Workload, enc, device: str, work: Path) -> dict:
         embed_rates.append(s.embed_images / (time.perf_counter() - t0))
         enc_rates.append(loops.encoder_rate(enc, pixels, wl.cfg.encoder.batch_size, device))
     shutil.rmtree(root, ignore_errors=True)
-    del pixels
     t0 = time.perf_counter()
     load_encoder(wl.cfg.encoder, device)
     load_s = time.perf_counter() - t0
@@ -148,8 +150,9 @@ def p4_embed(wl: Workload, enc, device: str, work: Path) -> dict:
             "encoder_load_s": load_s}
 
 
-def p1_p2_train(wl: Workload, setup: loops.Setup, enc, log) -> tuple[dict, list[float]]:
-    """Rounds of one window per batch source, all on one model: cached, RAM, live (batched), live (per image)."""
+def p1_p2_train(wl: Workload, setup: loops.Setup, enc, log, live: bool = True) -> tuple[dict, list[float]]:
+    """Rounds of one window per batch source, all on one model: cached, RAM, and with `live` the live loops
+    (batched, per image)."""
     s = wl.sizes
     ram = loops.RamBatches(setup.data.train)
     # Model warm-up: on CPU the first steps run 2-5x slower (allocator growth, kernel selection).
@@ -157,9 +160,10 @@ def p1_p2_train(wl: Workload, setup: loops.Setup, enc, log) -> tuple[dict, list[
     sources = {
         "cached": (lambda r: loops.CachedSource(setup, r), s.steps),
         "ram": (lambda r: loops.RamSource(setup, ram, r), s.steps),
-        "live": (lambda r: loops.LiveSource(setup, enc, r, per_image=False), s.live_steps),
-        "live_per_image": (lambda r: loops.LiveSource(setup, enc, r, per_image=True), s.live_steps),
     }
+    if live:
+        sources.update(live=(lambda r: loops.LiveSource(setup, enc, r, per_image=False), s.live_steps),
+                       live_per_image=(lambda r: loops.LiveSource(setup, enc, r, per_image=True), s.live_steps))
     rates, foreign = {k: [] for k in sources}, []
     for r in range(s.repeats):
         meter = loops.CpuMeter()
@@ -175,12 +179,12 @@ def p1_p2_train(wl: Workload, setup: loops.Setup, enc, log) -> tuple[dict, list[
 def p3_read(wl: Workload, setup: loops.Setup, device: str, work: Path) -> dict:
     s, ds = wl.sizes, setup.data.train
     cache_dir = Path(wl.cfg.cache.dir)
-    raw, offsets = loops.raw_copy(cache_dir, setup.data.manifest, work / "raw" / f"{wl.name}-{cache_dir.name}.npy")
-    files = list(ds.files) + [str(raw)]
-    row_mb = ds.tokens * ds.width * 2 / 1e6
+    raw, offsets = loops.raw_copy(ds, setup.data.manifest, work / "raw" / f"{wl.name}-{cache_dir.name}.npy")
+    files = [str(s.path) for s in ds.reader.shards] + [str(raw)]
+    row_mb = ds.row_bytes / 1e6
     bs, seed, readers = wl.cfg.train.batch_size, wl.cfg.train.seed, wl.cfg.train.num_workers
     touch(files)
-    warm = {k: [] for k in ("raw", "pread", "h5", "rows", "rows_pread", "text", "loader", "ipc")}
+    warm = {k: [] for k in ("raw", "pread", "h5", "rows", "rows_nocheck", "rows_pread", "text", "loader", "ipc")}
     first_batch_s = []
     resident_warm = loops.resident_fraction(files)
     for r in range(s.repeats):
@@ -189,8 +193,10 @@ def p3_read(wl: Workload, setup: loops.Setup, device: str, work: Path) -> dict:
         warm["pread"].append(loops.read_pread(raw, offsets, ds, batches))
         warm["h5"].append(loops.read_h5(ds, batches))
         warm["rows"].append(loops.read_rows(ds, batches))
-        with loops.pread_path(ds):
-            warm["rows_pread"].append(loops.read_rows(ds, batches))
+        with loops.reading_as(ds, ds.reader.mapped, check=False) as unchecked:
+            warm["rows_nocheck"].append(loops.read_rows(unchecked, batches))
+        with loops.reading_as(ds, mapped=False) as pread:
+            warm["rows_pread"].append(loops.read_rows(pread, batches))
         warm["text"].append(loops.read_text(ds, batches))
         rate, first = loops.read_loader(ds, batches, readers)
         warm["loader"].append(rate)
@@ -207,8 +213,8 @@ def p3_read(wl: Workload, setup: loops.Setup, device: str, work: Path) -> dict:
         cold["loader"].append(loops.read_loader(ds, batches, readers)[0])
         ds.close()  # unmapped: an eviction leaves mapped pages in memory
         loops.evict(files)
-        with loops.pread_path(ds):
-            cold["loader_pread"].append(loops.read_loader(ds, batches, readers)[0])
+        with loops.reading_as(ds, mapped=False) as pread:
+            cold["loader_pread"].append(loops.read_loader(pread, batches, readers)[0])
         loops.evict(files)
         cold["raw"].append(loops.read_raw(raw, offsets, ds, batches))
         loops.evict(files)
@@ -219,6 +225,8 @@ def p3_read(wl: Workload, setup: loops.Setup, device: str, work: Path) -> dict:
     for k, v in warm.items():
         out["warm"][f"{k}_rows_s"] = figure(v)
         out["warm"][f"{k}_mb_s"] = median(v) * row_mb
+        out["warm"][f"{k}_us_per_row"] = 1e6 / median(v)
+    out["warm"]["check_us_per_row"] = out["warm"]["rows_us_per_row"] - out["warm"]["rows_nocheck_us_per_row"]
     out["reopened"] = {"rows_per_window": s.cold_rows,
                        "page_cache": "evicted (posix_fadvise DONTNEED), files re-opened" if evicted
                        else "reopened (page cache warm: eviction had no effect here)",
@@ -267,12 +275,17 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
     res = {"workload": wl.info, "sizes": dataclasses.asdict(s), "train_samples": len(setup.data.train)}
 
     log(f"[{wl.name}] P4 stage 1 vs encoder-only ({s.embed_images} images, {s.repeats} rounds)")
-    p4 = p4_embed(wl, enc, device, work)
+    pixels = loops.decoded_pixels(wl.embed_cfg, enc.processor, s.embed_images).to(device)
+    p4 = p4_embed(wl, enc, pixels, device, work)
     log(f"[{wl.name}] P1/P2 train loops: {s.repeats} rounds of cached / RAM / live / live per-image windows "
         f"({s.warmup} + {s.steps} steps, live {s.warmup} + {s.live_steps}; batch {s.batch})")
     rates, round_foreign = p1_p2_train(wl, setup, enc, log)
     log(f"[{wl.name}] P3 read path vs memmap ({s.read_rows} rows warm, {s.cold_rows} re-opened, {s.repeats} rounds)")
     p3 = p3_read(wl, setup, device, work)
+    log(f"[{wl.name}] codec {wl.codec_cfg.cache.dtype}: P2 and P3 on that cache; every codec's error on the "
+        f"encoder's output for the P4 images")
+    codec = codec_figures(wl, device, work, log, enc, pixels)
+    del pixels
     if memory:
         log(f"[{wl.name}] P5 peak memory, caches of {s.n} and {4 * s.n} images")
         p5 = p5_memory(wl, device, work)
@@ -296,6 +309,8 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
         "p3": p3,
         "p4_embed_vs_encoder": p4["embed_img_s"]["median"] / p4["encoder_img_s"]["median"],
         "p4": p4,
+        "check_share_of_p2": p3["warm"]["check_us_per_row"] * c * ds.image_rows(np.arange(len(ds))) / len(ds) / 1e6,
+        "codec": codec,
         "end_to_end": end_to_end(len(setup.data.train), p4, c, lv),
     })
     if memory:
@@ -308,6 +323,23 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
                     "spread_pct": {k: spread(v) for k, v in rates.items()}}
     res["wall_s"] = time.perf_counter() - t_start
     return res
+
+
+def codec_figures(wl: Workload, device: str, work: Path, log, enc, pixels: torch.Tensor) -> dict:
+    """The same training run on the cache stored with the 8-bit codec: bytes per row, P2, P3; and every
+    codec's reconstruction error on the encoder's output for these images."""
+    setup = loops.Setup(wl.codec_cfg, device)
+    wl8 = dataclasses.replace(wl, name=f"{wl.name}-{wl.codec_cfg.cache.dtype}", cfg=wl.codec_cfg)
+    rates, _ = p1_p2_train(wl8, setup, None, log, live=False)
+    p3 = p3_read(wl8, setup, device, work)
+    out = {"codec": wl.codec_cfg.cache.dtype, "bytes_per_row": setup.data.train.row_bytes,
+           "p2_cached_vs_ram": median(rates["cached"]) / median(rates["ram"]),
+           "p2": {"cached_samples_s": figure(rates["cached"]), "ram_samples_s": figure(rates["ram"])},
+           "p3_read_vs_raw": p3["warm"]["loader_rows_s"]["median"] / p3["warm"]["raw_rows_s"]["median"],
+           "p3_read_vs_raw_reopened": p3["reopened"]["loader_rows_s"]["median"] / p3["reopened"]["raw_rows_s"]["median"],
+           "p3": p3, "error_vs_float16": loops.codec_errors(enc, pixels, wl.cfg.encoder.batch_size)}
+    setup.close()
+    return out
 
 
 def mfu(setup: loops.Setup, enc, device: str, cached_sps: float, live_sps: float, enc_img_s: float) -> dict:
@@ -360,9 +392,22 @@ def table(results: dict) -> str:
         rows.append((name, "  P3 pread path", f"rows alone {w['rows_pread_rows_s']['median']:,.0f} rows/s warm; "
                      f"loader {c['loader_pread_rows_s']['median']:,.0f} re-opened",
                      "(caches over half the free memory)", f"{r['p3_pread_path_vs_raw_reopened']:.2f}", ""))
+        rows.append((name, "  P3 per row (warm)", f"loader {w['loader_us_per_row']:.1f} us, rows alone "
+                     f"{w['rows_us_per_row']:.1f} us, CRC-32 check {w['check_us_per_row']:.1f} us",
+                     f"check = {100 * r['check_share_of_p2']:.2f}% of P2's training time", "", ""))
+        k = r["codec"]
+        rows.append((name, f"codec {k['codec']}: P2, P3", f"{k['p2']['cached_samples_s']['median']:.1f} samples/s; "
+                     f"{k['p3']['warm']['loader_rows_s']['median']:,.0f} rows/s warm ({k['p3_read_vs_raw']:.2f} of its "
+                     f"memmap), re-opened {k['p3_read_vs_raw_reopened']:.2f}",
+                     f"{k['bytes_per_row']:,} bytes a row vs {p3['row_mb'] * 1e6:,.0f}", f"{k['p2_cached_vs_ram']:.2f}",
+                     ""))
+        rows += [(name, f"  {codec} vs float16 rows", f"relative RMS {e['relative_rms']['mean']:.4f} (p99 "
+                  f"{e['relative_rms']['p99']:.4f}), cosine {e['cosine']['mean']:.6f}",
+                  f"max abs {e['max_abs']['max']:.3g}; {e['bytes_per_row']:,} bytes a row", "", "")
+                 for codec, e in k["error_vs_float16"].items()]
         rows += [
             (name, "P4 embed vs encoder", f"{p4['embed_img_s']['median']:.1f} img/s run_embed",
-             f"{p4['encoder_img_s']['median']:.1f} img/s encode() alone", f"{r['p4_embed_vs_encoder']:.2f}",
+             f"{p4['encoder_img_s']['median']:.1f} img/s encoder alone", f"{r['p4_embed_vs_encoder']:.2f}",
              f"±{spread(p4['embed_img_s']['repeats']) / 2:.0f}%"),
         ]
         if p5:

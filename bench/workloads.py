@@ -6,11 +6,12 @@
   ViT-B/16-shaped CLIPVisionModel with the openai/clip-vit-base-patch16 config values and random
   weights (real compute, nothing downloaded), saved with save_pretrained + a 224 px CLIP processor.
   Images are synthetic 500x375 JPEGs (~35 KB, photo-like: smooth colour field, shapes, grain).
-  Embedding thousands of images takes ~10 min on 2 CPU cores, so the b16 caches hold synthetic fp16
-  rows written directly with cache.write_shard (same format, same keys as the JPEGs); the encoder is
-  timed on a few hundred images for P4 and runs live in the P1 baselines.
+  Embedding thousands of images takes ~10 min on 2 CPU cores, so the b16 caches hold synthetic N(0, 1)
+  rows written directly with shard.write_shard through the codec (same format, same keys as the JPEGs);
+  the encoder is timed on a few hundred images for P4 and runs live in the P1 baselines.
 
-Each cache exists twice: N and 4N images (P5 compares their peak RSS); the 4N one feeds P1-P3.
+Each cache exists twice: N and 4N images (P5 compares their peak RSS); the 4N one feeds P1-P3. The 4N
+one exists a third time stored with the 8-bit codec CODEC8 (the codec figures: its P2, P3 and bytes).
 A marker with the build parameters is written last, so an interrupted or differently sized build is redone.
 """
 from __future__ import annotations
@@ -26,7 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from minivlm import __version__, cache
+import torch
+
+from minivlm import __version__, cache, shard
 from minivlm.config import RunConfig, load_config
 from minivlm.dist import Dist
 from minivlm.encoder import fingerprint_id, spec_of
@@ -35,6 +38,7 @@ from minivlm.records import load_records, records_hash
 
 REPO = Path(__file__).resolve().parents[1]
 V3_TOKENIZER = REPO.parent / "shared" / "ref" / "minimind-tokenizer-v3"
+CODEC8 = "int8"  # the 8-bit codec the codec figures measure (the better of int8 / float8_e4m3 on error)
 B16_PROMPTS = ("Describe the image concisely.", "Provide a brief description of the given image.",
                "Render a clear and concise summary of the photo.", "Share a concise interpretation of the image provided.")
 
@@ -62,6 +66,7 @@ class Workload:
     name: str
     cfg: RunConfig              # the training config on the 4n cache
     small_cfg: RunConfig        # the same on the n cache (P5)
+    codec_cfg: RunConfig        # the same on the 4n cache stored with CODEC8
     embed_cfg: RunConfig        # stage 1 for P4 (records of `embed_images` images, cache.dir to be replaced)
     sizes: Sizes
     info: dict                  # printable description for the JSON
@@ -106,15 +111,16 @@ def build_demo(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
             f"encoder.batch_size={sizes.enc_batch}", f"encoder.num_workers={sizes.workers}",
             f"train.out_dir={work}/runs"] + (["encoder.dtype=bfloat16"] if device.startswith("cuda") else [])
 
-    def cfg_for(k: int) -> RunConfig:
-        return load_config(REPO / "configs" / "demo.toml",
-                           base + [f"data.records={recs[k]}", f"cache.dir={root}/cache-{k}"])
+    def cfg_for(k: int, dtype: str = "float16") -> RunConfig:
+        return load_config(REPO / "configs" / "demo.toml", base + [
+            f"data.records={recs[k]}", f"cache.dir={root}/cache-{k}" + ("" if dtype == "float16" else f"-{dtype}"),
+            f"cache.dtype={dtype}"])
 
-    cfg, small = cfg_for(4 * sizes.n), cfg_for(sizes.n)
-    for c in (cfg, small):
+    cfg, small, codec = cfg_for(4 * sizes.n), cfg_for(sizes.n), cfg_for(4 * sizes.n, CODEC8)
+    for c in (cfg, small, codec):
         with _quiet():
             run_embed(c, Dist(device=device))  # skips when the cache is already complete
-    return Workload("demo", cfg, small, cfg_for(sizes.embed_images), sizes,
+    return Workload("demo", cfg, small, codec, cfg_for(sizes.embed_images), sizes,
                     {"images": f"{n_train} synthetic 96x96 JPEG/PNG (make_demo)",
                      "encoder": "tiny CLIP 64px/patch 8, 2 layers, D=64, pool 2",
                      "T": 16, "D": 64, "model": "configs/demo.toml (dim 128 x 4 layers)", "cache": "run_embed output",
@@ -172,29 +178,35 @@ def _b16_images(images: Path, n: int) -> None:
 
 
 def synthetic_cache(cfg: RunConfig, tokens: int, width: int, seed: int = 0) -> None:
-    """A complete cache for cfg.data.records whose rows are N(0, 1) fp16 noise, written with the library's
-    own write_shard/finalize: the format, keys and manifest are what stage 1 writes, the numbers are not."""
+    """A complete cache for cfg.data.records whose rows are N(0, 1) noise stored with cfg.cache.dtype's codec,
+    written with the library's own write_shard/finalize: the format, keys and manifest are what stage 1
+    writes, the numbers are not. The same seed gives the same noise whatever the codec."""
     cache_dir = Path(cfg.cache.dir)
     records = load_records(cfg.data.records)
     params = {"records_hash": records_hash(cfg.data.records), "tokens": tokens, "width": width, "seed": seed,
-              "shard_size": cfg.cache.shard_size}
+              "shard_size": cfg.cache.shard_size, "dtype": cfg.cache.dtype, "format": cache.FORMAT_VERSION}
     if _marker_ok(cache_dir / "bench_marker.json", params) and cache.read_manifest(cache_dir):
         return
     shutil.rmtree(cache_dir, ignore_errors=True)
     plan = cache.plan_shards([r.image for r in records if r.image], cfg.cache.shard_size)
-    fields = {"arch": "CLIPVisionModel", "weights": "synthetic-rows", "processor": "synthetic-rows", **spec_of(cfg.encoder)}
+    fields = {"arch": "CLIPVisionModel", "weights": "synthetic-rows", "processor": "synthetic-rows",
+              **spec_of(cfg.encoder, cfg.cache.dtype)}
     fid, fp_json = fingerprint_id(fields), json.dumps(fields, sort_keys=True)
+    codec = shard.Codec(cfg.cache.dtype, tokens, width)
     for s, keys in enumerate(plan):
         rng = np.random.default_rng([seed, s])
-        emb = np.empty((len(keys), tokens, width), np.float16)  # (n, T, D)
+        rows = np.empty((len(keys), codec.row_bytes), np.uint8)
         for a in range(0, len(keys), 64):
-            emb[a:a + 64] = rng.standard_normal((len(emb[a:a + 64]), tokens, width), dtype=np.float32)
-        cache.write_shard(cache.shard_path(cache_dir, s), s, keys, emb, [], fid, fp_json, cache.plan_hash(keys))
+            x = rng.standard_normal((len(rows[a:a + 64]), tokens, width), dtype=np.float32)  # (n, T, D)
+            rows[a:a + 64] = codec.encode(torch.from_numpy(x)).numpy()
+        shard.write_shard(cache.shard_path(cache_dir, s), rows, codec, keys, fingerprint=fp_json, fingerprint_id=fid,
+                          shard_index=s, plan=cache.plan_hash(keys), failures=[])
     info = {"encoder": {"name_or_path": cfg.encoder.name_or_path, "select_layer": cfg.encoder.select_layer,
-                        "keep_cls": cfg.encoder.keep_cls, "pool": cfg.encoder.pool, "compute_dtype": "synthetic"},
-            "fingerprint": fid, "fingerprint_fields": fields, "records": [cfg.data.records],
-            "records_hash": params["records_hash"], "shard_size": cfg.cache.shard_size, "tool_version": __version__}
-    cache.finalize(cache_dir, plan, info)
+                        "keep_cls": cfg.encoder.keep_cls, "pool": cfg.encoder.pool, "compute_dtype": "synthetic",
+                        "fingerprint": fields},
+            "fingerprint_id": fid, "records": [cfg.data.records], "records_hash": params["records_hash"],
+            "shard_size": cfg.cache.shard_size, "tool_version": __version__}
+    cache.finalize(cache_dir, [len(keys) for keys in plan], info)
     atomic_write_json(cache_dir / "bench_marker.json", params)
 
 
@@ -229,22 +241,23 @@ def build_b16(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
             f"encoder.batch_size={sizes.enc_batch}", f"encoder.num_workers={sizes.workers}",
             f"train.out_dir={work}/runs"] + (["encoder.dtype=bfloat16"] if cuda else []) + (SMOKE_MODEL if smoke else [])
 
-    def cfg_for(k: int) -> RunConfig:
-        return load_config(REPO / "configs" / "llava_pretrain.toml",
-                           base + [f"data.records={recs[k]}", f"cache.dir={root}/cache-{k}"])
+    def cfg_for(k: int, dtype: str = "float16") -> RunConfig:
+        return load_config(REPO / "configs" / "llava_pretrain.toml", base + [
+            f"data.records={recs[k]}", f"cache.dir={root}/cache-{k}" + ("" if dtype == "float16" else f"-{dtype}"),
+            f"cache.dtype={dtype}"])
 
     tokens = (shape["image_size"] // shape["patch_size"]) ** 2
-    cfg, small = cfg_for(n_images), cfg_for(sizes.n)
-    for c in (cfg, small):
+    cfg, small, codec = cfg_for(n_images), cfg_for(sizes.n), cfg_for(n_images, CODEC8)
+    for c in (cfg, small, codec):
         synthetic_cache(c, tokens, shape["hidden_size"])
-    return Workload("b16", cfg, small, cfg_for(sizes.embed_images), sizes,
+    return Workload("b16", cfg, small, codec, cfg_for(sizes.embed_images), sizes,
                     {"images": f"{max(n_images, sizes.embed_images)} synthetic 500x375 JPEG (~35 KB)",
                      "encoder": "CLIPVisionModel " + ", ".join(f"{k}={v}" for k, v in shape.items())
                                 + ", random weights, select_layer -2",
                      "T": tokens, "D": shape["hidden_size"],
                      "model": "configs/llava_pretrain.toml (MiniMind 512x8, mlp projector, freeze_llm=2)"
                               + (" shrunk for --smoke" if smoke else ""),
-                     "cache": "synthetic fp16 rows via cache.write_shard", "tokenizer": tok_name})
+                     "cache": "synthetic N(0, 1) rows via shard.write_shard", "tokenizer": tok_name})
 
 
 BUILDERS = {"demo": build_demo, "b16": build_b16}

@@ -1,22 +1,21 @@
-"""The embedding cache on disk: HDF5 shards, the manifest, validation and verification.
+"""The embedding cache on disk: the shard plan, the manifest, verification, the index stage 2 reads
+through, and the format-1 upgrade.
 
 Layout of `cache/<name>/` (DESIGN.md "Cache"):
-- `shards/shard-NNNNN.h5`: `embeddings` float16 (n, T, D), one row per chunk, uncompressed, fletcher32
-  per chunk; `keys` utf-8 (n,); attributes: format version, fingerprint, shard index, plan hash,
-  n_rows, complete, and the shard's failed images (so failures survive a resume).
+- `shards/shard-NNNNN.h5`: one shard file each, format 2 (minivlm.shard, the only code that writes or
+  reads rows: contiguous `embeddings`, `scales` for 8-bit codecs, a CRC-32 per row, `keys`, attributes).
 - `manifest.json`: written once every planned shard is published; stage 2 trusts nothing without it.
+  Format 2: `format_version`, `encoder` (spec with its `fingerprint` fields), `fingerprint_id`, `tokens`,
+  `width`, `dtype` (the codec), records and their hash, counts, every shard's rows and sha256, versions, time.
 - `failures.jsonl`: one line per image that could not be embedded, gathered from the shards.
+- `.lock`: held by the embed run writing the cache.
 
 Design choices:
-- One row per chunk: a shuffled read touches exactly one row of I/O (DESIGN.md measurements).
-- A shard is built in memory, written under a temp name, fsynced, then published with `os.replace`;
-  a published shard is complete by construction and never changes.
-- h5py reads rows one at a time (`ds[i]` / `read_direct`), never with a list index (150x slower).
-- Training bypasses HDF5 for rows: `row_offsets` finds where each row's chunk sits in the file once, and
-  stage 2 copies the raw bytes out of a mapped shard, or with `pread` for caches too big for memory (4x
-  h5py's per-row speed or more, bench P3). Our chunks are stored unfiltered but for the 4-byte fletcher32
-  trailer, so the bytes are the fp16 row; the checksum is checked by `verify` (`stages/embed.py
-  --verify`), not per read.
+- The plan is a pure function of the records: sorted unique keys cut into fixed-size shards, so a rerun,
+  another rank or another node computes it alone, and a rerun skips every published shard.
+- Format 1 (before 2026-12: one fletcher32 chunk per float16 row, found through HDF5 internals) is not
+  read for training; `upgrade` rewrites it shard by shard (each published atomically, so a kill loses
+  nothing and a rerun goes on), copying the rows' bytes: no encoder needed, the same numbers.
 """
 from __future__ import annotations
 
@@ -29,16 +28,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from minivlm import __version__, shard
 from minivlm.config import RunFailed
-from minivlm.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, reading, sha256_file, TMP_SUFFIX
+from minivlm.fileio import atomic_write_json, atomic_write_text, reading, sha256_file, TMP_SUFFIX
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = shard.FORMAT_VERSION
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
-REDO_SHARD = "run stages/embed.py --verify, delete the shard and rerun embed"
 
 
 def shard_dir(cache_dir: str | Path) -> Path:
@@ -57,49 +57,6 @@ def plan_shards(keys: list[str], shard_size: int) -> list[list[str]]:
 
 def plan_hash(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
-
-
-def write_shard(path: Path, index: int, keys: list[str], embeddings: np.ndarray,
-                failures: list[tuple[str, str]], fingerprint: str, encoder_json: str, planned: str) -> None:
-    """Publish one shard atomically. `embeddings` is float16 (n, T, D) aligned with `keys`.
-
-    The HDF5 file is built in memory and written as plain bytes: a full disk is then an ordinary write error
-    caught before anything is published, never h5py closing a half-written file (which can crash the
-    interpreter after ENOSPC)."""
-    assert embeddings.dtype == np.float16 and len(keys) == len(embeddings)
-    n, T, D = embeddings.shape
-    with h5py.File(path.name, "w", driver="core", backing_store=False) as f:
-        ds = f.create_dataset("embeddings", shape=(n, T, D), dtype="float16",
-                              chunks=(1, T, D) if n else None, fletcher32=bool(n))
-        if n:
-            ds[...] = embeddings
-        f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
-        f.attrs.update(format_version=FORMAT_VERSION, fingerprint=fingerprint, encoder=encoder_json, shard_index=index,
-                       plan=planned, n_rows=n, tokens=T, width=D,
-                       failures=json.dumps([{"key": k, "reason": r} for k, r in failures]), complete=True)
-        f.flush()
-        image = f.id.get_file_image()
-    atomic_write_bytes(path, image)
-
-
-def open_shard(path: Path) -> h5py.File:
-    """Open a published shard read-only, refusing one that is not complete."""
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise ValueError(f"{path}: unreadable HDF5 shard ({e}); {REDO_SHARD}") from None
-    if not f.attrs.get("complete", False) or f.attrs.get("n_rows", -1) != len(f["embeddings"]):
-        f.close()
-        raise ValueError(f"{path}: incomplete shard; delete it and rerun stages/embed.py to rewrite it")
-    return f
-
-
-def shard_keys(f: h5py.File) -> list[str]:
-    return [k.decode() if isinstance(k, bytes) else k for k in f["keys"][...]]
-
-
-def shard_failures(f: h5py.File) -> list[dict]:
-    return json.loads(f.attrs["failures"])
 
 
 def remove_stale_temps(cache_dir: Path, indices) -> None:
@@ -151,37 +108,32 @@ def read_manifest(cache_dir: str | Path) -> dict | None:
         return json.loads(path.read_bytes())
 
 
-def finalize(cache_dir: Path, plan: list[list[str]], info: dict) -> dict | None:
+def finalize(cache_dir: Path, planned: list[int], info: dict) -> dict | None:
     """Write failures.jsonl and manifest.json if every planned shard is published; else return None.
+    `planned`: the number of images planned for each shard; `info`: the encoder spec, records, versions.
 
-    Called by every rank after its own shards: the last one to finish sees them all.
-    """
-    paths = [shard_path(cache_dir, i) for i in range(len(plan))]
+    Called by every rank after its own shards: the last one to finish sees them all."""
+    paths = [shard_path(cache_dir, i) for i in range(len(planned))]
     if not all(p.is_file() for p in paths):
         return None
-    shards, failures = [], []
-    T = D = None
-    for i, p in enumerate(paths):
-        with open_shard(p) as f:
-            n = int(f.attrs["n_rows"])
-            T, D = (int(f.attrs["tokens"]), int(f.attrs["width"])) if n else (T, D)
-            failures += shard_failures(f)
-        shards.append({"file": p.name, "rows": n, "planned": len(plan[i]), "sha256": sha256_file(p)})
+    shards, failures, codec = [], [], None
+    for p, n_planned in zip(paths, planned):
+        s = shard.read_info(p)
+        codec = s.codec if s.n_rows or codec is None else codec
+        failures += s.attrs["failures"]
+        shards.append({"file": p.name, "rows": s.n_rows, "planned": n_planned, "sha256": sha256_file(p)})
     atomic_write_text(cache_dir / FAILURES, "".join(json.dumps(x) + "\n" for x in failures))
-    n_images = sum(len(k) for k in plan)
     manifest = {
-        "format_version": FORMAT_VERSION, **info, "tokens": T, "width": D, "dtype": "float16",
-        "counts": {"images": n_images, "embedded": sum(s["rows"] for s in shards), "failed": len(failures)},
+        "format_version": FORMAT_VERSION, **info, "tokens": codec.tokens, "width": codec.width, "dtype": codec.name,
+        "counts": {"images": sum(planned), "embedded": sum(s["rows"] for s in shards), "failed": len(failures)},
         "shards": shards, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_json(cache_dir / MANIFEST, manifest)
     return manifest
 
 
-# --- checks used by stage 2, captioning and --verify ------------------------------------------------
-
 def load_manifest(cache_dir: str | Path) -> dict:
-    """The manifest of a complete cache, or a one-line error saying what to run."""
+    """The manifest of a complete format-2 cache, or a one-line error saying what to run."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir() or not (shard_dir(cache_dir).is_dir() and any(shard_dir(cache_dir).iterdir())):
         raise FileNotFoundError(f"cache {cache_dir} has no shards; run stages/embed.py (make embed) first")
@@ -189,6 +141,8 @@ def load_manifest(cache_dir: str | Path) -> dict:
     if manifest is None:
         raise ValueError(f"cache {cache_dir} is incomplete (no manifest.json): embedding did not finish; "
                          f"rerun stages/embed.py with the same config to complete it")
+    if manifest.get("format_version") == 1:
+        raise ValueError(f"cache {cache_dir} is in format 1 (minivlm before 2026-12); {shard.UPGRADE}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"cache {cache_dir} has format_version {manifest.get('format_version')}, this minivlm "
                          f"reads {FORMAT_VERSION}; re-embed with stages/embed.py --overwrite")
@@ -199,29 +153,32 @@ def load_manifest(cache_dir: str | Path) -> dict:
     return manifest
 
 
+# --- checks used by --verify, stage 2 and captioning -------------------------------------------------
+
 def verify(cache_dir: str | Path) -> list[str]:
-    """Re-read every shard: row counts, key uniqueness, per-chunk checksums, file checksums, fingerprint."""
+    """Re-read every shard: file checksums, fingerprint, row counts, key uniqueness and every row's CRC-32.
+    One line per problem, naming the shard (and the row and image key of a corrupt row)."""
     cache_dir = Path(cache_dir)
     manifest = load_manifest(cache_dir)
     problems, seen = [], set()
-    for s in manifest["shards"]:
-        p = shard_dir(cache_dir) / s["file"]
-        if sha256_file(p) != s["sha256"]:
+    for entry in tqdm(manifest["shards"], desc="verify", unit="shard", disable=None, mininterval=1.0):
+        p = shard_dir(cache_dir) / entry["file"]
+        if sha256_file(p) != entry["sha256"]:
             problems.append(f"{p}: file checksum differs from manifest.json (corrupted or replaced)")
         try:
-            with reading(p, REDO_SHARD), open_shard(p) as f:
-                ds = f["embeddings"]
-                if f.attrs["fingerprint"] != manifest["fingerprint"]:
-                    problems.append(f"{p}: fingerprint {f.attrs['fingerprint']} != manifest {manifest['fingerprint']}")
-                if len(ds) != s["rows"]:
-                    problems.append(f"{p}: {len(ds)} rows, manifest says {s['rows']}")
-                keys = shard_keys(f)
-                if len(keys) != len(ds) or len(set(keys)) != len(keys) or seen & set(keys):
-                    problems.append(f"{p}: keys are not unique or do not match the rows")
-                seen |= set(keys)
-                row = np.empty(ds.shape[1:], np.float16)
-                for i in range(len(ds)):
-                    ds.read_direct(row, np.s_[i])  # fletcher32 raises OSError on a corrupt chunk
+            info = shard.read_info(p, keys=True)
+            if info.attrs["fingerprint_id"] != manifest["fingerprint_id"]:
+                problems.append(f"{p}: fingerprint {info.attrs['fingerprint_id']} != manifest {manifest['fingerprint_id']}")
+            if info.n_rows != entry["rows"]:
+                problems.append(f"{p}: {info.n_rows} rows, manifest says {entry['rows']}")
+            if len(set(info.keys)) != len(info.keys) or seen & set(info.keys):
+                problems.append(f"{p}: keys are not unique")
+            seen |= set(info.keys)
+            reader = shard.RowReader([info], mapped=False, check=False)
+            try:
+                problems += [shard.corrupt_row(p, r, info.keys[r]) for r in reader.bad_rows(0)]
+            finally:
+                reader.close()
         except ValueError as e:
             problems.append(str(e).splitlines()[0])
     return problems
@@ -229,44 +186,113 @@ def verify(cache_dir: str | Path) -> list[str]:
 
 @dataclass(frozen=True)
 class CacheIndex:
-    """Where each image key lives: shard file and row. Built from the shards' `keys` datasets."""
-    files: tuple[str, ...]
+    """Where each image key lives (shard number, row), and every shard's header for the row reader."""
+    shards: tuple[shard.ShardInfo, ...]
     locations: dict            # key -> (shard number, row)
-    tokens: int
-    width: int
-    offsets: tuple[np.ndarray, ...]   # per shard: byte offset of each row's raw fp16 bytes in the file
+    codec: shard.Codec         # T, D and how rows are stored
 
+    @property
+    def tokens(self) -> int:
+        return self.codec.tokens
 
-def row_offsets(path: str | Path, ds: h5py.Dataset) -> np.ndarray:
-    """Byte offset of every row in the shard file, after checking the layout makes the raw bytes the row."""
-    n, T, D = ds.shape
-    row_bytes = T * D * 2
-    filters = set(ds._filters) - {"fletcher32"}
-    if n and (ds.chunks != (1, T, D) or ds.dtype != np.dtype("<f2") or filters):
-        raise ValueError(f"{path}: embeddings are not stored as one raw float16 row per chunk (chunks "
-                         f"{ds.chunks}, dtype {ds.dtype}, filters {sorted(filters)}); re-embed with stages/embed.py")
-    offsets = np.full(n, -1, np.int64)
+    @property
+    def width(self) -> int:
+        return self.codec.width
 
-    def visit(chunk):
-        if chunk.filter_mask == 0 and chunk.size == row_bytes + 4 * ds.fletcher32:
-            offsets[chunk.chunk_offset[0]] = chunk.byte_offset
-
-    if n:
-        ds.id.chunk_iter(visit)
-    if (offsets < 0).any():
-        raise ValueError(f"{path}: row {int(np.argmax(offsets < 0))} has no stored chunk of {row_bytes} bytes; "
-                         f"run stages/embed.py --verify, delete the shard and rerun embed")
-    return offsets
+    def reader(self, mapped: bool | None = None) -> shard.RowReader:
+        return shard.RowReader(self.shards, mapped)
 
 
 def build_index(cache_dir: str | Path, manifest: dict) -> CacheIndex:
+    """Every shard's header and keys, checked against the manifest's row shape and codec."""
     cache_dir = Path(cache_dir)
-    files, locations, offsets = [], {}, []
+    want = shard.Codec(manifest["dtype"], manifest["tokens"], manifest["width"])
+    infos, locations = [], {}
     for s, entry in enumerate(manifest["shards"]):
-        p = shard_dir(cache_dir) / entry["file"]
-        files.append(str(p))
-        with reading(p, REDO_SHARD), open_shard(p) as f:
-            for row, key in enumerate(shard_keys(f)):
-                locations[key] = (s, row)
-            offsets.append(row_offsets(p, f["embeddings"]))
-    return CacheIndex(tuple(files), locations, manifest["tokens"], manifest["width"], tuple(offsets))
+        info = shard.read_info(shard_dir(cache_dir) / entry["file"], keys=True)
+        if info.codec != want and info.n_rows:
+            raise ValueError(f"{info.path}: rows are {info.codec}, manifest.json says {want}; "
+                             f"run stages/embed.py --verify")
+        infos.append(info)
+        locations.update((key, (s, row)) for row, key in enumerate(info.keys))
+    return CacheIndex(tuple(infos), locations, want)
+
+
+# --- the format-1 upgrade and the comparison of two caches ---------------------------------------------
+
+def upgrade(cache_dir: str | Path) -> int:
+    """Rewrite a format-1 cache as format 2 in place, copying bytes (no encoder). Shards one at a time, each
+    published atomically, then the manifest last: a kill anywhere loses nothing, and a rerun goes on.
+    Returns the number of shards rewritten."""
+    cache_dir = Path(cache_dir)
+    paths = sorted(shard_dir(cache_dir).glob("shard-*.h5"))
+    if not paths:
+        raise FileNotFoundError(f"cache {cache_dir} has no shards; nothing to upgrade")
+    lock = CacheLock(cache_dir, shared=False)
+    try:
+        remove_stale_temps(cache_dir, [int(p.stem.split("-")[1]) for p in paths])
+        done = sum(shard.upgrade_shard(p) for p in tqdm(paths, desc="upgrade", unit="shard", disable=None))
+        old = read_manifest(cache_dir)
+        if old is not None and old.get("format_version") == 1:
+            info = {"encoder": {**old["encoder"], "fingerprint": old["fingerprint_fields"]},
+                    "fingerprint_id": old["fingerprint"], "records": old["records"],
+                    "records_hash": old["records_hash"], "shard_size": old["shard_size"], "tool_version": __version__}
+            finalize(cache_dir, [s["planned"] for s in old["shards"]], info)
+    finally:
+        lock.release()
+    return done
+
+
+def row_errors(a: torch.Tensor, b: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per row of (n, T, D) rows `b` against `a`: relative RMS error ||b - a|| / ||a||, the mean cosine of
+    its tokens (tokens zero in both agree), and the largest absolute difference."""
+    a, b = a.float(), b.float()
+    d = b - a
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=2, eps=1e-30)  # (n, T)
+    cos = torch.where((a == 0).all(2) & (b == 0).all(2), 1.0, cos)
+    return {"relative_rms": (d.flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(1e-30)).numpy(),
+            "cosine": cos.mean(1).numpy(), "max_abs": d.abs().flatten(1).amax(1).numpy()}
+
+
+def summarize(errors: list[dict[str, np.ndarray]]) -> dict:
+    """`row_errors` of several batches as mean, median, p99 and max over rows."""
+    out = {}
+    for k in errors[0]:
+        x = np.concatenate([e[k] for e in errors])
+        out[k] = {"mean": float(x.mean()), "median": float(np.median(x)), "p99": float(np.percentile(x, 99)),
+                  "max": float(x.max())}
+    return out
+
+
+def compare(a_dir: str | Path, b_dir: str | Path, batch: int = 256) -> dict:
+    """How far cache B's rows are from cache A's over the images both hold (`row_errors`, summarised over
+    rows), with the bytes per row of each and the fingerprint fields in which the two caches differ."""
+    ma, mb = load_manifest(a_dir), load_manifest(b_dir)
+    ia, ib = build_index(a_dir, ma), build_index(b_dir, mb)
+    if (ia.tokens, ia.width) != (ib.tokens, ib.width):
+        raise ValueError(f"cache {b_dir} has rows of {ib.tokens} x {ib.width}, cache {a_dir} of {ia.tokens} x "
+                         f"{ia.width}; only caches of the same encoder and selection compare")
+    keys = sorted(ia.locations.keys() & ib.locations.keys())
+    if not keys:
+        raise ValueError(f"caches {a_dir} and {b_dir} hold no image in common")
+    fa, fb = ma["encoder"]["fingerprint"], mb["encoder"]["fingerprint"]
+    readers, errors = [(ia, ia.reader(mapped=False)), (ib, ib.reader(mapped=False))], []
+    try:
+        for lo in range(0, len(keys), batch):
+            errors.append(row_errors(*(_decoded(index, reader, keys[lo:lo + batch]) for index, reader in readers)))
+    finally:
+        for _, reader in readers:
+            reader.close()
+    return {"a": str(a_dir), "b": str(b_dir), "dtype": [ma["dtype"], mb["dtype"]], "rows": len(keys),
+            "only_in_a": len(ia.locations) - len(keys), "only_in_b": len(ib.locations) - len(keys),
+            "bytes_per_row": [ia.codec.row_bytes, ib.codec.row_bytes],
+            "fingerprint_differs": sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)),
+            **summarize(errors)}
+
+
+def _decoded(index: CacheIndex, reader: shard.RowReader, keys: list[str]) -> torch.Tensor:
+    """(n, T, D) float32 rows of these keys, checked and decoded."""
+    loc = np.array([index.locations[k] for k in keys], np.int64)
+    rows = np.empty((len(keys), index.codec.row_bytes), np.uint8)
+    reader.read(loc[:, 0], loc[:, 1], rows)
+    return index.codec.decode(torch.from_numpy(rows)).float()

@@ -4,8 +4,8 @@ Design choices:
 - Everything comes from the run directory (`VLM.from_pretrained`, `tokenizer/`); the encoder is reloaded
   from the stored spec and its fingerprint must equal the one stage 1 recorded (other weights at the same
   path are refused, naming the field).
-- Live features go through the same `load_image` / `preprocess` / `encode` as stage 1, so a live row is
-  the cached row.
+- Live features go through the same `load_image` / `preprocess` / `features` and the cache's codec
+  (`Codec.encode`, then `decode` as training does) as stage 1, so a live row is the cached row.
 - An image that cannot be read is reported for that image; the others are still captioned.
 """
 from __future__ import annotations
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from minivlm.encoder import Encoder, EncoderSpec, ImageError, encode, load_encoder, load_image, preprocess
+from minivlm.encoder import Encoder, EncoderSpec, ImageError, features, load_encoder, load_image, preprocess
 from minivlm.generate import generate
 from minivlm.model import VLM, VLMConfig
+from minivlm.shard import Codec
 from minivlm.text import TextFormat, decode, load_tokenizer, prompt_ids, text_format
 
 
@@ -43,7 +44,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", with_encoder: bool = True
 
 def load_run_encoder(run_dir: Path, vc: VLMConfig, device: str) -> Encoder:
     """The encoder from the run's stored spec, refused if its fingerprint differs from stage 1's."""
-    enc = load_encoder(vc.encoder.encoder_config(), device)
+    enc = load_encoder(vc.encoder.encoder_config(), device, vc.encoder.storage_dtype)
     vc.encoder.check(EncoderSpec.of_encoder(enc), f"encoder {vc.encoder.name_or_path}",
                      f"the fingerprint run {run_dir} was trained with",
                      "restore the original encoder files, or re-embed and retrain")
@@ -60,7 +61,10 @@ def live_features(cap: Captioner, paths: list[str | Path]) -> tuple[torch.Tensor
             errors.append(None)
         except ImageError as e:
             errors.append(f"{p}: {e}")
-    return (encode(enc, torch.stack(pixels)) if pixels else None), errors
+    if not pixels:
+        return None, errors
+    codec = Codec(enc.fingerprint["storage_dtype"], enc.tokens, enc.width)
+    return codec.decode(codec.encode(features(enc, torch.stack(pixels)))), errors
 
 
 def caption_features(cap: Captioner, images: torch.Tensor, prompt: str = "", max_new_tokens: int = 48,

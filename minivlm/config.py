@@ -25,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-
+CACHE_DTYPES = ("float16", "bfloat16", "int8", "float8_e4m3")  # codecs of stored rows (minivlm.shard)
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,13 @@ class CacheConfig:
     dir: str = "cache/demo"
     shard_size: int = 1024        # images per HDF5 shard (the unit of resume and of torchrun work)
     max_failure_frac: float = 0.05  # more failed images than this ends `embed` non-zero
+    dtype: str = "float16"        # stored rows: float16, bfloat16, int8 or float8_e4m3 (8-bit: half the bytes)
 
     def __post_init__(self):
         if self.shard_size < 1:
             raise ValueError(f"cache.shard_size must be >= 1, got {self.shard_size}")
+        if self.dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache.dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,15 @@
-"""Stage-2 data: records joined with cache rows, a resumable shuffled batch sampler, and the loader.
+"""Stage-2 data: records joined with cache rows, tokenized once, a resumable shuffled batch sampler, and
+the loader.
 
 Design choices:
 - The join is by image key through the shards' `keys`; records whose image failed or is absent are
   dropped and counted. Text-only records stay (they get no placeholders and a zero image slot).
 - Every sample is tokenized once when the dataset is built (`text.tokenize`); a batch is then a row
   read per image plus a vectorized pad (`text.collate`).
-- A row is raw bytes at an offset found once per shard (`cache.row_offsets`), copied into a
-  preallocated (B, T, D) float16 tensor (pinned for CUDA). Within a batch, rows go in (shard, row)
-  order: same batch, better locality on disk. bench P3: h5py's `read_direct` ran at a quarter of this.
-- When the cache takes under half the available memory, each shard is read ahead whole when first
-  opened (posix_fadvise WILLNEED: an epoch reads every row anyway, and one sequential read beats
-  thousands of random ones on a cold disk) and mapped read-only; a row is then a copy out of memory,
-  a fifth of a `pread` system call for small rows. Bigger caches are read with one `pread` per row.
-  Both copies release the GIL. The mapping's pages count in the process's RSS as shared file pages.
+- Image rows are read as stored (minivlm.shard.RowReader: the only code that knows the row format, checks
+  each row's CRC-32 and picks mmap or pread) into one preallocated (B, row_bytes) uint8 tensor per batch
+  (pinned for CUDA), in (shard, row) order within the batch, and decoded on the training device by
+  `to_device`: an 8-bit cache moves 8-bit rows.
 - Batches are read in this process, by `num_workers` threads running ahead of the step, not by
   DataLoader worker processes: handing a batch across the process boundary capped the read path at
   ~3.5k B/16 rows/s on 2 cores, against ~20k for the reads themselves.
@@ -26,9 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import mmap
-import os
-import threading
 import zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +39,7 @@ from minivlm.dist import Dist
 from minivlm.encoder import EncoderSpec
 from minivlm.records import Record, load_records
 from minivlm.fileio import atomic_write
+from minivlm.shard import Codec, RowReader
 from minivlm.text import TextFormat, Tokens, collate, load_tokenizer, text_format, tokenize, tokens_key
 
 
@@ -52,7 +47,8 @@ def open_cache(cfg: RunConfig, tokens: int | None = None, width: int | None = No
     """Validate the cache before anything else: complete, published, expected T/D, same encoder spec."""
     cache_dir = Path(cfg.cache.dir)
     manifest = cache.load_manifest(cache_dir)
-    EncoderSpec.of_manifest(manifest).check(EncoderSpec.of_config(cfg.encoder), "the config", f"cache {cache_dir}",
+    EncoderSpec.of_manifest(manifest).check(EncoderSpec.of_config(cfg.encoder, cfg.cache.dtype), "the config",
+                                            f"cache {cache_dir}",
                                             "re-embed into another cache.dir or fix the config")
     for name, want, got in (("T (image tokens)", tokens, manifest["tokens"]), ("D (width)", width, manifest["width"])):
         if want is not None and want != got:
@@ -128,94 +124,39 @@ def _save_tokens(path: Path, tokens: Tokens) -> None:
         np.savez(f, **{field.name: getattr(tokens, field.name) for field in dataclasses.fields(Tokens)})
 
 
-def _fits_in_memory(files) -> bool:
-    """Whether the shards take under half the memory available now (Linux; elsewhere: no)."""
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        return hasattr(os, "posix_fadvise") and sum(os.path.getsize(p) for p in files) < avail / 2
-    except (OSError, StopIteration):
-        return False
+class Samples:
+    """A split's samples: tokenized text, and where each one's image rows are. `samples[indices]` -> one
+    padded batch dict (input_ids, labels, has_image, index, and `rows`: the images as stored)."""
 
-
-class CacheBatches:
-    """dataset[list of indices] -> one padded batch dict (input_ids, labels, images, has_image)."""
-
-    def __init__(self, split: Split, index: cache.CacheIndex, fmt: TextFormat, pin_memory: bool = False,
+    def __init__(self, split: Split, reader: RowReader, fmt: TextFormat, pin_memory: bool = False,
                  text: Tokens | None = None):
-        self.split, self.files, self.fmt, self.pin_memory = split, index.files, fmt, pin_memory
-        self.tokens, self.width = index.tokens, index.width
-        self.row_bytes = index.tokens * index.width * 2
+        self.split, self.reader, self.fmt, self.pin_memory = split, reader, fmt, pin_memory
         self.text = text if text is not None else split_tokens(fmt, split)
-        self.shard = np.array([loc[0] if loc else -1 for loc in split.locations], np.int64)       # (n,)
-        self.offset = np.array([index.offsets[loc[0]][loc[1]] if loc else 0 for loc in split.locations], np.int64)
-        self._end = [int(o.max()) + self.row_bytes if len(o) else 0 for o in index.offsets]  # bytes a shard's rows need
-        self.mapped = _fits_in_memory(self.files)  # rows copied out of mapped shards, else one pread each
-        self._source = np.full(len(self.files) + 1, None, object)  # shard -> its bytes or fd; [-1]: text-only
-        self._opened = np.zeros(len(self.files) + 1, bool)
-        self._opened[-1] = True
-        self._files: list = []                                      # what close() closes
-        self._opening = threading.Lock()
+        self.shard = np.array([loc[0] if loc else -1 for loc in split.locations], np.int64)  # (n,) -1: text-only
+        self.row = np.array([loc[1] if loc else 0 for loc in split.locations], np.int64)     # (n,)
 
     def __len__(self):
         return len(self.split.records)
 
-    def _sources(self, shard: np.ndarray) -> list:
-        """Per row: its shard's bytes (mapped) or file descriptor, None for text-only; opens shards on first use."""
-        if not self._opened[shard].all():
-            with self._opening:  # reader threads
-                for s in np.unique(shard[~self._opened[shard]]).tolist():
-                    self._source[s] = self._open(s)
-                    self._opened[s] = True
-        return self._source[shard].tolist()
-
-    def _open(self, s: int):
-        f = open(self.files[s], "rb", buffering=0)
-        size = os.fstat(f.fileno()).st_size
-        if size < self._end[s]:
-            f.close()
-            raise ValueError(f"{self.files[s]}: {size} bytes, but its rows reach byte {self._end[s]} (truncated "
-                             f"shard?); run stages/embed.py --verify")
-        if not self.mapped:
-            self._files.append(f)
-            return f.fileno()
-        with f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
-            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # published shards never change
-        self._files.append(m)
-        return np.frombuffer(m, np.uint8)
+    @property
+    def row_bytes(self) -> int:
+        return self.reader.codec.row_bytes
 
     def close(self):
-        self._source[:-1] = None  # a mapping closes only once no array of it is left
-        for f in self._files:
-            f.close()
-        self._opened[:-1], self._files = False, []
+        self.reader.close()
 
     def shard_order(self, indices: list[int]) -> list[int]:
         return sorted(indices, key=lambda i: self.split.locations[i] or (-1, i))
 
     def __getitem__(self, indices: list[int]) -> dict:
-        return {**self.text_batches([indices])[0], "images": self.images(indices)}
+        return {**self.text_batches([indices])[0], "rows": self.rows(indices)}
 
-    def images(self, indices: list[int]) -> torch.Tensor:
-        """(B, T, D) float16 rows, zeros for text-only samples."""
+    def rows(self, indices) -> torch.Tensor:
+        """(B, row_bytes) uint8: each sample's image rows as stored, zeros for text-only samples."""
         ix = np.asarray(indices, np.int64)
-        shard = self.shard[ix]
-        images = torch.empty(len(ix), self.tokens, self.width, dtype=torch.float16, pin_memory=self.pin_memory)
-        rows = images.numpy().view(np.uint8).reshape(len(ix), self.row_bytes)  # (B, T*D*2) bytes of images
-        rows[shard < 0] = 0
-        sources, offsets, n = self._sources(shard), self.offset[ix].tolist(), self.row_bytes
-        if self.mapped:  # a NumPy copy of a row releases the GIL, as pread does
-            for b, shard_bytes, o in zip(range(len(ix)), sources, offsets):
-                if shard_bytes is not None:
-                    rows[b] = shard_bytes[o:o + n]
-            return images
-        flat = memoryview(rows.reshape(-1))  # slicing a memoryview: a third of a NumPy row view
-        for a, fd, o in zip(range(0, len(ix) * n, n), sources, offsets):
-            if fd is not None and os.preadv(fd, [flat[a:a + n]], o) != n:
-                path = self.files[self._source.tolist().index(fd)]
-                raise ValueError(f"{path}: row at byte {o} is cut short (truncated shard?); run stages/embed.py --verify")
-        return images
+        out = torch.empty(len(ix), self.row_bytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+        self.reader.read(self.shard[ix], self.row[ix], out.numpy())
+        return out
 
     def text_batches(self, batches: list[list[int]]) -> list[dict]:
         """input_ids, labels and has_image of several batches, collated at once (`text.collate`)."""
@@ -244,9 +185,17 @@ class CacheBatches:
         by_shard: dict[int, list[int]] = {}
         for s, r in locs[:limit]:
             by_shard.setdefault(s, []).append(r)
-        text = "; ".join(f"{self.files[s]} row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}"
+        text = "; ".join(f"{self.reader.shards[s].path} row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}"
                          for s, rows in by_shard.items())
         return text + (f" and {len(locs) - limit} more" if len(locs) > limit else "")
+
+
+def to_device(batch: dict, device: str, codec: Codec) -> dict:
+    """The batch on `device` (asynchronous from pinned memory), its stored rows decoded there into
+    `images` (B, T, D); host-side entries (`index`) stay."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items() if k != "rows"}
+    out["images"] = codec.decode(batch["rows"].to(device, non_blocking=True))
+    return out
 
 
 class BatchSampler:
@@ -256,7 +205,7 @@ class BatchSampler:
     DDP ranks never wait on a collective another rank will not reach.
     """
 
-    def __init__(self, dataset: CacheBatches, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+    def __init__(self, dataset: Samples, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
@@ -311,13 +260,13 @@ class Loader:
     """The sampler's batches. Text is collated ~512 samples at a time and image rows are read ~1 MiB
     at a time (per-call costs amortized: bench P3), by `threads` reader threads 2 x threads reads ahead
     of the loop, or with 0 by the loop when it asks (with CUDA's async launches that already overlaps
-    the GPU step). A batch's images are a slice of its read. Iterate it again after
+    the GPU step). A batch's rows are a slice of its read. Iterate it again after
     `sampler.set_position` to go on from elsewhere."""
 
     TEXT_SAMPLES = 512
     READ_BYTES = 1 << 20
 
-    def __init__(self, dataset: CacheBatches, sampler, threads: int):
+    def __init__(self, dataset: Samples, sampler, threads: int):
         self.dataset, self.sampler, self.threads = dataset, sampler, threads
 
     def _reads(self):
@@ -328,10 +277,10 @@ class Loader:
                                self.READ_BYTES)
 
     def _read(self, jobs: list) -> list[dict]:
-        images = self.dataset.images(np.concatenate([ix for ix, _ in jobs]))  # (N, T, D) for all the jobs' batches
-        parts = images.split([len(ix) for ix, _ in jobs])
-        # new dicts: the text group still holds its own until its last batch, and must not hold the images
-        return [{**text, "images": part} for (_, text), part in zip(jobs, parts)]
+        rows = self.dataset.rows(np.concatenate([ix for ix, _ in jobs]))  # (N, row_bytes) for all the jobs' batches
+        parts = rows.split([len(ix) for ix, _ in jobs])
+        # new dicts: the text group still holds its own until its last batch, and must not hold the rows
+        return [{**text, "rows": part} for (_, text), part in zip(jobs, parts)]
 
     def __iter__(self):
         if not self.threads:
@@ -352,11 +301,16 @@ class TrainData:
     index: cache.CacheIndex
     tokenizer: object
     fmt: TextFormat
-    train: CacheBatches
+    train: Samples
     sampler: BatchSampler
     eval_batches: list[dict]   # held-out batches, read once and kept in memory
-    val: CacheBatches          # closed after reading them; names their cache rows
+    val: Samples               # closed after reading them; names their cache rows
     dropped: int               # records whose image is not in the cache
+
+    @property
+    def codec(self) -> Codec:
+        """How the cache stores rows: `to_device` decodes batches with it."""
+        return self.index.codec
 
 
 def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int | None = None) -> TrainData:
@@ -369,9 +323,9 @@ def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int 
     if not train_split.records:
         raise ValueError(f"no training samples: none of {cfg.data.records}'s images are in cache {cfg.cache.dir}")
     pin, text_dir = dist.device.startswith("cuda"), Path(cfg.cache.dir) / "text"
-    train_ds = CacheBatches(train_split, index, fmt, pin,
-                            split_tokens(fmt, train_split, text_dir, save=dist.is_main, progress=dist.is_main))
-    val_ds = CacheBatches(val_split, index, fmt, pin, split_tokens(fmt, val_split, text_dir, save=dist.is_main))
+    train_ds = Samples(train_split, index.reader(), fmt, pin,
+                       split_tokens(fmt, train_split, text_dir, save=dist.is_main, progress=dist.is_main))
+    val_ds = Samples(val_split, index.reader(), fmt, pin, split_tokens(fmt, val_split, text_dir, save=dist.is_main))
     sampler = BatchSampler(train_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size)
     if len(sampler) < tc.grad_accum:
         raise ValueError(f"{len(train_ds)} training samples make no full step of train.batch_size={tc.batch_size} x "

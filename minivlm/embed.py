@@ -21,12 +21,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from minivlm import __version__, cache
+from minivlm import __version__, cache, shard
 from minivlm.config import RunConfig, RunFailed
 from minivlm.dist import Dist
-from minivlm.fileio import reading
-from minivlm.encoder import (EncoderSpec, ImageError, encode, fingerprint_id, load_encoder, load_image,
-                             preprocess)
+from minivlm.encoder import EncoderSpec, ImageError, features, fingerprint_id, load_encoder, load_image, preprocess
 from minivlm.records import first_record_with, image_keys, load_records, records_hash, resolve_image
 
 OUTSIDE_ROOT = "outside data.image_root (not read)"
@@ -58,8 +56,9 @@ def _collate(batch):
 
 
 def _check_existing(cache_dir: Path, plan: list[list[str]], spec: EncoderSpec, mine, overwrite: bool) -> set[int]:
-    """Published shards of this rank that can be kept. A shard from another encoder spec is refused (or with
-    overwrite, deleted); an unreadable one, or one whose planned images changed, is deleted and redone."""
+    """Published shards of this rank that can be kept. A shard from another encoder spec or a format-1 one is
+    refused (or with overwrite, deleted); an unreadable one, or one whose planned images changed, is deleted
+    and redone."""
     keep = set()
     n_planned = len(plan)
     existing = sorted(cache.shard_dir(cache_dir).glob("shard-*.h5"))
@@ -68,9 +67,12 @@ def _check_existing(cache_dir: Path, plan: list[list[str]], spec: EncoderSpec, m
         if not mine(i):
             continue
         try:
-            with reading(p, cache.REDO_SHARD), cache.open_shard(p) as f:
-                old = json.loads(f.attrs["encoder"])
-                old_plan = f.attrs["plan"]
+            info = shard.read_info(p)
+            old, old_plan = json.loads(info.attrs["fingerprint"]), info.attrs["plan"]
+        except shard.FormatOne as e:
+            if not overwrite:
+                raise ValueError(f"{e}; or rerun with --overwrite to re-embed the cache") from None
+            old, old_plan = None, None
         except ValueError:
             old, old_plan = None, None
         if old is not None and old == spec.fingerprint and i < n_planned and old_plan == cache.plan_hash(plan[i]):
@@ -104,15 +106,18 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
 
     lock = cache.CacheLock(cache_dir, shared=dist.is_distributed)
     try:
-        enc = load_encoder(cfg.encoder, dist.device)
+        enc = load_encoder(cfg.encoder, dist.device, cfg.cache.dtype)
         spec = EncoderSpec.of_encoder(enc)
         fid = fingerprint_id(spec.fingerprint)
         manifest = cache.read_manifest(cache_dir)
+        if manifest and manifest.get("format_version") == 1 and not overwrite:
+            raise ValueError(f"cache {cache_dir} is in format 1 (minivlm before 2026-12); {shard.UPGRADE}, or "
+                             f"rerun with --overwrite to re-embed it")
         mine = lambda i: i % dist.world_size == dist.rank  # noqa: E731
         if overwrite and dist.is_main:
             (cache_dir / cache.MANIFEST).unlink(missing_ok=True)
         keep = _check_existing(cache_dir, plan, spec, mine, overwrite)
-        if manifest and manifest.get("fingerprint") == fid and len(keep) == sum(map(mine, range(len(plan)))) \
+        if manifest and manifest.get("fingerprint_id") == fid and len(keep) == sum(map(mine, range(len(plan)))) \
                 and manifest.get("records_hash") == rhash and not overwrite:
             if dist.is_main:
                 print(f"embed: cache {cache_dir} is complete ({manifest['counts']['embedded']} images embedded, "
@@ -131,10 +136,9 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
             print(f"warning: {len(outside) - 5} more image paths outside data.image_root", flush=True)
 
         n_failed = _embed_shards(enc, cfg, dist, cache_dir, plan, todo, items, fid, len(keys))
-        info = {"encoder": spec.as_json(), "fingerprint": fid, "fingerprint_fields": spec.fingerprint,
-                "records": files, "records_hash": rhash,
+        info = {"encoder": spec.as_json(), "fingerprint_id": fid, "records": files, "records_hash": rhash,
                 "shard_size": cfg.cache.shard_size, "tool_version": __version__}
-        manifest = cache.finalize(cache_dir, plan, info)
+        manifest = cache.finalize(cache_dir, [len(keys) for keys in plan], info)
     finally:
         lock.release()
 
@@ -163,7 +167,8 @@ def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, todo, 
                         batch_size=cfg.encoder.batch_size, num_workers=cfg.encoder.num_workers,
                         collate_fn=_collate, pin_memory=enc.device.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if cfg.encoder.num_workers else None)
-    fp_json = json.dumps(enc.fingerprint, sort_keys=True)
+    codec = shard.Codec(cfg.cache.dtype, enc.tokens, enc.width)
+    meta = dict(fingerprint=json.dumps(enc.fingerprint, sort_keys=True), fingerprint_id=fid)
     shard_iter = iter(todo)
     current = next(shard_iter, None)
     rows: list[np.ndarray] = []
@@ -174,21 +179,21 @@ def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, todo, 
                disable=None, mininterval=1.0)
     for batch in loader:
         good = [(k, px) for k, px, _ in batch if px is not None]
-        feats = encode(enc, torch.stack([px for _, px in good])).cpu().numpy() if good else None  # (b, T, D)
+        stored = codec.encode(features(enc, torch.stack([px for _, px in good]))).cpu().numpy() if good else None
         fi = 0
         for key, px, reason in batch:
             if px is None:
                 failures.append((key, reason))
                 n_failed += 1
             else:
-                rows.append(feats[fi])
+                rows.append(stored[fi])  # (row_bytes,) uint8
                 keys.append(key)
                 fi += 1
             done_in_shard += 1
             if done_in_shard == len(plan[current]):
-                emb = np.stack(rows) if rows else np.zeros((0, enc.tokens, enc.width), np.float16)
-                cache.write_shard(cache.shard_path(cache_dir, current), current, keys, emb, failures,
-                                  fid, fp_json, cache.plan_hash(plan[current]))
+                emb = np.stack(rows) if rows else np.zeros((0, codec.row_bytes), np.uint8)  # (n, row_bytes)
+                shard.write_shard(cache.shard_path(cache_dir, current), emb, codec, keys, shard_index=current,
+                                  plan=cache.plan_hash(plan[current]), failures=failures, **meta)
                 rows, keys, failures, done_in_shard = [], [], [], 0
                 current = next(shard_iter, None)
         bar.update(len(batch))

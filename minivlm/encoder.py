@@ -7,19 +7,20 @@ Design choices:
   `from_pretrained` (never `trust_remote_code`). Layers after `select_layer` are dropped at load: they
   would be computed and thrown away.
 - Features are `hidden_states[select_layer]`, CLS dropped unless `keep_cls`, then k x k average pooling
-  of the patch grid; stored as float16.
+  of the patch grid; stored by the cache's codec (`cache.dtype`, minivlm.shard: float16 by default).
 - The fingerprint hashes everything that changes the numbers: the weights (tensor bytes, so the same
   path with other weights differs), the processor config and class (transformers picks a torchvision-
   based processor where torchvision is installed and a PIL one elsewhere; their resampling differs),
   the compute dtype (fp16 on CUDA, fp32 on CPU by default), select_layer, keep_cls, pool and storage
-  dtype. Its components are kept so a mismatch names the field that differs.
+  dtype. `fingerprint` is always that dict of components (a mismatch names the field that differs);
+  `fingerprint_id` its short hash.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,8 @@ from PIL import Image, ImageOps
 
 from minivlm.config import EncoderConfig
 
-STORAGE_DTYPE = "float16"
 SPEC_FIELDS = ("select_layer", "keep_cls", "pool")
+CONFIG_NAMES = {"storage_dtype": "cache.dtype"}  # fingerprint fields set outside [encoder]
 
 
 class ImageError(Exception):
@@ -114,11 +115,9 @@ def fingerprint_id(components: dict) -> str:
     return hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def spec_of(cfg: EncoderConfig) -> dict:
+def spec_of(cfg: EncoderConfig, storage_dtype: str = "float16") -> dict:
     """The part of the fingerprint that the config alone determines (checked without loading weights)."""
-    return {"select_layer": cfg.select_layer, "keep_cls": cfg.keep_cls, "pool": cfg.pool, "storage_dtype": STORAGE_DTYPE}
-
-
+    return {"select_layer": cfg.select_layer, "keep_cls": cfg.keep_cls, "pool": cfg.pool, "storage_dtype": storage_dtype}
 
 
 @dataclass(frozen=True)
@@ -134,21 +133,26 @@ class EncoderSpec:
     fingerprint: dict = field(default_factory=dict)  # fingerprint components; spec_of(cfg) alone from a config
 
     @classmethod
-    def of_config(cls, cfg: EncoderConfig) -> EncoderSpec:
-        return cls(cfg.name_or_path, cfg.select_layer, cfg.keep_cls, cfg.pool, cfg.dtype, spec_of(cfg))
+    def of_config(cls, cfg: EncoderConfig, storage_dtype: str = "float16") -> EncoderSpec:
+        return cls(cfg.name_or_path, cfg.select_layer, cfg.keep_cls, cfg.pool, cfg.dtype, spec_of(cfg, storage_dtype))
 
     @classmethod
     def of_encoder(cls, enc: Encoder) -> EncoderSpec:
-        return replace(cls.of_config(enc.cfg), compute_dtype=str(enc.dtype).removeprefix("torch."),
-                       fingerprint=dict(enc.fingerprint))
+        return cls(enc.cfg.name_or_path, enc.cfg.select_layer, enc.cfg.keep_cls, enc.cfg.pool,
+                   str(enc.dtype).removeprefix("torch."), dict(enc.fingerprint))
 
     @classmethod
     def of_manifest(cls, manifest: dict) -> EncoderSpec:
-        return cls(**manifest["encoder"], fingerprint=manifest["fingerprint_fields"])
+        return cls(**manifest["encoder"])
 
     def as_json(self) -> dict:
-        """The manifest's `encoder` entry (the fingerprint is stored beside it, as `fingerprint_fields`)."""
-        return {k: v for k, v in asdict(self).items() if k != "fingerprint"}
+        """The manifest's and model_config.json's `encoder` entry (fingerprint fields included)."""
+        return asdict(self)
+
+    @property
+    def storage_dtype(self) -> str:
+        """How the cache stores rows (`cache.dtype`): live features go through the same codec."""
+        return self.fingerprint.get("storage_dtype", "float16")
 
     def encoder_config(self, **kw) -> EncoderConfig:
         """An EncoderConfig that loads this encoder again (kw: batch size, workers, ...)."""
@@ -174,8 +178,9 @@ class EncoderSpec:
         """Raise one line naming each field where `other` (the subject's spec) differs from this one."""
         wrong = self.differs(other)
         if wrong:
-            theirs = ", ".join(f"encoder.{k}={other.value(k)!r}" for k in wrong)
-            ours = ", ".join(f"encoder.{k}={self.value(k)!r}" for k in wrong)
+            name = lambda k: CONFIG_NAMES.get(k, f"encoder.{k}")  # noqa: E731
+            theirs = ", ".join(f"{name(k)}={other.value(k)!r}" for k in wrong)
+            ours = ", ".join(f"{name(k)}={self.value(k)!r}" for k in wrong)
             raise ValueError(f"{subject} has {theirs} where {reference} has {ours}; {fix}")
 
 
@@ -184,8 +189,9 @@ def _vision_parts(model):
     return tower, tower.encoder.layers, tower.config
 
 
-def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Encoder:
-    """Load tower + processor by hub id or directory, frozen, truncated after select_layer."""
+def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", storage_dtype: str = "float16") -> Encoder:
+    """Load tower + processor by hub id or directory, frozen, truncated after select_layer. `storage_dtype`:
+    the cache's codec (`cache.dtype`), part of the fingerprint."""
     from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
     from transformers.utils import logging as hf_logging
 
@@ -212,7 +218,7 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Enco
     dtype = compute_dtype(cfg.dtype, device)
     fp = {"arch": cls.__name__, "weights": weights_hash(model), "processor": processor_hash(processor),
           "processor_class": type(processor).__name__, "compute_dtype": str(dtype).removeprefix("torch."),
-          **spec_of(cfg)}
+          **spec_of(cfg, storage_dtype)}
 
     tower, layers, vcfg = _vision_parts(model)
     n = len(layers)
@@ -232,14 +238,9 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu") -> Enco
 
 
 @torch.inference_mode()
-def encode(enc: Encoder, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) pixels -> (B, T, D) float16 features on enc.device (what the cache stores)."""
-    return features(enc, pixels).to(torch.float16)
-
-
-@torch.inference_mode()
 def features(enc: Encoder, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) pixels -> (B, T, D) features in the compute dtype, before the storage rounding."""
+    """(B, 3, H, W) pixels -> (B, T, D) features in the compute dtype on enc.device, before the cache's
+    codec stores them (minivlm.shard.Codec)."""
     pixels = pixels.to(enc.device, enc.dtype, non_blocking=True)
     hidden = enc.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]  # (B, 1+N or N, D)
     cls_tok, patches = (hidden[:, :1], hidden[:, 1:]) if enc.fingerprint["arch"] == "CLIPVisionModel" else (None, hidden)

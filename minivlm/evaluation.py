@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from minivlm.captioner import caption_features, load_run
 from minivlm.config import load_config
-from minivlm.data import BatchSampler, CacheBatches, join, load_splits, open_cache
+from minivlm.data import BatchSampler, Samples, join, load_splits, open_cache
 from minivlm.encoder import EncoderSpec
 from minivlm.fileio import atomic_write, atomic_write_json, atomic_write_text
 from minivlm.model import VLMConfig
@@ -44,13 +44,13 @@ def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, records: str
     run_dir = Path(run_dir)
     cap = load_run(run_dir, device, with_encoder=False)
     cfg, index, split = held_out(run_dir, cap.model.config, cache_dir, records)
-    ds = CacheBatches(split, index, cap.fmt)
+    ds = Samples(split, index.reader(), cap.fmt)
     batches = [ds[ix] for ix in BatchSampler(ds, cfg.train.batch_size, 0, shuffle=False).batches(0)]
-    losses = evaluate(cap.model, batches, amp_dtype(cfg.train, device), device)  # the dtype the run trained in
+    losses = evaluate(cap.model, batches, index.codec, amp_dtype(cfg.train, device), device)  # the run's dtype
 
     picked = [i for i, loc in enumerate(split.locations) if loc is not None][:n]
-    rows = ds[picked] if picked else None
-    generated = caption_features(cap, rows["images"]) if picked else []
+    generated = caption_features(cap, index.codec.decode(ds.rows(picked))) if picked else []
+    ds.close()
     samples = []
     for i, gen in zip(picked, generated):
         rec = split.records[i]

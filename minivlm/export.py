@@ -54,6 +54,9 @@ def refusal(vc: VLMConfig, lm_only: bool) -> str | None:
     if vc.encoder.pool > 1:
         return (f"encoder.pool={vc.encoder.pool}: LLaVA has no step that averages the patch grid; runs embedded "
                 f"with encoder.pool=1 export{alt}")
+    if vc.encoder.storage_dtype in ("int8", "float8_e4m3"):
+        return (f"cache.dtype={vc.encoder.storage_dtype}: LLaVA has no step that quantizes the tower's features as "
+                f"the run saw them; runs on a float16 or bfloat16 cache export{alt}")
     if vc.model.projector not in LLAVA_PROJECTORS:
         return (f"model.projector={vc.model.projector} (LayerNorm first) has no LLaVA equivalent; runs with "
                 f"model.projector=mlp2x_gelu or linear export{alt}")
@@ -121,7 +124,7 @@ def chat_template(fmt: TextFormat) -> str:
 
 def vision_tower(run_dir: Path, spec: EncoderSpec):
     """The run's whole encoder and its image processor, refused unless it is the one stage 1 used."""
-    enc = load_encoder(spec.encoder_config(), "cpu")  # truncated after select_layer; its fingerprint is checked
+    enc = load_encoder(spec.encoder_config(), "cpu", spec.storage_dtype)  # truncated; its fingerprint is checked
     spec.check(EncoderSpec.of_encoder(enc), f"encoder {spec.name_or_path}",
                f"the fingerprint run {run_dir} was trained with", "restore the original encoder files")
     full = type(enc.model).from_pretrained(spec.name_or_path, local_files_only=enc.cfg.local_files_only)

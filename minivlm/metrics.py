@@ -75,7 +75,7 @@ class Throughput:
         self.t0, self.wait, self.samples, self.tokens, self.images, self.flops = time.time(), 0.0, 0, 0, 0, 0.0
 
     def add(self, batches: list[dict], dataset, wait: float) -> None:
-        """One step's host batches (`index` and input_ids' shape) of `dataset` (minivlm.data.CacheBatches)."""
+        """One step's host batches (`index` and input_ids' shape) of `dataset` (minivlm.data.Samples)."""
         a, b = self.flop_counts
         for batch in batches:
             B, L = batch["input_ids"].shape

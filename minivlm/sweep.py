@@ -5,8 +5,10 @@ Design choices:
   a cartesian product of `section.key = [values]`, `[[runs]]` adds explicit runs. A run's config is the
   config file + [base] + command-line overrides + its combination, resolved before anything trains; a
   combination that makes no valid config is a failed run, not a failed sweep.
-- The cache is validated once (`open_cache`), and every run must ask for the encoder spec it holds: a
-  sweep over encoder.* would need other caches, so it stops before any run.
+- Each cache is validated once (`open_cache`), and every run must ask for the encoder spec and codec its
+  cache holds: a sweep over encoder.* alone would need other caches, so it stops before any run. Runs may
+  read different caches (`cache.dir` set per run): comparing the same run on a float16 and an int8 cache
+  is a sweep of two [[runs]] (configs/sweeps/demo_codecs.toml).
 - Each run is a subprocess (stages/train.py on its resolved config.toml): a crash stays inside its run,
   a killed sweep resumes through stage 2's own resume, and finished runs (final weights, same config)
   are skipped without touching their files.
@@ -31,6 +33,7 @@ from typing import Any
 
 from minivlm.config import (RunConfig, build_config, build_config_strings, load_config, load_toml, merge,
                             parse_overrides, to_toml, to_tree)
+from minivlm import cache
 from minivlm.data import open_cache
 from minivlm.encoder import EncoderSpec
 from minivlm.fileio import atomic_write, atomic_write_text
@@ -149,16 +152,20 @@ def plan(spec: SweepSpec, config: str | Path, overrides: list[str], where: str) 
     return base, runs
 
 
-def check_one_cache(base: RunConfig, runs: list[PlannedRun], where: str) -> None:
-    """Every run reads the base config's cache: same cache.dir, same encoder spec."""
-    want = EncoderSpec.of_config(base.encoder)
-    fix = "all runs of a sweep read one cache: take it out of the sweep"
+def check_caches(runs: list[PlannedRun], where: str) -> None:
+    """Every run's cache is complete and holds the features the run asks for (encoder.*, cache.dtype), so a
+    sweep that would need another cache stops before any run. Each cache.dir is validated once."""
+    manifests: dict[str, dict] = {}
     for run in (r for r in runs if r.cfg is not None):
-        if run.cfg.cache.dir != base.cache.dir:
-            raise ValueError(f"{where}: run {run.name} has cache.dir={run.cfg.cache.dir!r} where the sweep's cache "
-                             f"is {base.cache.dir!r}; {fix}")
-        want.check(EncoderSpec.of_config(run.cfg.encoder), f"{where}: run {run.name}",
-                   f"the sweep's cache {base.cache.dir}", fix)
+        d = run.cfg.cache.dir
+        if d not in manifests:
+            manifests[d] = cache.load_manifest(d)
+        EncoderSpec.of_manifest(manifests[d]).check(
+            EncoderSpec.of_config(run.cfg.encoder, run.cfg.cache.dtype), f"{where}: run {run.name}", f"its cache {d}",
+            "a run reads a cache embedded as it asks: take encoder.* and cache.dtype out of the sweep, or set "
+            "cache.dir with them in each of [[runs]]")
+    for d in manifests:
+        open_cache(next(r.cfg for r in runs if r.cfg is not None and r.cfg.cache.dir == d))
 
 
 def finished(cfg: RunConfig) -> bool:
@@ -324,8 +331,7 @@ def run_sweep(config: str | Path, sweep: str | Path, overrides: list[str] = (), 
     """Plan and validate every run, skip finished ones, run the rest, write the summary; True if none failed."""
     spec = load_sweep(sweep)
     base, runs = plan(spec, config, overrides, str(sweep))
-    open_cache(base)
-    check_one_cache(base, runs, str(sweep))
+    check_caches(runs, str(sweep))
     envs = slot_envs(parallel, nproc_per_node)
     sweep_dir = Path(base.train.out_dir) / spec.name
     previous = previous_wall_times(sweep_dir / "summary.csv")

@@ -40,13 +40,14 @@ from tqdm import tqdm
 from minivlm import checkpoint
 from minivlm.checkpointer import Checkpointer, TrainState
 from minivlm.config import RunConfig, RunFailed, TrainConfig, to_toml, to_tree
-from minivlm.data import CacheBatches, Loader, TrainData, load_data, step_batches
+from minivlm.data import Loader, Samples, TrainData, load_data, step_batches, to_device
 from minivlm.dist import Dist, print0
 from minivlm.fileio import atomic_write_text
 from minivlm.metrics import (MetricsLogger, Throughput, flop_counts, last_metrics, open_wandb, peak_flops,
                              peak_memory_mb)
 from minivlm.model import VLM, VLMConfig, freeze, num_params, param_groups
 from minivlm.pretrained import init_from
+from minivlm.shard import Codec
 from minivlm.text import IGNORE
 
 
@@ -76,11 +77,6 @@ def autocast(dtype: torch.dtype, device: str):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
-def to_device(batch: dict, device: str) -> dict:
-    """The batch's tensors on `device` (asynchronous from pinned memory); host-side entries (`index`) stay."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def train_step(model, opt, micro_batches: list[dict], cfg: TrainConfig, scaler, dtype: torch.dtype,
                device: str) -> StepStats:
     """One optimizer step over `micro_batches` (already on device): accumulate, clip, step, zero. Nothing
@@ -105,14 +101,14 @@ def train_step(model, opt, micro_batches: list[dict], cfg: TrainConfig, scaler, 
 
 
 @torch.no_grad()
-def evaluate(model: VLM, batches: list[dict], dtype: torch.dtype, device: str) -> dict:
+def evaluate(model: VLM, batches: list[dict], codec: Codec, dtype: torch.dtype, device: str) -> dict:
     """Token-weighted eval loss with true images and with images rolled across the batch."""
     was_training = model.training
     model.eval()
     sums = {"eval_loss": 0.0, "eval_loss_shuffled": 0.0}
     count = 0
     for batch in batches:
-        b = to_device(batch, device)
+        b = to_device(batch, device, codec)
         rows = b["has_image"].nonzero().flatten()
         shuffled = b["images"].clone()
         shuffled[rows] = b["images"][rows.roll(1)]  # every image row gets another row's image
@@ -162,7 +158,7 @@ class NonFinite:
         self.first = torch.where(bad & (self.first < 0), step, self.first)
         self.samples[step] = index
 
-    def check(self, train: CacheBatches, ckpt: Checkpointer) -> None:
+    def check(self, train: Samples, ckpt: Checkpointer) -> None:
         """Raise RunFailed (one line, exit 1) if a step since the last check was not finite."""
         first = int(self.first)  # the host read: at log steps and saves only
         if first < 0:
@@ -198,10 +194,11 @@ def wrap(raw: VLM, cfg: RunConfig, dist: Dist):
 def run_eval(model: VLM, data: TrainData, state: TrainState, log: MetricsLogger, dtype: torch.dtype,
              device: str) -> dict:
     """Held-out losses, rounded as metrics.jsonl holds them (and fit returns them), logged."""
-    result = evaluate(model, data.eval_batches, dtype, device) if data.eval_batches else {}
+    result = evaluate(model, data.eval_batches, data.codec, dtype, device) if data.eval_batches else {}
     result = {k: round(v, 5) for k, v in result.items()}
     if not all(map(math.isfinite, result.values())):  # the training loss was finite (checked just before)
-        bad = next(b for b in data.eval_batches if not math.isfinite(evaluate(model, [b], dtype, device)["eval_loss"]))
+        bad = next(b for b in data.eval_batches
+                   if not math.isfinite(evaluate(model, [b], data.codec, dtype, device)["eval_loss"]))
         raise RunFailed(f"train: held-out loss not finite at step {state.step} although the training loss is; the "
                         f"held-out batch read {data.val.describe_rows(bad['index'])}; check the cache with "
                         f"`python stages/embed.py --config <this config> --verify` (re-embed with --overwrite if a "
@@ -245,7 +242,7 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
         while state.step < total:
             t0 = time.time()
             host = next(batches)
-            mbs = [to_device(b, device) for b in host]
+            mbs = [to_device(b, device, data.codec) for b in host]
             wait = time.time() - t0
             lr = lr_at(state.step, total, tc)
             for g in opt.param_groups:

@@ -1,8 +1,11 @@
 """Stage 1: embed every image of data.records with the frozen encoder into the HDF5 cache at cache.dir.
 
-    python stages/embed.py --config configs/demo.toml [section.key=value ...] [--overwrite] [--verify]
+    python stages/embed.py --config configs/demo.toml [section.key=value ...] [--overwrite]
+    python stages/embed.py --config C --verify | --upgrade | --compare OTHER_CACHE
     torchrun --nproc_per_node N stages/embed.py --config ...   (rank r takes shards i % N == r)
 """
+import json
+
 from minivlm import cache
 from minivlm.cli import config_from, parser, run
 from minivlm.dist import init_distributed
@@ -12,7 +15,12 @@ from minivlm.embed import run_embed
 def main():
     p = parser(__doc__.splitlines()[0], ["data", "encoder", "cache"])
     p.add_argument("--overwrite", action="store_true", help="replace a cache built with another encoder spec or records")
-    p.add_argument("--verify", action="store_true", help="re-read every shard of cache.dir and check it; embed nothing")
+    p.add_argument("--verify", action="store_true", help="re-read every shard and row of cache.dir and check them; "
+                                                         "embed nothing")
+    p.add_argument("--upgrade", action="store_true", help="rewrite a format-1 cache.dir as format 2 in place: "
+                                                          "copies bytes, no encoder, resumable")
+    p.add_argument("--compare", metavar="CACHE", help="reconstruction error of CACHE's rows against cache.dir's "
+                                                      "(e.g. an int8 cache against the float16 one); JSON")
     args = p.parse_args()
     cfg = config_from(args)
     if args.verify:
@@ -21,6 +29,13 @@ def main():
             print(f"verify: {line}")
         print(f"verify: {cfg.cache.dir}: " + (f"{len(problems)} problem(s)" if problems else "ok"))
         return not problems
+    if args.upgrade:
+        n = cache.upgrade(cfg.cache.dir)
+        print(f"upgrade: {cfg.cache.dir}: {n} shard(s) rewritten; the cache is format {cache.FORMAT_VERSION}")
+        return
+    if args.compare:
+        print(json.dumps(cache.compare(cfg.cache.dir, args.compare), indent=2))
+        return
     # Ranks never talk: each takes shards i % world_size == rank, the last to finish writes the manifest.
     run_embed(cfg, init_distributed(process_group=False), overwrite=args.overwrite)
 

@@ -1,21 +1,61 @@
-"""minivlm.cache on tiny fakes: the shard plan, a shard's bytes against h5py's own reads, the manifest, --verify."""
+"""minivlm.cache and minivlm.shard on tiny fakes: the format-2 layout as plain h5py reads it, every codec
+decoded by its documented rule, per-row checksums that name the row, the manifest, and the format-1 upgrade."""
 import json
+import shutil
 
 import h5py
 import numpy as np
+import pytest
+import torch
 
-from minivlm import cache
+from minivlm import cache, shard
+from minivlm.config import CACHE_DTYPES, RunFailed
 
 T, D = 3, 4
+META = dict(fingerprint="{}", fingerprint_id="fp", failures=[])
 
 
-def fake_shards(cache_dir, plan, seed=0) -> dict[str, np.ndarray]:
-    rng, rows = np.random.default_rng(seed), {}
+def features(n: int, seed: int = 0) -> torch.Tensor:
+    """Activation-like rows: mostly small, a few large values, one all-zero token (a zero scale)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, T, D, generator=g) * torch.rand(n, T, 1, generator=g) * 4
+    x[0, 0] = 0
+    return x
+
+
+def fake_shards(cache_dir, plan, dtype="float16", seed=0) -> dict[str, torch.Tensor]:
+    """Shards of random features through the real writer; returns key -> the float32 features written."""
+    codec, rows = shard.Codec(dtype, T, D), {}
     for i, keys in enumerate(plan):
-        emb = rng.standard_normal((len(keys), T, D)).astype(np.float16)  # (n, T, D)
-        cache.write_shard(cache.shard_path(cache_dir, i), i, keys, emb, [], "fp", "{}", cache.plan_hash(keys))
-        rows.update(zip(keys, emb))
+        x = features(len(keys), seed + i)
+        shard.write_shard(cache.shard_path(cache_dir, i), codec.encode(x).numpy(), codec, keys, shard_index=i,
+                          plan=cache.plan_hash(keys), **META)
+        rows.update(zip(keys, x))
     return rows
+
+
+def decoded_by_h5py(path) -> dict[str, np.ndarray]:
+    """The format-2 contract read with plain h5py and decoded by the rules written in minivlm/shard.py's
+    docstring, none of our code: float16 as is, bfloat16 bits << 16, int8 * scale, e4m3fn bits * scale."""
+    with h5py.File(path, "r") as f:
+        codec, emb = f.attrs["codec"], f["embeddings"]
+        assert emb.chunks is None and emb.compression is None  # contiguous, unfiltered
+        out = {}
+        for i, key in enumerate(f["keys"][...]):
+            v = emb[i]
+            if codec == "float16":
+                x = v.astype(np.float32)
+            elif codec == "bfloat16":
+                x = (v.astype(np.uint32) << 16).view(np.float32)
+            elif codec == "int8":
+                x = v.astype(np.float32) * f["scales"][i][:, None]
+            else:  # OCP FP8 E4M3 (e4m3fn): 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities
+                sign = np.where(v >> 7, -1.0, 1.0)
+                e, m = (v >> 3) & 0xF, (v & 7).astype(np.float64)
+                x = (sign * np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e.astype(np.float64) - 7)))
+                x = x.astype(np.float32) * f["scales"][i][:, None]
+            out[key.decode()] = x
+    return out
 
 
 def test_the_plan_is_sorted_unique_keys_cut_into_fixed_size_shards():
@@ -23,32 +63,152 @@ def test_the_plan_is_sorted_unique_keys_cut_into_fixed_size_shards():
     assert cache.plan_hash(["a", "b"]) != cache.plan_hash(["b", "a"])
 
 
-def test_row_offsets_point_at_the_raw_bytes_h5py_reads_for_each_row(tmp_path):
-    plan = cache.plan_shards([f"img{i}.jpg" for i in range(5)], 5)
-    rows = fake_shards(tmp_path, plan)
-    path = cache.shard_path(tmp_path, 0)
-    with h5py.File(path, "r") as f:  # the reference: h5py itself
-        ref = {k.decode(): f["embeddings"][i] for i, k in enumerate(f["keys"][...])}
-        offsets = cache.row_offsets(path, f["embeddings"])
-    raw = path.read_bytes()
-    for i, key in enumerate(plan[0]):
-        row = np.frombuffer(raw[offsets[i]:offsets[i] + T * D * 2], np.float16).reshape(T, D)
-        assert np.array_equal(row, ref[key]) and np.array_equal(row, rows[key])
+@pytest.mark.parametrize("dtype", CACHE_DTYPES)
+def test_plain_h5py_reads_every_codec_bitwise_as_the_reader_decodes_it(tmp_path, dtype):
+    plan = [[f"img{i}.jpg" for i in range(6)]]
+    written = fake_shards(tmp_path, plan, dtype)
+    info = shard.read_info(cache.shard_path(tmp_path, 0), keys=True)
+    reader = shard.RowReader([info], mapped=False)
+    rows = np.empty((6, info.codec.row_bytes), np.uint8)
+    reader.read(np.zeros(6, np.int64), np.arange(6), rows)
+    ours = info.codec.decode(torch.from_numpy(rows)).float().numpy()
+    ref = decoded_by_h5py(info.path)
+    for i, key in enumerate(info.keys):
+        assert np.array_equal(ours[i], ref[key]), (dtype, key)
+    x = torch.stack([written[k] for k in info.keys])
+    err = ((torch.from_numpy(ours) - x).norm() / x.norm()).item()
+    assert err < {"float16": 1e-3, "bfloat16": 5e-3, "int8": 2e-2, "float8_e4m3": 6e-2}[dtype], err
+    assert info.codec.row_bytes == {"float16": 2, "bfloat16": 2, "int8": 1, "float8_e4m3": 1}[dtype] * T * D + \
+        (4 * T if dtype in ("int8", "float8_e4m3") else 0)
 
 
-def test_the_manifest_waits_for_every_shard_and_verify_names_a_corrupted_one(tmp_path):
+def test_mapped_and_pread_reads_give_the_same_rows_and_zeros_for_text_only(tmp_path):
+    fake_shards(tmp_path, [["a", "b", "c"], ["d", "e"]], "int8")
+    infos = [shard.read_info(cache.shard_path(tmp_path, i)) for i in range(2)]
+    shard_ix, row_ix = np.array([1, -1, 0, 1, 0]), np.array([1, 0, 2, 0, 0])
+    got = []
+    for mapped in (True, False):
+        reader = shard.RowReader(infos, mapped=mapped)
+        out = np.full((5, infos[0].codec.row_bytes), 7, np.uint8)
+        reader.read(shard_ix, row_ix, out)
+        reader.close()
+        got.append(out)
+    assert np.array_equal(*got) and not got[0][1].any() and got[0][0].any()
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_a_flipped_byte_in_row_r_is_named_by_verify_and_stops_the_reader(tmp_path, mapped):
+    plan = cache.plan_shards([f"img{i}.jpg" for i in range(6)], 3)
+    fake_shards(tmp_path, plan)
+    cache.finalize(tmp_path, [3, 3], {"fingerprint_id": "fp"})
+    assert cache.verify(tmp_path) == []
+    info = shard.read_info(cache.shard_path(tmp_path, 1), keys=True)
+    data = bytearray(info.path.read_bytes())
+    data[info.values_at + 2 * info.codec.values_bytes + 5] ^= 0x10  # one bit inside row 2
+    info.path.write_bytes(bytes(data))
+    line = f"{info.path}: row 2 (image img5.jpg) fails its CRC-32 checksum"
+    problems = cache.verify(tmp_path)
+    assert any(p.startswith(line) for p in problems) and all("shard-00001.h5" in p for p in problems), problems
+    reader = cache.build_index(tmp_path, cache.load_manifest(tmp_path)).reader(mapped)
+    out = np.empty((2, info.codec.row_bytes), np.uint8)
+    reader.read(np.array([1, 1]), np.array([1, 0]), out)  # the good rows of that shard read fine
+    with pytest.raises(RunFailed, match="^" + line.replace("(", r"\(").replace(")", r"\)")):
+        reader.read(np.array([0, 1]), np.array([0, 2]), out)
+
+
+def test_the_manifest_waits_for_every_shard_and_the_index_finds_each_key(tmp_path):
     plan = cache.plan_shards([f"img{i}.jpg" for i in range(6)], 2)
     fake_shards(tmp_path, plan[:2])
-    assert cache.finalize(tmp_path, plan, {"fingerprint": "fp"}) is None  # shard 2 not published yet
+    assert cache.finalize(tmp_path, [2, 2, 2], {"fingerprint_id": "fp"}) is None  # shard 2 not published yet
     fake_shards(tmp_path, plan)
-    manifest = cache.finalize(tmp_path, plan, {"fingerprint": "fp"})
-    assert manifest["counts"] == {"images": 6, "embedded": 6, "failed": 0} and (manifest["tokens"], manifest["width"]) == (T, D)
+    manifest = cache.finalize(tmp_path, [2, 2, 2], {"fingerprint_id": "fp"})
+    assert manifest["counts"] == {"images": 6, "embedded": 6, "failed": 0}
+    assert (manifest["tokens"], manifest["width"], manifest["dtype"]) == (T, D, "float16")
     assert json.loads((tmp_path / cache.MANIFEST).read_text()) == manifest and cache.verify(tmp_path) == []
-    index = cache.build_index(tmp_path, manifest)
-    assert index.locations["img3.jpg"] == (1, 1)
-    path = cache.shard_path(tmp_path, 1)
+    assert cache.build_index(tmp_path, manifest).locations["img3.jpg"] == (1, 1)
+
+
+def test_chunked_or_filtered_embeddings_are_refused_naming_the_shard(tmp_path):
+    fake_shards(tmp_path, [["a", "b"]])
+    path = cache.shard_path(tmp_path, 0)
+    with h5py.File(path, "r+") as f:
+        emb = f["embeddings"][...]
+        del f["embeddings"]
+        f.create_dataset("embeddings", data=emb, chunks=(1, T, D), compression="gzip")
+    with pytest.raises(ValueError, match="shard-00000.h5: embeddings is not stored as contiguous float16"):
+        shard.read_info(path)
+
+
+# --- format 1 and its upgrade -------------------------------------------------------------------------
+
+def write_format1(path, rows: np.ndarray, keys, attrs: dict) -> None:
+    """A shard as minivlm wrote it before format 2 (cache.write_shard of 2026-11): one fletcher32 chunk per
+    float16 row, the encoder's fingerprint JSON under `encoder` and its id under `fingerprint`."""
+    n = len(rows)
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("embeddings", shape=rows.shape, dtype="float16", chunks=(1, *rows.shape[1:]) if n else None,
+                              fletcher32=bool(n))
+        if n:
+            ds[...] = rows
+        f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        f.attrs.update(format_version=1, fingerprint=attrs["fingerprint_id"], encoder=attrs["fingerprint"],
+                       shard_index=attrs["shard_index"], plan=attrs["plan"], n_rows=n, tokens=rows.shape[1],
+                       width=rows.shape[2], failures=json.dumps(attrs["failures"]), complete=True)
+
+
+def downgrade(cache_dir) -> None:
+    """Turn a format-2 float16 cache into the format-1 cache the code before format 2 wrote for the same images."""
+    m = json.loads((cache_dir / cache.MANIFEST).read_text())
+    for entry in m["shards"]:
+        info = shard.read_info(cache.shard_dir(cache_dir) / entry["file"], keys=True)
+        reader = shard.RowReader([info], mapped=False)
+        rows = np.empty((info.n_rows, info.codec.row_bytes), np.uint8)
+        reader.read(np.zeros(info.n_rows, np.int64), np.arange(info.n_rows), rows)
+        reader.close()
+        emb = rows.view(np.float16).reshape(info.n_rows, info.codec.tokens, info.codec.width)
+        write_format1(info.path, emb, info.keys, info.attrs)
+        entry["sha256"] = "format-1 bytes"
+    v1 = {k: v for k, v in m.items() if k != "fingerprint_id"}
+    v1.update(format_version=1, encoder={k: v for k, v in m["encoder"].items() if k != "fingerprint"},
+              fingerprint=m["fingerprint_id"], fingerprint_fields=m["encoder"]["fingerprint"])
+    (cache_dir / cache.MANIFEST).write_text(json.dumps(v1))
+
+
+def test_upgrade_rewrites_a_format1_cache_into_the_bytes_a_fresh_format2_cache_has(demo_cache, tmp_path):
+    old = tmp_path / "cache"
+    shutil.copytree(demo_cache, old, ignore=shutil.ignore_patterns("text"))
+    downgrade(old)
+    with pytest.raises(ValueError, match=r"is in format 1 .*stages/embed.py --config <config> --upgrade"):
+        cache.load_manifest(old)
+    assert cache.upgrade(old) == len(cache.load_manifest(demo_cache)["shards"])
+    fresh, upgraded = cache.load_manifest(demo_cache), cache.load_manifest(old)
+    assert upgraded["shards"] == fresh["shards"]  # every shard file bitwise the fresh one (sha256)
+    assert {k: v for k, v in upgraded.items() if k != "written_at"} == {k: v for k, v in fresh.items() if k != "written_at"}
+    assert cache.upgrade(old) == 0 and cache.verify(old) == []
+
+
+def test_a_corrupt_format1_row_stops_the_upgrade_naming_it(tmp_path):
+    rows = features(3).numpy().astype(np.float16)
+    path = cache.shard_path(tmp_path, 0)
+    path.parent.mkdir(parents=True)
+    write_format1(path, rows, ["a", "b", "c"], dict(fingerprint_id="fp", fingerprint="{}", shard_index=0, plan="p",
+                                                     failures=[]))
     data = bytearray(path.read_bytes())
-    data[int(index.offsets[1][0])] ^= 0xFF  # one flipped bit in a row
+    at = data.index(rows[1].tobytes())
+    data[at + 3] ^= 0x40
     path.write_bytes(bytes(data))
-    problems = cache.verify(tmp_path)
-    assert problems and all("shard-00001.h5" in p for p in problems)
+    with pytest.raises(ValueError, match=r"shard-00000.h5: row 1 \(image b\) fails its fletcher32 checksum"):
+        cache.upgrade(tmp_path)
+    assert path.read_bytes() == bytes(data), "the corrupt shard was replaced"
+
+
+def test_compare_reports_the_codec_error_of_one_cache_against_another(tmp_path):
+    plan = [[f"img{i}.jpg" for i in range(8)]]
+    for name, dtype in (("a", "float16"), ("b", "int8")):
+        fake_shards(tmp_path / name, plan, dtype)
+        cache.finalize(tmp_path / name, [8], {"fingerprint_id": name, "encoder": {"fingerprint": {"storage_dtype": dtype}}})
+    same = cache.compare(tmp_path / "a", tmp_path / "a")
+    assert same["relative_rms"]["max"] == 0 and same["cosine"]["mean"] == pytest.approx(1, abs=1e-6)
+    r = cache.compare(tmp_path / "a", tmp_path / "b")
+    assert r["rows"] == 8 and r["fingerprint_differs"] == ["storage_dtype"] and r["bytes_per_row"] == [24, 24]
+    assert 0 < r["relative_rms"]["mean"] < 0.02 and r["cosine"]["median"] > 0.999 and 0 < r["max_abs"]["max"] < 0.1

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import demo_config, run_stage, train_config
 from minivlm.captioner import caption_files, caption_features, live_features, load_run
-from minivlm.data import CacheBatches, load_splits, open_cache
+from minivlm.data import Samples, load_splits, open_cache, to_device
 from minivlm.dist import Dist
 from minivlm.embed import run_embed
 from minivlm.evaluation import evaluate_run
@@ -33,8 +33,8 @@ def test_live_features_are_bitwise_the_cached_rows(demo, tiny_run):
     _, index = open_cache(tiny_run)
     train, _ = load_splits(tiny_run, index)
     picked = [i for i, loc in enumerate(train.locations) if loc is not None][:5]
-    ds = CacheBatches(train, index, cap.fmt)
-    cached = ds[picked]["images"]
+    ds = Samples(train, index.reader(), cap.fmt)
+    cached = index.codec.decode(ds.rows(picked))
     for batch in ([picked[0]], picked):  # alone and batched
         live, errors = live_features(cap, [demo / "images" / train.records[i].image for i in batch])
         assert errors == [None] * len(batch)
@@ -117,12 +117,12 @@ def test_evaluate_writes_three_files_whose_numbers_match_a_recomputation(trained
     cap = load_run(run_dir, with_encoder=False)
     _, index = open_cache(cfg)
     _, val = load_splits(cfg, index)
-    ds = CacheBatches(val, index, cap.fmt)
+    ds = Samples(val, index.reader(), cap.fmt)
     sums, count = [0.0, 0.0], 0
     with torch.no_grad():
         bs = cfg.train.batch_size  # the same batches evaluate uses; every val row has an image
         for start in range(0, len(ds), bs):
-            b = ds[list(range(start, min(start + bs, len(ds))))]
+            b = to_device(ds[list(range(start, min(start + bs, len(ds))))], "cpu", index.codec)
             for k, images in enumerate((b["images"], b["images"].roll(1, dims=0))):
                 logits = cap.model(b["input_ids"], images).logits
                 sums[k] += torch.nn.functional.cross_entropy(
@@ -133,7 +133,7 @@ def test_evaluate_writes_three_files_whose_numbers_match_a_recomputation(trained
     assert saved["eval_loss_shuffled"] == pytest.approx(sums[1] / count, rel=1e-4)
     assert saved["n_eval_samples"] == len(val.records)
     first = saved["captions"][0]
-    assert first["generated"] == caption_features(cap, ds[[0]]["images"])[0]
+    assert first["generated"] == caption_features(cap, index.codec.decode(ds.rows([0])))[0]
 
 
 @pytest.mark.slow
@@ -163,7 +163,7 @@ def test_evaluate_computes_in_the_dtype_the_run_trained_in(tiny_run, tmp_path, m
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype="bfloat16"))
     (run_dir / "config.toml").write_text(to_toml(to_tree(cfg)))
     seen, real = [], evaluation.evaluate
-    monkeypatch.setattr(evaluation, "evaluate", lambda model, batches, dtype, device: seen.append(dtype) or
-                        real(model, batches, dtype, device))
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, batches, codec, dtype, device: seen.append(dtype) or
+                        real(model, batches, codec, dtype, device))
     evaluation.evaluate_run(run_dir, n=1)
     assert seen == [torch.bfloat16]

@@ -4,7 +4,6 @@ import json
 import re
 import shutil
 import weakref
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -14,22 +13,32 @@ import torch
 from conftest import train_config
 from minivlm import cache
 from minivlm import data
-from minivlm.data import BatchSampler, CacheBatches, Loader, load_splits, open_cache, split_tokens
+from minivlm.config import RunFailed
+from minivlm.data import BatchSampler, Loader, Samples, load_splits, open_cache, split_tokens, to_device
 from minivlm.text import encode_sample, load_tokenizer, text_format
 
 
-def dataset(cfg, split="train"):
+def dataset(cfg, split="train", mapped=None):
     manifest, index = open_cache(cfg)
     fmt = text_format(load_tokenizer(cfg.tokenizer), cfg.tokenizer, index.tokens)
     train, val = load_splits(cfg, index)
-    return CacheBatches(train if split == "train" else val, index, fmt), index, fmt
+    return Samples(train if split == "train" else val, index.reader(mapped), fmt), index, fmt
 
 
-@pytest.fixture(params=["mapped", "pread"])
-def read_mode(request, monkeypatch):
+@pytest.fixture(params=[True, False], ids=["mapped", "pread"])
+def mapped(request):
     """Both ways rows are read: copied out of a mapped shard (caches that fit in memory) or with pread."""
-    monkeypatch.setattr(data, "_fits_in_memory", lambda files: request.param == "mapped")
     return request.param
+
+
+def images(ds, batch) -> torch.Tensor:
+    """The batch's image rows as the model gets them: decoded by to_device."""
+    return to_device(batch, "cpu", ds.reader.codec)["images"]
+
+
+def h5py_row(path, row) -> np.ndarray:
+    with h5py.File(path) as f:  # the reference: h5py itself
+        return f["embeddings"][row]
 
 
 def same(a, b) -> bool:
@@ -37,20 +46,21 @@ def same(a, b) -> bool:
     return torch.equal(a, b) if torch.is_tensor(a) else np.array_equal(a, b)
 
 
-def test_batch_rows_are_the_cache_rows_of_their_records(demo, demo_cache, tmp_path, read_mode):
-    ds, index, fmt = dataset(train_config(demo, demo_cache, tmp_path))
+def test_batch_rows_are_the_cache_rows_of_their_records(demo, demo_cache, tmp_path, mapped):
+    ds, index, fmt = dataset(train_config(demo, demo_cache, tmp_path), mapped=mapped)
     ix = [5, 0, 17, len(ds) - 1]
     batch = ds[ix]
+    got = images(ds, batch)
     for b, i in enumerate(ix):
         rec = ds.split.records[i]
         n_placeholders = int((batch["input_ids"][b] == fmt.image_token_id).sum())
         if rec.image is None:
-            assert not batch["has_image"][b] and n_placeholders == 0 and not batch["images"][b].any()
+            assert not batch["has_image"][b] and n_placeholders == 0 and not got[b].any()
             continue
         shard, row = index.locations[rec.image]
-        with h5py.File(index.files[shard]) as f:
+        with h5py.File(index.shards[shard].path) as f:
             assert f["keys"][row].decode() == rec.image
-            assert np.array_equal(batch["images"][b].numpy(), f["embeddings"][row])
+            assert np.array_equal(got[b].numpy(), f["embeddings"][row])
         assert n_placeholders == index.tokens
     assert (batch["labels"] != -100).any(dim=1).all()
 
@@ -87,8 +97,8 @@ def test_sampler_is_deterministic_partitions_ranks_and_resumes_mid_epoch(demo, d
     assert list(s) == s.batches(1)[3:]
 
 
-def test_reader_threads_deliver_the_same_batches_in_order_as_inline_reads(demo, demo_cache, tmp_path, read_mode):
-    ds, _, _ = dataset(train_config(demo, demo_cache, tmp_path))
+def test_reader_threads_deliver_the_same_batches_in_order_as_inline_reads(demo, demo_cache, tmp_path, mapped):
+    ds, _, _ = dataset(train_config(demo, demo_cache, tmp_path), mapped=mapped)
     s = BatchSampler(ds, 8, seed=0)
     inline = list(Loader(ds, s, 0))
     ds.close()
@@ -107,7 +117,7 @@ def test_the_loader_holds_no_batch_beyond_the_read_it_came_from(demo, demo_cache
     monkeypatch.setattr(Loader, "READ_BYTES", 2 * ds.row_bytes)  # a read per batch; a text group is many batches
     alive = []
     for batch in Loader(ds, BatchSampler(ds, 2, seed=0), 0):
-        alive.append(weakref.ref(batch["images"]))
+        alive.append(weakref.ref(batch["rows"]))
         assert sum(r() is not None for r in alive) <= 2  # this batch and at most the one before it
     assert len(alive) > 2
 
@@ -121,50 +131,50 @@ def test_batches_collated_together_equal_each_batch_alone(demo, demo_cache, tmp_
         assert together["input_ids"].is_contiguous()
 
 
-def test_raw_row_reads_equal_h5py_reads_for_every_row(demo, demo_cache, tmp_path, read_mode):
-    ds, index, _ = dataset(train_config(demo, demo_cache, tmp_path))
-    batch = ds[list(range(len(ds)))]
+def test_row_reads_equal_h5py_reads_for_every_row(demo, demo_cache, tmp_path, mapped):
+    ds, index, _ = dataset(train_config(demo, demo_cache, tmp_path), mapped=mapped)
+    got = images(ds, ds[list(range(len(ds)))])
     for b, loc in enumerate(ds.split.locations):
         if loc is not None:
-            with h5py.File(index.files[loc[0]]) as f:
-                assert np.array_equal(batch["images"][b].numpy(), f["embeddings"][loc[1]])
+            assert np.array_equal(got[b].numpy(), h5py_row(index.shards[loc[0]].path, loc[1]))
 
 
-def test_truncated_shard_fails_at_open_naming_the_file(demo, demo_cache, tmp_path, read_mode):
+def test_truncated_shard_fails_at_open_naming_the_file(demo, demo_cache, tmp_path, mapped):
     broken = tmp_path / "cache"
     shutil.copytree(demo_cache, broken)
-    ds, index, _ = dataset(train_config(demo, broken, tmp_path))
+    ds, index, _ = dataset(train_config(demo, broken, tmp_path), mapped=mapped)
     first = next(i for i in range(len(ds)) if ds.shard[i] == 0)
-    with open(index.files[0], "r+b") as f:
-        f.truncate(int(ds.offset[first]) + 10)
+    with open(index.shards[0].path, "r+b") as f:
+        f.truncate(index.shards[0].end - 10)
     with pytest.raises(ValueError, match="shard-00000.h5: .* bytes, but its rows reach byte .*truncated.*--verify"):
         ds[[first]]
 
 
-def test_shard_cut_short_after_open_fails_the_read_naming_the_file(demo, demo_cache, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_fits_in_memory", lambda files: False)  # a mapping cut short is a SIGBUS, not a check
+def test_shard_cut_short_after_open_fails_the_read_naming_the_file(demo, demo_cache, tmp_path):
     broken = tmp_path / "cache"
     shutil.copytree(demo_cache, broken)
-    ds, index, _ = dataset(train_config(demo, broken, tmp_path))
+    ds, index, _ = dataset(train_config(demo, broken, tmp_path), mapped=False)  # a cut mapping is a SIGBUS
     in_shard0 = [i for i in range(len(ds)) if ds.shard[i] == 0]
-    last = max(in_shard0, key=lambda i: ds.offset[i])
+    last = max(in_shard0, key=lambda i: ds.row[i])
     ds[[in_shard0[0]]]
-    with open(index.files[0], "r+b") as f:
-        f.truncate(int(ds.offset[last]) + 10)
-    with pytest.raises(ValueError, match="shard-00000.h5: row at byte .* cut short.*--verify"):
+    with open(index.shards[0].path, "r+b") as f:
+        f.truncate(index.shards[0].end - 10)
+    with pytest.raises(ValueError, match=rf"shard-00000.h5: row {ds.row[last]} \(bytes .*\) is cut short.*--verify"):
         ds[[last]]
 
 
-def test_shards_in_another_layout_are_refused_at_open(demo, demo_cache, tmp_path):
-    other = tmp_path / "cache"
-    shutil.copytree(demo_cache, other)
-    path = cache.shard_path(other, 0)
-    with h5py.File(path, "r+") as f:
-        emb = f["embeddings"][...]
-        del f["embeddings"]
-        f.create_dataset("embeddings", data=emb, chunks=(1, *emb.shape[1:]), compression="gzip")
-    with pytest.raises(ValueError, match="shard-00000.h5: embeddings are not stored as one raw float16 row"):
-        open_cache(train_config(demo, other, tmp_path))
+def test_a_corrupt_row_stops_the_batch_naming_shard_row_and_key(demo, demo_cache, tmp_path, mapped):
+    broken = tmp_path / "cache"
+    shutil.copytree(demo_cache, broken)
+    ds, index, _ = dataset(train_config(demo, broken, tmp_path), mapped=mapped)
+    i = next(i for i in range(len(ds)) if ds.shard[i] == 1)
+    info = index.shards[1]
+    data_ = bytearray(info.path.read_bytes())
+    data_[info.values_at + int(ds.row[i]) * info.codec.values_bytes + 7] ^= 1
+    info.path.write_bytes(bytes(data_))
+    key = ds.split.records[i].image
+    with pytest.raises(RunFailed, match=rf"shard-00001.h5: row {ds.row[i]} \(image {key}\) fails its CRC-32"):
+        ds[[0, i]]
 
 
 def test_missing_and_incomplete_cache_say_what_to_run(demo, demo_cache, tmp_path):
@@ -225,4 +235,4 @@ def test_a_batch_counts_its_real_text_tokens_and_names_its_cached_rows(demo, dem
     named = ds.describe_rows(batch["index"])
     for i in ix:
         shard, row = ds.split.locations[i]
-        assert re.search(rf"{Path(ds.files[shard]).name} rows? [0-9, ]*\b{row}\b", named), named
+        assert re.search(rf"{ds.reader.shards[shard].path.name} rows? [0-9, ]*\b{row}\b", named), named

@@ -110,12 +110,12 @@ def test_tiny_clip_loads_with_from_pretrained_and_gives_patch_hidden_states(demo
 
 def test_tiny_clip_loads_through_the_minivlm_encoder(demo_dir):
     from minivlm.config import EncoderConfig
-    from minivlm.encoder import encode, load_encoder, load_image, preprocess
+    from minivlm.encoder import features, load_encoder, load_image, preprocess
 
     enc = load_encoder(EncoderConfig(name_or_path=str(demo_dir / "encoder")))
     assert (enc.tokens, enc.width) == (64, 64)
     pixels = preprocess(enc.processor, load_image(demo_dir / "images" / "train" / "00000.jpg", 10**6))
-    assert encode(enc, pixels[None]).shape == (1, 64, 64)
+    assert features(enc, pixels[None]).shape == (1, 64, 64)
 
 
 def test_building_the_encoder_leaves_the_callers_torch_rng_alone(tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import REPO, demo_config, demo_overrides, run_stage
 from minivlm import cache
-from minivlm.cache import CacheLock, shard_keys
+from minivlm.cache import CacheLock
 from minivlm.dist import Dist
 from minivlm.embed import run_embed
 from minivlm.encoder import load_image, preprocess
@@ -25,8 +25,8 @@ def cache_rows(cache_dir) -> dict[str, np.ndarray]:
     rows = {}
     for p in sorted(cache.shard_dir(cache_dir).glob("shard-*.h5")):
         with h5py.File(p, "r") as f:
-            for key, row in zip(shard_keys(f), f["embeddings"][...]):
-                rows[key] = row
+            for key, row in zip(f["keys"][...], f["embeddings"][...]):  # plain h5py: the float16 layout
+                rows[key.decode()] = row
     return rows
 
 
@@ -232,7 +232,7 @@ def test_changed_select_layer_refuses_and_names_it(demo, tmp_path):
     with pytest.raises(ValueError, match="select_layer.*--overwrite"):
         run_embed(demo_config(demo, tmp_path, "encoder.select_layer=-1"), Dist())
     m = run_embed(demo_config(demo, tmp_path, "encoder.select_layer=-1"), Dist(), overwrite=True)
-    assert m["fingerprint_fields"]["select_layer"] == -1
+    assert m["encoder"]["fingerprint"]["select_layer"] == -1
 
 
 def test_a_second_writer_is_locked_out(demo, tmp_path):

@@ -8,18 +8,20 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, demo_overrides, run_stage, train_config
+from conftest import REPO, demo_config, demo_overrides, run_stage, train_config
 from faults import kill_at_random, small_disk
 from minivlm import cache, checkpoint
 from minivlm.cache import CacheLock
 from minivlm.cli import USER_ERRORS
 from minivlm.config import RunFailed, load_config, to_toml, to_tree
 from minivlm.dist import Dist
+from minivlm.embed import run_embed
 from minivlm.fileio import DiskFull, append_text, atomic_write, writing
 from minivlm.records import load_records
 from minivlm.trainer import fit
@@ -277,3 +279,37 @@ def test_an_unreadable_user_file_is_one_line_naming_it(demo, demo_cache, tmp_pat
         call()
     msg = str(e.value)
     assert len(msg.splitlines()) == 1 and str(bad if kind != "tokenizer" else bad.parent) in msg, msg
+
+
+# --- the format-1 upgrade ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_upgrade_killed_midway_then_rerun_trains_to_the_weights_of_a_fresh_format2_cache(demo, tmp_path):
+    from test_cache import downgrade
+    fresh = demo_config(demo, tmp_path / "fresh", "cache.shard_size=2")  # ~100 shards: a kill lands midway
+    run_embed(fresh, Dist())
+    old = tmp_path / "old" / "cache"
+    shutil.copytree(fresh.cache.dir, old, ignore=shutil.ignore_patterns("text"))
+    downgrade(old)
+    first = cache.shard_path(old, 0)
+    inode = first.stat().st_ino
+    args = ["--config", str(REPO / "configs/demo.toml"), *demo_overrides(demo, tmp_path / "old"), "--upgrade"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "stages/embed.py"), *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while first.stat().st_ino == inode and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+    assert json.loads((old / cache.MANIFEST).read_text())["format_version"] == 1, "the upgrade ended before the kill"
+    with pytest.raises(ValueError, match="format 1 .*--upgrade"):
+        cache.load_manifest(old)
+    r = run_stage("embed.py", *args)
+    assert r.returncode == 0 and "upgrade:" in r.stdout, r.stderr
+    assert_same_cache(old, Path(fresh.cache.dir))
+    runs = {}
+    for name, cache_dir in (("fresh", Path(fresh.cache.dir)), ("upgraded", old)):
+        cfg = train_config(demo, cache_dir, tmp_path / name, "train.max_steps=2", "cache.shard_size=2")
+        fit(cfg, Dist())
+        runs[name] = (cfg.train.run_dir / "model.safetensors").read_bytes()
+    assert runs["fresh"] == runs["upgraded"]

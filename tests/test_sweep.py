@@ -96,7 +96,7 @@ def test_sweep_over_another_encoder_than_the_cache_stops_before_any_run(demo, de
     sweep = 'name = "enc"\n[grid]\n"encoder.pool" = [2, 1]\n'
     r = run_stage("sweep.py", *sweep_args(demo, demo_cache, tmp_path, sweep))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
-    assert "run pool=1 has encoder.pool=1 where the sweep's cache" in r.stderr and "has encoder.pool=2;" in r.stderr
+    assert "run pool=1 has encoder.pool=1 where its cache" in r.stderr and "has encoder.pool=2;" in r.stderr
     assert not (tmp_path / "runs" / "enc").exists()
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, demo_overrides, run_stage, train_config
-from minivlm import checkpoint
+from minivlm import checkpoint, shard
 from minivlm.config import RunFailed, to_toml, to_tree
 from minivlm.data import load_data
 from minivlm.dist import Dist
@@ -304,20 +304,46 @@ def test_no_tensor_is_read_on_the_host_between_log_steps(demo, demo_cache, tmp_p
     assert {s: n for s, n in reads.items() if s % 4} == {}
 
 
-def corrupt_row(cfg, step: int) -> tuple[Path, int, int, bytes]:
-    """Overwrite the first cached row read at `step` (1-based, grad_accum 1) with inf; returns the shard,
-    the row, the row's offset and its original bytes."""
+def corrupt_row(cfg, step: int) -> tuple[Path, int, bytes]:
+    """Make the first cached row read at `step` (1-based, grad_accum 1) inf, as an encoder that overflowed
+    would have stored it: the shard rewritten by the real writer, so its checksums hold. Returns the shard,
+    the row and the shard file's original bytes."""
     data = load_data(cfg, Dist())
     i = data.sampler.batches(0)[step - 1][0]
-    (shard, row), offset = data.train.split.locations[i], int(data.train.offset[i])
-    path, n = Path(data.train.files[shard]), data.train.row_bytes
+    (s, row), info = data.train.split.locations[i], data.index.shards[data.train.split.locations[i][0]]
+    reader = data.index.reader(mapped=False)
+    rows = np.empty((info.n_rows, info.codec.row_bytes), np.uint8)
+    reader.read(np.full(info.n_rows, s), np.arange(info.n_rows), rows)
+    reader.close()
     data.train.close()
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        original = f.read(n)
-        f.seek(offset)
-        f.write(np.full(n // 2, np.inf, np.float16).tobytes())
-    return path, row, offset, original
+    original = info.path.read_bytes()
+    rows[row] = info.codec.encode(torch.full((1, info.codec.tokens, info.codec.width), torch.inf)).numpy()
+    keys = shard.read_info(info.path, keys=True).keys
+    shard.write_shard(info.path, rows, info.codec, keys, **{**info.attrs, "failures": []})
+    return info.path, row, original
+
+
+@pytest.mark.slow
+def test_a_row_failing_its_checksum_stops_training_with_the_line_verify_prints(demo, demo_cache, tmp_path):
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(demo_cache, cache_dir, ignore=shutil.ignore_patterns("text"))
+    cfg = train_config(demo, cache_dir, tmp_path, "train.max_steps=3")
+    data = load_data(cfg, Dist())
+    i = data.sampler.batches(0)[1][0]  # read by step 2
+    (s, row), key = data.train.split.locations[i], data.train.split.records[i].image
+    info = data.index.shards[s]
+    data.train.close()
+    raw = bytearray(info.path.read_bytes())
+    raw[info.values_at + row * info.codec.values_bytes + 11] ^= 0x08  # one bit of one value of that row
+    info.path.write_bytes(bytes(raw))
+    line = f"{info.path}: row {row} (image {key}) fails its CRC-32 checksum"
+    verify = run_stage("embed.py", "--config", str(REPO / "configs/demo.toml"), *demo_overrides(demo, tmp_path),
+                       f"cache.dir={cache_dir}", "--verify")
+    assert verify.returncode == 1 and f"verify: {line}" in verify.stdout, verify.stdout
+    (tmp_path / "c.toml").write_text(to_toml(to_tree(cfg)))
+    r = run_stage("train.py", "--config", str(tmp_path / "c.toml"))
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {line}") and r.stderr.count("\n") == 1, r.stderr
+    assert not (cfg.train.run_dir / "model.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -329,7 +355,7 @@ def test_a_non_finite_row_stops_training_at_its_step_naming_the_row_and_a_rerun_
     straight = train_config(demo, demo_cache, tmp_path, *over, "train.run_name=straight")
     fit(straight, Dist())
     cfg = train_config(demo, cache, tmp_path, *over, "train.run_name=bad")
-    path, row, offset, original = corrupt_row(cfg, step=4)
+    path, row, original = corrupt_row(cfg, step=4)
     named = rf"non-finite .* at step 4 .*{path.name} rows? [0-9, ]*\b{row}\b.*stages/embed.py .*--verify"
     with pytest.raises(RunFailed, match=named) as e:
         fit(cfg, Dist())  # flagged on the device at step 4, acted on before step 4's checkpoint
@@ -345,8 +371,6 @@ def test_a_non_finite_row_stops_training_at_its_step_naming_the_row_and_a_rerun_
     assert not (late.train.run_dir / "metrics.jsonl").exists()  # step 5's row was not logged either
     assert not checkpoint.checkpoints(late.train.run_dir) and not (late.train.run_dir / "model.safetensors").exists()
 
-    with open(path, "r+b") as f:  # the cache repaired: the rerun resumes from the last finite checkpoint
-        f.seek(offset)
-        f.write(original)
+    path.write_bytes(original)  # the cache repaired: the rerun resumes from the last finite checkpoint
     fit(cfg, Dist())
     assert_same_weights(straight.train.run_dir, run_dir)
