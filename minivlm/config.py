@@ -44,6 +44,7 @@ class EncoderConfig:
     select_layer: int = -2        # hidden_states index; -2 = penultimate layer (LLaVA)
     keep_cls: bool = False
     pool: int = 1                 # k x k average pooling of the patch grid (1 = none)
+    post_layernorm: bool = False  # the tower's post_layernorm on that layer: SigLIP's last_hidden_state (MiniMind-V)
     dtype: str = "auto"           # compute dtype: auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16
     batch_size: int = 64
     num_workers: int = 2          # DataLoader workers that decode and preprocess images
