@@ -162,7 +162,7 @@ class TrainConfig:
     dtype: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16 (GradScaler)
     compile: bool = False
     freeze_llm: int = 2           # 0 train all, 1 projector + first/last LM layer, 2 projector only
-    init_from: str = ""           # an LM file (.safetensors/.pth), a HF Llama/Qwen3 dir, or an earlier run's dir
+    init_from: str = ""           # an LM or MiniMind-V file (.safetensors/.pth), a HF Llama/Qwen3 dir, or a run dir
     allow_partial_init: bool = False  # let tensors the init_from checkpoint lacks start random
     num_workers: int = 2          # threads reading cache rows ahead of the step (0: read in the loop)
     eval_interval: int = 200      # steps between evals; 0 -> only at the end
