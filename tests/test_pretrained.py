@@ -22,7 +22,7 @@ from minivlm.dist import Dist
 from minivlm.generate import generate
 from minivlm.model import VLM
 from minivlm.pretrained import init_from, read_state, remap_lm_keys
-from minivlm.trainer import build_model, evaluate, fit
+from minivlm.trainer import build_model, evaluate, fit, lr_at
 
 transformers = pytest.importorskip("transformers")
 
@@ -238,6 +238,23 @@ def test_minimind_v1_config_is_v1s_lmconfig():
     assert (cfg.dim, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_size, cfg.ffn_size, cfg.norm_eps, cfg.rope_theta,
             cfg.qk_norm, cfg.n_routed_experts, cfg.n_experts_per_tok, cfg.n_shared_experts, cfg.moe_norm_topk) == \
         (512, 8, 16, 8, 32, 1408, 1e-5, 10000.0, False, 4, 2, 1, "k>1")
+
+
+def test_minimind_v_config_is_upstreams_pretraining_recipe():
+    """configs/minimind_v.toml against minimind-v's trainer/train_pretrain_vlm.py defaults, model_vlm.py and
+    minimind-3's MiniMindConfig, value by value; its schedule is upstream's get_lr."""
+    cfg = load_config(REPO / "configs" / "minimind_v.toml")
+    m, e, t = cfg.model, cfg.encoder, cfg.train
+    assert (m.dim, m.n_layer, m.n_head, m.n_kv_head, m.head_size, m.ffn_size, m.norm_eps, m.rope_theta, m.qk_norm,
+            m.projector) == (768, 8, 8, 4, 768 // 8, math.ceil(768 * math.pi / 64) * 64, 1e-6, 1e6, True, "mlp")
+    assert (e.select_layer, e.post_layernorm, e.pool) == (-1, True, 1) and "siglip2-base-p32-256" in e.name_or_path
+    assert (t.epochs, t.batch_size, t.grad_accum, t.lr, t.grad_clip, t.dtype, t.freeze_llm) == \
+        (2, 16, 1, 4e-4, 1.0, "bfloat16", 2)
+    assert (t.weight_decay, t.beta1, t.beta2) == (0.01, 0.9, 0.999)  # torch.optim.AdamW's defaults
+    assert cfg.tokenizer.max_len == 450 and cfg.data.records.endswith("pretrain_i2t.parquet")
+    for step in (0, 1, 300, 500, 999, 1000):
+        upstream = t.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / 1000)))
+        assert lr_at(step, 1000, t) == pytest.approx(upstream, rel=1e-12)
 
 
 @pytest.mark.parametrize("config,theta,use_moe", [("minimind_v1", 1e4, False), ("minimind_v1", 1e4, True),
