@@ -44,6 +44,7 @@ class EncoderConfig:
     select_layer: int = -2        # hidden_states index; -2 = penultimate layer (LLaVA)
     keep_cls: bool = False
     pool: int = 1                 # k x k average pooling of the patch grid (1 = none)
+    post_layernorm: bool = False  # the tower's post_layernorm on that layer: SigLIP's last_hidden_state (MiniMind-V)
     dtype: str = "auto"           # compute dtype: auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16
     batch_size: int = 64
     num_workers: int = 2          # DataLoader workers that decode and preprocess images
@@ -164,7 +165,7 @@ class TrainConfig:
     dtype: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16 (GradScaler)
     compile: bool = False
     freeze_llm: int = 2           # 0 train all, 1 projector + first/last LM layer, 2 projector only
-    init_from: str = ""           # an LM file (.safetensors/.pth), a HF Llama/Qwen3 dir, or an earlier run's dir
+    init_from: str = ""           # an LM or MiniMind-V file (.safetensors/.pth), a HF Llama/Qwen3 dir, or a run dir
     allow_partial_init: bool = False  # let tensors the init_from checkpoint lacks start random
     num_workers: int = 2          # threads reading cache rows ahead of the step (0: read in the loop)
     eval_interval: int = 200      # steps between evals; 0 -> only at the end

@@ -6,14 +6,16 @@ Design choices:
 - Any CLIP-family vision tower (`CLIPVisionModel`, `SiglipVisionModel`) by hub id or directory, through
   `from_pretrained` (never `trust_remote_code`). Layers after `select_layer` are dropped at load: they
   would be computed and thrown away.
-- Features are `hidden_states[select_layer]`, CLS dropped unless `keep_cls`, then k x k average pooling
-  of the patch grid; stored by the cache's codec (`cache.dtype`, minivlm.shard: float16 by default).
+- Features are `hidden_states[select_layer]`, with `post_layernorm` the tower's own post_layernorm applied
+  to it (at -1 SigLIP's `last_hidden_state`, which MiniMind-V feeds its projector; CLIP normalises only its
+  pooled CLS, so it refuses the option), CLS dropped unless `keep_cls`, then k x k average pooling of the
+  patch grid; stored by the cache's codec (`cache.dtype`, minivlm.shard: float16 by default).
 - The fingerprint hashes everything that changes the numbers: the weights (tensor bytes, so the same
   path with other weights differs), the processor config and class (transformers picks a torchvision-
   based processor where torchvision is installed and a PIL one elsewhere; their resampling differs),
-  the compute dtype (fp16 on CUDA, fp32 on CPU by default), select_layer, keep_cls, pool and storage
-  dtype. `fingerprint` is always that dict of components (a mismatch names the field that differs);
-  `fingerprint_id` its short hash.
+  the compute dtype (fp16 on CUDA, fp32 on CPU by default), select_layer, keep_cls, pool, post_layernorm
+  and storage dtype. `fingerprint` is always that dict of components (a mismatch names the field that
+  differs); `fingerprint_id` its short hash.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ from minivlm.config import EncoderConfig
 
 SPEC_FIELDS = ("select_layer", "keep_cls", "pool")
 CONFIG_NAMES = {"storage_dtype": "cache.dtype"}  # fingerprint fields set outside [encoder]
+# Fingerprint fields added after caches were built: listed only when not their default, so older caches keep
+# their fingerprint, and read back as the default where absent.
+ADDED_FIELDS = {"post_layernorm": False}
 
 
 class ImageError(Exception):
@@ -117,7 +122,8 @@ def fingerprint_id(components: dict) -> str:
 
 def spec_of(cfg: EncoderConfig, storage_dtype: str = "float16") -> dict:
     """The part of the fingerprint that the config alone determines (checked without loading weights)."""
-    return {"select_layer": cfg.select_layer, "keep_cls": cfg.keep_cls, "pool": cfg.pool, "storage_dtype": storage_dtype}
+    spec = {"select_layer": cfg.select_layer, "keep_cls": cfg.keep_cls, "pool": cfg.pool, "storage_dtype": storage_dtype}
+    return {**spec, **{k: getattr(cfg, k) for k, default in ADDED_FIELDS.items() if getattr(cfg, k) != default}}
 
 
 @dataclass(frozen=True)
@@ -154,15 +160,24 @@ class EncoderSpec:
         """How the cache stores rows (`cache.dtype`): live features go through the same codec."""
         return self.fingerprint.get("storage_dtype", "float16")
 
+    @property
+    def post_layernorm(self) -> bool:
+        return self.complete_fingerprint["post_layernorm"]
+
+    @property
+    def complete_fingerprint(self) -> dict:
+        """The fingerprint with the fields it predates at their defaults."""
+        return {**ADDED_FIELDS, **self.fingerprint}
+
     def encoder_config(self, **kw) -> EncoderConfig:
         """An EncoderConfig that loads this encoder again (kw: batch size, workers, ...)."""
         return EncoderConfig(name_or_path=self.name_or_path, select_layer=self.select_layer, keep_cls=self.keep_cls,
-                             pool=self.pool, dtype=self.compute_dtype, **kw)
+                             pool=self.pool, post_layernorm=self.post_layernorm, dtype=self.compute_dtype, **kw)
 
     def differs(self, other: EncoderSpec) -> list[str]:
         """Fields that differ: every fingerprint field both sides know. Until both are loaded (a config
         against a config) the weights are known only by their path, so the path counts too."""
-        a, b = self.fingerprint, other.fingerprint
+        a, b = self.complete_fingerprint, other.complete_fingerprint
         wrong = [k for k in a if k in b and a[k] != b[k]]
         if not wrong and "weights" in a and "weights" in b and a != b:  # a field only one side has
             wrong = ["fingerprint"]
@@ -172,7 +187,7 @@ class EncoderSpec:
 
     def value(self, name: str):
         special = {"name_or_path": self.name_or_path, "fingerprint": fingerprint_id(self.fingerprint)}
-        return special[name] if name in special else self.fingerprint.get(name)
+        return special[name] if name in special else self.complete_fingerprint.get(name)
 
     def check(self, other: EncoderSpec, subject: str, reference: str, fix: str) -> None:
         """Raise one line naming each field where `other` (the subject's spec) differs from this one."""
@@ -212,6 +227,9 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", storage
     if cls is None:
         raise ValueError(f"encoder.name_or_path={cfg.name_or_path!r} is a {family!r} model; "
                          "expected a CLIP or SigLIP vision tower")
+    if cfg.post_layernorm and cls is CLIPVisionModel:
+        raise ValueError(f"encoder.post_layernorm=true, but {cfg.name_or_path!r} is CLIP, whose last_hidden_state "
+                         f"has no post_layernorm (CLIP normalises only its pooled CLS); set it to false")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = cls.from_pretrained(cfg.name_or_path, **kw)
@@ -242,7 +260,8 @@ def features(enc: Encoder, pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) pixels -> (B, T, D) features in the compute dtype on enc.device, before the cache's
     codec stores them (minivlm.shard.Codec)."""
     pixels = pixels.to(enc.device, enc.dtype, non_blocking=True)
-    hidden = enc.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]  # (B, 1+N or N, D)
+    out = enc.model(pixel_values=pixels, output_hidden_states=not enc.cfg.post_layernorm)
+    hidden = out.last_hidden_state if enc.cfg.post_layernorm else out.hidden_states[-1]  # (B, 1+N or N, D)
     cls_tok, patches = (hidden[:, :1], hidden[:, 1:]) if enc.fingerprint["arch"] == "CLIPVisionModel" else (None, hidden)
     k = enc.cfg.pool
     if k > 1:

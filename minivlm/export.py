@@ -3,8 +3,8 @@ as a causal LM, loadable with transformers alone (no minivlm, no `trust_remote_c
 
 Design choices:
 - Only exact exports: every mapping below computes the same function as the run. A run that has no exact
-  LLaVA form (LayerNorm `mlp` projector, `encoder.pool > 1`, MoE) is refused with one line naming the
-  setting and what would export; `--lm-only` still exports a dense LM.
+  LLaVA form (LayerNorm `mlp` projector, `encoder.pool > 1`, `encoder.post_layernorm`, MoE) is refused
+  with one line naming the setting and what would export; `--lm-only` still exports a dense LM.
 - Built in memory with transformers' own classes, our tensors copied into their modules, written with
   their `save_pretrained`: the file layout is whatever this transformers version writes and reads back.
 - The LM: MiniMind2-style dense -> `LlamaForCausalLM` (same parameter names, RMSNorm, rotate-half RoPE,
@@ -57,6 +57,9 @@ def refusal(vc: VLMConfig, lm_only: bool) -> str | None:
     if vc.encoder.storage_dtype in ("int8", "float8_e4m3"):
         return (f"cache.dtype={vc.encoder.storage_dtype}: LLaVA has no step that quantizes the tower's features as "
                 f"the run saw them; runs on a float16 or bfloat16 cache export{alt}")
+    if vc.encoder.post_layernorm:
+        return ("encoder.post_layernorm=true: LLaVA's vision_feature_layer takes hidden_states, before the tower's "
+                f"post_layernorm; runs embedded without it export{alt}")
     if vc.model.projector not in LLAVA_PROJECTORS:
         return (f"model.projector={vc.model.projector} (LayerNorm first) has no LLaVA equivalent; runs with "
                 f"model.projector=mlp2x_gelu or linear export{alt}")

@@ -9,7 +9,9 @@ A load that matches shapes but computes another function is the worst failure a 
   permuted per head to our rotate-half pairs (i, i + hd/2) (the same permutation of q and k keeps q.k),
   and RMSNorm eps 1e-5; their RoPE base (v1 10,000, MiniMind2 1e6) is `model.rope_theta`'s to say.
   Current names without `q_norm` are MiniMind2 (eps 1e-5, base 1e6, top-k renormalised only for k > 1),
-  with `q_norm` minimind-3 (eps 1e-6, base 1e6, top-k always renormalised).
+  with `q_norm` minimind-3 (eps 1e-6, base 1e6, top-k always renormalised). A MiniMind-V VLM checkpoint
+  is such a state dict plus its projector (loaded where ours is the same function, else skipped with a
+  note) and maybe its vision tower (skipped with a note): see `minivlm.minimind_v`.
 - a Hugging Face directory (`config.json` + safetensors) of `LlamaForCausalLM`, `Qwen3ForCausalLM` or
   `Qwen3MoeForCausalLM`: every config value that changes the function is compared with `model.*`, and a
   setting we cannot compute (biases, sliding windows, RoPE scaling, untied embeddings) is refused.
@@ -32,6 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from minivlm import minimind_v
 from minivlm.config import ModelConfig
 from minivlm.encoder import EncoderSpec
 from minivlm.model import VLM, VLMConfig
@@ -364,23 +367,27 @@ def _check_generation(cfg: ModelConfig, gen: str, source: str) -> None:
 def init_from(model: VLM, path: str, allow_partial: bool, manifest: dict) -> str:
     """Load `train.init_from` into `model` (see the module docstring); returns the summary it printed."""
     p, cfg, source = Path(path), model.cfg, f"train.init_from={path}"
+    vlm: list[dict] = [{}, {}]  # a MiniMind-V checkpoint's projector and vision tower tensors
     if p.is_dir() and all((p / f).is_file() for f in RUN_FILES):
         kind, state, whole = "minivlm run", read_run(p, model, manifest), True
     elif p.is_dir() and (p / "config.json").is_file():
         kind, state, whole = "Hugging Face directory", read_hf_dir(p, cfg), False
     elif p.is_file():
-        raw = read_state(p)
+        raw, *vlm = minimind_v.split({_unprefixed(k): v for k, v in read_state(p).items()})
         kind, whole = generation(raw), False
         _check_generation(cfg, kind, source)
         state = remap_lm_keys(raw, head_dim=cfg.head_size)
         if kind.startswith("old"):
             kind += f", RoPE pairs reordered, base {cfg.rope_theta:g}"
+        if any(vlm):
+            kind = f"MiniMind-V checkpoint, LM: {kind}"
     elif p.is_dir():
         raise FileNotFoundError(f"{source}: a directory with neither config.json (a Hugging Face model) nor "
                                 f"{' + '.join(RUN_FILES)} (a finished minivlm run)")
     else:
         raise FileNotFoundError(f"{source} not found; point it at an LM checkpoint (.safetensors, .pth), a "
                                 f"Hugging Face Llama/Qwen3 directory or an earlier run's directory")
-    summary = f"init_from {path} ({kind}): loaded " + load_state(model, state, source, allow_partial, whole)
+    loaded = [load_state(model, state, source, allow_partial, whole), *minimind_v.load_parts(model, *vlm)]
+    summary = f"init_from {path} ({kind}): loaded " + "; ".join(loaded)
     print(summary)
     return summary

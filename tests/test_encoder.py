@@ -4,10 +4,11 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from minivlm.config import EncoderConfig
-from minivlm.encoder import EncoderSpec, ImageError, load_encoder, load_image
+from minivlm.encoder import EncoderSpec, ImageError, features, load_encoder, load_image, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,51 @@ def tiny_clip(tmp_path_factory):
     CLIPVisionModel(cfg).save_pretrained(d)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def tiny_siglip(tmp_path_factory):
+    """A random SigLIP tower shaped like MiniMind-V's (an 8 x 8 patch grid: 64 rows), its post_layernorm
+    randomised so that applying it or not shows."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    d = tmp_path_factory.mktemp("siglip")
+    torch.manual_seed(0)
+    model = SiglipVisionModel(SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                                 num_attention_heads=2, image_size=64, patch_size=8))
+    with torch.no_grad():
+        model.post_layernorm.weight.normal_(1.0, 0.5)
+        model.post_layernorm.bias.normal_(0.0, 0.5)
+    model.save_pretrained(d)
+    siglip_processor()(size={"height": 64, "width": 64}).save_pretrained(d)
+    return d
+
+
+def siglip_processor():
+    """The class MiniMind-V's model_vlm.py loads (`SiglipImageProcessor`; its PIL backend where transformers
+    has one and torchvision is absent)."""
+    import transformers
+    return getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
+
+
+def test_post_layernorm_features_are_siglips_last_hidden_state_as_minimind_v_takes_it(tiny_siglip):
+    """model_vlm.py: `SiglipVisionModel(**processor(images=image))`.last_hidden_state, all 64 rows."""
+    from transformers import SiglipVisionModel
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 120, 3), dtype=np.uint8))
+    pixels = siglip_processor().from_pretrained(tiny_siglip)(images=image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = SiglipVisionModel.from_pretrained(tiny_siglip).eval()(pixel_values=pixels, output_hidden_states=True)
+
+    def ours(**kw):
+        enc = load_encoder(EncoderConfig(name_or_path=str(tiny_siglip), dtype="float32", **kw))
+        assert torch.equal(preprocess(enc.processor, image), pixels[0]) and enc.tokens == 64
+        return features(enc, pixels)
+
+    torch.testing.assert_close(ours(select_layer=-1, post_layernorm=True), out.last_hidden_state)
+    torch.testing.assert_close(ours(select_layer=-1), out.hidden_states[-1])  # before post_layernorm: not it
+    assert (out.hidden_states[-1] - out.last_hidden_state).abs().max() > 0.1
+    with torch.no_grad():
+        earlier = SiglipVisionModel.from_pretrained(tiny_siglip).post_layernorm(out.hidden_states[-2])
+    torch.testing.assert_close(ours(select_layer=-2, post_layernorm=True), earlier)
 
 
 def test_images_of_every_mode_decode_to_rgb_and_bad_files_say_why(tmp_path):
@@ -68,6 +114,18 @@ def test_check_names_every_differing_field_with_both_values_and_the_fix():
                                          r"has encoder.select_layer=-2, encoder.pool=1; re-embed$"):
         spec().check(spec(select_layer=-1, pool=2), "the config", "cache c", "re-embed")
     spec().check(spec(batch_size=7, num_workers=0), "the config", "cache c", "re-embed")  # not part of the spec
+
+
+def test_post_layernorm_is_refused_for_clip_and_is_part_of_the_fingerprint(tiny_clip):
+    with pytest.raises(ValueError, match=r"encoder.post_layernorm=true, but .* is CLIP, whose last_hidden_state "
+                                         r"has no post_layernorm.*set it to false"):
+        load_encoder(EncoderConfig(name_or_path=str(tiny_clip), post_layernorm=True))
+    assert spec().differs(spec(post_layernorm=True)) == ["post_layernorm"]
+    assert spec(post_layernorm=True).encoder_config().post_layernorm
+    assert "post_layernorm" not in spec().fingerprint  # caches built before the option keep their fingerprint
+    old = replace(spec(), fingerprint={**spec().fingerprint, **LOADED})  # a cache from before the option...
+    assert old.differs(spec(post_layernorm=True)) == ["post_layernorm"]  # ...was embedded without it
+    assert old.differs(replace(old, fingerprint={**old.fingerprint, "post_layernorm": True})) == ["post_layernorm"]
 
 
 def test_manifest_entry_round_trips():

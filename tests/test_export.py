@@ -182,6 +182,14 @@ def test_moe_runs_are_refused_even_for_the_lm_alone(clip_run):
     assert refusal(moe, lm_only=True).startswith("model.use_moe=true")
 
 
+def test_post_layernorm_runs_are_refused_but_export_their_lm(clip_run):
+    """LLaVA's vision_feature_layer reads hidden_states, before any post_layernorm (MiniMind-V's features)."""
+    vc = VLM.from_pretrained(clip_run.train.run_dir).config
+    normed = replace(vc, encoder=replace(vc.encoder, fingerprint={**vc.encoder.fingerprint, "post_layernorm": True}))
+    assert refusal(normed, lm_only=False).startswith("encoder.post_layernorm=true: LLaVA's vision_feature_layer")
+    assert refusal(normed, lm_only=True) is None
+
+
 def test_save_pretrained_round_trips_the_model_and_its_config(clip_run, tmp_path):
     model = VLM.from_pretrained(clip_run.train.run_dir)
     model.save_pretrained(tmp_path, model.config)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import pickle
+import re
 import shutil
 
 import pytest
@@ -21,7 +22,7 @@ from minivlm.dist import Dist
 from minivlm.generate import generate
 from minivlm.model import VLM
 from minivlm.pretrained import init_from, read_state, remap_lm_keys
-from minivlm.trainer import build_model, evaluate, fit
+from minivlm.trainer import build_model, evaluate, fit, lr_at
 
 transformers = pytest.importorskip("transformers")
 
@@ -239,6 +240,23 @@ def test_minimind_v1_config_is_v1s_lmconfig():
         (512, 8, 16, 8, 32, 1408, 1e-5, 10000.0, False, 4, 2, 1, "k>1")
 
 
+def test_minimind_v_config_is_upstreams_pretraining_recipe():
+    """configs/minimind_v.toml against minimind-v's trainer/train_pretrain_vlm.py defaults, model_vlm.py and
+    minimind-3's MiniMindConfig, value by value; its schedule is upstream's get_lr."""
+    cfg = load_config(REPO / "configs" / "minimind_v.toml")
+    m, e, t = cfg.model, cfg.encoder, cfg.train
+    assert (m.dim, m.n_layer, m.n_head, m.n_kv_head, m.head_size, m.ffn_size, m.norm_eps, m.rope_theta, m.qk_norm,
+            m.projector) == (768, 8, 8, 4, 768 // 8, math.ceil(768 * math.pi / 64) * 64, 1e-6, 1e6, True, "mlp")
+    assert (e.select_layer, e.post_layernorm, e.pool) == (-1, True, 1) and "siglip2-base-p32-256" in e.name_or_path
+    assert (t.epochs, t.batch_size, t.grad_accum, t.lr, t.grad_clip, t.dtype, t.freeze_llm) == \
+        (2, 16, 1, 4e-4, 1.0, "bfloat16", 2)
+    assert (t.weight_decay, t.beta1, t.beta2) == (0.01, 0.9, 0.999)  # torch.optim.AdamW's defaults
+    assert cfg.tokenizer.max_len == 450 and cfg.data.records.endswith("pretrain_i2t.parquet")
+    for step in (0, 1, 300, 500, 999, 1000):
+        upstream = t.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / 1000)))
+        assert lr_at(step, 1000, t) == pytest.approx(upstream, rel=1e-12)
+
+
 @pytest.mark.parametrize("config,theta,use_moe", [("minimind_v1", 1e4, False), ("minimind_v1", 1e4, True),
                                                   ("llava_pretrain", 1e6, False)])
 def test_old_name_minimind_pth_loads_exactly_with_its_generations_config(tmp_path, config, theta, use_moe):
@@ -386,3 +404,149 @@ def test_a_run_starts_from_an_earlier_run_and_goes_on(demo, demo_cache, tmp_path
     old = {k: v for k, v in mc["model"].items() if k not in ("head_dim", "ffn_dim", "qk_norm", "moe_norm_topk")}
     (other / "model_config.json").write_text(json.dumps({**mc, "model": old}))
     assert "minivlm run" in init_from(model, str(other), False, data.manifest)
+
+
+# ---- MiniMind-V VLM checkpoints, from their definitions -------------------------------------------------
+
+class VisionProj(torch.nn.Module):
+    """v1's projector (2024 `model/model.py`, kept by MiniMind2-V's `model/model_vlm.py`): one Linear with
+    bias in a Sequential, so its tensors are `vision_proj.vision_proj.0.*`."""
+
+    def __init__(self, ve_dim: int, lm_dim: int):
+        super().__init__()
+        self.vision_proj = torch.nn.Sequential(torch.nn.Linear(ve_dim, lm_dim))
+
+    def forward(self, x):
+        return self.vision_proj(x)
+
+
+class MMVisionProjector(torch.nn.Module):
+    """minimind-3v's projector (`model/model_vlm.py` of 2026): LayerNorm -> Linear -> GELU -> Linear on each
+    of SigLIP's 64 rows, `vision_proj.mlp.{0,1,3}.*`."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.LayerNorm(in_dim), torch.nn.Linear(in_dim, out_dim), torch.nn.GELU(),
+                                       torch.nn.Linear(out_dim, out_dim))
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+class MergingProjector(torch.nn.Module):
+    """The token-merging `MMVisionProjector` of a 2025 model_vlm.py (256 SigLIP2 rows -> 64: four rows
+    concatenated, then Linear -> GELU -> Linear): a function minivlm's projectors do not compute."""
+
+    def __init__(self, in_dim: int, out_dim: int, merge: int = 4):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(in_dim * merge, out_dim), torch.nn.GELU(),
+                                       torch.nn.Linear(out_dim, out_dim))
+
+
+IMG = 8  # the image row width D (768 upstream), as our_vlm builds it
+
+
+def with_projector(lm: dict, projector: torch.nn.Module) -> dict:
+    """A MiniMind-V VLM's state dict: the LM's tensors and `vision_proj.*` (its tower left out)."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in projector.parameters():  # LayerNorm's too: a weight of 1 and a bias of 0 would hide a skipped one
+            p.normal_(0.0, 0.3)
+    return {**lm, **{f"vision_proj.{k}": v for k, v in projector.state_dict().items()}}
+
+
+def saved_as_today(path, state: dict) -> dict:
+    """What trainer/train_pretrain_vlm.py saves: every tensor but `vision_encoder.*`, in fp16. Returns the
+    weights as they come back (fp32), for the references."""
+    torch.save({k: v.half().cpu() for k, v in state.items() if not k.startswith("vision_encoder.")}, path)
+    return {k: v.float() for k, v in torch.load(path, weights_only=True).items()}
+
+
+def minimind3_lm(cfg: ModelConfig):
+    """minimind-3's LM (`model/model_minimind.py` of 2026) on random weights. transformers' Qwen3 computes its
+    function under its tensor names: q/k RMSNorm per head before rotate-half RoPE, eps 1e-6, base 1e6, SwiGLU,
+    tied embeddings, no biases (the equivalence the README states and the HF tests above hold ours to)."""
+    torch.manual_seed(0)
+    ref = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=V, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_size, intermediate_size=cfg.ffn_size,
+        rms_norm_eps=cfg.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=True, max_position_embeddings=cfg.max_seq_len)).eval()
+    randomize_norms(ref)
+    return ref
+
+
+M3V = dataclasses.replace(MM3, projector="mlp")  # minimind-3's function at a tiny size
+
+
+def assert_same_projector(ours: VLM, ref: torch.nn.Module):
+    x = torch.randn(2, 5, IMG, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(ours.projector(x), ref(x))
+
+
+def test_todays_minimind_v_checkpoint_loads_its_lm_and_layernorm_projector_exactly(tmp_path):
+    """pretrain_vlm_768.pth: minimind-3 LM + MMVisionProjector, saved in fp16 without the tower."""
+    ref_lm, ref_proj = minimind3_lm(M3V), MMVisionProjector(IMG, M3V.dim)
+    back = saved_as_today(tmp_path / "pretrain_vlm_768.pth", with_projector(ref_lm.state_dict(), ref_proj))
+    ref_lm.load_state_dict({k: v for k, v in back.items() if not k.startswith("vision_proj.")})
+    ref_proj.load_state_dict({k.removeprefix("vision_proj."): v for k, v in back.items()
+                              if k.startswith("vision_proj.")})
+    ours = our_vlm(M3V)
+    summary = init_from(ours, str(tmp_path / "pretrain_vlm_768.pth"), False, {})
+    assert "(MiniMind-V checkpoint, LM: minimind-3" in summary and "projector mlp from vision_proj.*" in summary
+    assert_same_function(ours, lambda x: ref_lm(x).logits)
+    assert_same_projector(ours, ref_proj.eval())
+
+
+def test_v1_minimind_v_checkpoint_loads_its_lm_and_linear_projector_exactly(tmp_path):
+    """v1's pretrain_vlm_512.pth: the v1 LM (old names) + VisionProj, `torch.save(model.state_dict())`."""
+    cfg = dataclasses.replace(load_config(REPO / "configs" / "minimind_v1.toml").model, n_layer=2)
+    proj = VisionProj(IMG, cfg.dim)
+    sd = with_projector(v1_state(cfg, V, False), proj)
+    torch.save(sd, tmp_path / "pretrain_vlm_512.pth")
+    ours = our_vlm(cfg)
+    summary = init_from(ours, str(tmp_path / "pretrain_vlm_512.pth"), False, {})
+    assert "(MiniMind-V checkpoint, LM: old MiniMind names" in summary and "projector linear from" in summary
+    assert_same_function(ours, lambda x: v1_forward(sd, cfg, x, 1e4))
+    assert_same_projector(ours, proj.eval())
+
+
+def test_a_resume_file_with_the_vision_tower_skips_the_tower_and_says_so(tmp_path):
+    """checkpoints/*_resume.pth keeps the whole VLM (its SigLIP tower too) under `model`, beside the optimizer."""
+    ref_lm, ref_proj = minimind3_lm(M3V), MMVisionProjector(IMG, M3V.dim)
+    tower = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8))
+    state = {**with_projector(ref_lm.state_dict(), ref_proj),
+             **{f"vision_encoder.{k}": v for k, v in tower.state_dict().items()}}
+    opt = torch.optim.AdamW(ref_proj.parameters())
+    torch.save({"model": state, "optimizer": opt.state_dict(), "epoch": 0, "step": 3, "world_size": 1,
+                "wandb_id": None}, tmp_path / "pretrain_vlm_768_resume.pth")
+    ours = our_vlm(M3V)
+    summary = init_from(ours, str(tmp_path / "pretrain_vlm_768_resume.pth"), False, {})
+    n = len(tower.state_dict())
+    assert f"skipped {n} vision tower tensors (vision_encoder.*: stage 1's encoder, not part of this model)" in summary
+    assert_same_function(ours, lambda x: ref_lm(x).logits)
+    assert_same_projector(ours, ref_proj.eval())
+
+
+@pytest.mark.parametrize("cfg,projector,why", [
+    (M3V, MMVisionProjector(IMG + 4, M3V.dim),
+     r"shapes differ \(vision_proj.mlp.0.weight \(12,\) vs projector.0.weight \(8,\) here"),
+    (dataclasses.replace(M3V, projector="mlp2x_gelu"), MMVisionProjector(IMG, M3V.dim),
+     r"the checkpoint's is MMVisionProjector: LayerNorm -> Linear -> GELU -> Linear, model.projector=mlp2x_gelu "
+     r"here; set model.projector=mlp to load it"),
+    (M3V, VisionProj(IMG, M3V.dim), r"checkpoint's is VisionProj: one Linear, model.projector=mlp here; set "
+                                    r"model.projector=linear"),
+    (M3V, MergingProjector(IMG, M3V.dim), r"vision_proj.mlp.0.weight \(32, 32\).* is no MiniMind-V projector minivlm "
+                                          r"can compute; model.projector=mlp starts from its initialisation")])
+def test_a_projector_that_is_not_ours_is_skipped_with_the_reason_and_the_lm_still_loads(tmp_path, cfg, projector, why):
+    ref_lm = minimind3_lm(cfg)
+    back = saved_as_today(tmp_path / "vlm.pth", with_projector(ref_lm.state_dict(), projector))
+    ref_lm.load_state_dict({k: v for k, v in back.items() if not k.startswith("vision_proj.")})
+    ours = our_vlm(cfg)
+    before = {k: v.clone() for k, v in ours.projector.state_dict().items()}
+    summary = init_from(ours, str(tmp_path / "vlm.pth"), False, {})
+    assert re.search("projector not loaded: .*" + why, summary), summary
+    assert all(torch.equal(before[k], v) for k, v in ours.projector.state_dict().items())
+    assert_same_function(ours, lambda x: ref_lm(x).logits)
