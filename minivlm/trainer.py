@@ -12,7 +12,7 @@ Design choices:
   and acted on at the next log step, and before any checkpoint or final save, naming the first bad step
   and the cache rows it read.
 - Seeds are offset by rank, so dropout differs across ranks (DDP broadcasts rank 0's initial weights).
-- The loop's position is an explicit `TrainState`; the checkpointer (minivlm.checkpointer) decides when
+- The loop's position is an explicit `TrainState`; `checkpoint.Checkpoints` decides when
   to save and what a checkpoint holds; metrics go to a logger (minivlm.metrics). Exact resume: a
   resumed run replays the same batches with the same state and ends bitwise equal on CPU with
   deterministic settings.
@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minivlm import checkpoint
-from minivlm.checkpointer import Checkpointer, TrainState
+from minivlm.checkpoint import Checkpoints, TrainState
 from minivlm.config import RunConfig, RunFailed, TrainConfig, to_toml, to_tree
 from minivlm.data import CacheBatches, Loader, TrainData, load_data, step_batches
 from minivlm.dist import Dist, print0
@@ -162,7 +162,7 @@ class NonFinite:
         self.first = torch.where(bad & (self.first < 0), step, self.first)
         self.samples[step] = index
 
-    def check(self, train: CacheBatches, ckpt: Checkpointer) -> None:
+    def check(self, train: CacheBatches, ckpt: Checkpoints) -> None:
         """Raise RunFailed (one line, exit 1) if a step since the last check was not finite."""
         first = int(self.first)  # the host read: at log steps and saves only
         if first < 0:
@@ -215,7 +215,7 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
     """Train per `cfg`; returns the final metrics row. Resumes from the newest checkpoint when asked."""
     tc, run_dir, device = cfg.train, cfg.train.run_dir, dist.device
     torch.manual_seed(tc.seed + dist.rank)
-    ckpt = Checkpointer(cfg, dist)
+    ckpt = Checkpoints(cfg, dist)
     data = load_data(cfg, dist, *ckpt.image_shape)
     total = tc.max_steps or tc.epochs * (len(data.sampler) // tc.grad_accum)
     raw, opt, scaler = build_model(cfg, data, device, init=ckpt.latest is None)
