@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import threading
 import time
 from dataclasses import dataclass
 
@@ -42,11 +41,12 @@ from minivlm.checkpoint import Checkpoints, TrainState
 from minivlm.config import RunConfig, RunFailed, TrainConfig, to_toml, to_tree
 from minivlm.data import CacheBatches, Loader, TrainData, load_data, step_batches
 from minivlm.dist import Dist, print0
-from minivlm.fileio import atomic_write_text
+from minivlm.fileio import WriterLock, atomic_write_text
 from minivlm.metrics import (MetricsLogger, Throughput, flop_counts, last_metrics, open_wandb, peak_flops,
                              peak_memory_mb)
 from minivlm.model import VLM, VLMConfig, freeze, num_params, param_groups
 from minivlm.pretrained import init_from
+from minivlm.stop import Interrupted, name, stop_requests
 from minivlm.text import IGNORE
 
 
@@ -212,7 +212,14 @@ def run_eval(model: VLM, data: TrainData, state: TrainState, log: MetricsLogger,
 
 
 def fit(cfg: RunConfig, dist: Dist) -> dict:
-    """Train per `cfg`; returns the final metrics row. Resumes from the newest checkpoint when asked."""
+    """Train per `cfg`; returns the final metrics row. Resumes from the newest checkpoint when asked. A run
+    directory has one writer: a second run on it is refused before it reads or writes anything there
+    (under torchrun rank 0 holds the lock for every rank; the others never write to the run directory)."""
+    with WriterLock(cfg.train.run_dir, other="another train.run_name") if dist.is_main else contextlib.nullcontext():
+        return _fit(cfg, dist)
+
+
+def _fit(cfg: RunConfig, dist: Dist) -> dict:
     tc, run_dir, device = cfg.train, cfg.train.run_dir, dist.device
     torch.manual_seed(tc.seed + dist.rank)
     ckpt = Checkpoints(cfg, dist)
@@ -241,7 +248,9 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
     bar = tqdm(total=total, initial=state.step, unit="step", disable=not dist.is_main or None, mininterval=1.0)
     last = last_metrics(metrics_path) if ckpt.latest else {}
     model.train()
-    with deterministic(tc.deterministic), stop_requests() as stop:
+    at_once = (f"train: stopped at once by a second signal; rerun the same command to resume from "
+               f"{run_dir / checkpoint.CKPT_DIR} (the steps since its last checkpoint are lost)")
+    with deterministic(tc.deterministic), stop_requests(at_once if dist.is_main else "") as stop:
         while state.step < total:
             t0 = time.time()
             host = next(batches)
@@ -271,9 +280,11 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
             if ckpt.due(state.step, total) or stopping:
                 health.check(data.train, ckpt)
                 ckpt.save(state, {**meta, "lr": lr_at(state.step, total, tc)})
-            if stopping:  # Ctrl-C / SIGTERM: saved at this step boundary, now stop
-                print0(dist, f"\ntrain: stopped at step {state.step}; checkpoint saved; rerun the same command to resume")
-                raise KeyboardInterrupt
+            if stopping:  # a stop signal: saved at this step boundary, now stop (one line, from rank 0)
+                why = name(stop.signum) if stop.requested else "a stop signal to another rank"
+                raise Interrupted(stop.signum or signal.SIGTERM, "" if not dist.is_main else
+                                  f"train: stopped at step {state.step} by {why}; checkpoint {ckpt.latest.name} "
+                                  f"saved; rerun the same command to resume")
         bar.close()
         health.check(data.train, ckpt)
         result = run_eval(raw, data, state, log, dtype, device)
@@ -285,33 +296,3 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
         f"; final eval_loss {result['eval_loss']:.4f}, shuffled-image eval_loss {result['eval_loss_shuffled']:.4f}, "
         f"image gap {result['image_gap']:.3f} nats" if result else " (no held-out samples, no eval)"))
     return {**last, **result}
-
-class stop_requests(contextlib.AbstractContextManager):
-    """SIGINT/SIGTERM during training ask for a stop at the next step boundary, so the checkpoint written
-    then is consistent. A second Ctrl-C interrupts at once. One process stops at the next step; ranks
-    agree on a stop at log steps, when they read the step's numbers anyway (no extra host sync)."""
-
-    def __enter__(self):
-        self.requested, self.previous = False, {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def agreed(self, dist: Dist, log_step: bool) -> bool:
-        if not dist.is_distributed:
-            return self.requested
-        if not log_step:
-            return False
-        flag = torch.tensor([float(self.requested)], device=dist.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False

@@ -102,6 +102,55 @@ def test_sigkill_after_checkpoint_then_resume_gives_identical_weights(demo, demo
     assert_same_weights(tmp_path / "runs" / "straight", killed)
 
 
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def snapshot(d: Path) -> dict:
+    return {p.relative_to(d).as_posix(): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(d.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_and_sigterm_stops_at_a_step_with_a_checkpoint_then_resumes_bitwise(
+        demo, demo_cache, tmp_path, one_thread):
+    rec = small_records(demo, tmp_path)
+    fit(train_config(demo, demo_cache, tmp_path, rec, "train.run_name=straight", *RESUME, "train.max_steps=150"), Dist())
+    over = [*demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", rec, *RESUME, "train.max_steps=150",
+            "model.dim=32", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.multiple_of=16",
+            "train.batch_size=8", "train.eval_batches=2", "train.eval_interval=0", "train.log_interval=1",
+            "train.save_interval=0", "train.run_name=run"]
+    run_dir = tmp_path / "runs" / "run"
+    with open(tmp_path / "stderr", "w") as err:
+        first = subprocess.Popen([sys.executable, str(REPO / "stages/train.py"), *over], cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_for(lambda: (run_dir / "metrics.jsonl").is_file() or first.poll() is not None, "the first step")
+        os.kill(first.pid, signal.SIGSTOP)  # mid-run, holding the lock, writing nothing while we look
+        before = snapshot(run_dir)
+        second = run_stage("train.py", *over)
+        assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr
+        assert second.stderr.startswith(f"error: {run_dir} is being written by another process (pid {first.pid})")
+        assert snapshot(run_dir) == before, "the refused run touched the first one's files"
+        os.kill(first.pid, signal.SIGCONT)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(60) == 128 + signal.SIGTERM
+    finally:
+        first.kill()
+    saved = checkpoint.checkpoints(run_dir)[-1].name
+    step = int(saved.split("-")[1])
+    assert (tmp_path / "stderr").read_text() == (f"train: stopped at step {step} by SIGTERM; checkpoint {saved} saved; "
+                                                 f"rerun the same command to resume\n")
+    assert 0 < step < 150 and not (run_dir / "model.safetensors").exists()
+    r = run_stage("train.py", *over)
+    assert r.returncode == 0 and f"resumed {run_dir} from {saved}" in r.stdout, r.stderr[-2000:]
+    assert_same_weights(tmp_path / "runs" / "straight", run_dir)
+    assert [row["step"] for row in metric_rows(run_dir) if "loss" in row] == list(range(1, 151))
+
+
 @pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(demo, demo_cache, tmp_path):
     rec = small_records(demo, tmp_path)
