@@ -177,8 +177,7 @@ def finished(cfg: RunConfig) -> bool:
 def slot_envs(parallel: int, nproc: int) -> list[dict[str, str]]:
     """One environment per parallel slot: its own GPUs where CUDA exists, else a share of the CPU cores."""
     import torch
-    if parallel < 1 or nproc < 1:
-        raise ValueError("--parallel and --nproc_per_node must be >= 1")
+    assert parallel >= 1 and nproc >= 1, "stages/sweep.py checks --parallel and --nproc_per_node"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -227,6 +227,8 @@ def test_stage_errors_are_one_line(demo, demo_cache, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "run stages/embed.py" in r.stderr
     r = run_stage("train.py", *demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", "encoder.pool=1")
     assert r.returncode == 2 and "encoder.pool=2" in r.stderr and r.stderr.strip().count("\n") == 0
+    r = run_stage("train.py", *demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", "train.log_interval=0")
+    assert (r.returncode, r.stderr) == (2, "error: train.log_interval must be >= 1, got 0\n")
 
 
 @pytest.mark.slow
