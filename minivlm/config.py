@@ -178,7 +178,7 @@ class TrainConfig:
     seed: int = 1337
     epochs: int = 1
     max_steps: int = 0            # optimizer steps; 0 -> epochs * steps per epoch
-    batch_size: int = 32          # per rank, per micro-step
+    batch_size: int = 32          # per rank, per micro-step; a step reads batch_size x grad_accum x ranks
     grad_accum: int = 1
     lr: float = 4e-4
     min_lr: float = 4e-5
@@ -194,7 +194,7 @@ class TrainConfig:
     allow_partial_init: bool = False  # let tensors the init_from checkpoint lacks start random
     num_workers: int = 2          # threads reading cache rows ahead of the step (0: read in the loop)
     eval_interval: int = 200      # steps between evals; 0 -> only at the end
-    eval_batches: int = 20
+    eval_batches: int = 20        # held-out global batches (batch_size x grad_accum x ranks samples) per eval
     save_interval: int = 500      # steps between checkpoints; 0 -> only at the end
     keep_checkpoints: int = 2     # newest checkpoints kept; 0 keeps every one
     resume: str = "auto"          # auto (newest checkpoint if any), never

@@ -15,7 +15,9 @@ Design choices:
 - The loop's position is an explicit `TrainState`; `checkpoint.Checkpoints` decides when
   to save and what a checkpoint holds; metrics go to a logger (minivlm.metrics). Exact resume: a
   resumed run replays the same batches with the same state and ends bitwise equal on CPU with
-  deterministic settings.
+  deterministic settings. On another number of ranks with the same global batch (2 ranks x grad_accum 1
+  -> 1 rank x 2) every step reads the same samples; only float summation order (and dropout's per-rank
+  masks) differ.
 - The end of a run (final eval row, final checkpoint, final files) can be interrupted anywhere and rerun
   to the same end state: the logger writes a step's eval row once, a saved step is not saved again, and
   `model.safetensors` is the last final file written.
@@ -198,12 +200,14 @@ def wrap(raw: VLM, cfg: RunConfig, dist: Dist):
 def run_eval(model: VLM, data: TrainData, state: TrainState, log: MetricsLogger, dtype: torch.dtype,
              device: str) -> dict:
     """Held-out losses, rounded as metrics.jsonl holds them (and fit returns them), logged."""
-    result = evaluate(model, data.eval_batches, dtype, device) if data.eval_batches else {}
+    result = evaluate(model, data.eval_batches, dtype, device) if len(data.val) else {}  # every rank or none
     result = {k: round(v, 5) for k, v in result.items()}
     if not all(map(math.isfinite, result.values())):  # the training loss was finite (checked just before)
-        bad = next(b for b in data.eval_batches if not math.isfinite(evaluate(model, [b], dtype, device)["eval_loss"]))
+        bad = next((b for b in data.eval_batches if not math.isfinite(evaluate(model, [b], dtype, device)["eval_loss"])),
+                   None)
+        rows = data.val.describe_rows(bad["index"]) if bad else "rows on another rank"
         raise RunFailed(f"train: held-out loss not finite at step {state.step} although the training loss is; the "
-                        f"held-out batch read {data.val.describe_rows(bad['index'])}; check the cache with "
+                        f"held-out batch read {rows}; check the cache with "
                         f"`python stages/embed.py --config <this config> --verify` (re-embed with --overwrite if a "
                         f"shard is bad), then rerun")
     if result:
@@ -224,7 +228,7 @@ def _fit(cfg: RunConfig, dist: Dist) -> dict:
     torch.manual_seed(tc.seed + dist.rank)
     ckpt = Checkpoints(cfg, dist)
     data = load_data(cfg, dist, *ckpt.image_shape)
-    total = tc.max_steps or tc.epochs * (len(data.sampler) // tc.grad_accum)
+    total = tc.max_steps or tc.epochs * data.sampler.steps_per_epoch
     raw, opt, scaler = build_model(cfg, data, device, init=ckpt.latest is None)
     state = ckpt.restore(raw, opt, scaler)
     metrics_path = run_dir / "metrics.jsonl"
@@ -233,7 +237,7 @@ def _fit(cfg: RunConfig, dist: Dist) -> dict:
                      f"or train.epochs to train further)")
         return last_metrics(metrics_path)
     if ckpt.latest:
-        print0(dist, f"train: resumed {run_dir} from {ckpt.latest.name} (epoch {state.epoch}, batch {state.batch})")
+        print0(dist, f"train: resumed {run_dir} from {ckpt.latest.name} (epoch {state.epoch}, sample {state.sample})")
     model, dtype = wrap(raw, cfg, dist), amp_dtype(tc, device)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +248,7 @@ def _fit(cfg: RunConfig, dist: Dist) -> dict:
                  f"in cache), {num_params(raw) / 1e6:.2f}M params ({num_params(raw, True) / 1e6:.2f}M trainable), "
                  f"{total} steps, T={data.index.tokens} D={data.index.width}{meter.assumed_peak()}")
     meta = {"image_tokens": data.index.tokens, "image_width": data.index.width}
-    batches = step_batches(Loader(data.train, data.sampler, tc.num_workers), data.sampler, state, tc.grad_accum)
+    batches = step_batches(Loader(data.train, data.sampler, tc.num_workers), data.sampler, state)
     bar = tqdm(total=total, initial=state.step, unit="step", disable=not dist.is_main or None, mininterval=1.0)
     last = last_metrics(metrics_path) if ckpt.latest else {}
     model.train()
@@ -260,7 +264,7 @@ def _fit(cfg: RunConfig, dist: Dist) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             stats = train_step(model, opt, mbs, tc, scaler, dtype, device)
-            state.step, state.batch = state.step + 1, state.batch + tc.grad_accum
+            state.step, state.sample = state.step + 1, state.sample + data.sampler.global_batch
             health.update(state.step, stats, [b["index"] for b in host])
             meter.add(host, data.train, wait)
             bar.update(1)

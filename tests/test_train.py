@@ -51,6 +51,7 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 
 @pytest.mark.slow
 def test_stop_mid_epoch_then_resume_gives_identical_weights(demo, demo_cache, tmp_path, monkeypatch):
+    """Also from a checkpoint of an earlier minivlm, whose cursor counted each rank's batches."""
     rec = small_records(demo, tmp_path)
     straight = train_config(demo, demo_cache, tmp_path, rec, "train.run_name=straight", *RESUME)
     fit(straight, Dist())
@@ -71,6 +72,12 @@ def test_stop_mid_epoch_then_resume_gives_identical_weights(demo, demo_cache, tm
         fit(stopped, Dist())
     monkeypatch.setattr(trainer, "train_step", real_step)
     assert [p.name for p in checkpoint.checkpoints(stopped.train.run_dir)] == ["step-0000003"]
+    # as minivlm wrote it before the global cursor: the micro-batches each rank had read, and the world size
+    state_json = checkpoint.checkpoints(stopped.train.run_dir)[0] / "state.json"
+    state = json.loads(state_json.read_text())
+    assert (state["sample"], state["global_batch"]) == (3 * 8, 8)
+    old = {k: v for k, v in state.items() if k not in ("sample", "batch_size", "grad_accum", "global_batch")}
+    state_json.write_text(json.dumps({**old, "batch": 3}))
     fit(stopped, Dist())
     assert_same_weights(straight.train.run_dir, stopped.train.run_dir)
     steps = [json.loads(ln)["step"] for ln in (stopped.train.run_dir / "metrics.jsonl").read_text().splitlines()
@@ -201,6 +208,73 @@ def test_torchrun_two_ranks_trains_logs_once_checkpoints_once_and_resumes(demo, 
     assert "resumed" in r.stdout and "step-0000004" in r.stdout
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3, 4, 5, 6]
+
+
+READS = """
+import json, os, runpy, signal, sys, time
+import minivlm.trainer as trainer
+real, log, stop_at, done = trainer.train_step, sys.argv[1], int(sys.argv[2]), [0]
+
+def recorded(model, opt, micro_batches, *a, **kw):
+    out = real(model, opt, micro_batches, *a, **kw)
+    done[0] += 1
+    with open(f"{log}.{os.environ.get('RANK', '0')}", "a") as f:  # one line per step: the samples it read
+        f.write(json.dumps([int(i) for mb in micro_batches for i in mb["index"]]) + "\\n")
+    if done[0] == stop_at and os.environ.get("RANK") == "0":
+        os.kill(os.getppid(), signal.SIGTERM)  # to torchrun, as a scheduler does; it passes it on to every rank
+        time.sleep(3)                          # ... before this rank joins the vote on stopping after this step
+    return out
+
+trainer.train_step = recorded
+sys.argv = ["stages/train.py", *sys.argv[3:]]
+runpy.run_path("stages/train.py", run_name="__main__")
+"""
+
+
+def step_reads(log: Path, ranks: int) -> list[list[int]]:
+    """The samples each step read, over every rank, from READS' per-rank logs."""
+    per_rank = [[json.loads(ln) for ln in Path(f"{log}.{r}").read_text().splitlines()] for r in range(ranks)]
+    return [sorted(sum(step, [])) for step in zip(*per_rank)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_and_the_run_resumes_on_two_ranks_bitwise_or_on_one_at_the_same_samples(
+        demo, demo_cache, tmp_path):
+    """2 ranks x batch 4 to step 40 (stopped by SIGTERM to torchrun), then 1 rank x grad_accum 2 to step 60: the
+    same global batch, so every step reads what an uninterrupted 2-rank run reads."""
+    rec = small_records(demo, tmp_path)  # 6 steps an epoch: step 40 is mid-epoch
+    (tmp_path / "reads.py").write_text(READS)
+    over = [*demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", rec, "model.dim=32", "model.n_layer=2",
+            "model.n_head=2", "model.n_kv_head=1", "model.multiple_of=16", "train.batch_size=4", "train.max_steps=60",
+            "train.eval_batches=4", "train.eval_interval=0", "train.log_interval=1", "train.save_interval=0",
+            "train.deterministic=true", "train.freeze_llm=0", "train.lr=3e-3", "train.warmup_steps=2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+    def train(launcher, name, *extra, stop_at=0):
+        return subprocess.run([*launcher, str(tmp_path / "reads.py"), str(tmp_path / name), str(stop_at), *over,
+                               f"train.run_name={name}", *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    r = train(torchrun, "straight")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = train(torchrun, "stopped", stop_at=40)
+    assert r.returncode != 0 and "train: stopped at step 40 by SIGTERM; checkpoint step-0000040 saved" in r.stderr
+    runs = tmp_path / "runs"
+    assert [p.name for p in checkpoint.checkpoints(runs / "stopped")] == ["step-0000040"]
+    assert not (runs / "stopped" / "model.safetensors").exists()
+    shutil.copytree(runs / "stopped", runs / "one")
+
+    r = train(torchrun, "stopped")  # on two ranks again: bitwise the uninterrupted run
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-3000:]
+    assert_same_weights(runs / "straight", runs / "stopped")
+    r = train([sys.executable], "one", "train.grad_accum=2")  # on one rank: the same global batch of 8
+    assert r.returncode == 0 and f"resumed {runs / 'one'} from step-0000040" in r.stdout, r.stderr[-3000:]
+    want = step_reads(tmp_path / "straight", 2)
+    assert len(want) == 60 and len({i for step in want[:6] for i in step}) == 48  # an epoch reads every sample once
+    assert step_reads(tmp_path / "stopped", 2) == want
+    assert step_reads(tmp_path / "one", 1) == want[40:]
+    final = [metric_rows(runs / name)[-1] for name in ("straight", "one")]
+    assert final[0]["step"] == final[1]["step"] == 60
+    assert final[1]["eval_loss"] == pytest.approx(final[0]["eval_loss"], abs=1e-3)
 
 
 @pytest.mark.slow
