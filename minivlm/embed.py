@@ -28,7 +28,7 @@ from minivlm.fileio import WriterLock, reading
 from minivlm.encoder import (EncoderSpec, ImageError, encode, fingerprint_id, load_encoder, load_image,
                              preprocess)
 from minivlm.records import first_record_with, image_keys, load_records, records_hash, resolve_image
-from minivlm.stop import Interrupted, ignore_stop_signals, name, stop_requests
+from minivlm.stop import Interrupted, ignore_stop_signals, signal_name, stop_requests
 
 OUTSIDE_ROOT = "outside data.image_root (not read)"
 
@@ -208,8 +208,8 @@ def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, todo, 
     bar.close()
     if stop.requested:
         who = f"embed{f' rank {dist.rank}' if dist.is_distributed else ''}"
-        raise Interrupted(stop.signum, f"{who}: stopped by {name(stop.signum)}; the shards published so far are kept, "
-                                       f"the one in flight was dropped; rerun the same command to resume")
+        raise Interrupted(stop.signum, f"{who}: stopped by {signal_name(stop.signum)}; the shards published so far "
+                                       f"are kept, the one in flight was dropped; rerun the same command to resume")
     assert current is None, "every planned shard must have been written"
     return n_failed
 

@@ -41,7 +41,7 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def name(signum: int) -> str:
+def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 

@@ -40,7 +40,7 @@ from minivlm.config import (RunConfig, build_config, build_config_strings, load_
 from minivlm.data import open_cache
 from minivlm.encoder import EncoderSpec
 from minivlm.fileio import WriterLock, atomic_write, atomic_write_text
-from minivlm.stop import STOP_SIGNALS, Interrupted, name, stop_requests, stop_with_this_process
+from minivlm.stop import STOP_SIGNALS, Interrupted, signal_name, stop_requests, stop_with_this_process
 
 SET_BY_SWEEP = ("train.out_dir", "train.run_name")
 LOSSES = ("final_train_loss", "best_eval_loss", "image_gap")   # 4 decimals in summary.md
@@ -250,12 +250,12 @@ def execute(runs: list[PlannedRun], envs: list[dict], train_script: Path, nproc:
             forward(active, second.signum)
             reap(active, outcomes, True, wait=True)
             on_change()
-            raise Interrupted(second.signum, f"sweep: stopped at once by a second {name(second.signum)}; rerun the "
-                                             f"same command to resume (interrupted runs from their last checkpoint)")
+            raise Interrupted(second.signum, f"sweep: stopped at once by a second {signal_name(second.signum)}; rerun "
+                                             f"the same command to resume (interrupted runs from their last checkpoint)")
     if stop.requested:
         stopped = ", ".join(r for r, o in outcomes.items() if o.status == "interrupted") or "none"
-        raise Interrupted(stop.signum, f"sweep: stopped by {name(stop.signum)}; runs that saved a checkpoint and "
-                                       f"stopped: {stopped}; rerun the same command to resume")
+        raise Interrupted(stop.signum, f"sweep: stopped by {signal_name(stop.signum)}; runs that saved a checkpoint "
+                                       f"and stopped: {stopped}; rerun the same command to resume")
 
 
 def forward(active: dict, signum: int) -> None:

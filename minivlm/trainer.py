@@ -48,7 +48,7 @@ from minivlm.metrics import (MetricsLogger, Throughput, flop_counts, last_metric
                              peak_memory_mb)
 from minivlm.model import VLM, VLMConfig, freeze, num_params, param_groups
 from minivlm.pretrained import init_from
-from minivlm.stop import Interrupted, name, stop_requests
+from minivlm.stop import Interrupted, signal_name, stop_requests
 from minivlm.text import IGNORE
 
 
@@ -203,8 +203,8 @@ def run_eval(model: VLM, data: TrainData, state: TrainState, log: MetricsLogger,
     result = evaluate(model, data.eval_batches, dtype, device) if len(data.val) else {}  # every rank or none
     result = {k: round(v, 5) for k, v in result.items()}
     if not all(map(math.isfinite, result.values())):  # the training loss was finite (checked just before)
-        bad = next((b for b in data.eval_batches if not math.isfinite(evaluate(model, [b], dtype, device)["eval_loss"])),
-                   None)
+        finite = lambda b: math.isfinite(evaluate(model, [b], dtype, device)["eval_loss"])  # noqa: E731
+        bad = next((b for b in data.eval_batches if not finite(b)), None)
         rows = data.val.describe_rows(bad["index"]) if bad else "rows on another rank"
         raise RunFailed(f"train: held-out loss not finite at step {state.step} although the training loss is; the "
                         f"held-out batch read {rows}; check the cache with "
@@ -285,7 +285,7 @@ def _fit(cfg: RunConfig, dist: Dist) -> dict:
                 health.check(data.train, ckpt)
                 ckpt.save(state, {**meta, "lr": lr_at(state.step, total, tc)})
             if stopping:  # a stop signal: saved at this step boundary, now stop (one line, from rank 0)
-                why = name(stop.signum) if stop.requested else "a stop signal to another rank"
+                why = signal_name(stop.signum) if stop.requested else "a stop signal to another rank"
                 raise Interrupted(stop.signum or signal.SIGTERM, "" if not dist.is_main else
                                   f"train: stopped at step {state.step} by {why}; checkpoint {ckpt.latest.name} "
                                   f"saved; rerun the same command to resume")

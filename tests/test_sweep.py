@@ -59,7 +59,7 @@ def test_grid_sweep_writes_each_run_and_a_summary_read_from_their_metrics(demo, 
 
 @pytest.mark.slow
 def test_killed_sweep_reruns_to_completion_skipping_finished_runs_and_resuming_the_interrupted_one(
-        demo, demo_cache, tmp_path):
+        demo, demo_cache, tmp_path, one_thread):
     sweep = 'name = "k"\n[base]\n"train.max_steps" = 40\n"train.save_interval" = 4\n[grid]\n"train.lr" = [1e-3, 2e-3]\n'
     args = sweep_args(demo, demo_cache, tmp_path, sweep)
     first, second = tmp_path / "runs" / "k" / "lr=1e-3", tmp_path / "runs" / "k" / "lr=2e-3"
@@ -68,13 +68,16 @@ def test_killed_sweep_reruns_to_completion_skipping_finished_runs_and_resuming_t
     deadline = time.time() + 120
     while not checkpoint.checkpoints(second) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
+    seen = checkpoint.checkpoints(second)
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep's process group: its runs live in sessions of their own ...
     proc.wait()
     deadline = time.time() + 30
-    while WriterLock.holder(second) is not None and time.time() < deadline:  # ... and stop when it dies
+    while train_processes(tmp_path / "runs") and time.time() < deadline:  # ... and stop when it dies
         time.sleep(0.05)
-    assert WriterLock.holder(second) is None, "the run outlived its sweep"
-    assert checkpoint.checkpoints(second) and not (second / "model.safetensors").exists(), "killed too late"
+    assert not train_processes(tmp_path / "runs") and WriterLock.holder(second) is None, "the run outlived its sweep"
+    assert not (second / "model.safetensors").exists(), "killed too late"
+    assert seen and checkpoint.checkpoints(second)[-1].name > seen[-1].name  # it saved at its next step, then stopped
+    assert "by SIGTERM; checkpoint step-" in (second / "stderr.log").read_text()
     before = mtimes(first)
     r = run_stage("sweep.py", *args)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -103,45 +106,40 @@ def results(sweep_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sigterm_or_kill9_to_a_parallel_sweep_leaves_no_run_behind_and_the_rerun_gives_the_same_results(
+def test_sigterm_to_a_parallel_sweep_stops_every_run_with_a_checkpoint_and_the_rerun_gives_the_same_results(
         demo, demo_cache, tmp_path):
+    """(kill -9 of a sweep: test_killed_sweep_reruns_to_completion_skipping_finished_runs_and_resuming_the_interrupted_one)"""
     sweep = ('name = "p"\n[base]\n"train.max_steps" = 250\n"train.deterministic" = true\n"train.freeze_llm" = 0\n'
              '[grid]\n"train.lr" = [1e-3, 2e-3]\n')
     args = sweep_args(demo, demo_cache, tmp_path, sweep, "--parallel", "2")
     ref = run_stage("sweep.py", *args, f"train.out_dir={tmp_path / 'ref'}")
     assert ref.returncode == 0, ref.stderr[-2000:]
-    want = results(tmp_path / "ref" / "p")
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        out = tmp_path / signal.Signals(sig).name
-        runs = [out / "p" / name for name in ("lr=1e-3", "lr=2e-3")]  # as planned
-        with tempfile.TemporaryFile("w+") as err:
-            proc = subprocess.Popen([sys.executable, str(REPO / "stages" / "sweep.py"), *args, f"train.out_dir={out}"],
-                                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
-            deadline = time.time() + 120
-            while not all((r / "metrics.jsonl").is_file() for r in runs) and proc.poll() is None:
-                assert time.time() < deadline
-                time.sleep(0.01)
-            proc.send_signal(sig)  # the sweep alone: its runs live in sessions of their own
-            t0 = time.time()
-            rc = proc.wait(60)
-            while train_processes(out) and time.time() < t0 + 30:
-                time.sleep(0.1)
-            assert not train_processes(out), f"a run outlived its sweep by 30 s after {sig!r}"
-            stopped = [r.name for r in runs if not (r / "model.safetensors").exists()]
-            assert stopped, "every run had finished before the signal"
-            assert all(checkpoint.checkpoints(out / "p" / name) for name in stopped)
-            err.seek(0)
-            if sig == signal.SIGTERM:
-                assert rc == 128 + signal.SIGTERM and err.read() == (
-                    f"sweep: stopped by SIGTERM; runs that saved a checkpoint and stopped: {', '.join(stopped)}; "
-                    f"rerun the same command to resume\n")
-                assert {row["run"]: row["status"] for row in summary(out / "p")} == {
-                    name: "interrupted" if name in stopped else "done" for name in want}
-            else:
-                assert rc == -signal.SIGKILL
-        r = run_stage("sweep.py", *args, f"train.out_dir={out}")
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert results(out / "p") == want, sig
+    out = tmp_path / "stopped"
+    runs = [out / "p" / name for name in ("lr=1e-3", "lr=2e-3")]  # as planned
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, str(REPO / "stages" / "sweep.py"), *args, f"train.out_dir={out}"],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 120
+        while not all((r / "metrics.jsonl").is_file() for r in runs) and proc.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)  # the sweep alone: its runs live in sessions of their own
+        t0 = time.time()
+        assert proc.wait(60) == 128 + signal.SIGTERM
+        while train_processes(out) and time.time() < t0 + 30:
+            time.sleep(0.1)
+        assert not train_processes(out), "a run outlived its sweep by 30 s"
+        stopped = [r.name for r in runs if not (r / "model.safetensors").exists()]
+        assert stopped, "every run had finished before the signal"
+        assert all(checkpoint.checkpoints(out / "p" / name) for name in stopped)
+        err.seek(0)
+        assert err.read() == (f"sweep: stopped by SIGTERM; runs that saved a checkpoint and stopped: "
+                              f"{', '.join(stopped)}; rerun the same command to resume\n")
+    assert {row["run"]: row["status"] for row in summary(out / "p")} == {
+        r.name: "interrupted" if r.name in stopped else "done" for r in runs}
+    r = run_stage("sweep.py", *args, f"train.out_dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert results(out / "p") == results(tmp_path / "ref" / "p")
 
 
 @pytest.mark.slow
