@@ -4,9 +4,10 @@ and the policy deciding when to write them and which one a run resumes from (`Ch
 Layout of a run (`runs/<name>/`):
 - `checkpoints/step-0000200/`: `model.safetensors` (unwrapped module), `train_state.pt` (optimizer,
   scaler, RNG states: tensors and plain containers only, loaded with `weights_only=True`) and
-  `state.json` (step, epoch, sample cursor, global batch and its split, scheduler position). A checkpoint is built in
-  `step-N.tmp/` and published with one directory rename, so a kill mid-write leaves the previous one; a
-  full disk is refused up front (the tensors' size is known) or caught mid-write, naming the file.
+  `state.json` (step, epoch, sample cursor, global batch and its split, scheduler position). A checkpoint
+  is built in `step-N.tmp/` and published with one directory rename, so a kill mid-write leaves the
+  previous one; a full disk is refused up front (the tensors' size is known) or caught mid-write, naming
+  the file.
 - `model.safetensors` + `model_config.json` (VLM.save_pretrained) + `tokenizer/`: everything captioning
   needs; the weights are written last and mark a finished run.
 

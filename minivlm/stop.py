@@ -56,7 +56,7 @@ def stop_signals_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, _raise) for sig in STOP_SIGNALS}
+    previous = _handle(_raise)
     if "TORCHELASTIC_RUN_ID" in os.environ and not _die_with_parent(os.getppid()):  # a torchrun rank
         os.kill(os.getpid(), signal.SIGTERM)  # its agent is gone already
     try:
@@ -64,6 +64,12 @@ def stop_signals_interrupt():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _handle(handler) -> dict:
+    """`handler` for every stop signal this process does not ignore (`nohup` ignores SIGHUP, a shell's
+    background job SIGINT: they stay ignored); returns the handlers it replaced."""
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS if signal.getsignal(sig) != signal.SIG_IGN}
 
 
 def ignore_stop_signals(*_) -> None:
@@ -88,7 +94,7 @@ class stop_requests(contextlib.AbstractContextManager):
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+            self.previous = _handle(self._handle)
         return self
 
     def _handle(self, signum, frame):

@@ -83,3 +83,19 @@ def test_a_child_of_a_killed_parent_gets_sigterm_even_in_its_own_session(tmp_pat
     finally:
         parent.kill()
         subprocess.run(["kill", "-9", str(child)], capture_output=True)
+
+
+def test_a_stop_signal_the_process_was_started_ignoring_stays_ignored():
+    """`nohup python stages/train.py &` outlives its terminal: SIGHUP stays ignored, the others still stop it."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stop_requests("at once", grace_s=0) as stop:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert not stop.requested
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signum == signal.SIGTERM
+        with stop_signals_interrupt():
+            os.kill(os.getpid(), signal.SIGHUP)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
