@@ -13,8 +13,10 @@ from PIL import Image
 
 from conftest import REPO, run_stage, train_config
 from minivlm import checkpoint
-from minivlm.config import RunConfig, TrainConfig, to_toml, to_tree
+from minivlm.config import RunConfig, TrainConfig, load_config, to_toml, to_tree
+from minivlm.dist import Dist
 from minivlm.fileio import WriterLock
+from minivlm.trainer import fit
 from minivlm.sweep import (LOSSES, Outcome, PlannedRun, load_sweep, plan, read_metrics, report, run_numbers,
                            slot_envs)
 
@@ -60,7 +62,8 @@ def test_grid_sweep_writes_each_run_and_a_summary_read_from_their_metrics(demo, 
 @pytest.mark.slow
 def test_killed_sweep_reruns_to_completion_skipping_finished_runs_and_resuming_the_interrupted_one(
         demo, demo_cache, tmp_path, one_thread):
-    sweep = 'name = "k"\n[base]\n"train.max_steps" = 40\n"train.save_interval" = 4\n[grid]\n"train.lr" = [1e-3, 2e-3]\n'
+    sweep = ('name = "k"\n[base]\n"train.max_steps" = 40\n"train.save_interval" = 4\n"train.deterministic" = true\n'
+             '[grid]\n"train.lr" = [1e-3, 2e-3]\n')
     args = sweep_args(demo, demo_cache, tmp_path, sweep)
     first, second = tmp_path / "runs" / "k" / "lr=1e-3", tmp_path / "runs" / "k" / "lr=2e-3"
     proc = subprocess.Popen([sys.executable, str(REPO / "stages" / "sweep.py"), *args], cwd=REPO,
@@ -83,7 +86,13 @@ def test_killed_sweep_reruns_to_completion_skipping_finished_runs_and_resuming_t
     assert r.returncode == 0, r.stderr[-2000:]
     assert mtimes(first) == before  # not retrained, not rewritten
     assert "resumed" in (second / "stdout.log").read_text() and (second / "model.safetensors").is_file()
-    assert [row["status"] for row in summary(tmp_path / "runs" / "k")] == ["done", "done"]
+    rows = {row["run"]: row for row in summary(tmp_path / "runs" / "k")}
+    assert [row["status"] for row in rows.values()] == ["done", "done"]
+    straight = load_config(second / "config.toml", [f"train.out_dir={tmp_path}", "train.run_name=straight"])
+    fit(straight, Dist())  # the interrupted run as if it had never stopped (one thread, as the sweep's runs)
+    assert (second / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+    numbers = run_numbers(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+    assert {k: float(rows["lr=2e-3"][k]) for k in LOSSES} == {k: numbers[k] for k in LOSSES}
 
 
 def train_processes(under: Path) -> list[int]:
@@ -109,7 +118,7 @@ def results(sweep_dir: Path) -> dict:
 def test_sigterm_to_a_parallel_sweep_stops_every_run_with_a_checkpoint_and_the_rerun_gives_the_same_results(
         demo, demo_cache, tmp_path):
     """(kill -9 of a sweep: test_killed_sweep_reruns_to_completion_skipping_finished_runs_and_resuming_the_interrupted_one)"""
-    sweep = ('name = "p"\n[base]\n"train.max_steps" = 250\n"train.deterministic" = true\n"train.freeze_llm" = 0\n'
+    sweep = ('name = "p"\n[base]\n"train.max_steps" = 400\n"train.deterministic" = true\n"train.freeze_llm" = 0\n'
              '[grid]\n"train.lr" = [1e-3, 2e-3]\n')
     args = sweep_args(demo, demo_cache, tmp_path, sweep, "--parallel", "2")
     ref = run_stage("sweep.py", *args, f"train.out_dir={tmp_path / 'ref'}")
