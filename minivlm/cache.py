@@ -19,11 +19,8 @@ Design choices:
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +30,7 @@ import torch
 from tqdm import tqdm
 
 from minivlm import __version__, shard
-from minivlm.config import RunFailed
-from minivlm.fileio import atomic_write_json, atomic_write_text, reading, sha256_file, TMP_SUFFIX
+from minivlm.fileio import WriterLock, atomic_write_json, atomic_write_text, reading, sha256_file, TMP_SUFFIX
 
 FORMAT_VERSION = shard.FORMAT_VERSION
 MANIFEST = "manifest.json"
@@ -63,39 +59,6 @@ def remove_stale_temps(cache_dir: Path, indices) -> None:
     for i in indices:
         for tmp in shard_dir(cache_dir).glob(shard_path(cache_dir, i).name + "*" + TMP_SUFFIX):
             tmp.unlink(missing_ok=True)
-
-
-class CacheLock:
-    """A POSIX record lock on cache/<name>/.lock: exclusive for a single run, shared among the ranks of one torchrun.
-
-    A POSIX lock (`lockf`), not `flock`: it belongs to the process that took it, so DataLoader workers forked
-    later do not hold it, and it is gone the moment that process dies (even by kill -9), whatever its children do.
-    """
-
-    held: set[Path] = set()  # POSIX locks never exclude their own process: a second lock in it is refused here
-
-    def __init__(self, cache_dir: Path, shared: bool):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        self.path = (cache_dir / ".lock").resolve()
-        if self.path in CacheLock.held:
-            raise self._busy(cache_dir)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(self.fd)
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
-            raise self._busy(cache_dir) from None
-        CacheLock.held.add(self.path)
-
-    def _busy(self, cache_dir: Path) -> RunFailed:
-        return RunFailed(f"{cache_dir} is being written by another embed run (lock {self.path}); "
-                         f"wait for it or use another cache.dir")
-
-    def release(self):
-        CacheLock.held.discard(self.path)
-        os.close(self.fd)  # closing drops the process's POSIX lock
 
 
 # --- manifest ---------------------------------------------------------------------------------------
@@ -228,7 +191,7 @@ def upgrade(cache_dir: str | Path) -> int:
     paths = sorted(shard_dir(cache_dir).glob("shard-*.h5"))
     if not paths:
         raise FileNotFoundError(f"cache {cache_dir} has no shards; nothing to upgrade")
-    lock = CacheLock(cache_dir, shared=False)
+    lock = WriterLock(cache_dir, other="another cache.dir")
     try:
         remove_stale_temps(cache_dir, [int(p.stem.split("-")[1]) for p in paths])
         done = sum(shard.upgrade_shard(p) for p in tqdm(paths, desc="upgrade", unit="shard", disable=None))

@@ -1,5 +1,6 @@
-"""Shared command-line plumbing for the stage scripts: `--config`, `section.key=value` overrides, and
-one-line errors for mistakes a user can make (a traceback is for bugs, not for a wrong path)."""
+"""Shared command-line plumbing for the stage scripts: `--config`, `section.key=value` overrides,
+one-line errors for mistakes a user can make (a traceback is for bugs, not for a wrong path), and stop
+signals (SIGINT, SIGTERM, SIGHUP) that end a stage with one line (minivlm.stop)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ from typing import Callable
 
 from minivlm.config import RunConfig, RunFailed, describe, load_config
 from minivlm.fileio import FULL_ERRNOS
+from minivlm.stop import Interrupted, stop_signals_interrupt
 
 USER_ERRORS = (ValueError, FileNotFoundError, RunFailed)
 
@@ -28,11 +30,17 @@ def config_from(args: argparse.Namespace) -> RunConfig:
 
 
 def run(main: Callable[[], object]) -> None:
-    """Run a stage's main(); user errors print one line and exit 2, failures exit 1."""
+    """Run a stage's main(); user errors print one line and exit 2, failures exit 1, a stop signal exits
+    128 + its number (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
     try:
-        result = main()
+        with stop_signals_interrupt():
+            result = main()
+    except Interrupted as e:
+        if str(e):
+            print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted by SIGINT", file=sys.stderr)
         sys.exit(130)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,11 +7,15 @@ Design choices:
   is a `ValueError` that lists the valid names, so a typo never silently does nothing.
 - Values learned at run time (vocab size, cache width) never patch a config in place: callers build a
   new one with `dataclasses.replace`.
+- Every numeric field is range-checked in its section's `__post_init__` (`check_ranges`), so a value
+  out of range is one line naming the field at load, before any work. A range that depends on what is
+  loaded (`encoder.select_layer` against the encoder's depth) is checked where that is known.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -26,6 +30,28 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CACHE_DTYPES = ("float16", "bfloat16", "int8", "float8_e4m3")  # codecs of stored rows (minivlm.shard)
+SEED = "[0, 4294967296)"  # any 32-bit seed; the sampler multiplies it, and torch's generators take 64 bits
+
+
+def check_ranges(obj, name: str, **specs: str) -> None:
+    """Each numeric attribute of `obj` in its range, else a one-line ValueError naming the first that is not.
+    A spec is ">= 1", "> 0" or an interval such as "[0, 1)"; `name` formats the attribute's name for the
+    message ("train.{}" for a config field, "--{}" for a stage's option). NaN and infinities are never in range."""
+    for attr, spec in specs.items():
+        value = getattr(obj, attr)
+        if not _in_range(value, spec):
+            raise ValueError(f"{name.format(attr)} must be {spec if spec[0] == '>' else 'in ' + spec}, got {value!r}")
+
+
+def _in_range(value: float, spec: str) -> bool:
+    if not math.isfinite(value):
+        return False
+    if spec.startswith(">="):
+        return value >= float(spec[2:])
+    if spec.startswith(">"):
+        return value > float(spec[1:])
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return (value >= lo if spec[0] == "[" else value > lo) and (value <= hi if spec[-1] == "]" else value < hi)
 
 
 @dataclass(frozen=True)
@@ -35,6 +61,9 @@ class DataConfig:
     image_root: str = "data/demo/images"
     val_records: str = ""         # held-out records; empty -> deterministic hash split by image key
     val_frac: float = 0.05        # share of image keys held out when val_records is empty
+
+    def __post_init__(self):
+        check_ranges(self, "data.{}", val_frac="[0, 1)")
 
 
 @dataclass(frozen=True)
@@ -51,13 +80,10 @@ class EncoderConfig:
     local_files_only: bool = False
     max_image_pixels: int = 89_478_485  # larger images are rejected as decompression bombs
 
-    def __post_init__(self):
-        if self.pool < 1:
-            raise ValueError(f"encoder.pool must be >= 1, got {self.pool}")
+    def __post_init__(self):  # select_layer: checked against the encoder's depth when it loads
+        check_ranges(self, "encoder.{}", pool=">= 1", batch_size=">= 1", num_workers=">= 0", max_image_pixels=">= 1")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"encoder.dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"encoder.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -69,8 +95,7 @@ class CacheConfig:
     dtype: str = "float16"        # stored rows: float16, bfloat16, int8 or float8_e4m3 (8-bit: half the bytes)
 
     def __post_init__(self):
-        if self.shard_size < 1:
-            raise ValueError(f"cache.shard_size must be >= 1, got {self.shard_size}")
+        check_ranges(self, "cache.{}", shard_size=">= 1", max_failure_frac="[0, 1]")
         if self.dtype not in CACHE_DTYPES:
             raise ValueError(f"cache.dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.dtype!r}")
 
@@ -84,7 +109,8 @@ class TokenizerConfig:
     prompt: str = "Describe this image."  # user turn when a record has no human text
     max_len: int = 512            # text tokens + image tokens; truncation never cuts image tokens
 
-    def __post_init__(self):
+    def __post_init__(self):  # max_len: checked against the image tokens when the cache is known
+        check_ranges(self, "tokenizer.{}", max_len=">= 1")
         if self.template not in ("auto", "chat", "plain"):
             raise ValueError(f"tokenizer.template must be auto, chat or plain, got {self.template!r}")
 
@@ -116,6 +142,10 @@ class ModelConfig:
     projector: str = "mlp"        # linear | mlp2x_gelu (LLaVA-1.5: Linear -> GELU -> Linear) | mlp (LayerNorm first)
 
     def __post_init__(self):
+        check_ranges(self, "model.{}", dim=">= 1", n_layer=">= 1", n_head=">= 1", n_kv_head=">= 1", head_dim=">= 0",
+                     ffn_dim=">= 0", multiple_of=">= 1", norm_eps="> 0", rope_theta="> 0", max_seq_len=">= 1",
+                     dropout="[0, 1)", n_routed_experts=">= 1", n_experts_per_tok=">= 1", n_shared_experts=">= 0",
+                     aux_loss_alpha=">= 0")
         if not self.head_dim and self.dim % self.n_head:
             raise ValueError(f"model.dim ({self.dim}) must be divisible by model.n_head ({self.n_head}), "
                              f"or set model.head_dim")
@@ -153,7 +183,7 @@ class TrainConfig:
     seed: int = 1337
     epochs: int = 1
     max_steps: int = 0            # optimizer steps; 0 -> epochs * steps per epoch
-    batch_size: int = 32          # per rank, per micro-step
+    batch_size: int = 32          # per rank, per micro-step; a step reads batch_size x grad_accum x ranks
     grad_accum: int = 1
     lr: float = 4e-4
     min_lr: float = 4e-5
@@ -169,9 +199,9 @@ class TrainConfig:
     allow_partial_init: bool = False  # let tensors the init_from checkpoint lacks start random
     num_workers: int = 2          # threads reading cache rows ahead of the step (0: read in the loop)
     eval_interval: int = 200      # steps between evals; 0 -> only at the end
-    eval_batches: int = 20
+    eval_batches: int = 20        # held-out global batches (batch_size x grad_accum x ranks samples) per eval
     save_interval: int = 500      # steps between checkpoints; 0 -> only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2     # newest checkpoints kept; 0 keeps every one
     resume: str = "auto"          # auto (newest checkpoint if any), never
     log_interval: int = 10        # steps between metrics rows: the only steps that read the GPU's numbers
     deterministic: bool = False   # torch.use_deterministic_algorithms for the run, for exact-resume checks
@@ -179,14 +209,15 @@ class TrainConfig:
     wandb_project: str = "minivlm"
 
     def __post_init__(self):
+        check_ranges(self, "train.{}", seed=SEED, epochs=">= 1", max_steps=">= 0", batch_size=">= 1",
+                     grad_accum=">= 1", lr=">= 0", min_lr=">= 0", warmup_steps=">= 0", weight_decay=">= 0",
+                     beta1="[0, 1)", beta2="[0, 1)", grad_clip=">= 0", freeze_llm="[0, 2]", num_workers=">= 0",
+                     eval_interval=">= 0", eval_batches=">= 1", save_interval=">= 0", keep_checkpoints=">= 0",
+                     log_interval=">= 1")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"train.dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        if self.freeze_llm not in (0, 1, 2):
-            raise ValueError(f"train.freeze_llm must be 0, 1 or 2, got {self.freeze_llm}")
         if self.resume not in ("auto", "never"):
             raise ValueError(f"train.resume must be auto or never, got {self.resume!r}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("train.batch_size and train.grad_accum must be >= 1")
 
     @property
     def run_dir(self) -> Path:

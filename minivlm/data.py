@@ -13,8 +13,9 @@ Design choices:
 - Batches are read in this process, by `num_workers` threads running ahead of the step, not by
   DataLoader worker processes: handing a batch across the process boundary capped the read path at
   ~3.5k B/16 rows/s on 2 cores, against ~20k for the reads themselves.
-- The sampler's order is a pure function of (seed, epoch, rank, world size); its position is
-  (epoch, batch), saved in checkpoints, so a resumed run sees exactly the batches it would have seen.
+- The sampler's order is a pure function of (seed, epoch); a step takes the next global batch of it,
+  split across ranks and micro-steps. Its position is (epoch, sample), saved in checkpoints, so a resumed
+  run sees exactly the samples it would have seen, also on another number of ranks (same global batch).
 - A batch keeps the sample indices it holds (`index`, on the host): the loop counts real text tokens
   and image rows from them without reading a device tensor, and a step whose loss is not finite can
   name the shards and rows it read.
@@ -199,38 +200,53 @@ def to_device(batch: dict, device: str, codec: Codec) -> dict:
 
 
 class BatchSampler:
-    """Deterministic shuffled batches per (seed, epoch), partitioned across ranks, resumable mid-epoch.
+    """The epoch's order cut into optimizer steps of one global batch, resumable mid-epoch on any number of ranks.
 
-    Every rank gets the same number of batches (the tail that does not divide evenly is dropped), so
-    DDP ranks never wait on a collective another rank will not reach.
+    A step consumes the next `global_batch` = batch_size x grad_accum x world_size samples of the epoch's
+    order (a pure function of seed and epoch), cut into micro-batches of batch_size: micro-batch j of a step
+    is rank j % world_size's micro-step j // world_size. So runs with the same global batch read the same
+    samples at every step whatever their ranks and accumulation (2 ranks x 1 or 1 rank x 2), and the cursor
+    is global: the epoch and the samples of its order consumed. An epoch's tail shorter than a step is
+    dropped (every rank gets the same number of batches, so DDP ranks never wait on a collective another
+    rank will not reach); unshuffled batches (held-out ones) keep the tail. One process with grad_accum 1
+    reads consecutive batches of the order, as minivlm always has.
     """
 
     def __init__(self, dataset: Samples, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True):
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+                 shuffle: bool = True, grad_accum: int = 1):
+        self.dataset, self.batch_size, self.seed, self.grad_accum = dataset, batch_size, seed, grad_accum
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
-        self.epoch, self.start = 0, 0
+        self.global_batch = batch_size * grad_accum * world_size
+        self.epoch, self.start = 0, 0  # start: samples of the epoch's order consumed
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.dataset) // self.global_batch
 
     def __len__(self) -> int:
-        per_rank = len(self.dataset) // self.world_size
-        return per_rank // self.batch_size if self.shuffle else -(-per_rank // self.batch_size)
+        """This rank's batches in an epoch."""
+        if self.shuffle:
+            return self.steps_per_epoch * self.grad_accum
+        return len(range(self.rank, -(-len(self.dataset) // self.batch_size), self.world_size))
 
-    def set_position(self, epoch: int, batch: int) -> None:
-        self.epoch, self.start = epoch, batch
+    def set_position(self, epoch: int, sample: int) -> None:
+        """Go on from `sample` (samples of epoch `epoch`'s order consumed: whole steps)."""
+        assert sample % self.global_batch == 0, "a cursor between steps"
+        self.epoch, self.start = epoch, sample
 
     def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches of the epoch, in order (grad_accum of them per step)."""
         n = len(self.dataset)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
-        mine = order[self.rank:n - n % self.world_size:self.world_size] if self.world_size > 1 else order
-        bs = self.batch_size
-        return [self.dataset.shard_order(mine[i:i + bs]) for i in range(0, len(self) * bs, bs)]
+        end, bs = self.steps_per_epoch * self.global_batch if self.shuffle else n, self.batch_size
+        return [self.dataset.shard_order(order[i:i + bs]) for i in range(0, end, bs)[self.rank::self.world_size]]
 
     def __iter__(self):
-        yield from self.batches(self.epoch)[self.start:]
+        yield from self.batches(self.epoch)[self.start // self.global_batch * self.grad_accum:]
 
 
 def _groups(items, size, limit: int):
@@ -326,25 +342,28 @@ def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int 
     train_ds = Samples(train_split, index.reader(), fmt, pin,
                        split_tokens(fmt, train_split, text_dir, save=dist.is_main, progress=dist.is_main))
     val_ds = Samples(val_split, index.reader(), fmt, pin, split_tokens(fmt, val_split, text_dir, save=dist.is_main))
-    sampler = BatchSampler(train_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size)
-    if len(sampler) < tc.grad_accum:
+    sampler = BatchSampler(train_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size, grad_accum=tc.grad_accum)
+    if sampler.steps_per_epoch < 1:
         raise ValueError(f"{len(train_ds)} training samples make no full step of train.batch_size={tc.batch_size} x "
                          f"train.grad_accum={tc.grad_accum} x {dist.world_size} ranks; lower the batch size")
-    val_sampler = BatchSampler(val_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size, shuffle=False)
-    eval_batches = [val_ds[ix] for ix in val_sampler.batches(0)[:tc.eval_batches]] if len(val_sampler) else []
+    # The first eval_batches global batches of the held-out set, split as a step is: the same samples on any
+    # number of ranks (a rank may hold none; every rank still joins the evaluation's all-reduce).
+    val_sampler = BatchSampler(val_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size, shuffle=False,
+                               grad_accum=tc.grad_accum)
+    eval_batches = [val_ds[ix] for ix in val_sampler.batches(0)[:tc.eval_batches * tc.grad_accum]]
     val_ds.close()
     return TrainData(manifest, index, tok, fmt, train_ds, sampler, eval_batches, val_ds,
                      train_split.dropped + val_split.dropped)
 
 
-def step_batches(loader: Loader, sampler: BatchSampler, state, grad_accum: int):
-    """The micro-batches of each optimizer step from `state` (epoch, batch) on, epoch after epoch. The
-    caller advances `state.batch` after each step; an epoch's tail shorter than a step is skipped, and the
-    next epoch starts only when another step is asked for (so a run ending on an epoch's last step saves
-    that epoch's cursor)."""
+def step_batches(loader: Loader, sampler: BatchSampler, state):
+    """The micro-batches of each optimizer step from `state` (epoch, sample) on, epoch after epoch. The
+    caller advances `state.sample` by `sampler.global_batch` after each step; an epoch's tail shorter than a
+    step is skipped, and the next epoch starts only when another step is asked for (so a run ending on an
+    epoch's last step saves that epoch's cursor)."""
     while True:
-        sampler.set_position(state.epoch, state.batch)
+        sampler.set_position(state.epoch, state.sample)
         it = iter(loader)
-        while state.batch + grad_accum <= len(sampler):
-            yield [next(it) for _ in range(grad_accum)]
-        state.epoch, state.batch = state.epoch + 1, 0
+        while state.sample < sampler.steps_per_epoch * sampler.global_batch:
+            yield [next(it) for _ in range(sampler.grad_accum)]
+        state.epoch, state.sample = state.epoch + 1, 0

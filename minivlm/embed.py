@@ -25,7 +25,9 @@ from minivlm import __version__, cache, shard
 from minivlm.config import RunConfig, RunFailed
 from minivlm.dist import Dist
 from minivlm.encoder import EncoderSpec, ImageError, features, fingerprint_id, load_encoder, load_image, preprocess
+from minivlm.fileio import WriterLock
 from minivlm.records import first_record_with, image_keys, load_records, records_hash, resolve_image
+from minivlm.stop import Interrupted, ignore_stop_signals, signal_name, stop_requests
 
 OUTSIDE_ROOT = "outside data.image_root (not read)"
 
@@ -104,7 +106,7 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
         raise FileNotFoundError(f"data.image_root {root} is not a directory; point it at the folder the "
                                 f"records' image paths are relative to")
 
-    lock = cache.CacheLock(cache_dir, shared=dist.is_distributed)
+    lock = WriterLock(cache_dir, shared=dist.is_distributed, other="another cache.dir")
     try:
         enc = load_encoder(cfg.encoder, dist.device, cfg.cache.dtype)
         spec = EncoderSpec.of_encoder(enc)
@@ -135,7 +137,10 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
         if len(outside) > 5:
             print(f"warning: {len(outside) - 5} more image paths outside data.image_root", flush=True)
 
-        n_failed = _embed_shards(enc, cfg, dist, cache_dir, plan, todo, items, fid, len(keys))
+        # A stop signal ends the run between batches: every shard is published whole or not at all.
+        with stop_requests("embed: stopped at once by a second signal; the published shards are kept; rerun the "
+                           "same command to resume") as stop:
+            n_failed = _embed_shards(enc, cfg, dist, cache_dir, plan, todo, items, fid, len(keys), stop)
         info = {"encoder": spec.as_json(), "fingerprint_id": fid, "records": files, "records_hash": rhash,
                 "shard_size": cfg.cache.shard_size, "tool_version": __version__}
         manifest = cache.finalize(cache_dir, [len(keys) for keys in plan], info)
@@ -161,12 +166,14 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
 
 
 def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, todo, items, fid: str,
-                  n_total: int) -> int:
-    """Encode `items` (the images of shards `todo`, in order) and publish each shard as it completes."""
+                  n_total: int, stop: stop_requests) -> int:
+    """Encode `items` (the images of shards `todo`, in order) and publish each shard as it completes, until
+    the end or a stop request (checked between batches; the shard in flight is dropped)."""
     loader = DataLoader(ImageFiles(items, enc.processor, cfg.encoder.max_image_pixels),
                         batch_size=cfg.encoder.batch_size, num_workers=cfg.encoder.num_workers,
                         collate_fn=_collate, pin_memory=enc.device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if cfg.encoder.num_workers else None)
+                        persistent_workers=False, prefetch_factor=4 if cfg.encoder.num_workers else None,
+                        worker_init_fn=ignore_stop_signals)
     codec = shard.Codec(cfg.cache.dtype, enc.tokens, enc.width)
     meta = dict(fingerprint=json.dumps(enc.fingerprint, sort_keys=True), fingerprint_id=fid)
     shard_iter = iter(todo)
@@ -178,6 +185,8 @@ def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, todo, 
     bar = tqdm(total=len(items), unit="img", desc=f"embed{f' rank {dist.rank}' if dist.is_distributed else ''}",
                disable=None, mininterval=1.0)
     for batch in loader:
+        if stop.requested:
+            break  # leaving the loop shuts the DataLoader's workers down
         good = [(k, px) for k, px, _ in batch if px is not None]
         stored = codec.encode(features(enc, torch.stack([px for _, px in good]))).cpu().numpy() if good else None
         fi = 0
@@ -203,6 +212,10 @@ def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, todo, 
                                f"{cfg.cache.max_failure_frac:.1%} of {n_total}); stopping. Shards written so far "
                                f"are kept. Check data.image_root={cfg.data.image_root} and the images")
     bar.close()
+    if stop.requested:
+        who = f"embed{f' rank {dist.rank}' if dist.is_distributed else ''}"
+        raise Interrupted(stop.signum, f"{who}: stopped by {signal_name(stop.signum)}; the shards published so far "
+                                       f"are kept, the one in flight was dropped; rerun the same command to resume")
     assert current is None, "every planned shard must have been written"
     return n_failed
 

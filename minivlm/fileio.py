@@ -9,11 +9,15 @@ the write needed where known, and that a rerun resumes; the temp file is gone an
 Every writer gets this through `atomic_write`, `atomic_dir`, `append_text` or the `writing` context.
 Some writers lose the errno (torch's C++ zip writer says "unexpected pos"), so a failed write is also
 taken as a full disk when the filesystem has (almost) no space left at that moment.
+
+A directory has one writer (`WriterLock`): a cache is written by one embed run, a run directory by one
+training run, a sweep directory by one sweep.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -228,3 +232,78 @@ def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+class WriterLock:
+    """One writer per directory: a POSIX record lock on `<dir>/.lock`, which holds the writer's pid (for the
+    refusal's message). Exclusive, or `shared` among the ranks of one torchrun embed (ranks that never talk).
+
+    A POSIX lock (`lockf`), not `flock`: it belongs to the process that took it, so workers forked later do
+    not hold it, and it is gone the moment that process dies (even by kill -9), whatever its children do.
+    Use it as a context manager, or call `release`."""
+
+    NAME = ".lock"
+    held: set[Path] = set()  # POSIX locks never exclude their own process: a second lock in it is refused here
+
+    def __init__(self, directory: str | Path, shared: bool = False, other: str = "another directory"):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = (directory / self.NAME).resolve()
+        if self.path in WriterLock.held:
+            raise _busy(directory, os.getpid(), other)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX):
+            pid = _pid(fd)
+            os.close(fd)
+            raise _busy(directory, pid, other)
+        os.pwrite(fd, f"{os.getpid():>10}\n".encode(), 0)  # fixed width: ranks sharing the lock overwrite whole
+        self.fd = fd
+        WriterLock.held.add(self.path)
+
+    @classmethod
+    def holder(cls, directory: str | Path) -> int | None:
+        """The pid writing `directory` now (-1 if it is not recorded), None when nobody holds its lock.
+        Creates nothing; tests the lock by taking it for an instant."""
+        path = (Path(directory) / cls.NAME).resolve()
+        if path in cls.held:
+            return os.getpid()  # probing would drop our own lock: closing any descriptor of the file does
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        try:
+            return None if _try_lock(fd, fcntl.LOCK_EX) else _pid(fd)
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        WriterLock.held.discard(self.path)
+        os.close(self.fd)  # closing drops the process's POSIX lock
+
+    def __enter__(self) -> "WriterLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _try_lock(fd: int, kind: int) -> bool:
+    try:
+        fcntl.lockf(fd, kind | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        return False
+
+
+def _pid(fd: int) -> int:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else -1
+
+
+def _busy(directory: Path, pid: int, other: str) -> RunFailed:
+    who = f"pid {pid}" if pid > 0 else "its pid not recorded"
+    stop = f"stop it with `kill {pid}` (it stops cleanly)" if pid > 0 else "stop it"
+    return RunFailed(f"{directory} is being written by another process ({who}); wait for it to end or {stop}, "
+                     f"or use {other}")

@@ -12,7 +12,13 @@ Design choices:
 - Each run is a subprocess (stages/train.py on its resolved config.toml): a crash stays inside its run,
   a killed sweep resumes through stage 2's own resume, and finished runs (final weights, same config)
   are skipped without touching their files.
+- A stop signal (Ctrl-C, SIGTERM, SIGHUP) is forwarded once to every running run, which checkpoints and
+  exits; the sweep waits for them. A run lives in its own session, so a terminal's Ctrl-C does not reach
+  it twice, and it gets SIGTERM when the sweep dies (minivlm.stop): no run outlives its sweep.
 - The summary's numbers are read back from each run's metrics.jsonl, never from process output.
+- One writer per directory: a second sweep on the same sweep directory is refused, and a run whose
+  directory another process is writing (a run of a killed sweep still stopping, a `stages/train.py` by
+  hand) is skipped and reported `busy`, never started twice.
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ from minivlm.config import (RunConfig, build_config, build_config_strings, load_
 from minivlm import cache
 from minivlm.data import open_cache
 from minivlm.encoder import EncoderSpec
-from minivlm.fileio import atomic_write, atomic_write_text
+from minivlm.fileio import WriterLock, atomic_write, atomic_write_text
+from minivlm.stop import STOP_SIGNALS, Interrupted, signal_name, stop_requests, stop_with_this_process
 
 SET_BY_SWEEP = ("train.out_dir", "train.run_name")
 LOSSES = ("final_train_loss", "best_eval_loss", "image_gap")   # 4 decimals in summary.md
@@ -59,7 +66,7 @@ class PlannedRun:
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str                          # done | failed | running | interrupted
+    status: str                          # done | failed | running | interrupted | busy
     error: str = ""
     wall_s: float | str = ""
 
@@ -177,8 +184,7 @@ def finished(cfg: RunConfig) -> bool:
 def slot_envs(parallel: int, nproc: int) -> list[dict[str, str]]:
     """One environment per parallel slot: its own GPUs where CUDA exists, else a share of the CPU cores."""
     import torch
-    if parallel < 1 or nproc < 1:
-        raise ValueError("--parallel and --nproc_per_node must be >= 1")
+    assert parallel >= 1 and nproc >= 1, "stages/sweep.py checks --parallel and --nproc_per_node"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -202,7 +208,10 @@ def launch(cfg: RunConfig, train_script: Path, nproc: int, env: dict) -> tuple[s
     cmd = [*(torchrun if nproc > 1 else [sys.executable]), str(train_script), "--config", str(d / "sweep_run.toml")]
     with open(d / "stdout.log", "ab") as out, open(d / "stderr.log", "ab") as err:
         offset = err.tell()  # this attempt's stderr starts here (the logs keep every attempt)
-        return subprocess.Popen(cmd, stdout=out, stderr=err, env=env), offset
+        # Its own session: a Ctrl-C at the terminal reaches the sweep alone, which forwards it once; and it
+        # stops (SIGTERM) if the sweep dies, even by kill -9.
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
+                                start_new_session=True, preexec_fn=stop_with_this_process()), offset
 
 
 def last_error(path: Path, offset: int, returncode: int) -> str:
@@ -215,33 +224,69 @@ def last_error(path: Path, offset: int, returncode: int) -> str:
 
 def execute(runs: list[PlannedRun], envs: list[dict], train_script: Path, nproc: int,
             outcomes: dict[str, Outcome], on_change) -> None:
-    """Run `runs` len(envs) at a time, recording each outcome; Ctrl-C stops the runs (they checkpoint)."""
-    queue, free, active = list(runs), list(range(len(envs))), {}
-    try:
-        while queue or active:
-            while queue and free:
-                run, slot = queue.pop(0), free.pop(0)
-                print(f"sweep: start {run.name} (logs in {run.cfg.train.run_dir}/stdout.log, stderr.log)", flush=True)
-                active[slot] = (run, *launch(run.cfg, train_script, nproc, envs[slot]), time.time())
-                outcomes[run.name] = Outcome("running")
-            time.sleep(0.1)
-            for slot, (run, proc, offset, t0) in list(active.items()):
-                if proc.poll() is None:
-                    continue
-                rc, wall = proc.returncode, round(time.time() - t0, 1)
-                err = "" if rc == 0 else last_error(run.cfg.train.run_dir / "stderr.log", offset, rc)
-                outcomes[run.name] = Outcome("done" if rc == 0 else "failed", err, wall)
-                print(f"sweep: {run.name} " + (f"done in {wall}s" if rc == 0 else f"failed: {err}"), flush=True)
-                free.append(slot)
-                del active[slot]
-                on_change()
-    except KeyboardInterrupt:
-        for run, proc, _, _ in active.values():
-            proc.terminate()  # stage 2 saves a checkpoint at the next step boundary, then exits
-            proc.wait()
-            outcomes[run.name] = Outcome("interrupted")
-        on_change()
-        raise
+    """Run `runs` len(envs) at a time, recording each outcome; a run whose directory another process is
+    writing is skipped (`busy`). A stop signal is forwarded to every running run (each saves a checkpoint
+    and exits), no other run starts, and once they have exited they are recorded `interrupted` and
+    `Interrupted` is raised. A second signal is forwarded too: the runs stop at once."""
+    queue, free, active, forwarded = list(runs), list(range(len(envs))), {}, False
+    with stop_requests() as stop:
+        try:
+            while active or queue and not stop.requested:
+                while queue and free and not stop.requested:
+                    run = queue.pop(0)
+                    holder = WriterLock.holder(run.cfg.train.run_dir)
+                    if holder is not None:
+                        outcomes[run.name] = Outcome("busy", f"{run.cfg.train.run_dir} is being written by another "
+                                                             f"process (pid {holder}); not started")
+                        print(f"sweep: {run.name} skipped: {outcomes[run.name].error}", flush=True)
+                        on_change()
+                        continue
+                    slot = free.pop(0)
+                    print(f"sweep: start {run.name} (logs in {run.cfg.train.run_dir}/stdout.log, stderr.log)",
+                          flush=True)
+                    active[slot] = (run, *launch(run.cfg, train_script, nproc, envs[slot]), time.time())
+                    outcomes[run.name] = Outcome("running")
+                if stop.requested and not forwarded:
+                    forward(active, stop.signum)
+                    forwarded = True
+                time.sleep(0.1)
+                for slot in reap(active, outcomes, stop.requested):
+                    free.append(slot)
+                    on_change()
+        except Interrupted as second:  # a second signal: the runs stop at once too
+            forward(active, second.signum)
+            reap(active, outcomes, True, wait=True)
+            on_change()
+            raise Interrupted(second.signum, f"sweep: stopped at once by a second {signal_name(second.signum)}; rerun "
+                                             f"the same command to resume (interrupted runs from their last checkpoint)")
+    if stop.requested:
+        stopped = ", ".join(r for r, o in outcomes.items() if o.status == "interrupted") or "none"
+        raise Interrupted(stop.signum, f"sweep: stopped by {signal_name(stop.signum)}; runs that saved a checkpoint "
+                                       f"and stopped: {stopped}; rerun the same command to resume")
+
+
+def forward(active: dict, signum: int) -> None:
+    """The stop signal to every running run (a torchrun agent passes it on to its ranks)."""
+    for run, proc, _, _ in active.values():
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+
+def reap(active: dict, outcomes: dict[str, Outcome], stopping: bool, wait: bool = False) -> list[int]:
+    """Record the runs that have exited (all of them with `wait`); returns their freed slots. A run that
+    a stop signal ended is `interrupted`, not failed: it resumes from its checkpoint."""
+    freed = []
+    for slot, (run, proc, offset, t0) in list(active.items()):
+        if (proc.wait() if wait else proc.poll()) is None:
+            continue
+        rc, wall = proc.returncode, round(time.time() - t0, 1)
+        err = "" if rc == 0 else last_error(run.cfg.train.run_dir / "stderr.log", offset, rc)
+        status = "done" if rc == 0 else "interrupted" if stopping or rc - 128 in STOP_SIGNALS else "failed"
+        outcomes[run.name] = Outcome(status, err, wall)
+        print(f"sweep: {run.name} " + (f"done in {wall}s" if rc == 0 else f"{status}: {err}"), flush=True)
+        freed.append(slot)
+        del active[slot]
+    return freed
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -338,12 +383,16 @@ def run_sweep(config: str | Path, sweep: str | Path, overrides: list[str] = (), 
     outcomes = {r.name: Outcome("failed", r.error) for r in runs if r.cfg is None}
     outcomes |= {r.name: Outcome("done", wall_s=previous.get(r.name, "")) for r in runs if r.cfg and finished(r.cfg)}
     todo = [r for r in runs if r.name not in outcomes]
-    print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already done or invalid, "
-          f"{len(todo)} to run, {parallel} at a time -> {sweep_dir}", flush=True)
-    report(sweep_dir, runs, outcomes)
-    execute(todo, envs, train_script, nproc_per_node, outcomes, lambda: report(sweep_dir, runs, outcomes))
-    rows = report(sweep_dir, runs, outcomes, plot=True)
+    with WriterLock(sweep_dir, other="another sweep name"):
+        print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already done or invalid, "
+              f"{len(todo)} to run, {parallel} at a time -> {sweep_dir}", flush=True)
+        report(sweep_dir, runs, outcomes)
+        execute(todo, envs, train_script, nproc_per_node, outcomes, lambda: report(sweep_dir, runs, outcomes))
+        rows = report(sweep_dir, runs, outcomes, plot=True)
     failed = [r["run"] for r in rows if r["status"] == "failed"]
-    print(f"sweep {spec.name}: {len(rows) - len(failed)} done, {len(failed)} failed"
-          + (f" ({', '.join(failed)})" if failed else "") + f" -> {sweep_dir}/summary.md")
-    return not failed
+    skipped = [r["run"] for r in rows if r["status"] == "busy"]
+    print(f"sweep {spec.name}: {len(rows) - len(failed) - len(skipped)} done, {len(failed)} failed"
+          + (f" ({', '.join(failed)})" if failed else "")
+          + (f", {len(skipped)} busy ({', '.join(skipped)}: rerun once their writers stop)" if skipped else "")
+          + f" -> {sweep_dir}/summary.md")
+    return not failed and not skipped

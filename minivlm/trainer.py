@@ -12,10 +12,12 @@ Design choices:
   and acted on at the next log step, and before any checkpoint or final save, naming the first bad step
   and the cache rows it read.
 - Seeds are offset by rank, so dropout differs across ranks (DDP broadcasts rank 0's initial weights).
-- The loop's position is an explicit `TrainState`; the checkpointer (minivlm.checkpointer) decides when
+- The loop's position is an explicit `TrainState`; `checkpoint.Checkpoints` decides when
   to save and what a checkpoint holds; metrics go to a logger (minivlm.metrics). Exact resume: a
   resumed run replays the same batches with the same state and ends bitwise equal on CPU with
-  deterministic settings.
+  deterministic settings. On another number of ranks with the same global batch (2 ranks x grad_accum 1
+  -> 1 rank x 2) every step reads the same samples; only float summation order (and dropout's per-rank
+  masks) differ.
 - The end of a run (final eval row, final checkpoint, final files) can be interrupted anywhere and rerun
   to the same end state: the logger writes a step's eval row once, a saved step is not saved again, and
   `model.safetensors` is the last final file written.
@@ -27,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import threading
 import time
 from dataclasses import dataclass
 
@@ -38,16 +39,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minivlm import checkpoint
-from minivlm.checkpointer import Checkpointer, TrainState
+from minivlm.checkpoint import Checkpoints, TrainState
 from minivlm.config import RunConfig, RunFailed, TrainConfig, to_toml, to_tree
 from minivlm.data import Loader, Samples, TrainData, load_data, step_batches, to_device
 from minivlm.dist import Dist, print0
-from minivlm.fileio import atomic_write_text
+from minivlm.fileio import WriterLock, atomic_write_text
 from minivlm.metrics import (MetricsLogger, Throughput, flop_counts, last_metrics, open_wandb, peak_flops,
                              peak_memory_mb)
 from minivlm.model import VLM, VLMConfig, freeze, num_params, param_groups
 from minivlm.pretrained import init_from
 from minivlm.shard import Codec
+from minivlm.stop import Interrupted, signal_name, stop_requests
 from minivlm.text import IGNORE
 
 
@@ -158,7 +160,7 @@ class NonFinite:
         self.first = torch.where(bad & (self.first < 0), step, self.first)
         self.samples[step] = index
 
-    def check(self, train: Samples, ckpt: Checkpointer) -> None:
+    def check(self, train: Samples, ckpt: Checkpoints) -> None:
         """Raise RunFailed (one line, exit 1) if a step since the last check was not finite."""
         first = int(self.first)  # the host read: at log steps and saves only
         if first < 0:
@@ -194,13 +196,14 @@ def wrap(raw: VLM, cfg: RunConfig, dist: Dist):
 def run_eval(model: VLM, data: TrainData, state: TrainState, log: MetricsLogger, dtype: torch.dtype,
              device: str) -> dict:
     """Held-out losses, rounded as metrics.jsonl holds them (and fit returns them), logged."""
-    result = evaluate(model, data.eval_batches, data.codec, dtype, device) if data.eval_batches else {}
+    result = evaluate(model, data.eval_batches, data.codec, dtype, device) if len(data.val) else {}  # all ranks or none
     result = {k: round(v, 5) for k, v in result.items()}
     if not all(map(math.isfinite, result.values())):  # the training loss was finite (checked just before)
-        bad = next(b for b in data.eval_batches
-                   if not math.isfinite(evaluate(model, [b], data.codec, dtype, device)["eval_loss"]))
+        finite = lambda b: math.isfinite(evaluate(model, [b], data.codec, dtype, device)["eval_loss"])  # noqa: E731
+        bad = next((b for b in data.eval_batches if not finite(b)), None)
+        rows = data.val.describe_rows(bad["index"]) if bad else "rows on another rank"
         raise RunFailed(f"train: held-out loss not finite at step {state.step} although the training loss is; the "
-                        f"held-out batch read {data.val.describe_rows(bad['index'])}; check the cache with "
+                        f"held-out batch read {rows}; check the cache with "
                         f"`python stages/embed.py --config <this config> --verify` (re-embed with --overwrite if a "
                         f"shard is bad), then rerun")
     if result:
@@ -209,12 +212,19 @@ def run_eval(model: VLM, data: TrainData, state: TrainState, log: MetricsLogger,
 
 
 def fit(cfg: RunConfig, dist: Dist) -> dict:
-    """Train per `cfg`; returns the final metrics row. Resumes from the newest checkpoint when asked."""
+    """Train per `cfg`; returns the final metrics row. Resumes from the newest checkpoint when asked. A run
+    directory has one writer: a second run on it is refused before it reads or writes anything there
+    (under torchrun rank 0 holds the lock for every rank; the others never write to the run directory)."""
+    with WriterLock(cfg.train.run_dir, other="another train.run_name") if dist.is_main else contextlib.nullcontext():
+        return _fit(cfg, dist)
+
+
+def _fit(cfg: RunConfig, dist: Dist) -> dict:
     tc, run_dir, device = cfg.train, cfg.train.run_dir, dist.device
     torch.manual_seed(tc.seed + dist.rank)
-    ckpt = Checkpointer(cfg, dist)
+    ckpt = Checkpoints(cfg, dist)
     data = load_data(cfg, dist, *ckpt.image_shape)
-    total = tc.max_steps or tc.epochs * (len(data.sampler) // tc.grad_accum)
+    total = tc.max_steps or tc.epochs * data.sampler.steps_per_epoch
     raw, opt, scaler = build_model(cfg, data, device, init=ckpt.latest is None)
     state = ckpt.restore(raw, opt, scaler)
     metrics_path = run_dir / "metrics.jsonl"
@@ -223,7 +233,7 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
                      f"or train.epochs to train further)")
         return last_metrics(metrics_path)
     if ckpt.latest:
-        print0(dist, f"train: resumed {run_dir} from {ckpt.latest.name} (epoch {state.epoch}, batch {state.batch})")
+        print0(dist, f"train: resumed {run_dir} from {ckpt.latest.name} (epoch {state.epoch}, sample {state.sample})")
     model, dtype = wrap(raw, cfg, dist), amp_dtype(tc, device)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -234,11 +244,13 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
                  f"in cache), {num_params(raw) / 1e6:.2f}M params ({num_params(raw, True) / 1e6:.2f}M trainable), "
                  f"{total} steps, T={data.index.tokens} D={data.index.width}{meter.assumed_peak()}")
     meta = {"image_tokens": data.index.tokens, "image_width": data.index.width}
-    batches = step_batches(Loader(data.train, data.sampler, tc.num_workers), data.sampler, state, tc.grad_accum)
+    batches = step_batches(Loader(data.train, data.sampler, tc.num_workers), data.sampler, state)
     bar = tqdm(total=total, initial=state.step, unit="step", disable=not dist.is_main or None, mininterval=1.0)
     last = last_metrics(metrics_path) if ckpt.latest else {}
     model.train()
-    with deterministic(tc.deterministic), stop_requests() as stop:
+    at_once = (f"train: stopped at once by a second signal; rerun the same command to resume from "
+               f"{run_dir / checkpoint.CKPT_DIR} (the steps since its last checkpoint are lost)")
+    with deterministic(tc.deterministic), stop_requests(at_once if dist.is_main else "") as stop:
         while state.step < total:
             t0 = time.time()
             host = next(batches)
@@ -248,7 +260,7 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             stats = train_step(model, opt, mbs, tc, scaler, dtype, device)
-            state.step, state.batch = state.step + 1, state.batch + tc.grad_accum
+            state.step, state.sample = state.step + 1, state.sample + data.sampler.global_batch
             health.update(state.step, stats, [b["index"] for b in host])
             meter.add(host, data.train, wait)
             bar.update(1)
@@ -268,9 +280,11 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
             if ckpt.due(state.step, total) or stopping:
                 health.check(data.train, ckpt)
                 ckpt.save(state, {**meta, "lr": lr_at(state.step, total, tc)})
-            if stopping:  # Ctrl-C / SIGTERM: saved at this step boundary, now stop
-                print0(dist, f"\ntrain: stopped at step {state.step}; checkpoint saved; rerun the same command to resume")
-                raise KeyboardInterrupt
+            if stopping:  # a stop signal: saved at this step boundary, now stop (one line, from rank 0)
+                why = signal_name(stop.signum) if stop.requested else "a stop signal to another rank"
+                raise Interrupted(stop.signum or signal.SIGTERM, "" if not dist.is_main else
+                                  f"train: stopped at step {state.step} by {why}; checkpoint {ckpt.latest.name} "
+                                  f"saved; rerun the same command to resume")
         bar.close()
         health.check(data.train, ckpt)
         result = run_eval(raw, data, state, log, dtype, device)
@@ -282,33 +296,3 @@ def fit(cfg: RunConfig, dist: Dist) -> dict:
         f"; final eval_loss {result['eval_loss']:.4f}, shuffled-image eval_loss {result['eval_loss_shuffled']:.4f}, "
         f"image gap {result['image_gap']:.3f} nats" if result else " (no held-out samples, no eval)"))
     return {**last, **result}
-
-class stop_requests(contextlib.AbstractContextManager):
-    """SIGINT/SIGTERM during training ask for a stop at the next step boundary, so the checkpoint written
-    then is consistent. A second Ctrl-C interrupts at once. One process stops at the next step; ranks
-    agree on a stop at log steps, when they read the step's numbers anyway (no extra host sync)."""
-
-    def __enter__(self):
-        self.requested, self.previous = False, {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def agreed(self, dist: Dist, log_step: bool) -> bool:
-        if not dist.is_distributed:
-            return self.requested
-        if not log_step:
-            return False
-        flag = torch.tensor([float(self.requested)], device=dist.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False

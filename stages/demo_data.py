@@ -13,6 +13,7 @@ except ImportError:  # run from a plain checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minivlm.cli import run
+from minivlm.config import SEED, check_ranges
 from minivlm.demo import make_demo
 
 
@@ -23,8 +24,7 @@ def main():
     p.add_argument("--n_val", type=int, default=256, help="validation images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for images and encoder weights (default: %(default)s)")
     args = p.parse_args()
-    if args.n_train < 1 or args.n_val < 0:
-        raise ValueError(f"--n_train must be >= 1 and --n_val >= 0 (got {args.n_train}, {args.n_val})")
+    check_ranges(args, "--{}", n_train=">= 1", n_val=">= 0", seed=SEED)
     make_demo(Path(args.out), n_train=args.n_train, n_val=args.n_val, seed=args.seed)
 
 

@@ -6,6 +6,7 @@ generated vs reference captions, written to runs/<name>/eval/ (eval.json, captio
 import argparse
 
 from minivlm.cli import run
+from minivlm.config import check_ranges
 from minivlm.dist import init_distributed
 from minivlm.evaluation import evaluate_run
 
@@ -17,6 +18,7 @@ def main():
     p.add_argument("--records", default=None, help="held-out records (default: the run's held-out split)")
     p.add_argument("--n", type=int, default=32, help="samples to caption (default: %(default)s)")
     a = p.parse_args()
+    check_ranges(a, "--{}", n=">= 1")
     evaluate_run(a.run, a.cache, a.records, a.n, init_distributed(process_group=False).device)
 
 

@@ -9,6 +9,7 @@ skipped, interrupted ones resume from their checkpoints. Exits non-zero if any r
 from pathlib import Path
 
 from minivlm.cli import parser, run
+from minivlm.config import check_ranges
 from minivlm.sweep import run_sweep
 
 
@@ -21,6 +22,7 @@ def main():
     p.add_argument("--nproc_per_node", type=int, default=1, help="launch each run with torchrun on this many "
                                                                  "processes (default 1: plain python)")
     args = p.parse_intermixed_args()
+    check_ranges(args, "--{}", parallel=">= 1", nproc_per_node=">= 1")
     return run_sweep(args.config, args.sweep, args.overrides, args.parallel, args.nproc_per_node,
                      Path(__file__).with_name("train.py"))
 

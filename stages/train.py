@@ -2,7 +2,9 @@
 
     python stages/train.py --config configs/demo.toml [section.key=value ...]
     torchrun --nproc_per_node N stages/train.py --config ...
-Resumes from runs/<run_name>/checkpoints when train.resume=auto (the default).
+Resumes from runs/<run_name>/checkpoints when train.resume=auto (the default), also on another number of
+ranks with the same global batch (batch_size x grad_accum x ranks). Ctrl-C, SIGTERM or SIGHUP: a checkpoint
+at the next step, then exit; a second signal stops at once.
 """
 from minivlm.cli import config_from, parser, run
 from minivlm.dist import close_distributed, init_distributed

@@ -41,6 +41,16 @@ def restore_global_state():
         logging.getLogger(name).setLevel(level)
 
 
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One compute thread here and in the stages the test starts: on two busy cores, two threads per process
+    spin against each other (150 tiny steps: ~100 s with two, ~4 s with one), and a bitwise comparison
+    between this process and a stage needs the same thread count on both sides."""
+    import torch
+    torch.set_num_threads(1)  # restored by restore_global_state
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("demo")

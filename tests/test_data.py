@@ -91,10 +91,41 @@ def test_sampler_is_deterministic_partitions_ranks_and_resumes_mid_epoch(demo, d
     assert s.batches(0) == BatchSampler(ds, 8, seed=3).batches(0) and s.batches(0) != s.batches(1)
     assert sorted(sum(s.batches(0), [])) == sorted(set(sum(s.batches(0), [])))
     r0, r1 = BatchSampler(ds, 8, 3, rank=0, world_size=2), BatchSampler(ds, 8, 3, rank=1, world_size=2)
-    assert len(r0) == len(r1) == (len(ds) // 2) // 8
+    assert len(r0) == len(r1) == len(ds) // 16
     assert not set(sum(r0.batches(0), [])) & set(sum(r1.batches(0), []))
-    s.set_position(1, 3)
+    s.set_position(1, 3 * 8)  # 3 steps of 8 samples into epoch 1
     assert list(s) == s.batches(1)[3:]
+
+
+def steps(ds, batch_size: int, grad_accum: int, world_size: int, epoch: int) -> list[list[int]]:
+    """The samples each optimizer step reads, over every rank and micro-step."""
+    ranks = [BatchSampler(ds, batch_size, 3, r, world_size, grad_accum=grad_accum).batches(epoch)
+             for r in range(world_size)]
+    n = len(ranks[0]) // grad_accum
+    assert all(len(r) == len(ranks[0]) for r in ranks)  # every rank the same number of batches
+    return [sorted(i for r in ranks for b in r[k * grad_accum:(k + 1) * grad_accum] for i in b) for k in range(n)]
+
+
+def test_every_split_of_a_global_batch_reads_the_same_samples_at_every_step(demo, demo_cache, tmp_path):
+    ds, _, _ = dataset(train_config(demo, demo_cache, tmp_path))
+    for epoch in (0, 1):
+        want = steps(ds, 16, 1, 1, epoch)
+        assert len(want) == len(ds) // 16 and len({i for step in want for i in step}) == 16 * len(want)
+        for batch_size, grad_accum, world_size in ((8, 2, 1), (8, 1, 2), (4, 2, 2), (2, 4, 2), (4, 1, 4)):
+            assert steps(ds, batch_size, grad_accum, world_size, epoch) == want, (batch_size, grad_accum, world_size)
+    s = BatchSampler(ds, 4, 3, rank=1, world_size=2, grad_accum=2)
+    s.set_position(1, 5 * 16)  # resumed after 5 steps: this rank's micro-batches of step 6 on
+    assert list(s) == s.batches(1)[5 * 2:]
+
+
+def test_held_out_batches_cover_the_same_samples_on_any_number_of_ranks(demo, demo_cache, tmp_path):
+    val, _, _ = dataset(train_config(demo, demo_cache, tmp_path), "val")
+    for limit in (1, 3, 100):  # train.eval_batches: global batches of 8 samples, or more than the set holds
+        for batch_size, grad_accum, world_size in ((8, 1, 1), (4, 1, 2), (2, 2, 2), (1, 2, 4)):
+            got = sorted(i for r in range(world_size) for b in BatchSampler(
+                val, batch_size, 0, r, world_size, shuffle=False, grad_accum=grad_accum).batches(0)[:limit * grad_accum]
+                for i in b)
+            assert got == list(range(min(len(val), limit * 8))), (limit, batch_size, grad_accum, world_size)
 
 
 def test_reader_threads_deliver_the_same_batches_in_order_as_inline_reads(demo, demo_cache, tmp_path, mapped):
@@ -106,7 +137,7 @@ def test_reader_threads_deliver_the_same_batches_in_order_as_inline_reads(demo, 
     assert len(inline) == len(threaded) == len(s)
     for a, b in zip(inline, threaded):
         assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    s.set_position(0, len(s) - 2)
+    s.set_position(0, (len(s) - 2) * 8)
     it = iter(Loader(ds, s, 2))
     assert torch.equal(next(it)["input_ids"], inline[-2]["input_ids"])
     it.close()  # a loop that stops mid-epoch: the reader threads are shut down

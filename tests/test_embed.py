@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import REPO, demo_config, demo_overrides, run_stage
 from minivlm import cache
-from minivlm.cache import CacheLock
+from minivlm.fileio import WriterLock
 from minivlm.dist import Dist
 from minivlm.embed import run_embed
 from minivlm.encoder import load_image, preprocess
@@ -237,9 +237,9 @@ def test_changed_select_layer_refuses_and_names_it(demo, tmp_path):
 
 def test_a_second_writer_is_locked_out(demo, tmp_path):
     cfg = demo_config(demo, tmp_path)
-    lock = CacheLock(tmp_path / "cache", shared=False)
+    lock = WriterLock(tmp_path / "cache", shared=False)
     try:
-        with pytest.raises(RuntimeError, match="another embed run"):
+        with pytest.raises(RuntimeError, match=f"{tmp_path / 'cache'} is being written by another process .*cache.dir"):
             run_embed(cfg, Dist())
     finally:
         lock.release()

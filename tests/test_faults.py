@@ -3,10 +3,13 @@ user files that are not what they claim. Each ends in a rerun that resumes, or o
 import csv
 import errno
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import torch
 from conftest import REPO, demo_config, demo_overrides, run_stage, train_config
 from faults import kill_at_random, small_disk
 from minivlm import cache, checkpoint
-from minivlm.cache import CacheLock
+from minivlm.fileio import WriterLock
 from minivlm.cli import USER_ERRORS
 from minivlm.config import RunFailed, load_config, to_toml, to_tree
 from minivlm.dist import Dist
@@ -31,8 +34,8 @@ from minivlm.trainer import fit
 HOLDER = """
 import multiprocessing as mp, sys, time
 from pathlib import Path
-from minivlm.cache import CacheLock
-lock = CacheLock(Path(sys.argv[1]), shared=False)
+from minivlm.fileio import WriterLock
+lock = WriterLock(Path(sys.argv[1]), shared=False)
 child = mp.get_context(sys.argv[2]).Process(target=time.sleep, args=(60,))  # a worker that outlives us
 child.start()
 print(child.pid, flush=True)
@@ -46,12 +49,14 @@ def test_a_dead_lock_holder_never_blocks_a_rerun_even_while_its_children_live(tm
                               stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())
     try:
-        with pytest.raises(RunFailed, match="another embed run"):
-            CacheLock(tmp_path, shared=False)  # held while its holder lives
+        with pytest.raises(RunFailed, match=rf"being written by another process \(pid {holder.pid}\).*kill {holder.pid}"):
+            WriterLock(tmp_path, shared=False)  # held while its holder lives
+        assert WriterLock.holder(tmp_path) == holder.pid
         holder.kill()
         holder.wait()
         assert subprocess.run(["kill", "-0", str(child)]).returncode == 0, "the child should still be alive"
-        CacheLock(tmp_path, shared=False).release()
+        assert WriterLock.holder(tmp_path) is None
+        WriterLock(tmp_path, shared=False).release()
     finally:
         holder.kill()
         subprocess.run(["kill", "-9", str(child)], capture_output=True)
@@ -68,10 +73,38 @@ def test_twenty_kill9_then_rerun_of_embed_all_accepted_and_the_cache_is_bitwise_
     rng = random.Random(14)
     for trial in range(20):
         out = kill_at_random("embed.py", over, rng, within)
-        assert out.returncode in (0, -9) and "another embed run" not in out.stderr, (trial, out.stderr[-1000:])
+        assert out.returncode in (0, -9) and "being written by another process" not in out.stderr, (trial, out.stderr[-1000:])
     final = run_stage("embed.py", *over)
     assert final.returncode == 0, final.stderr
     assert_same_cache(tmp_path / "cache", tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_sigterm_to_embed_publishes_whole_shards_only_in_one_line_and_the_rerun_is_bitwise_the_same(
+        demo, demo_cache, tmp_path):
+    """`kill PID` reaches the main process; a scheduler's SIGTERM reaches its DataLoader workers too."""
+    over = [*demo_overrides(demo, tmp_path), "encoder.num_workers=2"]  # the demo_cache's plan, read by workers
+    shards = cache.shard_dir(tmp_path / "cache")
+    for kill in (os.kill, os.killpg):
+        before = len(list(shards.glob("*.h5")))
+        with tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen([sys.executable, str(REPO / "stages/embed.py"), *over], cwd=REPO, stderr=err,
+                                    stdout=subprocess.DEVNULL, start_new_session=True)
+            deadline = time.time() + 120
+            while len(list(shards.glob("*.h5"))) <= before and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.005)
+            kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(60) == 128 + signal.SIGTERM, "finished before the signal"
+            err.seek(0)
+            assert err.read() == ("embed: stopped by SIGTERM; the shards published so far are kept, the one in flight "
+                                  "was dropped; rerun the same command to resume\n"), kill
+        published = sorted(shards.glob("*"))
+        assert before < len(published) < 12 and all(p.suffix == ".h5" for p in published)
+        for path in published:
+            cache.open_shard(path).close()  # each one complete
+    r = run_stage("embed.py", *over)
+    assert r.returncode == 0, r.stderr
+    assert_same_cache(tmp_path / "cache", demo_cache)
 
 
 def assert_same_cache(a, b):
@@ -193,6 +226,10 @@ def test_sweep_killed_at_random_moments_reruns_to_a_complete_summary(demo, demo_
     for trial in range(3):
         out = kill_at_random("sweep.py", args, rng, 40.0, group=True)
         assert out.returncode in (0, -9), (trial, out.stderr[-2000:])
+        for run in ("lr=1e-3", "lr=2e-3"):  # a run of the killed sweep stops (a checkpoint first) before the next
+            deadline = time.time() + 30
+            while WriterLock.holder(tmp_path / "runs/s" / run) is not None and time.time() < deadline:
+                time.sleep(0.05)
     r = run_stage("sweep.py", *args)
     assert r.returncode == 0, r.stderr[-2000:]
     with open(tmp_path / "runs/s/summary.csv", newline="") as f:

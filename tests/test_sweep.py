@@ -4,15 +4,21 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from conftest import REPO, run_stage, train_config
 from minivlm import checkpoint
-from minivlm.config import RunConfig, TrainConfig, to_toml, to_tree
-from minivlm.sweep import Outcome, PlannedRun, load_sweep, plan, read_metrics, report, run_numbers, slot_envs
+from minivlm.config import RunConfig, TrainConfig, load_config, to_toml, to_tree
+from minivlm.dist import Dist
+from minivlm.fileio import WriterLock
+from minivlm.trainer import fit
+from minivlm.sweep import (LOSSES, Outcome, PlannedRun, load_sweep, plan, read_metrics, report, run_numbers,
+                           slot_envs)
 
 
 def sweep_args(demo, demo_cache, tmp_path, sweep: str, *extra: str) -> list[str]:
@@ -55,8 +61,9 @@ def test_grid_sweep_writes_each_run_and_a_summary_read_from_their_metrics(demo, 
 
 @pytest.mark.slow
 def test_killed_sweep_reruns_to_completion_skipping_finished_runs_and_resuming_the_interrupted_one(
-        demo, demo_cache, tmp_path):
-    sweep = 'name = "k"\n[base]\n"train.max_steps" = 40\n"train.save_interval" = 4\n[grid]\n"train.lr" = [1e-3, 2e-3]\n'
+        demo, demo_cache, tmp_path, one_thread):
+    sweep = ('name = "k"\n[base]\n"train.max_steps" = 40\n"train.save_interval" = 4\n"train.deterministic" = true\n'
+             '[grid]\n"train.lr" = [1e-3, 2e-3]\n')
     args = sweep_args(demo, demo_cache, tmp_path, sweep)
     first, second = tmp_path / "runs" / "k" / "lr=1e-3", tmp_path / "runs" / "k" / "lr=2e-3"
     proc = subprocess.Popen([sys.executable, str(REPO / "stages" / "sweep.py"), *args], cwd=REPO,
@@ -64,15 +71,84 @@ def test_killed_sweep_reruns_to_completion_skipping_finished_runs_and_resuming_t
     deadline = time.time() + 120
     while not checkpoint.checkpoints(second) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the run it is training
+    seen = checkpoint.checkpoints(second)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep's process group: its runs live in sessions of their own ...
     proc.wait()
-    assert checkpoint.checkpoints(second) and not (second / "model.safetensors").exists(), "killed too late"
+    deadline = time.time() + 30
+    while train_processes(tmp_path / "runs") and time.time() < deadline:  # ... and stop when it dies
+        time.sleep(0.05)
+    assert not train_processes(tmp_path / "runs") and WriterLock.holder(second) is None, "the run outlived its sweep"
+    assert not (second / "model.safetensors").exists(), "killed too late"
+    assert seen and checkpoint.checkpoints(second)[-1].name > seen[-1].name  # it saved at its next step, then stopped
+    assert "by SIGTERM; checkpoint step-" in (second / "stderr.log").read_text()
     before = mtimes(first)
     r = run_stage("sweep.py", *args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert mtimes(first) == before  # not retrained, not rewritten
     assert "resumed" in (second / "stdout.log").read_text() and (second / "model.safetensors").is_file()
-    assert [row["status"] for row in summary(tmp_path / "runs" / "k")] == ["done", "done"]
+    rows = {row["run"]: row for row in summary(tmp_path / "runs" / "k")}
+    assert [row["status"] for row in rows.values()] == ["done", "done"]
+    straight = load_config(second / "config.toml", [f"train.out_dir={tmp_path}", "train.run_name=straight"])
+    fit(straight, Dist())  # the interrupted run as if it had never stopped (one thread, as the sweep's runs)
+    assert (second / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+    numbers = run_numbers(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+    assert {k: float(rows["lr=2e-3"][k]) for k in LOSSES} == {k: numbers[k] for k in LOSSES}
+
+
+def train_processes(under: Path) -> list[int]:
+    """Live stages/train.py processes (torchrun ranks too) whose command line names a path under `under`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0") if proc.name.isdigit() else []
+        except OSError:  # gone meanwhile
+            continue
+        if any(c.endswith(b"stages/train.py") for c in cmd) and any(str(under).encode() in c for c in cmd):
+            pids.append(int(proc.name))
+    return pids
+
+
+def results(sweep_dir: Path) -> dict:
+    """Each run's losses as summary.csv holds them, and its final weights."""
+    return {row["run"]: ({k: row[k] for k in LOSSES + ("final_train_loss",)},
+                         (sweep_dir / row["run"] / "model.safetensors").read_bytes()) for row in summary(sweep_dir)}
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_parallel_sweep_stops_every_run_with_a_checkpoint_and_the_rerun_gives_the_same_results(
+        demo, demo_cache, tmp_path):
+    """(kill -9 of a sweep: test_killed_sweep_reruns_to_completion_skipping_finished_runs_and_resuming_the_interrupted_one)"""
+    sweep = ('name = "p"\n[base]\n"train.max_steps" = 400\n"train.deterministic" = true\n"train.freeze_llm" = 0\n'
+             '[grid]\n"train.lr" = [1e-3, 2e-3]\n')
+    args = sweep_args(demo, demo_cache, tmp_path, sweep, "--parallel", "2")
+    ref = run_stage("sweep.py", *args, f"train.out_dir={tmp_path / 'ref'}")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "stopped"
+    runs = [out / "p" / name for name in ("lr=1e-3", "lr=2e-3")]  # as planned
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, str(REPO / "stages" / "sweep.py"), *args, f"train.out_dir={out}"],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 120
+        while not all((r / "metrics.jsonl").is_file() for r in runs) and proc.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)  # the sweep alone: its runs live in sessions of their own
+        t0 = time.time()
+        assert proc.wait(60) == 128 + signal.SIGTERM
+        while train_processes(out) and time.time() < t0 + 30:
+            time.sleep(0.1)
+        assert not train_processes(out), "a run outlived its sweep by 30 s"
+        stopped = [r.name for r in runs if not (r / "model.safetensors").exists()]
+        assert stopped, "every run had finished before the signal"
+        assert all(checkpoint.checkpoints(out / "p" / name) for name in stopped)
+        err.seek(0)
+        assert err.read() == (f"sweep: stopped by SIGTERM; runs that saved a checkpoint and stopped: "
+                              f"{', '.join(stopped)}; rerun the same command to resume\n")
+    assert {row["run"]: row["status"] for row in summary(out / "p")} == {
+        r.name: "interrupted" if r.name in stopped else "done" for r in runs}
+    r = run_stage("sweep.py", *args, f"train.out_dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert results(out / "p") == results(tmp_path / "ref" / "p")
 
 
 @pytest.mark.slow
@@ -80,10 +156,15 @@ def test_failing_runs_are_reported_and_the_others_still_run(demo, demo_cache, tm
     sweep = ('name = "bad"\n[base]\n"train.max_steps" = 2\n'
              '[[runs]]\n"train.batch_size" = 1000\n'   # valid config, fails when training starts
              '[[runs]]\n"train.bogus" = 1\n'           # unknown key: fails before anything runs
-             '[[runs]]\n"train.lr" = 1e-3\n')
-    r = run_stage("sweep.py", *sweep_args(demo, demo_cache, tmp_path, sweep))
-    assert r.returncode == 1 and "2 failed" in r.stdout
+             '[[runs]]\n"train.lr" = 1e-3\n'
+             '[[runs]]\n"train.lr" = 2e-3\n')          # its directory is being written by another process
+    busy = tmp_path / "runs" / "bad" / "lr=2e-3"
+    with WriterLock(busy):  # this test process: the sweep, a subprocess, sees a writer holding it
+        r = run_stage("sweep.py", *sweep_args(demo, demo_cache, tmp_path, sweep))
+    assert r.returncode == 1 and "2 failed" in r.stdout and "1 busy (lr=2e-3" in r.stdout
+    assert sorted(p.name for p in busy.iterdir()) == [".lock"]  # not started: nothing written
     rows = {row["run"]: row for row in summary(tmp_path / "runs" / "bad")}
+    assert rows["lr=2e-3"]["status"] == "busy" and f"(pid {os.getpid()})" in rows["lr=2e-3"]["error"]
     assert rows["lr=1e-3"]["status"] == "done" and rows["lr=1e-3"]["error"] == ""
     assert rows["batch_size=1000"]["status"] == "failed" and "lower the batch size" in rows["batch_size=1000"]["error"]
     assert rows["bogus=1"]["status"] == "failed" and "unknown key train.bogus" in rows["bogus=1"]["error"]

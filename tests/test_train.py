@@ -51,6 +51,7 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 
 @pytest.mark.slow
 def test_stop_mid_epoch_then_resume_gives_identical_weights(demo, demo_cache, tmp_path, monkeypatch):
+    """Also from a checkpoint of an earlier minivlm, whose cursor counted each rank's batches."""
     rec = small_records(demo, tmp_path)
     straight = train_config(demo, demo_cache, tmp_path, rec, "train.run_name=straight", *RESUME)
     fit(straight, Dist())
@@ -71,6 +72,12 @@ def test_stop_mid_epoch_then_resume_gives_identical_weights(demo, demo_cache, tm
         fit(stopped, Dist())
     monkeypatch.setattr(trainer, "train_step", real_step)
     assert [p.name for p in checkpoint.checkpoints(stopped.train.run_dir)] == ["step-0000003"]
+    # as minivlm wrote it before the global cursor: the micro-batches each rank had read, and the world size
+    state_json = checkpoint.checkpoints(stopped.train.run_dir)[0] / "state.json"
+    state = json.loads(state_json.read_text())
+    assert (state["sample"], state["global_batch"]) == (3 * 8, 8)
+    old = {k: v for k, v in state.items() if k not in ("sample", "batch_size", "grad_accum", "global_batch")}
+    state_json.write_text(json.dumps({**old, "batch": 3}))
     fit(stopped, Dist())
     assert_same_weights(straight.train.run_dir, stopped.train.run_dir)
     steps = [json.loads(ln)["step"] for ln in (stopped.train.run_dir / "metrics.jsonl").read_text().splitlines()
@@ -102,6 +109,55 @@ def test_sigkill_after_checkpoint_then_resume_gives_identical_weights(demo, demo
     assert_same_weights(tmp_path / "runs" / "straight", killed)
 
 
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def snapshot(d: Path) -> dict:
+    return {p.relative_to(d).as_posix(): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(d.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_and_sigterm_stops_at_a_step_with_a_checkpoint_then_resumes_bitwise(
+        demo, demo_cache, tmp_path, one_thread):
+    rec = small_records(demo, tmp_path)
+    fit(train_config(demo, demo_cache, tmp_path, rec, "train.run_name=straight", *RESUME, "train.max_steps=80"), Dist())
+    over = [*demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", rec, *RESUME, "train.max_steps=80",
+            "model.dim=32", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.multiple_of=16",
+            "train.batch_size=8", "train.eval_batches=2", "train.eval_interval=0", "train.log_interval=1",
+            "train.save_interval=0", "train.run_name=run"]
+    run_dir = tmp_path / "runs" / "run"
+    with open(tmp_path / "stderr", "w") as err:
+        first = subprocess.Popen([sys.executable, str(REPO / "stages/train.py"), *over], cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_for(lambda: (run_dir / "metrics.jsonl").is_file() or first.poll() is not None, "the first step")
+        os.kill(first.pid, signal.SIGSTOP)  # mid-run, holding the lock, writing nothing while we look
+        before = snapshot(run_dir)
+        second = run_stage("train.py", *over)
+        assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr
+        assert second.stderr.startswith(f"error: {run_dir} is being written by another process (pid {first.pid})")
+        assert snapshot(run_dir) == before, "the refused run touched the first one's files"
+        os.kill(first.pid, signal.SIGCONT)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(60) == 128 + signal.SIGTERM
+    finally:
+        first.kill()
+    saved = checkpoint.checkpoints(run_dir)[-1].name
+    step = int(saved.split("-")[1])
+    assert (tmp_path / "stderr").read_text() == (f"train: stopped at step {step} by SIGTERM; checkpoint {saved} saved; "
+                                                 f"rerun the same command to resume\n")
+    assert 0 < step < 80 and not (run_dir / "model.safetensors").exists()
+    r = run_stage("train.py", *over)
+    assert r.returncode == 0 and f"resumed {run_dir} from {saved}" in r.stdout, r.stderr[-2000:]
+    assert_same_weights(tmp_path / "runs" / "straight", run_dir)
+    assert [row["step"] for row in metric_rows(run_dir) if "loss" in row] == list(range(1, 81))
+
+
 @pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(demo, demo_cache, tmp_path):
     rec = small_records(demo, tmp_path)
@@ -131,27 +187,77 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(demo
     assert (run_dir / "model.safetensors").exists()
 
 
+READS = """
+import json, os, runpy, signal, sys, time
+import minivlm.trainer as trainer
+real, log, stop_at, done = trainer.train_step, sys.argv[1], int(sys.argv[2]), [0]
+
+def recorded(model, opt, micro_batches, *a, **kw):
+    out = real(model, opt, micro_batches, *a, **kw)
+    done[0] += 1
+    with open(f"{log}.{os.environ.get('RANK', '0')}", "a") as f:  # one line per step: the samples it read
+        f.write(json.dumps([int(i) for mb in micro_batches for i in mb["index"]]) + "\\n")
+    if done[0] == stop_at and os.environ.get("RANK") == "0":
+        os.kill(os.getppid(), signal.SIGTERM)  # to torchrun, as a scheduler does; it passes it on to every rank
+        time.sleep(3)                          # ... before this rank joins the vote on stopping after this step
+    return out
+
+trainer.train_step = recorded
+sys.argv = ["stages/train.py", *sys.argv[3:]]
+runpy.run_path("stages/train.py", run_name="__main__")
+"""
+
+
+def step_reads(log: Path, ranks: int) -> list[list[int]]:
+    """The samples each step read, over every rank, from READS' per-rank logs."""
+    per_rank = [[json.loads(ln) for ln in Path(f"{log}.{r}").read_text().splitlines()] for r in range(ranks)]
+    return [sorted(sum(step, [])) for step in zip(*per_rank)]
+
+
 @pytest.mark.slow
-def test_torchrun_two_ranks_trains_logs_once_checkpoints_once_and_resumes(demo, demo_cache, tmp_path):
-    rec = small_records(demo, tmp_path)
+def test_torchrun_logs_and_checkpoints_once_stops_on_sigterm_and_resumes_on_two_ranks_bitwise_or_on_one_alike(
+        demo, demo_cache, tmp_path):
+    """2 ranks x batch 4 to step 40 (stopped by SIGTERM to torchrun), then 1 rank x grad_accum 2 to step 60: the
+    same global batch, so every step reads what an uninterrupted 2-rank run reads."""
+    rec = small_records(demo, tmp_path)  # 6 steps an epoch: step 40 is mid-epoch
+    (tmp_path / "reads.py").write_text(READS)
     over = [*demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", rec, "model.dim=32", "model.n_layer=2",
-            "model.n_head=2", "model.n_kv_head=1", "model.multiple_of=16", "train.batch_size=4",
-            "train.eval_batches=2", "train.eval_interval=2", "train.log_interval=1", "train.save_interval=2",
-            "train.run_name=ddp"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "stages/train.py")]
-    r = subprocess.run([*torchrun, *over, "train.max_steps=4"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "ddp"
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3, 4]
-    assert [x["step"] for x in rows if "eval_loss" in x] == [2, 4]
-    assert [p.name for p in checkpoint.checkpoints(run_dir)] == ["step-0000002", "step-0000004"]
-    assert r.stdout.count("train: done") == 1
-    r = subprocess.run([*torchrun, *over, "train.max_steps=6"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed" in r.stdout and "step-0000004" in r.stdout
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3, 4, 5, 6]
+            "model.n_head=2", "model.n_kv_head=1", "model.multiple_of=16", "train.batch_size=4", "train.max_steps=60",
+            "train.eval_batches=4", "train.eval_interval=20", "train.log_interval=1", "train.save_interval=30",
+            "train.deterministic=true", "train.freeze_llm=0", "train.lr=3e-3", "train.warmup_steps=2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+    def train(launcher, name, *extra, stop_at=0):
+        return subprocess.run([*launcher, str(tmp_path / "reads.py"), str(tmp_path / name), str(stop_at), *over,
+                               f"train.run_name={name}", *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    runs = tmp_path / "runs"
+    r = train(torchrun, "straight")
+    assert r.returncode == 0 and r.stdout.count("train: done") == 1, r.stderr[-3000:]
+    assert [p.name for p in checkpoint.checkpoints(runs / "straight")] == ["step-0000030", "step-0000060"]
+    r = train(torchrun, "stopped", stop_at=40)
+    assert r.returncode != 0 and r.stderr.count("train: stopped") == 1, r.stderr[-3000:]  # rank 0's line only
+    assert "train: stopped at step 40 by SIGTERM; checkpoint step-0000040 saved; rerun" in r.stderr
+    assert [p.name for p in checkpoint.checkpoints(runs / "stopped")] == ["step-0000030", "step-0000040"]
+    assert not (runs / "stopped" / "model.safetensors").exists()
+    shutil.copytree(runs / "stopped", runs / "one")
+
+    r = train(torchrun, "stopped")  # on two ranks again: bitwise the uninterrupted run
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-3000:]
+    assert_same_weights(runs / "straight", runs / "stopped")
+    for name in ("straight", "stopped"):  # every step logged once, by rank 0, across the stop
+        rows = metric_rows(runs / name)
+        assert [x["step"] for x in rows if "loss" in x] == list(range(1, 61))
+        assert [x["step"] for x in rows if "eval_loss" in x] == [20, 40, 60]
+    r = train([sys.executable], "one", "train.grad_accum=2")  # on one rank: the same global batch of 8
+    assert r.returncode == 0 and f"resumed {runs / 'one'} from step-0000040" in r.stdout, r.stderr[-3000:]
+    want = step_reads(tmp_path / "straight", 2)
+    assert len(want) == 60 and len({i for step in want[:6] for i in step}) == 48  # an epoch reads every sample once
+    assert step_reads(tmp_path / "stopped", 2) == want
+    assert step_reads(tmp_path / "one", 1) == want[40:]
+    final = [metric_rows(runs / name)[-1] for name in ("straight", "one")]
+    assert final[0]["step"] == final[1]["step"] == 60
+    assert final[1]["eval_loss"] == pytest.approx(final[0]["eval_loss"], abs=1e-3)
 
 
 @pytest.mark.slow
@@ -178,6 +284,8 @@ def test_stage_errors_are_one_line(demo, demo_cache, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "run stages/embed.py" in r.stderr
     r = run_stage("train.py", *demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", "encoder.pool=1")
     assert r.returncode == 2 and "encoder.pool=2" in r.stderr and r.stderr.strip().count("\n") == 0
+    r = run_stage("train.py", *demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", "train.log_interval=0")
+    assert (r.returncode, r.stderr) == (2, "error: train.log_interval must be >= 1, got 0\n")
 
 
 @pytest.mark.slow
