@@ -60,8 +60,9 @@ def plan_hash(keys: list[str]) -> str:
 
 
 def write_shard(path: Path, index: int, keys: list[str], embeddings: np.ndarray,
-                failures: list[tuple[str, str]], fingerprint: str, encoder_json: str, planned: str) -> None:
-    """Publish one shard atomically. `embeddings` is float16 (n, T, D) aligned with `keys`.
+                failures: list[tuple[str, ...]], fingerprint: str, encoder_json: str, planned: str) -> None:
+    """Publish one shard atomically. `embeddings` is float16 (n, T, D) aligned with `keys`; `failures` are
+    (key, reason) or, for an image inside a file, (key, reason, "file row N").
 
     The HDF5 file is built in memory and written as plain bytes: a full disk is then an ordinary write error
     caught before anything is published, never h5py closing a half-written file (which can crash the
@@ -76,7 +77,7 @@ def write_shard(path: Path, index: int, keys: list[str], embeddings: np.ndarray,
         f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
         f.attrs.update(format_version=FORMAT_VERSION, fingerprint=fingerprint, encoder=encoder_json, shard_index=index,
                        plan=planned, n_rows=n, tokens=T, width=D,
-                       failures=json.dumps([{"key": k, "reason": r} for k, r in failures]), complete=True)
+                       failures=json.dumps([dict(zip(("key", "reason", "source"), f)) for f in failures]), complete=True)
         f.flush()
         image = f.id.get_file_image()
     atomic_write_bytes(path, image)
