@@ -35,7 +35,8 @@ def placeholder_jpeg() -> bytes:
     return buf.getvalue()
 
 
-def _write(path: Path, table: pa.Table, row_group_size: int) -> None:
+def write_table(path: Path, table: pa.Table, row_group_size: int | None) -> None:
+    """Atomically; row_group_size None: pyarrow's default (one row group up to 1Mi rows, as pandas writes)."""
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size))
 
 
@@ -44,7 +45,8 @@ def _turns(rec: dict) -> list[tuple[str, str]]:
     return [(roles[t["from"]], t["value"]) for t in rec["conversations"]]
 
 
-def _minimind(records: list[dict], images: Path, seed: int) -> pa.Table:
+def minimind_table(records: list[dict], images: Path, seed: int = 0) -> pa.Table:
+    """LLaVA records + their image folder as MiniMind-V rows: each image twice, other prompts, shuffled."""
     rng = np.random.default_rng(seed)
     rows = []
     for rec in records:
@@ -53,8 +55,8 @@ def _minimind(records: list[dict], images: Path, seed: int) -> pa.Table:
             rows.append((turns, placeholder_jpeg()))
             continue
         data = (images / rec["image"]).read_bytes()
-        first = turns[0][1].replace("<image>\n", "")
-        other = PROMPTS[(PROMPTS.index(first) + 1 + int(rng.integers(len(PROMPTS) - 1))) % len(PROMPTS)]
+        others = [p for p in PROMPTS if p != turns[0][1].replace("<image>", "").strip()]
+        other = others[int(rng.integers(len(others)))]
         rows += [(turns, data), ([("user", "<image>\n" + other)] + turns[1:], data)]
     order = rng.permutation(len(rows))
     conv = [json.dumps([{"role": r, "content": c} for r, c in rows[i][0]], ensure_ascii=False) for i in order]
@@ -97,7 +99,7 @@ def write_layout(demo_dir: Path, layout: str, out_dir: Path, files: int = 2, row
     out: dict[str, list[Path]] = {}
     for split, n_files in (("train", files), ("val", 1)):
         records = json.loads((demo_dir / f"{split}.json").read_text(encoding="utf-8"))
-        table = (_minimind(records, images, seed) if layout == "minimind" else
+        table = (minimind_table(records, images, seed) if layout == "minimind" else
                  _hf(records, images) if layout == "hf" else _img2dataset(records, images))
         bounds = np.linspace(0, len(table), n_files + 1).astype(int)
         names = [f"{split}-{i:05d}-of-{n_files:05d}.parquet" for i in range(n_files)]
@@ -106,5 +108,5 @@ def write_layout(demo_dir: Path, layout: str, out_dir: Path, files: int = 2, row
         out[split] = [out_dir / name for name in names]
         for path, lo, hi in zip(out[split], bounds[:-1], bounds[1:]):
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write(path, table.slice(lo, hi - lo), row_group_size)
+            write_table(path, table.slice(lo, hi - lo), row_group_size)
     return out

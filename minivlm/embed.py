@@ -210,7 +210,8 @@ def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, shards
             bar.close()
             raise RunFailed(f"{n_failed} images failed already (> cache.max_failure_frac="
                                f"{cfg.cache.max_failure_frac:.1%} of {n_total}); stopping. Shards written so far "
-                               f"are kept. Check data.image_root={cfg.data.image_root} and the images")
+                               f"are kept. Check the images of data.records={cfg.data.records}"
+                               + (f" under data.image_root={cfg.data.image_root}" if cfg.data.image_root else ""))
     bar.close()
     assert not pending and n_written == len(shards), "every planned shard must have been written"
     return n_failed

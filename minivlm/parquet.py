@@ -9,8 +9,12 @@ Design choices:
   other is a bare caption. A column of the wrong type is refused up front, naming it and what was expected.
 - Only the columns a pass needs are read, one row group at a time, in batches of `BATCH_ROWS` rows through
   a buffered stream: memory holds a batch and the page being decoded (pages are the writer's choice, ~1024
-  values), never a row group's or a file's images. Without `buffer_size`, pyarrow reads a whole column chunk
-  at once (measured: peak RSS then grows with the file).
+  values), never a row group's or a file's images. pyarrow's defaults (`pre_buffer=True`, no
+  `buffer_size`) read a whole column chunk at once: measured, peak RSS then grew with the file (stage 1
+  on a one-row-group file: 270 MB at 64 MB, 500 MB at 292 MB; with these settings it stays flat).
+- What `minivlm.sources` asks of a format (a tar reader would give the same): `layout`, `rows`, `texts`
+  (every row's id and text cell), `images` (every row's image bytes, for hashing) and `ImageRows` (the
+  images of rows asked in increasing order, for stage 1's workers).
 - `ImageRows` reads forward only: rows asked in increasing order cost one pass over the row groups that
   hold them; a row group holding none of them is never read.
 - A read that fails (a corrupt page, a truncated file) is a ValueError naming the file and row group.
@@ -53,7 +57,7 @@ class Layout:
 
 def open_file(path: Path) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path, buffer_size=BUFFER_BYTES)
+        return pq.ParquetFile(path, buffer_size=BUFFER_BYTES, pre_buffer=False)
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{path}: not a readable Parquet file ({_first_line(e)}); {REWRITE}") from None
 
@@ -89,9 +93,9 @@ def _pick(path: Path, names: list[str], override: str, candidates: tuple[str, ..
     return found
 
 
-def layout(path: Path, pf: pq.ParquetFile, image_column: str = "", text_column: str = "") -> Layout:
+def layout(path: Path, image_column: str = "", text_column: str = "") -> Layout:
     """The file's layout from its schema, or a one-line error naming the missing or mistyped column."""
-    schema = pf.schema_arrow
+    schema = open_file(path).schema_arrow
     names = schema.names
     image = _pick(path, names, image_column, IMAGE_COLUMNS, "image", "image_column")
     text = _pick(path, names, text_column, TEXT_COLUMNS, "text", "text_column")
@@ -124,14 +128,35 @@ def _batches(path: Path, pf: pq.ParquetFile, group: int, columns: list[str]) -> 
         yield batch
 
 
-def scan(path: Path, pf: pq.ParquetFile, columns: list[str]) -> Iterator[tuple[int, list]]:
+def _scan(path: Path, columns: list[str]) -> Iterator[tuple[int, list]]:
     """(first row, [values of each column as Python objects]) per batch, over every row group in order."""
+    pf = open_file(path)
     starts = row_starts(pf)
     for g in range(pf.num_row_groups):
         row = int(starts[g])
         for batch in _batches(path, pf, g, columns):
             yield row, [batch.column(c).to_pylist() for c in columns]
             row += batch.num_rows
+
+
+def texts(path: Path, lay: Layout) -> Iterator[tuple[int, str | None, object]]:
+    """(row, id or None, text cell: turns as a list of dicts, or a caption string, or None) for every row."""
+    columns = [lay.text] + ([lay.id] if lay.id else [])
+    for first, cells in _scan(path, columns):
+        ids = cells[1] if lay.id else [None] * len(cells[0])
+        for j, (text, rid) in enumerate(zip(cells[0], ids)):
+            yield first + j, None if rid is None else str(rid), texts_of(text, lay.turns, f"{path} row {first + j}")
+
+
+def images(path: Path, lay: Layout) -> Iterator[tuple[int, list[bytes]]]:
+    """(row, the row's image bytes: none, one or several) for every row, reading the image column alone."""
+    for first, (cells,) in _scan(path, [lay.image]):
+        for j, cell in enumerate(cells):
+            yield first + j, images_of(cell, f"{path} row {first + j}")
+
+
+def rows(path: Path) -> int:
+    return open_file(path).metadata.num_rows
 
 
 def images_of(value, where: str) -> list[bytes]:
@@ -152,28 +177,31 @@ def images_of(value, where: str) -> list[bytes]:
 
 
 def texts_of(value, turns: bool, where: str):
-    """A row's text cell: the turns (list of dicts) of a conversation, or a caption string (None: no text)."""
-    if value is None or not turns:
+    """A row's text cell: a conversation's turns (a list; checked by `records.parse_turns`), a caption string,
+    or None (no text)."""
+    if value is None or not turns or not isinstance(value, str):
         return value
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: conversations is not valid JSON ({e.msg} at column {e.colno}); fix the row "
-                             f"or drop it from the file") from None
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: conversations is not valid JSON ({e.msg} at column {e.colno}); fix the row "
+                         f"or drop it from the file") from None
+    if value is not None and not isinstance(value, list):
+        raise ValueError(f"{where}: conversations must be a JSON list of turns, got a {type(value).__name__}; fix "
+                         f"the row or drop it from the file")
     return value
 
 
 class ImageRows:
-    """Image cells of rows asked in increasing order: each row group holding one is read once, forward, in
+    """The images of rows asked in increasing order: each row group holding one is read once, forward, in
     batches of the image column alone. Opened lazily, so an instance may cross a fork before first use."""
 
-    def __init__(self, path: Path, image_column: str):
-        self.path, self.column = path, image_column
+    def __init__(self, path: Path, lay: Layout):
+        self.path, self.column = path, lay.image
         self.pf = self.starts = self.batches = self.batch = None
         self.group, self.first = -1, 0   # row group and first row of the current batch
 
-    def cell(self, row: int):
+    def images(self, row: int) -> list[bytes]:
         if self.pf is None:
             self.pf = open_file(self.path)
             self.starts = row_starts(self.pf)
@@ -189,4 +217,4 @@ class ImageRows:
         except ValueError:
             self.group = -1  # the next row starts its row group afresh
             raise
-        return self.batch[row - self.first].as_py()
+        return images_of(self.batch[row - self.first].as_py(), f"{self.path} row {row}")

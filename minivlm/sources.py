@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import time
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,19 +38,28 @@ from tqdm import tqdm
 
 from minivlm import parquet
 from minivlm.config import DataConfig
-from minivlm.fileio import atomic_write
+from minivlm.fileio import TMP_SUFFIX, atomic_write
 from minivlm.records import Record, caption_turns, load_records, parse_turns, resolve_image
 
 STORE = "sources"          # <cache.dir>/sources/<identity>.npz: the stored join
 TAIL_BYTES = 1 << 20       # the end of a file that its identity hashes (Parquet's footer lives there)
+STALE_TEMP_S = 3600        # a temp file of the store older than this was left by a killed writer
 SKIP_REASONS = {"several": "hold several images", "no_image": "hold no image", "no_text": "hold no text"}
+
+
+FORMATS = {"parquet": parquet}  # formats with the images inside: layout, rows, texts, images, ImageRows
 
 
 @dataclass(frozen=True)
 class Source:
-    """One file of records: LLaVA JSON/JSONL (layout None: images under data.image_root) or Parquet."""
+    """One file of records: LLaVA JSON/JSONL (layout None: images under data.image_root) or one of FORMATS."""
     path: Path
-    layout: parquet.Layout | None
+    layout: object | None      # the format's Layout (which columns or members hold what)
+    format: str = "json"
+
+    @property
+    def reader(self):
+        return FORMATS[self.format]
 
 
 def expand(spec: str) -> list[Path]:
@@ -77,7 +87,7 @@ def open_sources(spec: str, data: DataConfig) -> list[Source]:
     for path in expand(spec):
         if path.suffix.lower() in (".parquet", ".pq") or path.suffix.lower() not in (".json", ".jsonl") \
                 and parquet.is_parquet(path):
-            out.append(Source(path, parquet.layout(path, parquet.open_file(path), data.image_column, data.text_column)))
+            out.append(Source(path, parquet.layout(path, data.image_column, data.text_column), "parquet"))
         else:
             out.append(Source(path, None))
     return out
@@ -112,17 +122,14 @@ class RowImages:
 
 
 def _hash_rows(src: Source, progress: bool) -> RowImages:
-    pf = parquet.open_file(src.path)
-    n = pf.metadata.num_rows
+    n = src.reader.rows(src.path)
     digests, counts = np.zeros((n, 32), np.uint8), np.zeros(n, np.int32)
     with tqdm(total=n, desc=f"hash {src.path.name}", unit="row", disable=not progress or None, mininterval=1.0) as bar:
-        for first, (cells,) in parquet.scan(src.path, pf, [src.layout.image]):
-            for j, cell in enumerate(cells):
-                images = parquet.images_of(cell, f"{src.path} row {first + j}")
-                counts[first + j] = len(images)
-                if len(images) == 1:
-                    digests[first + j] = np.frombuffer(hashlib.sha256(images[0]).digest(), np.uint8)
-            bar.update(len(cells))
+        for row, images in src.reader.images(src.path, src.layout):
+            counts[row] = len(images)
+            if len(images) == 1:
+                digests[row] = np.frombuffer(hashlib.sha256(images[0]).digest(), np.uint8)
+            bar.update()
     return RowImages(digests, counts)
 
 
@@ -137,6 +144,9 @@ def row_images(src: Source, cache_dir: str | Path, progress: bool = False) -> Ro
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         print(f"sources: {path} is unreadable ({e}); hashing {src.path} again", flush=True)
     print(f"sources: hashing the images of {src.path} once (kept in {path})", flush=True)
+    for tmp in path.parent.glob(f"*.npz.*{TMP_SUFFIX}"):  # a writer killed mid-write; a live one takes seconds
+        if time.time() - tmp.stat().st_mtime > STALE_TEMP_S:
+            tmp.unlink(missing_ok=True)
     rows = _hash_rows(src, progress)
     atomic_write(path, lambda tmp: _save(tmp, src, rows))
     return rows
@@ -176,20 +186,16 @@ class _Row:
     where: str
 
 
-def _parquet_texts(src: Source) -> list[_Row]:
+def _texts(src: Source) -> list[_Row]:
     """Every row's text, parsed and checked (a conversation that does not parse is an error naming the row)."""
-    lay, out = src.layout, []
-    columns = [lay.text] + ([lay.id] if lay.id else [])
-    for first, cells in parquet.scan(src.path, parquet.open_file(src.path), columns):
-        ids = cells[1] if lay.id else [None] * len(cells[0])
-        for j, (text, rid) in enumerate(zip(cells[0], ids)):
-            row, where = first + j, f"{src.path} row {first + j}"
-            value = parquet.texts_of(text, lay.turns, where)
-            if lay.turns and value is not None:
-                turns, tagged = parse_turns(value, where)
-            else:
-                turns, tagged = (caption_turns(value) if value and value.strip() else None), True
-            out.append(_Row(row, str(rid) if rid is not None else f"{src.path.stem}:{row}", turns, tagged, where))
+    out = []
+    for row, rid, value in src.reader.texts(src.path, src.layout):
+        where = f"{src.path} row {row}"
+        if value is None or isinstance(value, str):  # a caption (or no text)
+            turns, tagged = (caption_turns(value) if value and value.strip() else None), True
+        else:
+            turns, tagged = parse_turns(value, where)
+        out.append(_Row(row, rid if rid is not None else f"{src.path.stem}:{row}", turns, tagged, where))
     return out
 
 
@@ -211,7 +217,7 @@ def load(specs: list[str], data: DataConfig, cache_dir: str | Path, rank: int = 
     """Records of every spec, in order; Parquet rows joined with their stored image keys (hashed when missing).
     Every text is read and checked before any image is hashed: a bad row fails in seconds, not after an hour."""
     loaded = Loaded(sources=[s for spec in specs for s in open_sources(spec, data)])
-    texts = {i: _parquet_texts(s) if s.layout else load_records(s.path) for i, s in enumerate(loaded.sources)}
+    texts = {i: _texts(s) if s.layout else load_records(s.path) for i, s in enumerate(loaded.sources)}
     files = [i for i, s in enumerate(loaded.sources) if s.layout]
     start = rank % len(files) if files else 0  # ranks start apart
     stored = {i: row_images(loaded.sources[i], cache_dir, progress) for i in files[start:] + files[:start]}
@@ -272,8 +278,8 @@ def describe(sources: list[Source], where) -> str:
 
 
 class ImageReader:
-    """(source, row) -> that row's image bytes, reading each file forward (`parquet.ImageRows`); one file
-    open at a time. Built in the worker that uses it: no file handle crosses a fork."""
+    """(source, row) -> that row's image bytes, reading each file forward (its format's `ImageRows`); one
+    file open at a time. Built in the worker that uses it: no file handle crosses a fork."""
 
     def __init__(self, sources: list[Source]):
         self.sources, self.current, self.rows = sources, -1, None
@@ -281,8 +287,9 @@ class ImageReader:
     def read(self, where) -> bytes:
         s, row = where
         if s != self.current:
-            self.current, self.rows = s, parquet.ImageRows(self.sources[s].path, self.sources[s].layout.image)
-        images = parquet.images_of(self.rows.cell(row), describe(self.sources, where))
+            src = self.sources[s]
+            self.current, self.rows = s, src.reader.ImageRows(src.path, src.layout)
+        images = self.rows.images(row)
         if len(images) != 1:
             raise ValueError(f"{describe(self.sources, where)} holds {len(images)} images now; the file changed "
                              f"since its keys were stored: rerun embed")

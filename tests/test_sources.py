@@ -164,7 +164,7 @@ def test_the_join_is_stored_once_and_training_never_hashes_or_reads_image_bytes(
         raise AssertionError("stage 2 read or hashed image bytes")
 
     monkeypatch.setattr(sources, "_hash_rows", boom)
-    monkeypatch.setattr(parquet.ImageRows, "cell", boom)
+    monkeypatch.setattr(parquet.ImageRows, "images", boom)
     tcfg = train_config(demo, cfg.cache.dir, tmp_path, *layout_overrides_of(cfg))
     data = load_data(tcfg, Dist())
     n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in sources.expand(cfg.data.records))
@@ -206,9 +206,36 @@ def test_a_worker_reads_only_the_row_groups_its_rows_sit_in_and_only_the_image_c
         return real(self, *a, **kw)
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
-    rows = parquet.ImageRows(path, "image_bytes")
-    assert [rows.cell(r) for r in (21, 22, 29, 35)] == [imgs[r] for r in (21, 22, 29, 35)]
+    rows = parquet.ImageRows(path, parquet.layout(path))
+    assert [rows.images(r) for r in (21, 22, 29, 35)] == [[imgs[r]] for r in (21, 22, 29, 35)]
     assert calls == [([2], ["image_bytes"]), ([3], ["image_bytes"])]
+
+
+def test_a_row_is_read_without_reading_its_whole_row_group(tmp_path, monkeypatch):
+    """pyarrow's defaults (pre_buffer, unbuffered streams) read a whole column chunk for one row; a file in one
+    row group (pandas' and pyarrow's default up to 1Mi rows) would then be read whole into memory."""
+    path = tmp_path / "one_group.parquet"
+    rng = np.random.default_rng(0)
+    cells = [rng.bytes(4000) for _ in range(8000)]  # 32 MB, incompressible, one row group
+    pq.write_table(pa.table({"caption": ["x"] * 8000, "jpg": pa.array(cells, pa.binary())}), path)
+    read = []
+
+    class Counting(io.FileIO):
+        def read(self, n=-1):
+            data = super().read(n)
+            read.append(len(data))
+            return data
+
+        def readinto(self, b):
+            n = super().readinto(b)
+            read.append(n)
+            return n
+
+    real = pq.ParquetFile
+    monkeypatch.setattr(pq, "ParquetFile", lambda source, **kw: real(Counting(source), **kw))
+    rows = parquet.ImageRows(path, parquet.layout(path))
+    assert rows.images(1) == [cells[1]] and rows.images(100) == [cells[100]]
+    assert sum(read) < path.stat().st_size / 4, f"read {sum(read)} of {path.stat().st_size} bytes for two rows"
 
 
 # --- several images, undecodable bytes ---------------------------------------------------------------------
@@ -281,6 +308,9 @@ BAD = {  # name -> (write the file, overrides, what the line says)
     "bad json": (lambda p, img: pq.write_table(_table(conversations=[CONV, CONV, "[{oops"],
                                                       image_bytes=pa.array([img] * 3, pa.binary())), p), [],
                  r"m\.parquet row 2: conversations is not valid JSON .*fix the row"),
+    "not a list": (lambda p, img: pq.write_table(_table(conversations=[CONV, '"hello"'],
+                                                        image_bytes=pa.array([img] * 2, pa.binary())), p), [],
+                   r"m\.parquet row 1: conversations must be a JSON list of turns, got a str"),
     "bad turns": (lambda p, img: pq.write_table(_table(conversations=[CONV, '[{"speaker": "me", "text": "hi"}]'],
                                                        image_bytes=pa.array([img] * 2, pa.binary())), p), [],
                   r"m\.parquet row 1: conversations\[0\] must be \{'from'.*or \{'role'"),
