@@ -25,6 +25,7 @@ Design choices:
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import time
@@ -138,15 +139,19 @@ def row_images(src: Source, cache_dir: str | Path, progress: bool = False) -> Ro
     path = Path(cache_dir) / STORE / f"{identity(src)}.npz"
     try:
         with np.load(path, allow_pickle=False) as z:
-            return RowImages(z["sha256"], z["images"])
+            rows = RowImages(z["sha256"], z["images"])
+        if len(rows.images) == len(rows.sha256) == src.reader.rows(src.path):
+            return rows
+        print(f"sources: {path} does not match {src.path}'s rows; hashing it again", flush=True)
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         print(f"sources: {path} is unreadable ({e}); hashing {src.path} again", flush=True)
     print(f"sources: hashing the images of {src.path} once (kept in {path})", flush=True)
     for tmp in path.parent.glob(f"*.npz.*{TMP_SUFFIX}"):  # a writer killed mid-write; a live one takes seconds
-        if time.time() - tmp.stat().st_mtime > STALE_TEMP_S:
-            tmp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - tmp.stat().st_mtime > STALE_TEMP_S:
+                tmp.unlink()
     rows = _hash_rows(src, progress)
     atomic_write(path, lambda tmp: _save(tmp, src, rows))
     return rows
@@ -186,10 +191,11 @@ class _Row:
     where: str
 
 
-def _texts(src: Source) -> list[_Row]:
+def _texts(src: Source, progress: bool) -> list[_Row]:
     """Every row's text, parsed and checked (a conversation that does not parse is an error naming the row)."""
     out = []
-    for row, rid, value in src.reader.texts(src.path, src.layout):
+    for row, rid, value in tqdm(src.reader.texts(src.path, src.layout), total=src.reader.rows(src.path), unit="row",
+                                desc=f"read {src.path.name}", disable=not progress or None, mininterval=1.0):
         where = f"{src.path} row {row}"
         if value is None or isinstance(value, str):  # a caption (or no text)
             turns, tagged = (caption_turns(value) if value and value.strip() else None), True
@@ -217,7 +223,7 @@ def load(specs: list[str], data: DataConfig, cache_dir: str | Path, rank: int = 
     """Records of every spec, in order; Parquet rows joined with their stored image keys (hashed when missing).
     Every text is read and checked before any image is hashed: a bad row fails in seconds, not after an hour."""
     loaded = Loaded(sources=[s for spec in specs for s in open_sources(spec, data)])
-    texts = {i: _texts(s) if s.layout else load_records(s.path) for i, s in enumerate(loaded.sources)}
+    texts = {i: _texts(s, progress) if s.layout else load_records(s.path) for i, s in enumerate(loaded.sources)}
     files = [i for i, s in enumerate(loaded.sources) if s.layout]
     start = rank % len(files) if files else 0  # ranks start apart
     stored = {i: row_images(loaded.sources[i], cache_dir, progress) for i in files[start:] + files[:start]}

@@ -193,6 +193,23 @@ def test_a_rewritten_file_is_hashed_again_and_a_moved_one_is_not(tmp_path, monke
     assert sources.read_records(str(moved), data, tmp_path / "c")[0].image == sha(other) and len(calls) == 2
 
 
+def test_a_garbled_stored_join_is_hashed_again(tmp_path, capsys):
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": _image(), "path": None}], "caption": ["x"]}), path)
+    data = load_config(None).data
+    sources.read_records(str(path), data, tmp_path / "c")
+    [stored] = (tmp_path / "c" / sources.STORE).glob("*.npz")
+    for garbage in (b"not a zip", None):
+        if garbage is None:  # a readable file of another length
+            with stored.open("wb") as f:
+                np.savez(f, sha256=np.zeros((2, 32), np.uint8), images=np.ones(2, np.int32))
+        else:
+            stored.write_bytes(garbage)
+        assert sources.read_records(str(path), data, tmp_path / "c")[0].image == sha(_image())
+        out = capsys.readouterr().out
+        assert ("unreadable" if garbage else "does not match") in out and "hashing" in out
+
+
 def test_a_worker_reads_only_the_row_groups_its_rows_sit_in_and_only_the_image_column(tmp_path, monkeypatch):
     path = tmp_path / "a.parquet"
     imgs = [_image((i, 0, 0)) for i in range(40)]
