@@ -1,6 +1,7 @@
-"""P5 child: train a few steps from a cache through the library path and print peak memory as one JSON line.
+"""P5 child: train a few steps from a cache through the library path (or, with --embed, run stage 1 on the
+config's records) and print peak memory as one JSON line.
 
-    python bench/peak_rss.py CONFIG.toml --steps 3 [--device cpu]
+    python bench/peak_rss.py CONFIG.toml --steps 3 [--device cpu] [--embed]
 
 Why not ru_maxrss: a child's ru_maxrss (and the parent's RUSAGE_CHILDREN) starts from the RSS of the
 process that forked it, so every child of a big bench process reports the bench's own size. Instead
@@ -23,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loops import CachedSource, Setup  # noqa: E402
 from minivlm.config import load_config  # noqa: E402
+from minivlm.dist import Dist  # noqa: E402
+from minivlm.embed import run_embed  # noqa: E402
 from minivlm.trainer import train_step  # noqa: E402
 
 
@@ -39,19 +42,26 @@ def main() -> None:
     ap.add_argument("config")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--embed", action="store_true", help="run stage 1 (encoder.num_workers=0: all in this process)")
     args = ap.parse_args()
-    setup = Setup(load_config(args.config), args.device)
-    model, opt, scaler = setup.model()
-    source = CachedSource(setup, epoch=0)
-    for _ in range(args.steps):
-        train_step(model, opt, [next(source)], setup.cfg.train, scaler, setup.dtype, args.device)
+    if args.embed:
+        manifest = run_embed(load_config(args.config), Dist(device=args.device))
+        source, samples = None, manifest["counts"]["embedded"]
+    else:
+        setup = Setup(load_config(args.config), args.device)
+        model, opt, scaler = setup.model()
+        source = CachedSource(setup, epoch=0)
+        for _ in range(args.steps):
+            train_step(model, opt, [next(source)], setup.cfg.train, scaler, setup.dtype, args.device)
+        samples = len(setup.data.train)
     if Path("/proc/self/status").is_file():
         out = {"total_mb": _kb("/proc/self/status", "VmHWM") / 1024, "method": "VmHWM"}
     else:
         scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
         out = {"total_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, "method": "ru_maxrss (upper bound)"}
-    source.close()
-    out["samples"] = len(setup.data.train)
+    if source is not None:
+        source.close()
+    out["samples"] = samples
     if args.device.startswith("cuda"):
         import torch
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20

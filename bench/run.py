@@ -30,9 +30,12 @@ Figures per workload (demo, b16):
   codec                  the same run on a cache stored with the 8-bit codec (workloads.CODEC8): its bytes per
                          row, P2 and P3; and every codec's reconstruction error against float16 rows on the
                          encoder's real output for the P4 images (what `stages/embed.py --compare` reports)
-  P4 embed vs encoder    run_embed images/s / the encoder forward alone on pre-decoded tensors, same batch size
+  P4 embed vs encoder    run_embed images/s / the encoder forward alone on pre-decoded tensors, same batch size;
+                         from the image folder, and from the same images in a MiniMind-V Parquet file (every
+                         image in two rows; a fresh cache, so the Parquet figure includes hashing the images)
   P5 memory              peak memory training from a cache of N and of 4N images (child processes; see
-                         peak_rss.py for why not ru_maxrss)
+                         peak_rss.py for why not ru_maxrss); b16 also: stage 1's peak memory on Parquet
+                         files of N and 4N photos in one row group (tiny tower, no worker processes)
   end to end             embed once + E epochs vs E epochs of the live loop (projected from the rates above)
   tokens/s, MFU          cached samples/s x real text tokens per sample; on CUDA, model FLOPs/s over the
                          device's assumed peak bf16 FLOP/s (minivlm.metrics; MINIVLM_PEAK_TFLOPS overrides)
@@ -133,19 +136,21 @@ def p4_embed(wl: Workload, enc, pixels: torch.Tensor, device: str, work: Path) -
     """Rounds of (run_embed into a fresh cache dir, the encoder alone over the same images pre-decoded)."""
     s, root = wl.sizes, work / "p4" / wl.name
     loops.encoder_rate(enc, pixels[:wl.cfg.encoder.batch_size], wl.cfg.encoder.batch_size, device)  # warm-up
-    embed_rates, enc_rates = [], []
+    embed_rates, parquet_rates, enc_rates = [], [], []
     for _ in range(s.repeats):
-        shutil.rmtree(root, ignore_errors=True)
-        t0 = time.perf_counter()
-        with quiet():
-            run_embed(with_cache_dir(wl.embed_cfg, root), Dist(device=device))
-        embed_rates.append(s.embed_images / (time.perf_counter() - t0))
+        for cfg, rates in ((wl.embed_cfg, embed_rates), (wl.parquet_embed_cfg, parquet_rates)):
+            shutil.rmtree(root, ignore_errors=True)  # a fresh cache: Parquet's first embed hashes its images too
+            t0 = time.perf_counter()
+            with quiet():
+                run_embed(with_cache_dir(cfg, root), Dist(device=device))
+            rates.append(s.embed_images / (time.perf_counter() - t0))
         enc_rates.append(loops.encoder_rate(enc, pixels, wl.cfg.encoder.batch_size, device))
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
     load_encoder(wl.cfg.encoder, device)
     load_s = time.perf_counter() - t0
-    return {"embed_img_s": figure(embed_rates), "encoder_img_s": figure(enc_rates), "images": s.embed_images,
+    return {"embed_img_s": figure(embed_rates), "parquet_embed_img_s": figure(parquet_rates),
+            "encoder_img_s": figure(enc_rates), "images": s.embed_images,
             "batch_size": wl.cfg.encoder.batch_size, "decode_workers": wl.cfg.encoder.num_workers,
             "encoder_load_s": load_s}
 
@@ -172,7 +177,6 @@ def p1_p2_train(wl: Workload, setup: loops.Setup, enc, log, live: bool = True) -
         foreign.append(meter.foreign_pct())
         log(f"[{wl.name}]   round {r + 1}/{s.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
             + f" samples/s; other processes used {foreign[-1]:.0f}% of the CPU")
-    del ram
     return rates, foreign
 
 
@@ -251,6 +255,25 @@ def p5_memory(wl: Workload, device: str, work: Path) -> dict:
     return out
 
 
+def p5_embed_memory(wl: Workload, device: str, work: Path) -> dict:
+    """Stage 1's peak memory on Parquet files of n and 4n images, one row group each (child processes)."""
+    out = {}
+    for label, cfg in wl.parquet_rss_cfgs.items():
+        root = work / "p5" / f"{wl.name}-embed-{label}"
+        shutil.rmtree(root, ignore_errors=True)
+        path = work / "p5" / f"{wl.name}-embed-{label}.toml"
+        atomic_write_text(path, to_toml(to_tree(with_cache_dir(cfg, root / "cache"))))
+        r = subprocess.run([sys.executable, str(HERE / "peak_rss.py"), str(path), "--embed", "--device", device],
+                           capture_output=True, text=True, timeout=1800)
+        if r.returncode != 0:
+            raise RuntimeError(f"P5 embed child for {path} failed:\n{r.stderr[-3000:]}")
+        out[label] = {**json.loads(r.stdout.strip().splitlines()[-1]),
+                      "file_mb": os.path.getsize(cfg.data.records) / 1e6}
+        shutil.rmtree(root, ignore_errors=True)
+    out["images"] = {"n": wl.sizes.n, "4n": 4 * wl.sizes.n}
+    return out
+
+
 def end_to_end(samples: int, embed: dict, cached_sps: float, live_sps: float) -> dict:
     """embed once + E cached epochs vs E live epochs, from the measured rates. The fixed encoder load is in
     both (the live loop loads the encoder too), so it cancels in the crossover."""
@@ -289,6 +312,9 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
     if memory:
         log(f"[{wl.name}] P5 peak memory, caches of {s.n} and {4 * s.n} images")
         p5 = p5_memory(wl, device, work)
+    if memory and wl.parquet_rss_cfgs:
+        log(f"[{wl.name}] P5 stage 1 peak memory, Parquet files of {s.n} and {4 * s.n} images")
+        p5_embed = p5_embed_memory(wl, device, work)
     ds = setup.data.train
     tokens_per_sample = ds.text_tokens(np.arange(len(ds))) / len(ds)
 
@@ -308,6 +334,7 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
                                           / p3["reopened"]["raw_rows_s"]["median"]),
         "p3": p3,
         "p4_embed_vs_encoder": p4["embed_img_s"]["median"] / p4["encoder_img_s"]["median"],
+        "p4_parquet_embed_vs_encoder": p4["parquet_embed_img_s"]["median"] / p4["encoder_img_s"]["median"],
         "p4": p4,
         "check_share_of_p2": p3["warm"]["check_us_per_row"] * c * ds.image_rows(np.arange(len(ds))) / len(ds) / 1e6,
         "codec": codec,
@@ -315,6 +342,8 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
     })
     if memory:
         res.update(p5_rss_4n_vs_n=p5["4n"]["total_mb"] / p5["n"]["total_mb"], p5=p5)
+    if memory and wl.parquet_rss_cfgs:
+        res.update(p5_embed_rss_4n_vs_n=p5_embed["4n"]["total_mb"] / p5_embed["n"]["total_mb"], p5_embed=p5_embed)
     if flops or device.startswith("cuda"):
         res["mfu"] = mfu(setup, enc, device, c, lv, p4["encoder_img_s"]["median"])
     setup.close()
@@ -409,10 +438,19 @@ def table(results: dict) -> str:
             (name, "P4 embed vs encoder", f"{p4['embed_img_s']['median']:.1f} img/s run_embed",
              f"{p4['encoder_img_s']['median']:.1f} img/s encoder alone", f"{r['p4_embed_vs_encoder']:.2f}",
              f"±{spread(p4['embed_img_s']['repeats']) / 2:.0f}%"),
+            (name, "P4 embed Parquet vs encoder", f"{p4['parquet_embed_img_s']['median']:.1f} img/s run_embed",
+             "(MiniMind-V Parquet, 2 rows an image)", f"{r['p4_parquet_embed_vs_encoder']:.2f}",
+             f"±{spread(p4['parquet_embed_img_s']['repeats']) / 2:.0f}%"),
         ]
         if p5:
             rows.append((name, "P5 peak memory 4N vs N", f"{p5['4n']['total_mb']:,.0f} MB ({p5['images']['4n']} img)",
                          f"{p5['n']['total_mb']:,.0f} MB ({p5['images']['n']} img)", f"{r['p5_rss_4n_vs_n']:.2f}", ""))
+        if "p5_embed" in r:
+            q = r["p5_embed"]
+            rows.append((name, "P5 stage 1 on Parquet, 4N vs N",
+                         f"{q['4n']['total_mb']:,.0f} MB ({q['4n']['file_mb']:,.0f} MB file)",
+                         f"{q['n']['total_mb']:,.0f} MB ({q['n']['file_mb']:,.0f} MB file)",
+                         f"{r['p5_embed_rss_4n_vs_n']:.2f}", ""))
         rows += [
             (name, "end to end, E=1", f"embed+1 epoch {e2e['embed_plus_1_epoch_s']:,.0f} s",
              f"live 1 epoch {e2e['live_1_epoch_s']:,.0f} s ({e2e['images']} samples)",

@@ -12,6 +12,10 @@
 
 Each cache exists twice: N and 4N images (P5 compares their peak RSS); the 4N one feeds P1-P3. The 4N
 one exists a third time stored with the 8-bit codec CODEC8 (the codec figures: its P2, P3 and bytes).
+P4 also embeds the same images from a MiniMind-V Parquet file (every image in two rows, pyarrow's default
+single row group). b16 adds stage 1's peak memory on Parquet files of N and 4N photos (one row group each:
+the worst case for a reader that loads a row group whole), embedded by a tiny 224 px tower in one process,
+so the source's share of the memory is not hidden under ViT-B/16's.
 A marker with the build parameters is written last, so an interrupted or differently sized build is redone.
 """
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 
 from minivlm import __version__, cache, shard
 from minivlm.config import RunConfig, load_config
+from minivlm.demo_parquet import minimind_table, write_table
 from minivlm.dist import Dist
 from minivlm.encoder import fingerprint_id, spec_of
 from minivlm.fileio import atomic_write_json, atomic_write_text
@@ -68,6 +73,8 @@ class Workload:
     small_cfg: RunConfig        # the same on the n cache (P5)
     codec_cfg: RunConfig        # the same on the 4n cache stored with CODEC8
     embed_cfg: RunConfig        # stage 1 for P4 (records of `embed_images` images, cache.dir to be replaced)
+    parquet_embed_cfg: RunConfig  # the same images from a MiniMind-V Parquet file
+    parquet_rss_cfgs: dict | None  # {"n", "4n"}: stage 1 on Parquet files of n and 4n images (P5, b16 only)
     sizes: Sizes
     info: dict                  # printable description for the JSON
 
@@ -91,6 +98,22 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
     records = json.loads(src.read_text())
     _write_records(dst, [r for r in records if "image" in r][:n])
     return dst
+
+
+def parquet_of(records: Path, image_root: Path, out: Path, row_group_size: int | None = None) -> Path:
+    """The records as MiniMind-V Parquet (`demo_parquet.minimind_table`: every image in two rows), built once."""
+    params = {"records_hash": records_hash(records), "row_group_size": row_group_size}
+    marker = out.with_name(out.name + ".json")
+    if not (out.is_file() and _marker_ok(marker, params)):
+        write_table(out, minimind_table(json.loads(records.read_text()), image_root), row_group_size)
+        atomic_write_json(marker, params)
+    return out
+
+
+def with_records(cfg: RunConfig, records: Path, **encoder) -> RunConfig:
+    """cfg reading `records` (Parquet: no image root), with `encoder` fields replaced."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, records=str(records), image_root=""),
+                               encoder=dataclasses.replace(cfg.encoder, **encoder))
 
 
 # ---- demo -------------------------------------------------------------------------------------------
@@ -120,7 +143,9 @@ def build_demo(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
     for c in (cfg, small, codec):
         with _quiet():
             run_embed(c, Dist(device=device))  # skips when the cache is already complete
-    return Workload("demo", cfg, small, codec, cfg_for(sizes.embed_images), sizes,
+    embed = cfg_for(sizes.embed_images)
+    parquet = parquet_of(recs[sizes.embed_images], root / "data" / "images", root / f"records-{sizes.embed_images}.parquet")
+    return Workload("demo", cfg, small, codec, embed, with_records(embed, parquet), None, sizes,
                     {"images": f"{n_train} synthetic 96x96 JPEG/PNG (make_demo)",
                      "encoder": "tiny CLIP 64px/patch 8, 2 layers, D=64, pool 2",
                      "T": 16, "D": 64, "model": "configs/demo.toml (dim 128 x 4 layers)", "cache": "run_embed output",
@@ -250,7 +275,13 @@ def build_b16(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
     cfg, small, codec = cfg_for(n_images), cfg_for(sizes.n), cfg_for(n_images, CODEC8)
     for c in (cfg, small, codec):
         synthetic_cache(c, tokens, shape["hidden_size"])
-    return Workload("b16", cfg, small, codec, cfg_for(sizes.embed_images), sizes,
+    embed = cfg_for(sizes.embed_images)
+    parquet = parquet_of(recs[sizes.embed_images], root / "images", root / f"records-{sizes.embed_images}.parquet")
+    _b16_encoder(root / "encoder-tiny", B16_SMOKE_SHAPE)
+    rss = {label: with_records(small, parquet_of(recs[k], root / "images", root / f"records-{k}.parquet"),
+                               name_or_path=str(root / "encoder-tiny"), num_workers=0)
+           for label, k in (("n", sizes.n), ("4n", n_images))}
+    return Workload("b16", cfg, small, codec, embed, with_records(embed, parquet), rss, sizes,
                     {"images": f"{max(n_images, sizes.embed_images)} synthetic 500x375 JPEG (~35 KB)",
                      "encoder": "CLIPVisionModel " + ", ".join(f"{k}={v}" for k, v in shape.items())
                                 + ", random weights, select_layer -2",

@@ -197,9 +197,11 @@ def upgrade(cache_dir: str | Path) -> int:
         done = sum(shard.upgrade_shard(p) for p in tqdm(paths, desc="upgrade", unit="shard", disable=None))
         old = read_manifest(cache_dir)
         if old is not None and old.get("format_version") == 1:
-            info = {"encoder": {**old["encoder"], "fingerprint": old["fingerprint_fields"]},
-                    "fingerprint_id": old["fingerprint"], "records": old["records"],
-                    "records_hash": old["records_hash"], "shard_size": old["shard_size"], "tool_version": __version__}
+            written = ("format_version", "tokens", "width", "dtype", "counts", "shards", "written_at")  # finalize's
+            info = {k: v for k, v in old.items() if k not in (*written, "fingerprint", "fingerprint_fields")}
+            info.update(encoder={**old["encoder"], "fingerprint": old["fingerprint_fields"]},
+                        fingerprint_id=old["fingerprint"], sources=old.get("sources", []),
+                        skipped_rows=old.get("skipped_rows", {}), tool_version=__version__)
             finalize(cache_dir, [s["planned"] for s in old["shards"]], info)
     finally:
         lock.release()

@@ -56,11 +56,13 @@ def _in_range(value: float, spec: str) -> bool:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Image-caption records (LLaVA JSON/JSONL) and the folder their image paths are relative to."""
-    records: str = "data/demo/train.json"
-    image_root: str = "data/demo/images"
-    val_records: str = ""         # held-out records; empty -> deterministic hash split by image key
+    """Records: LLaVA JSON/JSONL + an image folder, or Parquet with the images inside (file, directory or glob)."""
+    records: str = "data/demo/train.json"  # JSON/JSONL file, or Parquet file, directory of them, or glob
+    image_root: str = "data/demo/images"  # folder that JSON records' image paths are relative to (not Parquet)
+    val_records: str = ""         # held-out records (same forms); empty -> deterministic hash split by image key
     val_frac: float = 0.05        # share of image keys held out when val_records is empty
+    image_column: str = ""        # Parquet column with the image bytes; empty -> image_bytes, image, images, jpg, ...
+    text_column: str = ""         # Parquet column with the text; empty -> conversations, messages, caption, text, txt
 
     def __post_init__(self):
         check_ranges(self, "data.{}", val_frac="[0, 1)")

@@ -38,7 +38,8 @@ from minivlm import cache
 from minivlm.config import RunConfig
 from minivlm.dist import Dist
 from minivlm.encoder import EncoderSpec
-from minivlm.records import Record, load_records
+from minivlm.records import Record
+from minivlm.sources import read_records
 from minivlm.fileio import atomic_write
 from minivlm.shard import Codec, RowReader
 from minivlm.text import TextFormat, Tokens, collate, load_tokenizer, text_format, tokenize, tokens_key
@@ -86,9 +87,9 @@ def join(records: list[Record], index: cache.CacheIndex) -> Split:
 
 def load_splits(cfg: RunConfig, index: cache.CacheIndex) -> tuple[Split, Split]:
     """Train and held-out samples: data.val_records if given, else a hash split by image key."""
-    records = load_records(cfg.data.records)
+    records = read_records(cfg.data.records, cfg.data, cfg.cache.dir)
     if cfg.data.val_records:
-        train, val = records, load_records(cfg.data.val_records)
+        train, val = records, read_records(cfg.data.val_records, cfg.data, cfg.cache.dir)
     else:
         train = [r for r in records if not (r.image and in_val_split(r.image, cfg.data.val_frac))]
         val = [r for r in records if r.image and in_val_split(r.image, cfg.data.val_frac)]

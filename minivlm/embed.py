@@ -1,16 +1,19 @@
 """Stage 1: run the frozen encoder over every unique image once and write the HDF5 cache.
 
 Design choices:
-- Work is planned from the records alone (sorted unique keys cut into `cache.shard_size` shards), so a
-  rerun, another rank or another node computes the same plan with no coordination. Rank r of a torchrun
-  takes shards i with i % world_size == r.
-- DataLoader workers decode and preprocess; the main process only runs the encoder and writes. A shard
-  is written when its last image is through, then published atomically: a kill loses at most the
-  shards in flight, and a rerun skips every published shard.
+- Work is planned from the records alone (unique keys cut into `cache.shard_size` shards: folder keys
+  sorted, keys of images inside files in first-occurrence order, `sources.plan`), so a rerun, another rank
+  or another node computes the same plan with no coordination. Rank r of a torchrun takes shards i with
+  i % world_size == r.
+- DataLoader workers each take whole shards of their rank (the j-th with j % num_workers == worker), read,
+  decode and preprocess them in plan order; the main process only runs the encoder and writes. A shard is
+  written when its last image is through, then published atomically: a kill loses at most the shards in
+  flight (one per worker), and a rerun skips every published shard.
 - A bad image is a failure row (reason kept in its shard), never an exception that stops the run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import replace
@@ -18,39 +21,58 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from minivlm import __version__, cache, shard
+from minivlm import __version__, cache, shard, sources
 from minivlm.config import RunConfig, RunFailed
 from minivlm.dist import Dist
-from minivlm.encoder import EncoderSpec, ImageError, features, fingerprint_id, load_encoder, load_image, preprocess
+from minivlm.encoder import (EncoderSpec, ImageError, decode_image, features, fingerprint_id, load_encoder, load_image,
+                             preprocess)
 from minivlm.fileio import WriterLock
-from minivlm.records import first_record_with, image_keys, load_records, records_hash, resolve_image
+from minivlm.records import first_record_with
 from minivlm.stop import Interrupted, ignore_stop_signals, signal_name, stop_requests
 
 OUTSIDE_ROOT = "outside data.image_root (not read)"
 
 
-class ImageFiles(Dataset):
-    """(key, path or None) -> (key, pixels or None, failure reason or None), decoded in a worker."""
+class ShardImages(IterableDataset):
+    """Shards (index, [(key, where)]) -> (shard, key, pixels or None, failure reason or None, source or None) in
+    plan order within each shard. `where` is a folder image's path (None: outside the root) or (source, row) of
+    an image inside a file; `source` names that row in a failure. Each DataLoader worker takes whole shards."""
 
-    def __init__(self, items: list[tuple[str, Path | None]], processor, max_pixels: int):
-        self.items, self.processor, self.max_pixels = items, processor, max_pixels
+    def __init__(self, shards: list[tuple[int, list]], files: list[sources.Source], processor, max_pixels: int):
+        self.shards, self.files, self.processor, self.max_pixels = shards, files, processor, max_pixels
 
-    def __len__(self):
-        return len(self.items)
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        reader = sources.ImageReader(self.files)
+        for j, (index, items) in enumerate(self.shards):
+            if j % workers == worker:
+                for key, where in items:
+                    yield (index, key, *self._pixels(reader, key, where))
 
-    def __getitem__(self, i):
-        key, path = self.items[i]
-        if path is None:
-            return key, None, OUTSIDE_ROOT
+    def _pixels(self, reader: sources.ImageReader, key: str, where):
+        if where is None:
+            return None, OUTSIDE_ROOT, None
+        source = None if isinstance(where, Path) else sources.describe(self.files, where)
         try:
-            return key, preprocess(self.processor, load_image(path, self.max_pixels)), None
+            image = load_image(where, self.max_pixels) if source is None else self._decode(reader, key, where)
+            return preprocess(self.processor, image), None, source
         except ImageError as e:
-            return key, None, str(e)
+            return None, str(e), source
         except Exception as e:  # a processor crash on one odd image must not stop the run
-            return key, None, f"preprocessing failed ({type(e).__name__}: {e})"
+            return None, f"preprocessing failed ({type(e).__name__}: {e})", source
+
+    def _decode(self, reader: sources.ImageReader, key: str, where):
+        try:
+            data = reader.read(where)
+        except ValueError as e:  # a page that no longer reads: the file changed since it was hashed
+            raise ImageError(str(e)) from None
+        if hashlib.sha256(data).hexdigest() != key:
+            raise ImageError("bytes differ from their stored SHA-256 (the file changed since it was hashed; rerun embed)")
+        return decode_image(data, self.max_pixels)
 
 
 def _collate(batch):
@@ -93,18 +115,15 @@ def _check_existing(cache_dir: Path, plan: list[list[str]], spec: EncoderSpec, m
 def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | None:
     """Embed every image of data.records and data.val_records into `cfg.cache.dir`. Returns the manifest if this rank wrote it."""
     t0 = time.time()
-    files = [f for f in (cfg.data.records, cfg.data.val_records) if f]  # held-out images are cached too
-    records = [r for f in files for r in load_records(f)]
-    keys = image_keys(records)
-    if not keys:
+    specs = [f for f in (cfg.data.records, cfg.data.val_records) if f]  # held-out images are cached too
+    loaded = sources.load(specs, cfg.data, cfg.cache.dir, dist.rank, progress=dist.is_main)
+    planned = sources.plan(loaded, cfg.data.image_root)
+    if not planned.keys:
         raise ValueError(f"{cfg.data.records}: no record has an image; nothing to embed")
-    rhash = records_hash(*files)
+    rhash = sources.sources_hash(loaded.sources)
     cache_dir = Path(cfg.cache.dir)
-    plan = cache.plan_shards(keys, cfg.cache.shard_size)
-    root = Path(cfg.data.image_root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.image_root {root} is not a directory; point it at the folder the "
-                                f"records' image paths are relative to")
+    size = cfg.cache.shard_size
+    plan = sources.cut(planned.keys, size)
 
     lock = WriterLock(cache_dir, shared=dist.is_distributed, other="another cache.dir")
     try:
@@ -129,20 +148,22 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
         cache.shard_dir(cache_dir).mkdir(parents=True, exist_ok=True)
         cache.remove_stale_temps(cache_dir, todo)
 
-        items = [(k, resolve_image(root, k)) for i in todo for k in plan[i]]
-        outside = [k for k, p in items if p is None]
+        shards = [(i, list(zip(plan[i], planned.where[i * size:(i + 1) * size]))) for i in todo]
+        outside = [k for _, items in shards for k, where in items if where is None]
         for k in outside[:5]:
-            print(f"warning: {first_record_with(records, k).where}: image {k!r} resolves outside "
-                  f"data.image_root ({root}); recorded as failed, not read", flush=True)
+            print(f"warning: {first_record_with(loaded.records, k).where}: image {k!r} resolves outside "
+                  f"data.image_root ({cfg.data.image_root}); recorded as failed, not read", flush=True)
         if len(outside) > 5:
             print(f"warning: {len(outside) - 5} more image paths outside data.image_root", flush=True)
 
+        n_items = sum(len(items) for _, items in shards)
         # A stop signal ends the run between batches: every shard is published whole or not at all.
         with stop_requests("embed: stopped at once by a second signal; the published shards are kept; rerun the "
                            "same command to resume") as stop:
-            n_failed = _embed_shards(enc, cfg, dist, cache_dir, plan, todo, items, fid, len(keys), stop)
-        info = {"encoder": spec.as_json(), "fingerprint_id": fid, "records": files, "records_hash": rhash,
-                "shard_size": cfg.cache.shard_size, "tool_version": __version__}
+            n_failed = _embed_shards(enc, cfg, dist, cache_dir, plan, shards, loaded.sources, fid, len(planned.keys),
+                                     stop)
+        info = {"encoder": spec.as_json(), "fingerprint_id": fid, "records": specs, "records_hash": rhash,
+                **sources.manifest_info(loaded), "shard_size": cfg.cache.shard_size, "tool_version": __version__}
         manifest = cache.finalize(cache_dir, [len(keys) for keys in plan], info)
     finally:
         lock.release()
@@ -156,7 +177,7 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
     gb = sum((cache.shard_dir(cache_dir) / s["file"]).stat().st_size for s in manifest["shards"]) / 1e9
     print(f"embed: {c['images']} images, {c['embedded']} embedded, {c['failed']} failed, "
           f"{len(manifest['shards'])} shards, {gb:.3f} GB, {dt:.1f} s "
-          f"({len(items) / max(dt, 1e-9):.0f} img/s this run) -> {cache_dir}", flush=True)
+          f"({n_items / max(dt, 1e-9):.0f} img/s this run) -> {cache_dir}", flush=True)
     if c["failed"] > cfg.cache.max_failure_frac * c["images"]:
         raise RunFailed(
             f"{c['failed']} of {c['images']} images failed ({c['failed'] / c['images']:.1%} > "
@@ -165,57 +186,53 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
     return manifest
 
 
-def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, todo, items, fid: str,
-                  n_total: int, stop: stop_requests) -> int:
-    """Encode `items` (the images of shards `todo`, in order) and publish each shard as it completes, until
-    the end or a stop request (checked between batches; the shard in flight is dropped)."""
-    loader = DataLoader(ImageFiles(items, enc.processor, cfg.encoder.max_image_pixels),
+def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, shards, files, fid: str, n_total: int,
+                  stop: stop_requests) -> int:
+    """Encode the images of `shards` ((index, [(key, where)]) of this rank) and publish each shard as it
+    completes, until the end or a stop request (checked between batches; the shards in flight are dropped)."""
+    loader = DataLoader(ShardImages(shards, files, enc.processor, cfg.encoder.max_image_pixels),
                         batch_size=cfg.encoder.batch_size, num_workers=cfg.encoder.num_workers,
                         collate_fn=_collate, pin_memory=enc.device.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if cfg.encoder.num_workers else None,
                         worker_init_fn=ignore_stop_signals)
     codec = shard.Codec(cfg.cache.dtype, enc.tokens, enc.width)
     meta = dict(fingerprint=json.dumps(enc.fingerprint, sort_keys=True), fingerprint_id=fid)
-    shard_iter = iter(todo)
-    current = next(shard_iter, None)
-    rows: list[np.ndarray] = []
-    keys: list[str] = []
-    failures: list[tuple[str, str]] = []
-    done_in_shard = n_failed = 0
-    bar = tqdm(total=len(items), unit="img", desc=f"embed{f' rank {dist.rank}' if dist.is_distributed else ''}",
-               disable=None, mininterval=1.0)
+    pending: dict[int, tuple[list, list, list]] = {}  # shard -> its rows, keys, failures so far (shards in flight)
+    n_failed = n_written = 0
+    bar = tqdm(total=sum(len(items) for _, items in shards), unit="img", mininterval=1.0, disable=None,
+               desc=f"embed{f' rank {dist.rank}' if dist.is_distributed else ''}")
     for batch in loader:
         if stop.requested:
             break  # leaving the loop shuts the DataLoader's workers down
-        good = [(k, px) for k, px, _ in batch if px is not None]
-        stored = codec.encode(features(enc, torch.stack([px for _, px in good]))).cpu().numpy() if good else None
+        good = [px for _, _, px, _, _ in batch if px is not None]
+        stored = codec.encode(features(enc, torch.stack(good))).cpu().numpy() if good else None  # (b, row_bytes)
         fi = 0
-        for key, px, reason in batch:
+        for index, key, px, reason, source in batch:
+            rows, keys, failures = pending.setdefault(index, ([], [], []))
             if px is None:
-                failures.append((key, reason))
+                failures.append((key, reason) if source is None else (key, reason, source))
                 n_failed += 1
             else:
-                rows.append(stored[fi])  # (row_bytes,) uint8
+                rows.append(stored[fi])
                 keys.append(key)
                 fi += 1
-            done_in_shard += 1
-            if done_in_shard == len(plan[current]):
+            if len(rows) + len(failures) == len(plan[index]):
                 emb = np.stack(rows) if rows else np.zeros((0, codec.row_bytes), np.uint8)  # (n, row_bytes)
-                shard.write_shard(cache.shard_path(cache_dir, current), emb, codec, keys, shard_index=current,
-                                  plan=cache.plan_hash(plan[current]), failures=failures, **meta)
-                rows, keys, failures, done_in_shard = [], [], [], 0
-                current = next(shard_iter, None)
+                shard.write_shard(cache.shard_path(cache_dir, index), emb, codec, keys, shard_index=index,
+                                  plan=cache.plan_hash(plan[index]), failures=failures, **meta)
+                del pending[index]
+                n_written += 1
         bar.update(len(batch))
         if n_failed > cfg.cache.max_failure_frac * n_total:
             bar.close()
             raise RunFailed(f"{n_failed} images failed already (> cache.max_failure_frac="
                                f"{cfg.cache.max_failure_frac:.1%} of {n_total}); stopping. Shards written so far "
-                               f"are kept. Check data.image_root={cfg.data.image_root} and the images")
+                               f"are kept. Check the images of data.records={cfg.data.records}"
+                               + (f" under data.image_root={cfg.data.image_root}" if cfg.data.image_root else ""))
     bar.close()
     if stop.requested:
         who = f"embed{f' rank {dist.rank}' if dist.is_distributed else ''}"
         raise Interrupted(stop.signum, f"{who}: stopped by {signal_name(stop.signum)}; the shards published so far "
-                                       f"are kept, the one in flight was dropped; rerun the same command to resume")
-    assert current is None, "every planned shard must have been written"
+                                       f"are kept, the ones in flight were dropped; rerun the same command to resume")
+    assert not pending and n_written == len(shards), "every planned shard must have been written"
     return n_failed
-

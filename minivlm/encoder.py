@@ -20,6 +20,7 @@ Design choices:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -50,9 +51,21 @@ def load_image(path: str | Path, max_pixels: int) -> Image.Image:
         raise ImageError("missing")
     if path.stat().st_size == 0:
         raise ImageError("empty file (0 bytes)")
+    return _decode(path, max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """`load_image` for image bytes stored inside a file (Parquet, tar): the same decoding, so a row is the
+    same numbers whichever layout held the image."""
+    if not data:
+        raise ImageError("empty image bytes (0 bytes)")
+    return _decode(io.BytesIO(data), max_pixels)
+
+
+def _decode(fp, max_pixels: int) -> Image.Image:
     Image.MAX_IMAGE_PIXELS = None  # we apply our own bound below, as an error, not a warning
     try:
-        with Image.open(path) as im:
+        with Image.open(fp) as im:
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(f"too large ({w}x{h} > encoder.max_image_pixels={max_pixels}; decompression bomb?)")

@@ -21,7 +21,8 @@ from minivlm.data import BatchSampler, Samples, join, load_splits, open_cache
 from minivlm.encoder import EncoderSpec
 from minivlm.fileio import atomic_write, atomic_write_json, atomic_write_text
 from minivlm.model import VLMConfig
-from minivlm.records import load_records, resolve_image
+from minivlm.records import resolve_image
+from minivlm.sources import read_records
 from minivlm.trainer import amp_dtype, evaluate
 
 
@@ -33,7 +34,7 @@ def held_out(run_dir: Path, vc: VLMConfig, cache_dir: str | None, records: str |
     manifest, index = open_cache(cfg, vc.image_tokens, vc.image_dim)
     vc.encoder.check(EncoderSpec.of_manifest(manifest), f"cache {cfg.cache.dir}", f"run {run_dir}",
                      "pass --cache with the cache this run was trained on")
-    split = join(load_records(records), index) if records else load_splits(cfg, index)[1]
+    split = join(read_records(records, cfg.data, cfg.cache.dir), index) if records else load_splits(cfg, index)[1]
     if not split.records:
         raise ValueError(f"no held-out samples with cached images for {run_dir}; pass --records")
     return cfg, index, split

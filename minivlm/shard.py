@@ -115,9 +115,10 @@ def _checksums(rows: np.ndarray) -> np.ndarray:
 
 
 def write_shard(path: Path, rows: np.ndarray, codec: Codec, keys: list[str], *, fingerprint: str,
-                fingerprint_id: str, shard_index: int, plan: str, failures: list[tuple[str, str]]) -> None:
+                fingerprint_id: str, shard_index: int, plan: str, failures: list[tuple[str, ...]]) -> None:
     """Publish one shard atomically. `rows`: (n, row_bytes) uint8 stored rows (`Codec.encode`) aligned with
-    `keys`; `fingerprint`: the encoder fingerprint as JSON; `failures`: (key, reason) of the shard's failed images.
+    `keys`; `fingerprint`: the encoder fingerprint as JSON; `failures`: the shard's failed images as (key,
+    reason), or (key, reason, "file row N") for an image inside a file.
 
     The HDF5 file is built in memory and written as plain bytes: a full disk is then an ordinary write error
     caught before anything is published, never h5py closing a half-written file (which can crash the
@@ -132,7 +133,8 @@ def write_shard(path: Path, rows: np.ndarray, codec: Codec, keys: list[str], *, 
         f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
         f.attrs.update(format_version=FORMAT_VERSION, codec=codec.name, checksum="crc32", tokens=T, width=D,
                        n_rows=n, fingerprint=fingerprint, fingerprint_id=fingerprint_id, shard_index=shard_index,
-                       plan=plan, failures=json.dumps([{"key": k, "reason": r} for k, r in failures]), complete=True)
+                       plan=plan, failures=json.dumps([dict(zip(("key", "reason", "source"), x)) for x in failures]),
+                       complete=True)
         f.flush()
         image = f.id.get_file_image()
     atomic_write_bytes(path, image)
@@ -331,7 +333,7 @@ def upgrade_shard(path: Path) -> bool:
             except OSError:
                 raise ValueError(f"{path}: row {i} (image {keys[i]}) fails its fletcher32 checksum: the shard "
                                  f"is corrupt; {REDO}") from None
-        failures = [(x["key"], x["reason"]) for x in json.loads(a["failures"])]
+        failures = [tuple(x.values()) for x in json.loads(a["failures"])]  # key, reason[, source]
         meta = dict(fingerprint=str(a["encoder"]), fingerprint_id=str(a["fingerprint"]),
                     shard_index=int(a["shard_index"]), plan=str(a["plan"]), failures=failures)
     write_shard(path, rows.view(np.uint8).reshape(len(rows), -1), codec, keys, **meta)

@@ -1,7 +1,10 @@
 """Write the embedded offline demo: synthetic shape images + LLaVA records, a tiny random CLIP tower and a
 tiny BPE tokenizer (nothing is downloaded). Idempotent: an identical earlier build is kept.
 
-    python stages/demo_data.py [--out data/demo] [--n_train 4000] [--n_val 256] [--seed 0]
+    python stages/demo_data.py [--out data/demo] [--n_train 4000] [--n_val 256] [--seed 0] [--parquet]
+
+--parquet also writes the records and images as the Parquet files MiniMind-V, Hugging Face datasets and
+img2dataset produce, under <out>/parquet/{minimind,hf,img2dataset}/ (see the README's "Data layouts").
 """
 import argparse
 import sys
@@ -15,6 +18,7 @@ except ImportError:  # run from a plain checkout
 from minivlm.cli import run
 from minivlm.config import SEED, check_ranges
 from minivlm.demo import make_demo
+from minivlm.demo_parquet import LAYOUTS, write_layout
 
 
 def main():
@@ -23,9 +27,13 @@ def main():
     p.add_argument("--n_train", type=int, default=4000, help="training images (default: %(default)s)")
     p.add_argument("--n_val", type=int, default=256, help="validation images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for images and encoder weights (default: %(default)s)")
+    p.add_argument("--parquet", action="store_true", help="also write the demo in each Parquet layout")
     args = p.parse_args()
     check_ranges(args, "--{}", n_train=">= 1", n_val=">= 0", seed=SEED)
     make_demo(Path(args.out), n_train=args.n_train, n_val=args.n_val, seed=args.seed)
+    for layout in LAYOUTS if args.parquet else ():
+        paths = write_layout(Path(args.out), layout, Path(args.out) / "parquet" / layout, seed=args.seed)
+        print(f"demo: {layout} Parquet -> {', '.join(str(p) for ps in paths.values() for p in ps)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from conftest import REPO
 
 RATIOS = ("p1_cached_vs_live", "p1_cached_vs_live_per_image", "p2_cached_vs_ram", "p3_read_vs_raw",
           "p3_read_vs_raw_reopened", "p3_rows_vs_raw", "p3_pread_path_vs_raw_reopened", "p4_embed_vs_encoder",
-          "p5_rss_4n_vs_n")
+          "p4_parquet_embed_vs_encoder", "p5_rss_4n_vs_n")
 SECTIONS = ("p1", "p2", "p3", "p4", "p5", "end_to_end", "noise", "workload", "sizes")
 # Figures that may legitimately be zero or absent: measured noise, page-cache residency (0 after eviction,
 # None where mincore is unavailable), reader threads (0: read in the loop), and a crossover that never comes.
@@ -55,6 +55,8 @@ def test_smoke_bench_writes_every_figure_positive(tmp_path):
         for k in ("embed_s", "cached_epoch_s", "live_epoch_s", "embed_plus_1_epoch_s", "live_1_epoch_s",
                   "crossover_epochs"):
             assert k in w["end_to_end"]
+    b16 = res["workloads"]["b16"]  # stage 1's peak memory on Parquet files of N and 4N images
+    assert b16["p5_embed_rss_4n_vs_n"] > 0 and b16["p5_embed"]["4n"]["file_mb"] > b16["p5_embed"]["n"]["file_mb"]
     for path, v in numbers(res):
         where = "/".join(map(str, path))
         if v is None:
@@ -95,6 +97,6 @@ def test_cuda_bench_mode_writes_p1_to_p4_tokens_and_mfu_for_b16(tmp_path):
     w = res["workloads"]["b16"]
     for key in ("p1_cached_vs_live", "p2_cached_vs_ram", "p3_read_vs_raw", "p4_embed_vs_encoder", "mfu"):
         assert key in w, key
-    assert "p5" not in w  # peak memory is the CPU bench's figure
+    assert "p5" not in w and "p5_embed" not in w  # peak memory is the CPU bench's figure
     assert w["p1"]["cached_samples_s"]["median"] > 0 and w["p1"]["cached_tokens_s"] > 0
     assert w["mfu"]["train_gflop_per_sample"] > 0 and w["mfu"]["peak_bf16_tflops"] is None

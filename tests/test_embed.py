@@ -216,15 +216,16 @@ def test_verify_passes_then_names_the_shard_with_a_flipped_byte(demo, tmp_path):
     run_embed(cfg, Dist())
     assert cache.verify(cfg.cache.dir) == []
     target = cache.shard_path(cfg.cache.dir, 1)
-    with h5py.File(target, "r") as f:
-        offset = f["embeddings"].id.get_chunk_info(3).byte_offset + 10
+    with h5py.File(target, "r") as f:  # row 3 by the public contract: contiguous rows from get_offset()
+        emb, key = f["embeddings"], f["keys"][3].decode()
+        offset = emb.id.get_offset() + 3 * emb[0].nbytes + 10
     data = bytearray(target.read_bytes())
     data[offset] ^= 0x01
     target.write_bytes(bytes(data))
     problems = cache.verify(cfg.cache.dir)
     assert problems and all("shard-00001.h5" in p for p in problems)
     r = run_stage("embed.py", *demo_overrides(demo, tmp_path), "cache.shard_size=32", "--verify")
-    assert r.returncode == 1 and "shard-00001.h5" in r.stdout
+    assert r.returncode == 1 and f"shard-00001.h5: row 3 (image {key}) fails its CRC-32 checksum" in r.stdout
 
 
 def test_changed_select_layer_refuses_and_names_it(demo, tmp_path):

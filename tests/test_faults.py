@@ -19,7 +19,7 @@ import torch
 
 from conftest import REPO, demo_config, demo_overrides, run_stage, train_config
 from faults import kill_at_random, small_disk
-from minivlm import cache, checkpoint
+from minivlm import cache, checkpoint, shard
 from minivlm.fileio import WriterLock
 from minivlm.cli import USER_ERRORS
 from minivlm.config import RunFailed, load_config, to_toml, to_tree
@@ -96,12 +96,12 @@ def test_sigterm_to_embed_publishes_whole_shards_only_in_one_line_and_the_rerun_
             kill(proc.pid, signal.SIGTERM)
             assert proc.wait(60) == 128 + signal.SIGTERM, "finished before the signal"
             err.seek(0)
-            assert err.read() == ("embed: stopped by SIGTERM; the shards published so far are kept, the one in flight "
-                                  "was dropped; rerun the same command to resume\n"), kill
+            assert err.read() == ("embed: stopped by SIGTERM; the shards published so far are kept, the ones in "
+                                  "flight were dropped; rerun the same command to resume\n"), kill
         published = sorted(shards.glob("*"))
         assert before < len(published) < 12 and all(p.suffix == ".h5" for p in published)
         for path in published:
-            cache.open_shard(path).close()  # each one complete
+            shard.read_info(path)  # each one complete
     r = run_stage("embed.py", *over)
     assert r.returncode == 0, r.stderr
     assert_same_cache(tmp_path / "cache", demo_cache)

@@ -382,7 +382,7 @@ def test_a_run_starts_from_an_earlier_run_and_goes_on(demo, demo_cache, tmp_path
                           f"train.init_from={first.train.run_dir}")
     data = load_data(second, Dist())
     model, _, _ = build_model(second, data, "cpu", init=True)
-    at_step_0 = evaluate(model, data.eval_batches, torch.float32, "cpu")["eval_loss"]
+    at_step_0 = evaluate(model, data.eval_batches, data.codec, torch.float32, "cpu")["eval_loss"]
     assert abs(at_step_0 - done["eval_loss"]) < 1e-4
     data.train.close()
     after = fit(second, Dist())

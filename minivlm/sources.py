@@ -1,0 +1,303 @@
+"""Where records and their images come from: the files behind data.records, the stored join of rows to
+image keys, the plan of stage 1 and the reads of its workers.
+
+Design choices:
+- `data.records` / `data.val_records` are a file, a directory (its *.parquet files) or a glob, files in
+  sorted order. A `.parquet` file (or one of another suffix that starts with Parquet's magic bytes) holds its
+  images inside (`minivlm.parquet`); `.json`, `.jsonl` and others are LLaVA records with their images under
+  `data.image_root` (`minivlm.records`).
+- Keys: the normalised path of a folder image; the hex SHA-256 of the bytes of an image inside a file, so
+  the same image in many rows or files is one cache row, and `sha256sum` recomputes a key.
+- The stored join: `<cache.dir>/sources/<identity>.npz` holds, per row of a Parquet file, the SHA-256 of its
+  image (`sha256`, (n, 32) uint8) and how many images the row holds (`images`, (n,) int32). One pass over the
+  image column computes it (stage 1, or stage 2 the first time it meets a file); every later run and rank
+  loads it, so training never reads or hashes image bytes. The identity hashes the file's size, mtime, last
+  MiB (Parquet's footer) and image column: a rewritten file is hashed again, a moved one is not. Under
+  torchrun rank r starts hashing at the r-th file: ranks share a many-file set with no coordination (they
+  would write identical bytes, atomically).
+- Which rows are samples: a conversation without an <image> tag is text-only and its image is ignored
+  (MiniMind-V's sft_i2t.parquet gives such rows an 8x8 black placeholder; upstream's `count_vision_proj`
+  puts image features only where the tag is). A caption, or a conversation with the tag, takes exactly one
+  image: a row with none (img2dataset's failed downloads) or several is skipped and counted, never guessed.
+- Plan: folder keys sorted, as always; keys of images inside files in first-occurrence order (files, row
+  groups, rows), so a shard's images come from one stretch of the source and its reader touches only the row
+  groups they sit in. Sorted by SHA-256 they would scatter every shard over every row group of every file.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import time
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from minivlm import parquet
+from minivlm.config import DataConfig
+from minivlm.fileio import TMP_SUFFIX, atomic_write
+from minivlm.records import Record, caption_turns, load_records, parse_turns, resolve_image
+
+STORE = "sources"          # <cache.dir>/sources/<identity>.npz: the stored join
+TAIL_BYTES = 1 << 20       # the end of a file that its identity hashes (Parquet's footer lives there)
+STALE_TEMP_S = 3600        # a temp file of the store older than this was left by a killed writer
+SKIP_REASONS = {"several": "hold several images", "no_image": "hold no image", "no_text": "hold no text"}
+
+
+FORMATS = {"parquet": parquet}  # formats with the images inside: layout, rows, texts, images, ImageRows
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file of records: LLaVA JSON/JSONL (layout None: images under data.image_root) or one of FORMATS."""
+    path: Path
+    layout: object | None      # the format's Layout (which columns or members hold what)
+    format: str = "json"
+
+    @property
+    def reader(self):
+        return FORMATS[self.format]
+
+
+def expand(spec: str) -> list[Path]:
+    """The files a data.records value names: a file, a directory's *.parquet, or a glob; sorted."""
+    if any(c in spec for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        if not files:
+            raise FileNotFoundError(f"records glob {spec!r} matches no file; check data.records / data.val_records")
+        return files
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"records directory {path} has no *.parquet file; point data.records at a "
+                                    f"file, or a directory or glob of Parquet files")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"records file {path} not found; set data.records (make demo-data writes the demo's)")
+    return [path]
+
+
+def open_sources(spec: str, data: DataConfig) -> list[Source]:
+    """Every file of `spec` with its layout, checked before any work starts (one line per bad file)."""
+    out = []
+    for path in expand(spec):
+        if path.suffix.lower() in (".parquet", ".pq") or path.suffix.lower() not in (".json", ".jsonl") \
+                and parquet.is_parquet(path):
+            out.append(Source(path, parquet.layout(path, data.image_column, data.text_column), "parquet"))
+        else:
+            out.append(Source(path, None))
+    return out
+
+
+def identity(src: Source) -> str:
+    st = src.path.stat()
+    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:{src.layout.image if src.layout else ''}:".encode())
+    with open(src.path, "rb") as f:
+        f.seek(max(0, st.st_size - TAIL_BYTES))
+        h.update(f.read())
+    return h.hexdigest()[:20]
+
+
+def sources_hash(sources: list[Source]) -> str:
+    """What the manifest remembers of the inputs: JSON files by content (as before Parquet), Parquet by identity."""
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(identity(s).encode() if s.layout else hashlib.sha256(s.path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+# --- the stored join: per row, the SHA-256 of its image ---------------------------------------------
+
+@dataclass(frozen=True)
+class RowImages:
+    sha256: np.ndarray    # (n, 32) uint8; zeros where the row holds no image or several
+    images: np.ndarray    # (n,) int32: images in the row
+
+    def key(self, row: int) -> str:
+        return self.sha256[row].tobytes().hex()
+
+
+def _hash_rows(src: Source, progress: bool) -> RowImages:
+    n = src.reader.rows(src.path)
+    digests, counts = np.zeros((n, 32), np.uint8), np.zeros(n, np.int32)
+    with tqdm(total=n, desc=f"hash {src.path.name}", unit="row", disable=not progress or None, mininterval=1.0) as bar:
+        for row, images in src.reader.images(src.path, src.layout):
+            counts[row] = len(images)
+            if len(images) == 1:
+                digests[row] = np.frombuffer(hashlib.sha256(images[0]).digest(), np.uint8)
+            bar.update()
+    return RowImages(digests, counts)
+
+
+def row_images(src: Source, cache_dir: str | Path, progress: bool = False) -> RowImages:
+    """The stored join of a Parquet file, computed (one pass over its image column) and kept when missing."""
+    path = Path(cache_dir) / STORE / f"{identity(src)}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            rows = RowImages(z["sha256"], z["images"])
+        if len(rows.images) == len(rows.sha256) == src.reader.rows(src.path):
+            return rows
+        print(f"sources: {path} does not match {src.path}'s rows; hashing it again", flush=True)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        print(f"sources: {path} is unreadable ({e}); hashing {src.path} again", flush=True)
+    print(f"sources: hashing the images of {src.path} once (kept in {path})", flush=True)
+    for tmp in path.parent.glob(f"*.npz.*{TMP_SUFFIX}"):  # a writer killed mid-write; a live one takes seconds
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - tmp.stat().st_mtime > STALE_TEMP_S:
+                tmp.unlink()
+    rows = _hash_rows(src, progress)
+    atomic_write(path, lambda tmp: _save(tmp, src, rows))
+    return rows
+
+
+def _save(tmp: Path, src: Source, rows: RowImages) -> None:
+    with open(tmp, "wb") as f:  # a file object: savez would append .npz to a name
+        np.savez(f, sha256=rows.sha256, images=rows.images, source=np.array(str(src.path)),
+                 column=np.array(src.layout.image))
+
+
+# --- records ------------------------------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    """Records of some specs in order (sources, then rows), where each image inside a file sits, and skips."""
+    records: list[Record] = field(default_factory=list)
+    origin: list = field(default_factory=list)       # per record: (source index, row) for Parquet, else None
+    sources: list[Source] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    first_skip: dict = field(default_factory=dict)   # reason -> where of its first row
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        self.first_skip.setdefault(reason, where)
+
+    def describe_skips(self) -> str:
+        return "; ".join(f"{n} row(s) {SKIP_REASONS[r]} (first: {self.first_skip[r]})" for r, n in self.skipped.items())
+
+
+@dataclass(frozen=True)
+class _Row:
+    row: int
+    id: str
+    turns: tuple | None        # None: no text
+    tagged: bool               # the image goes with the text (a caption, or a conversation with <image>)
+    where: str
+
+
+def _texts(src: Source, progress: bool) -> list[_Row]:
+    """Every row's text, parsed and checked (a conversation that does not parse is an error naming the row)."""
+    out = []
+    for row, rid, value in tqdm(src.reader.texts(src.path, src.layout), total=src.reader.rows(src.path), unit="row",
+                                desc=f"read {src.path.name}", disable=not progress or None, mininterval=1.0):
+        where = f"{src.path} row {row}"
+        if value is None or isinstance(value, str):  # a caption (or no text)
+            turns, tagged = (caption_turns(value) if value and value.strip() else None), True
+        else:
+            turns, tagged = parse_turns(value, where)
+        out.append(_Row(row, rid if rid is not None else f"{src.path.stem}:{row}", turns, tagged, where))
+    return out
+
+
+def _join(loaded: Loaded, index: int, texts: list[_Row], rows: RowImages) -> None:
+    """Rows as records: an image key where the text takes one; text-only, or skipped and counted, otherwise."""
+    for t in texts:
+        n_images = int(rows.images[t.row])
+        if t.tagged and n_images != 1:
+            loaded.skip("several" if n_images > 1 else "no_image", t.where)
+        elif t.turns is None:
+            loaded.skip("no_text", t.where)
+        else:
+            image = rows.key(t.row) if t.tagged else None  # untagged: text-only, its (placeholder) image ignored
+            loaded.records.append(Record(t.id, image, t.turns, t.where))
+            loaded.origin.append((index, t.row) if image else None)
+
+
+def load(specs: list[str], data: DataConfig, cache_dir: str | Path, rank: int = 0, progress: bool = False) -> Loaded:
+    """Records of every spec, in order; Parquet rows joined with their stored image keys (hashed when missing).
+    Every text is read and checked before any image is hashed: a bad row fails in seconds, not after an hour."""
+    loaded = Loaded(sources=[s for spec in specs for s in open_sources(spec, data)])
+    texts = {i: _texts(s, progress) if s.layout else load_records(s.path) for i, s in enumerate(loaded.sources)}
+    files = [i for i, s in enumerate(loaded.sources) if s.layout]
+    start = rank % len(files) if files else 0  # ranks start apart
+    stored = {i: row_images(loaded.sources[i], cache_dir, progress) for i in files[start:] + files[:start]}
+    for i, src in enumerate(loaded.sources):
+        if src.layout:
+            _join(loaded, i, texts.pop(i), stored.pop(i))
+        else:
+            recs = texts.pop(i)
+            loaded.records += recs
+            loaded.origin += [None] * len(recs)
+    if not loaded.records:
+        raise ValueError(f"{', '.join(specs)}: no records" + (f" ({loaded.describe_skips()})" if loaded.skipped else ""))
+    if loaded.skipped and progress:
+        print(f"warning: skipped {loaded.describe_skips()}; a sample takes exactly one image", flush=True)
+    return loaded
+
+
+def manifest_info(loaded: Loaded) -> dict:
+    """What the manifest keeps of the sources: each Parquet file's identity (its stored join) and the skips."""
+    return {"sources": [{"file": str(s.path), "id": identity(s)} for s in loaded.sources if s.layout],
+            "skipped_rows": dict(loaded.skipped)}
+
+
+def read_records(spec: str, data: DataConfig, cache_dir: str | Path, progress: bool = False) -> list[Record]:
+    return load([spec], data, cache_dir, progress=progress).records
+
+
+# --- stage 1: the plan and its reads ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    keys: list[str]          # unique image keys in plan order
+    where: list              # per key: Path | None (folder image; None: outside the root), or (source, row)
+
+
+def plan(loaded: Loaded, image_root: str | Path) -> Plan:
+    """Folder keys sorted (as before Parquet), then keys inside files in first-occurrence order."""
+    folder = sorted({r.image for r, o in zip(loaded.records, loaded.origin) if r.image and o is None})
+    inside: dict[str, tuple[int, int]] = {}
+    for r, o in zip(loaded.records, loaded.origin):
+        if o is not None:
+            inside.setdefault(r.image, o)
+    if folder and not Path(image_root).is_dir():
+        raise FileNotFoundError(f"data.image_root {image_root} is not a directory; point it at the folder the "
+                                f"records' image paths are relative to")
+    seen = set(folder)
+    later = [k for k in inside if k not in seen]
+    return Plan(folder + later, [resolve_image(image_root, k) for k in folder] + [inside[k] for k in later])
+
+
+def cut(keys: list[str], shard_size: int) -> list[list[str]]:
+    return [keys[i:i + shard_size] for i in range(0, len(keys), shard_size)]
+
+
+def describe(sources: list[Source], where) -> str:
+    """'data/x.parquet row 12' for a (source, row) location."""
+    return f"{sources[where[0]].path} row {where[1]}"
+
+
+class ImageReader:
+    """(source, row) -> that row's image bytes, reading each file forward (its format's `ImageRows`); one
+    file open at a time. Built in the worker that uses it: no file handle crosses a fork."""
+
+    def __init__(self, sources: list[Source]):
+        self.sources, self.current, self.rows = sources, -1, None
+
+    def read(self, where) -> bytes:
+        s, row = where
+        if s != self.current:
+            src = self.sources[s]
+            self.current, self.rows = s, src.reader.ImageRows(src.path, src.layout)
+        images = self.rows.images(row)
+        if len(images) != 1:
+            raise ValueError(f"{describe(self.sources, where)} holds {len(images)} images now; the file changed "
+                             f"since its keys were stored: rerun embed")
+        return images[0]
+
