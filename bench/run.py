@@ -22,7 +22,8 @@ Figures per workload (demo, b16):
   P3 read vs raw         stage-2 Loader alone (no model), rows/s and MB/s / a NumPy memmap of the same
                          bytes read in the same order; warm, and re-opened after evicting the files; with a
                          breakdown: the row reads alone (p3_rows_vs_raw), the same without the per-row
-                         CRC-32 (what the check costs a row, and as a share of P2's training time), the text
+                         CRC-32, the CRC-32 check alone over rows already read (check_us_per_row, and as a
+                         share of P2's training time), the text
                          collation alone, raw pread, h5py read_direct, and a DataLoader with worker
                          processes returning empty batches (the process boundary stage 2 no longer
                          crosses). Both workloads' caches fit in memory, so the library maps them; the pread
@@ -37,6 +38,10 @@ Figures per workload (demo, b16):
                          peak_rss.py for why not ru_maxrss); b16 also: stage 1's peak memory on Parquet
                          files of N and 4N photos in one row group (tiny tower, no worker processes)
   end to end             embed once + E epochs vs E epochs of the live loop (projected from the rates above)
+Once per bench (bench/startup.py; not in --smoke or --cuda):
+  P6 stage-2 start-up    wall time and peak memory of a 1-step training run on 1M records (quick: 100K), LLaVA
+                         JSONL and MiniMind-V Parquet: the first run (records read, joined, tokenized, kept)
+                         and the rerun (the kept arrays), against the same on the demo's 1,000 records
   tokens/s, MFU          cached samples/s x real text tokens per sample; on CUDA, model FLOPs/s over the
                          device's assumed peak bf16 FLOP/s (minivlm.metrics; MINIVLM_PEAK_TFLOPS overrides)
 
@@ -70,6 +75,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import loops  # noqa: E402
+import startup  # noqa: E402
 from minivlm.config import to_toml, to_tree  # noqa: E402
 from minivlm.dist import Dist  # noqa: E402
 from minivlm.embed import run_embed  # noqa: E402
@@ -78,6 +84,7 @@ from minivlm.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from minivlm.metrics import flops_per_token, peak_flops  # noqa: E402
 from workloads import BUILDERS, Sizes, Workload, with_cache_dir  # noqa: E402
 
+STARTUP_RECORDS = {"full": 1_000_000, "quick": 100_000, "smoke": 0}  # P6: too slow for the smoke test
 MODES = {  # mode -> workload -> Sizes (CPU); GPU_SIZES replaces some fields on CUDA
     "full": {
         "demo": Sizes(n=1000, batch=32, workers=1, readers=0, enc_batch=64, embed_images=4000, warmup=5, steps=20, live_steps=20,
@@ -188,7 +195,7 @@ def p3_read(wl: Workload, setup: loops.Setup, device: str, work: Path) -> dict:
     row_mb = ds.row_bytes / 1e6
     bs, seed, readers = wl.cfg.train.batch_size, wl.cfg.train.seed, wl.cfg.train.num_workers
     touch(files)
-    warm = {k: [] for k in ("raw", "pread", "h5", "rows", "rows_nocheck", "rows_pread", "text", "loader", "ipc")}
+    warm = {k: [] for k in ("raw", "pread", "h5", "rows", "rows_nocheck", "check", "rows_pread", "text", "loader", "ipc")}
     first_batch_s = []
     resident_warm = loops.resident_fraction(files)
     for r in range(s.repeats):
@@ -199,6 +206,7 @@ def p3_read(wl: Workload, setup: loops.Setup, device: str, work: Path) -> dict:
         warm["rows"].append(loops.read_rows(ds, batches))
         with loops.reading_as(ds, ds.reader.mapped, check=False) as unchecked:
             warm["rows_nocheck"].append(loops.read_rows(unchecked, batches))
+        warm["check"].append(loops.check_rows(ds, batches))
         with loops.reading_as(ds, mapped=False) as pread:
             warm["rows_pread"].append(loops.read_rows(pread, batches))
         warm["text"].append(loops.read_text(ds, batches))
@@ -230,7 +238,6 @@ def p3_read(wl: Workload, setup: loops.Setup, device: str, work: Path) -> dict:
         out["warm"][f"{k}_rows_s"] = figure(v)
         out["warm"][f"{k}_mb_s"] = median(v) * row_mb
         out["warm"][f"{k}_us_per_row"] = 1e6 / median(v)
-    out["warm"]["check_us_per_row"] = out["warm"]["rows_us_per_row"] - out["warm"]["rows_nocheck_us_per_row"]
     out["reopened"] = {"rows_per_window": s.cold_rows,
                        "page_cache": "evicted (posix_fadvise DONTNEED), files re-opened" if evicted
                        else "reopened (page cache warm: eviction had no effect here)",
@@ -467,6 +474,15 @@ def table(results: dict) -> str:
             m = r["mfu"]
             rows.append((name, "MFU (bf16)", f"cached {100 * m['cached']:.1f}%", f"live {100 * m['live']:.1f}%",
                          f"encoder {100 * m['encoder']:.1f}%", ""))
+    if "startup" in results:
+        q = results["startup"]
+        for layout in ("jsonl", "parquet"):
+            f = q[layout]
+            rows += [(f"{q['records']:,} {layout}", f"P6 stage-2 start-up {run}",
+                      f"{f[f'large_{run}']['wall_s']:.1f} s {f[f'large_{run}']['peak_mb']:,.0f} MB",
+                      f"{f[f'small_{run}']['wall_s']:.1f} s {f[f'small_{run}']['peak_mb']:,.0f} MB "
+                      f"({q['unique_images']:,} records)", f"+{f[f'{run}_per_million_mb']:,.0f} MB/M",
+                      f"+{f[f'{run}_per_million_s']:.1f} s/M") for run in ("first", "rerun")]
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -496,6 +512,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny artefacts and 2 steps: checks the plumbing only")
     ap.add_argument("--cuda", action="store_true", help="quick CUDA mode (make gpu-check): b16, P1-P4, tokens/s, MFU")
     ap.add_argument("--workloads", help="comma-separated: demo, b16 (default: both; b16 with --cuda)")
+    ap.add_argument("--startup", type=int, help="records of P6 (stage-2 start-up), overriding the mode "
+                    f"({', '.join(f'{m}: {n or 0:,}' for m, n in STARTUP_RECORDS.items())}; 0: skip it)")
     ap.add_argument("--steps", type=int, help="timed steps per window (train loops), overriding the mode")
     ap.add_argument("--repeats", type=int, help="timed windows per figure, overriding the mode")
     ap.add_argument("--work", type=Path, default=HERE / "work", help="artefacts, reused between runs")
@@ -530,6 +548,10 @@ def main(argv=None) -> int:
         build_s = time.perf_counter() - tb
         results["workloads"][name] = measure(wl, device, args.work, log, memory=not args.cuda, flops=args.cuda)
         results["workloads"][name]["build_s"] = build_s
+    n_startup = STARTUP_RECORDS[mode] if args.startup is None else args.startup
+    if n_startup and not args.cuda:
+        log(f"[P6] stage-2 start-up on {n_startup:,} records")
+        results["startup"] = startup.measure(args.work / "startup", n_startup, log=log)
     results["wall_s"] = time.perf_counter() - t0
 
     suffix = ("-cuda" if args.cuda else "") + ("" if mode == "full" or (args.cuda and mode == "quick") else f"-{mode}")

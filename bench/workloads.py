@@ -38,8 +38,9 @@ from minivlm.config import RunConfig, load_config
 from minivlm.demo_parquet import minimind_table, write_table
 from minivlm.dist import Dist
 from minivlm.encoder import fingerprint_id, spec_of
-from minivlm.fileio import atomic_write_json, atomic_write_text
-from minivlm.records import load_records, records_hash
+from minivlm.fileio import atomic_write_json, atomic_write_text, sha256_file
+from minivlm.records import load_records
+from minivlm.sources import open_sources, sources_hash
 
 REPO = Path(__file__).resolve().parents[1]
 V3_TOKENIZER = REPO.parent / "shared" / "ref" / "minimind-tokenizer-v3"
@@ -102,7 +103,7 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
 
 def parquet_of(records: Path, image_root: Path, out: Path, row_group_size: int | None = None) -> Path:
     """The records as MiniMind-V Parquet (`demo_parquet.minimind_table`: every image in two rows), built once."""
-    params = {"records_hash": records_hash(records), "row_group_size": row_group_size}
+    params = {"records_hash": sha256_file(records), "row_group_size": row_group_size}
     marker = out.with_name(out.name + ".json")
     if not (out.is_file() and _marker_ok(marker, params)):
         write_table(out, minimind_table(json.loads(records.read_text()), image_root), row_group_size)
@@ -208,7 +209,7 @@ def synthetic_cache(cfg: RunConfig, tokens: int, width: int, seed: int = 0) -> N
     writes, the numbers are not. The same seed gives the same noise whatever the codec."""
     cache_dir = Path(cfg.cache.dir)
     records = load_records(cfg.data.records)
-    params = {"records_hash": records_hash(cfg.data.records), "tokens": tokens, "width": width, "seed": seed,
+    params = {"records_hash": sources_hash(open_sources(cfg.data.records, cfg.data)), "tokens": tokens, "width": width, "seed": seed,
               "shard_size": cfg.cache.shard_size, "dtype": cfg.cache.dtype, "format": cache.FORMAT_VERSION}
     if _marker_ok(cache_dir / "bench_marker.json", params) and cache.read_manifest(cache_dir):
         return

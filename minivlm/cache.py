@@ -23,6 +23,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -149,10 +150,17 @@ def verify(cache_dir: str | Path) -> list[str]:
 
 @dataclass(frozen=True)
 class CacheIndex:
-    """Where each image key lives (shard number, row), and every shard's header for the row reader."""
+    """Every shard's header for the row reader, and where each image key lives."""
     shards: tuple[shard.ShardInfo, ...]
-    locations: dict            # key -> (shard number, row)
     codec: shard.Codec         # T, D and how rows are stored
+
+    @cached_property
+    def locations(self) -> dict:
+        """key -> (shard number, row), read from the shards on first use: a run on stored samples never asks."""
+        out = {}
+        for s, info in enumerate(self.shards):
+            out.update((key, (s, row)) for row, key in enumerate(shard.read_info(info.path, keys=True).keys))
+        return out
 
     @property
     def tokens(self) -> int:
@@ -167,18 +175,17 @@ class CacheIndex:
 
 
 def build_index(cache_dir: str | Path, manifest: dict) -> CacheIndex:
-    """Every shard's header and keys, checked against the manifest's row shape and codec."""
+    """Every shard's header, checked against the manifest's row shape and codec."""
     cache_dir = Path(cache_dir)
     want = shard.Codec(manifest["dtype"], manifest["tokens"], manifest["width"])
-    infos, locations = [], {}
-    for s, entry in enumerate(manifest["shards"]):
-        info = shard.read_info(shard_dir(cache_dir) / entry["file"], keys=True)
+    infos = []
+    for entry in manifest["shards"]:
+        info = shard.read_info(shard_dir(cache_dir) / entry["file"])
         if info.codec != want and info.n_rows:
             raise ValueError(f"{info.path}: rows are {info.codec}, manifest.json says {want}; "
                              f"run stages/embed.py --verify")
         infos.append(info)
-        locations.update((key, (s, row)) for row, key in enumerate(info.keys))
-    return CacheIndex(tuple(infos), locations, want)
+    return CacheIndex(tuple(infos), want)
 
 
 # --- the format-1 upgrade and the comparison of two caches ---------------------------------------------

@@ -4,8 +4,11 @@ the loader.
 Design choices:
 - The join is by image key through the shards' `keys`; records whose image failed or is absent are
   dropped and counted. Text-only records stay (they get no placeholders and a zero image slot).
-- Every sample is tokenized once when the dataset is built (`text.tokenize`); a batch is then a row
-  read per image plus a vectorized pad (`text.collate`).
+- A run needs arrays, not records: per sample its (shard, row) and its tokens (`text.tokenize`, once). The
+  first run builds them from the records and keeps them in `<cache.dir>/samples/` (`stored_splits`); a
+  rerun, a sweep's next run and the other ranks load them (a million records: seconds and ~150 B a sample,
+  against minutes and ~1.5 KB a record). A batch is then a row read per image plus a vectorized pad
+  (`text.collate`).
 - Image rows are read as stored (minivlm.shard.RowReader: the only code that knows the row format, checks
   each row's CRC-32 and picks mmap or pread) into one preallocated (B, row_bytes) uint8 tensor per batch
   (pinned for CUDA), in (shard, row) order within the batch, and decoded on the training device by
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -39,10 +43,12 @@ from minivlm.config import RunConfig
 from minivlm.dist import Dist
 from minivlm.encoder import EncoderSpec
 from minivlm.records import Record
-from minivlm.sources import read_records
 from minivlm.fileio import atomic_write
 from minivlm.shard import Codec, RowReader
-from minivlm.text import TextFormat, Tokens, collate, load_tokenizer, text_format, tokenize, tokens_key
+from minivlm.sources import open_sources, read_records, sources_hash
+from minivlm.text import TextFormat, Tokens, collate, format_key, load_tokenizer, text_format, tokenize
+
+SAMPLES = "samples"  # <cache.dir>/samples/<key>.npz: a run's splits as arrays (`stored_splits`)
 
 
 def open_cache(cfg: RunConfig, tokens: int | None = None, width: int | None = None) -> tuple[dict, cache.CacheIndex]:
@@ -66,23 +72,29 @@ def in_val_split(key: str, frac: float) -> bool:
 
 @dataclass(frozen=True)
 class Split:
-    records: list[Record]
-    locations: list[tuple[int, int] | None]   # (shard, row) per record, None for text-only
-    dropped: int                               # records whose image is not in the cache
+    """A split's samples as arrays: where each one's image row is (shard -1: text-only). `records` is kept only
+    where something needs a sample's text or image key (evaluation's captions); a training run never does."""
+    shard: np.ndarray                   # (n,) int64, -1 for a text-only sample
+    row: np.ndarray                     # (n,) int64, 0 for a text-only sample
+    dropped: int                        # records whose image is not in the cache
+    records: list[Record] | None = None
+
+    def __len__(self) -> int:
+        return len(self.shard)
 
 
 def join(records: list[Record], index: cache.CacheIndex) -> Split:
-    kept, locs, dropped = [], [], 0
+    """Records whose image is in the cache (or that have none), with its (shard, row); the others counted."""
+    kept, locs, dropped, text_only = [], [], 0, (-1, 0)
     for r in records:
-        if r.image is None:
-            kept.append(r)
-            locs.append(None)
-        elif r.image in index.locations:
-            kept.append(r)
-            locs.append(index.locations[r.image])
-        else:
+        loc = text_only if r.image is None else index.locations.get(r.image)
+        if loc is None:
             dropped += 1
-    return Split(kept, locs, dropped)
+        else:
+            kept.append(r)
+            locs.append(loc)
+    locs = np.array(locs, np.int64).reshape(-1, 2)
+    return Split(locs[:, 0].copy(), locs[:, 1].copy(), dropped, kept)
 
 
 def load_splits(cfg: RunConfig, index: cache.CacheIndex) -> tuple[Split, Split]:
@@ -96,34 +108,60 @@ def load_splits(cfg: RunConfig, index: cache.CacheIndex) -> tuple[Split, Split]:
     return join(train, index), join(val, index)
 
 
-def split_tokens(fmt: TextFormat, split: Split, text_dir: str | Path | None = None, save: bool = False,
-                 progress: bool = False) -> Tokens:
-    """The split's samples tokenized (`text.tokenize`), kept in `text_dir/<key>.npz` when `save`: a rerun,
-    a sweep's next run and the other ranks load it instead of tokenizing again (35-80 s per 558K samples
-    on one core). The key hashes everything the ids depend on, so a changed input never loads stale ids."""
-    has = [loc is not None for loc in split.locations]
-    if text_dir is None:
-        return tokenize(fmt, split.records, has, progress)
-    path = Path(text_dir) / f"{tokens_key(fmt, split.records, has)}.npz"
+def split_tokens(fmt: TextFormat, split: Split, progress: bool = False) -> Tokens:
+    return tokenize(fmt, split.records, (split.shard >= 0).tolist(), progress)
+
+
+SAMPLES_FORMAT = 1  # bump when what a stored entry holds for the same inputs changes
+SPLITS = ("train", "val")
+_ARRAYS = ("shard", "row") + tuple(f.name for f in dataclasses.fields(Tokens))
+
+
+def samples_key(cfg: RunConfig, fmt: TextFormat, manifest: dict) -> str:
+    """A hash of everything the stored samples depend on: the record files (JSON by content, Parquet by identity
+    and its stored join), how they are read and split, the cache's rows (its manifest) and the text format."""
+    d = cfg.data
+    h = hashlib.sha256(repr((SAMPLES_FORMAT, d.records, d.val_records, d.val_frac, d.image_column, d.text_column,
+                             format_key(fmt))).encode())
+    for spec in filter(None, (d.records, d.val_records)):
+        h.update(sources_hash(open_sources(spec, d)).encode())
+    h.update(json.dumps(manifest, sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def stored_splits(cfg: RunConfig, index: cache.CacheIndex, manifest: dict, fmt: TextFormat, save: bool = False,
+                  progress: bool = False) -> tuple[tuple[Split, Tokens], tuple[Split, Tokens]]:
+    """Train and held-out splits with their tokens, from `<cache.dir>/samples/<key>.npz` when a run kept them:
+    a rerun, a sweep's next run and the other ranks load a few arrays instead of reading, joining and tokenizing
+    every record again (minutes and ~1.5 KB a record, per million records). The first run (`save`) keeps them."""
+    path = Path(cfg.cache.dir) / SAMPLES / f"{samples_key(cfg, fmt, manifest)}.npz"
     try:
         with np.load(path, allow_pickle=False) as z:
-            return Tokens(**{f.name: z[f.name] for f in dataclasses.fields(Tokens)})
+            return tuple((Split(z[f"{s}/shard"], z[f"{s}/row"], int(z[f"{s}/dropped"])),
+                          Tokens(*(z[f"{s}/{a}"] for a in _ARRAYS[2:]))) for s in SPLITS)
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        print(f"data: {path} is unreadable ({e}); tokenizing again", flush=True)
-    tokens = tokenize(fmt, split.records, has, progress)
+        print(f"data: {path} is unreadable ({e}); reading the records again", flush=True)
+    splits = load_splits(cfg, index)
+    out = tuple((dataclasses.replace(sp, records=None), split_tokens(fmt, sp, progress and s == "train"))
+                for s, sp in zip(SPLITS, splits))
+    del splits  # the records: ~1.5 KB each
     if save:
         try:
-            atomic_write(path, lambda tmp: _save_tokens(tmp, tokens))
+            atomic_write(path, lambda tmp: _save_samples(tmp, out))
         except OSError as e:
-            print(f"data: could not keep the tokenized text in {path} ({e}); the next run tokenizes again", flush=True)
-    return tokens
+            print(f"data: could not keep the samples in {path} ({e}); the next run reads the records again", flush=True)
+    return out
 
 
-def _save_tokens(path: Path, tokens: Tokens) -> None:
+def _save_samples(path: Path, splits) -> None:
+    arrays = {}
+    for s, (sp, tokens) in zip(SPLITS, splits):
+        arrays.update({f"{s}/shard": sp.shard, f"{s}/row": sp.row, f"{s}/dropped": np.int64(sp.dropped)})
+        arrays.update({f"{s}/{f.name}": getattr(tokens, f.name) for f in dataclasses.fields(Tokens)})
     with open(path, "wb") as f:  # a file object: savez would append .npz to a name
-        np.savez(f, **{field.name: getattr(tokens, field.name) for field in dataclasses.fields(Tokens)})
+        np.savez(f, **arrays)
 
 
 class Samples:
@@ -134,11 +172,10 @@ class Samples:
                  text: Tokens | None = None):
         self.split, self.reader, self.fmt, self.pin_memory = split, reader, fmt, pin_memory
         self.text = text if text is not None else split_tokens(fmt, split)
-        self.shard = np.array([loc[0] if loc else -1 for loc in split.locations], np.int64)  # (n,) -1: text-only
-        self.row = np.array([loc[1] if loc else 0 for loc in split.locations], np.int64)     # (n,)
+        self.shard, self.row = split.shard, split.row  # (n,): -1 / 0 for text-only samples
 
     def __len__(self):
-        return len(self.split.records)
+        return len(self.split)
 
     @property
     def row_bytes(self) -> int:
@@ -148,7 +185,9 @@ class Samples:
         self.reader.close()
 
     def shard_order(self, indices: list[int]) -> list[int]:
-        return sorted(indices, key=lambda i: self.split.locations[i] or (-1, i))
+        """The batch in (shard, row) order (text-only samples first, as they came): reads walk each file forward."""
+        ix = np.asarray(indices, np.int64)
+        return ix[np.lexsort((np.where(self.shard[ix] < 0, ix, self.row[ix]), self.shard[ix]))].tolist()
 
     def __getitem__(self, indices: list[int]) -> dict:
         return {**self.text_batches([indices])[0], "rows": self.rows(indices)}
@@ -181,7 +220,8 @@ class Samples:
 
     def describe_rows(self, index: np.ndarray, limit: int = 8) -> str:
         """'<cache>/shards/shard-00001.h5 rows 3, 9; <cache>/shards/shard-00004.h5 row 0' for these samples."""
-        locs = sorted({self.split.locations[i] for i in np.asarray(index).tolist() if self.split.locations[i]})
+        ix = np.asarray(index, np.int64)
+        locs = sorted({(s, r) for s, r in zip(self.shard[ix].tolist(), self.row[ix].tolist()) if s >= 0})
         if not locs:
             return "no cached rows (text-only samples)"
         by_shard: dict[int, list[int]] = {}
@@ -336,13 +376,13 @@ def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int 
     manifest, index = open_cache(cfg, tokens, width)
     tok = load_tokenizer(cfg.tokenizer)
     fmt = text_format(tok, cfg.tokenizer, index.tokens)
-    train_split, val_split = load_splits(cfg, index)
-    if not train_split.records:
+    (train_split, train_text), (val_split, val_text) = stored_splits(cfg, index, manifest, fmt, save=dist.is_main,
+                                                                    progress=dist.is_main)
+    if not len(train_split):
         raise ValueError(f"no training samples: none of {cfg.data.records}'s images are in cache {cfg.cache.dir}")
-    pin, text_dir = dist.device.startswith("cuda"), Path(cfg.cache.dir) / "text"
-    train_ds = Samples(train_split, index.reader(), fmt, pin,
-                       split_tokens(fmt, train_split, text_dir, save=dist.is_main, progress=dist.is_main))
-    val_ds = Samples(val_split, index.reader(), fmt, pin, split_tokens(fmt, val_split, text_dir, save=dist.is_main))
+    pin = dist.device.startswith("cuda")
+    train_ds = Samples(train_split, index.reader(), fmt, pin, train_text)
+    val_ds = Samples(val_split, index.reader(), fmt, pin, val_text)
     sampler = BatchSampler(train_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size, grad_accum=tc.grad_accum)
     if sampler.steps_per_epoch < 1:
         raise ValueError(f"{len(train_ds)} training samples make no full step of train.batch_size={tc.batch_size} x "

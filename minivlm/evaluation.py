@@ -13,6 +13,7 @@ import textwrap
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from minivlm.captioner import caption_features, load_run
@@ -35,7 +36,7 @@ def held_out(run_dir: Path, vc: VLMConfig, cache_dir: str | None, records: str |
     vc.encoder.check(EncoderSpec.of_manifest(manifest), f"cache {cfg.cache.dir}", f"run {run_dir}",
                      "pass --cache with the cache this run was trained on")
     split = join(read_records(records, cfg.data, cfg.cache.dir), index) if records else load_splits(cfg, index)[1]
-    if not split.records:
+    if not len(split):
         raise ValueError(f"no held-out samples with cached images for {run_dir}; pass --records")
     return cfg, index, split
 
@@ -49,7 +50,7 @@ def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, records: str
     batches = [ds[ix] for ix in BatchSampler(ds, cfg.train.batch_size, 0, shuffle=False).batches(0)]
     losses = evaluate(cap.model, batches, index.codec, amp_dtype(cfg.train, device), device)  # the run's dtype
 
-    picked = [i for i, loc in enumerate(split.locations) if loc is not None][:n]
+    picked = np.flatnonzero(split.shard >= 0)[:n].tolist()
     generated = caption_features(cap, index.codec.decode(ds.rows(picked))) if picked else []
     ds.close()
     samples = []

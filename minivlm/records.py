@@ -12,7 +12,6 @@ Design choices:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 from dataclasses import dataclass
@@ -107,13 +106,6 @@ def load_records(path: str | Path) -> list[Record]:
     if not records:
         raise ValueError(f"{path}: no records")
     return records
-
-
-def records_hash(*paths: str | Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(hashlib.sha256(Path(p).read_bytes()).digest())
-    return h.hexdigest()[:16]
 
 
 def image_keys(records: list[Record]) -> list[str]:

@@ -110,7 +110,8 @@ class Codec:
         return values.float() * scale
 
 
-def _checksums(rows: np.ndarray) -> np.ndarray:
+def checksums(rows: np.ndarray) -> np.ndarray:
+    """CRC-32 (zlib) of each stored row: what the writer stores and every read checks."""
     return np.fromiter((zlib.crc32(r) for r in rows), np.uint32, len(rows))
 
 
@@ -129,7 +130,7 @@ def write_shard(path: Path, rows: np.ndarray, codec: Codec, keys: list[str], *, 
         f.create_dataset("embeddings", data=rows[:, :codec.values_bytes].view(codec.stored).reshape(n, T, D))
         if codec.scaled:
             f.create_dataset("scales", data=np.ascontiguousarray(rows[:, codec.values_bytes:]).view("<f4"))
-        f.create_dataset("checksums", data=_checksums(rows))
+        f.create_dataset("checksums", data=checksums(rows))
         f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
         f.attrs.update(format_version=FORMAT_VERSION, codec=codec.name, checksum="crc32", tokens=T, width=D,
                        n_rows=n, fingerprint=fingerprint, fingerprint_id=fingerprint_id, shard_index=shard_index,
@@ -291,8 +292,9 @@ class RowReader:
         shard[i] is -1 (text-only samples). A row that fails its checksum stops the run naming it."""
         self._copy(shard, row, out)
         if self.check:
+            got = checksums(out)
             for b, s, r in zip(range(len(out)), shard.tolist(), row.tolist()):
-                if s >= 0 and zlib.crc32(out[b]) != self.shards[s].checksums[r]:
+                if s >= 0 and got[b] != self.shards[s].checksums[r]:
                     path = self.shards[s].path
                     raise RunFailed(corrupt_row(path, r, key_of(path, r)))
 
@@ -303,7 +305,7 @@ class RowReader:
         for lo in range(0, info.n_rows, block):
             rows = np.arange(lo, min(lo + block, info.n_rows))
             self._copy(np.full(len(rows), s), rows, buf[:len(rows)])
-            bad += [int(r) for r, got in zip(rows, _checksums(buf[:len(rows)])) if got != info.checksums[r]]
+            bad += [int(r) for r, got in zip(rows, checksums(buf[:len(rows)])) if got != info.checksums[r]]
         return bad
 
     def close(self) -> None:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from minivlm import parquet
 from minivlm.config import DataConfig
-from minivlm.fileio import TMP_SUFFIX, atomic_write
+from minivlm.fileio import TMP_SUFFIX, atomic_write, sha256_file
 from minivlm.records import Record, caption_turns, load_records, parse_turns, resolve_image
 
 STORE = "sources"          # <cache.dir>/sources/<identity>.npz: the stored join
@@ -107,7 +107,7 @@ def sources_hash(sources: list[Source]) -> str:
     """What the manifest remembers of the inputs: JSON files by content (as before Parquet), Parquet by identity."""
     h = hashlib.sha256()
     for s in sources:
-        h.update(identity(s).encode() if s.layout else hashlib.sha256(s.path.read_bytes()).digest())
+        h.update(identity(s).encode() if s.layout else bytes.fromhex(sha256_file(s.path)))
     return h.hexdigest()[:16]
 
 

@@ -187,8 +187,8 @@ def tokenize(fmt: TextFormat, records: list[Record], with_image: list[bool], pro
 TOKENS_FORMAT = 1  # bump when what tokenize returns for the same input changes
 
 
-def tokens_key(fmt: TextFormat, records: list[Record], with_image: list[bool]) -> str:
-    """A hash of everything `tokenize` output depends on: tokenizer, template, format, the records' text."""
+def format_key(fmt: TextFormat) -> str:
+    """A hash of everything `tokenize` output depends on besides the records: tokenizer, template, format."""
     import tokenizers
     import transformers
 
@@ -198,8 +198,6 @@ def tokens_key(fmt: TextFormat, records: list[Record], with_image: list[bool]) -
     h.update(repr((TOKENS_FORMAT, transformers.__version__, tokenizers.__version__, tok.chat_template,
                    fmt.image_token, fmt.image_token_id, fmt.image_tokens, fmt.chat, fmt.eos_id, fmt.pad_id,
                    fmt.max_len, fmt.prompt)).encode())
-    for record, w in zip(records, with_image):
-        h.update(repr((record.turns, w)).encode())
     return h.hexdigest()[:32]
 
 

@@ -176,7 +176,7 @@ def downgrade(cache_dir) -> None:
 
 def test_upgrade_rewrites_a_format1_cache_into_the_bytes_a_fresh_format2_cache_has(demo_cache, tmp_path):
     old = tmp_path / "cache"
-    shutil.copytree(demo_cache, old, ignore=shutil.ignore_patterns("text"))
+    shutil.copytree(demo_cache, old, ignore=shutil.ignore_patterns("samples"))
     downgrade(old)
     with pytest.raises(ValueError, match=r"is in format 1 .*stages/embed.py --config <config> --upgrade"):
         cache.load_manifest(old)

@@ -32,7 +32,7 @@ def test_live_features_are_bitwise_the_cached_rows(demo, tiny_run):
     cap = load_run(tiny_run.train.run_dir)
     _, index = open_cache(tiny_run)
     train, _ = load_splits(tiny_run, index)
-    picked = [i for i, loc in enumerate(train.locations) if loc is not None][:5]
+    picked = np.flatnonzero(train.shard >= 0)[:5].tolist()
     ds = Samples(train, index.reader(), cap.fmt)
     cached = index.codec.decode(ds.rows(picked))
     for batch in ([picked[0]], picked):  # alone and batched

@@ -14,7 +14,8 @@ from conftest import train_config
 from minivlm import cache
 from minivlm import data
 from minivlm.config import RunFailed
-from minivlm.data import BatchSampler, Loader, Samples, load_splits, open_cache, split_tokens, to_device
+from minivlm.data import (BatchSampler, Loader, Samples, load_splits, open_cache, split_tokens, stored_splits,
+                          to_device)
 from minivlm.text import encode_sample, load_tokenizer, text_format
 
 
@@ -72,7 +73,7 @@ def test_text_only_records_are_kept_and_failed_images_dropped_and_counted(demo, 
     cfg = train_config(demo, demo_cache, tmp_path, f"data.records={tmp_path}/r.json")
     _, index = open_cache(cfg)
     train, _ = load_splits(cfg, index)
-    assert train.dropped == 1 and sum(loc is None for loc in train.locations) == sum("image" not in r for r in recs)
+    assert train.dropped == 1 and int((train.shard < 0).sum()) == sum("image" not in r for r in recs)
 
 
 def test_hash_split_is_deterministic_and_disjoint(demo, demo_cache, tmp_path):
@@ -165,9 +166,9 @@ def test_batches_collated_together_equal_each_batch_alone(demo, demo_cache, tmp_
 def test_row_reads_equal_h5py_reads_for_every_row(demo, demo_cache, tmp_path, mapped):
     ds, index, _ = dataset(train_config(demo, demo_cache, tmp_path), mapped=mapped)
     got = images(ds, ds[list(range(len(ds)))])
-    for b, loc in enumerate(ds.split.locations):
-        if loc is not None:
-            assert np.array_equal(got[b].numpy(), h5py_row(index.shards[loc[0]].path, loc[1]))
+    for b, (s, r) in enumerate(zip(ds.shard.tolist(), ds.row.tolist())):
+        if s >= 0:
+            assert np.array_equal(got[b].numpy(), h5py_row(index.shards[s].path, r))
 
 
 def test_truncated_shard_fails_at_open_naming_the_file(demo, demo_cache, tmp_path, mapped):
@@ -233,27 +234,37 @@ def test_shape_and_encoder_mismatches_name_the_field(demo, demo_cache, tmp_path)
         open_cache(train_config(demo, demo_cache, tmp_path, "encoder.keep_cls=true"))
 
 
-def test_tokenized_text_is_kept_and_reused_only_for_the_same_inputs(demo, demo_cache, tmp_path, monkeypatch):
-    cfg = train_config(demo, demo_cache, tmp_path)
-    ds, index, fmt = dataset(cfg)
-    train = ds.split
-    first = split_tokens(fmt, train, tmp_path / "text", save=True)
-    (kept,) = (tmp_path / "text").glob("*.npz")
+def test_stored_samples_are_kept_and_reused_only_for_the_same_inputs(demo, demo_cache, tmp_path, monkeypatch, capsys):
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(demo_cache, cache_dir, ignore=shutil.ignore_patterns(data.SAMPLES))
+    cfg = train_config(demo, cache_dir, tmp_path)
+    manifest, index = open_cache(cfg)
+    fmt = text_format(load_tokenizer(cfg.tokenizer), cfg.tokenizer, index.tokens)
+    reference = [(sp, split_tokens(fmt, sp)) for sp in load_splits(cfg, index)]  # from the records themselves
+    first = stored_splits(cfg, index, manifest, fmt, save=True)
+    (kept,) = (cache_dir / data.SAMPLES).glob("*.npz")
 
-    def no_tokenizing(*args, **kwargs):
-        raise AssertionError("tokenized again")
+    def equal(a, b) -> bool:
+        return all(np.array_equal(x.shard, y.shard) and np.array_equal(x.row, y.row) and x.dropped == y.dropped
+                   and all(np.array_equal(getattr(s, f.name), getattr(t, f.name)) for f in dataclasses.fields(s))
+                   for (x, s), (y, t) in zip(a, b))
 
-    monkeypatch.setattr(data, "tokenize", no_tokenizing)
-    again = split_tokens(fmt, train, tmp_path / "text")
-    assert all(np.array_equal(getattr(first, f.name), getattr(again, f.name)) for f in dataclasses.fields(first))
-    fewer = data.Split(train.records[:5], train.locations[:5], 0)
+    assert equal(first, reference) and first[0][0].records is None  # a run keeps no records
+    monkeypatch.setattr(data, "load_splits", lambda *a: pytest.fail("read the records again"))
+    assert equal(stored_splits(cfg, index, manifest, fmt), reference)
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(json.loads((demo / "train.json").read_text())[:-1]))
     longer = text_format(fmt.tokenizer, dataclasses.replace(cfg.tokenizer, max_len=90), index.tokens)
-    for other_fmt, other_split in ((fmt, fewer), (longer, train)):
-        with pytest.raises(AssertionError, match="tokenized again"):
-            split_tokens(other_fmt, other_split, tmp_path / "text")
+    for other_cfg, other_fmt in ((train_config(demo, cache_dir, tmp_path, f"data.records={fewer}"), fmt),
+                                 (cfg, longer), (train_config(demo, cache_dir, tmp_path, "data.val_records="), fmt)):
+        with pytest.raises(pytest.fail.Exception, match="read the records again"):
+            stored_splits(other_cfg, index, manifest, other_fmt)
+    with pytest.raises(pytest.fail.Exception, match="read the records again"):  # another cache: other rows
+        stored_splits(cfg, index, {**manifest, "shards": manifest["shards"][::-1]}, fmt)
     kept.write_bytes(b"not a zip")
     monkeypatch.undo()
-    assert np.array_equal(split_tokens(fmt, train, tmp_path / "text").ids, first.ids)  # unreadable: tokenized again
+    assert equal(stored_splits(cfg, index, manifest, fmt), reference)  # unreadable: read again, said so
+    assert "is unreadable" in capsys.readouterr().out
 
 
 def test_a_batch_counts_its_real_text_tokens_and_names_its_cached_rows(demo, demo_cache, tmp_path):
@@ -265,5 +276,5 @@ def test_a_batch_counts_its_real_text_tokens_and_names_its_cached_rows(demo, dem
     assert ds.image_rows(batch["index"]) == 3 and list(batch["index"]) == ix
     named = ds.describe_rows(batch["index"])
     for i in ix:
-        shard, row = ds.split.locations[i]
+        shard, row = ds.shard[i], ds.row[i]
         assert re.search(rf"{ds.reader.shards[shard].path.name} rows? [0-9, ]*\b{row}\b", named), named

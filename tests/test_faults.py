@@ -243,7 +243,7 @@ def test_garbage_bytes_in_a_shard_train_finite_or_stop_with_one_line_and_verify_
         demo, demo_cache, tmp_path, seed):
     rng = np.random.default_rng(seed)
     cache_dir = tmp_path / "cache"
-    shutil.copytree(demo_cache, cache_dir, ignore=shutil.ignore_patterns("text"))
+    shutil.copytree(demo_cache, cache_dir, ignore=shutil.ignore_patterns("samples"))
     shards = sorted(cache.shard_dir(cache_dir).glob("*.h5"))
     target = shards[int(rng.integers(len(shards)))]
     data = bytearray(target.read_bytes())
@@ -290,7 +290,7 @@ def test_an_unreadable_user_file_is_one_line_naming_it(demo, demo_cache, tmp_pat
     from minivlm.sweep import load_sweep
     from minivlm.trainer import load_data
     cache_dir = tmp_path / "cache"
-    shutil.copytree(demo_cache, cache_dir, ignore=shutil.ignore_patterns("text"))
+    shutil.copytree(demo_cache, cache_dir, ignore=shutil.ignore_patterns("samples"))
     cfg = train_config(demo, cache_dir, tmp_path)
     if kind == "config":
         bad, call = _garble(tmp_path / "c.toml"), lambda: load_config(tmp_path / "c.toml")
@@ -326,7 +326,7 @@ def test_upgrade_killed_midway_then_rerun_trains_to_the_weights_of_a_fresh_forma
     fresh = demo_config(demo, tmp_path / "fresh", "cache.shard_size=2")  # ~100 shards: a kill lands midway
     run_embed(fresh, Dist())
     old = tmp_path / "old" / "cache"
-    shutil.copytree(fresh.cache.dir, old, ignore=shutil.ignore_patterns("text"))
+    shutil.copytree(fresh.cache.dir, old, ignore=shutil.ignore_patterns("samples"))
     downgrade(old)
     first = cache.shard_path(old, 0)
     inode = first.stat().st_ino

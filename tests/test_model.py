@@ -7,7 +7,7 @@ import torch
 
 from minivlm.config import ModelConfig
 from minivlm.generate import generate, sample_next
-from minivlm.model import VLM, MoEFeedForward, apply_rope, freeze, num_params, param_groups, rope_tables
+from minivlm.model import VLM, MoEFeedForward, freeze, num_params, param_groups
 
 V, D_IMG, T = 50, 12, 4
 IMG = V - 1  # image placeholder token id

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 import pytest
@@ -418,7 +419,8 @@ def corrupt_row(cfg, step: int) -> tuple[Path, int, bytes]:
     the row and the shard file's original bytes."""
     data = load_data(cfg, Dist())
     i = data.sampler.batches(0)[step - 1][0]
-    (s, row), info = data.train.split.locations[i], data.index.shards[data.train.split.locations[i][0]]
+    s, row = int(data.train.shard[i]), int(data.train.row[i])
+    info = data.index.shards[s]
     reader = data.index.reader(mapped=False)
     rows = np.empty((info.n_rows, info.codec.row_bytes), np.uint8)
     reader.read(np.full(info.n_rows, s), np.arange(info.n_rows), rows)
@@ -434,12 +436,14 @@ def corrupt_row(cfg, step: int) -> tuple[Path, int, bytes]:
 @pytest.mark.slow
 def test_a_row_failing_its_checksum_stops_training_with_the_line_verify_prints(demo, demo_cache, tmp_path):
     cache_dir = tmp_path / "cache"
-    shutil.copytree(demo_cache, cache_dir, ignore=shutil.ignore_patterns("text"))
+    shutil.copytree(demo_cache, cache_dir, ignore=shutil.ignore_patterns("samples"))
     cfg = train_config(demo, cache_dir, tmp_path, "train.max_steps=3")
     data = load_data(cfg, Dist())
     i = data.sampler.batches(0)[1][0]  # read by step 2
-    (s, row), key = data.train.split.locations[i], data.train.split.records[i].image
+    s, row = int(data.train.shard[i]), int(data.train.row[i])
     info = data.index.shards[s]
+    with h5py.File(info.path) as f:
+        key = f["keys"][row].decode()
     data.train.close()
     raw = bytearray(info.path.read_bytes())
     raw[info.values_at + row * info.codec.values_bytes + 11] ^= 0x08  # one bit of one value of that row
