@@ -150,7 +150,7 @@ class Tokens:
 
 def tokenize(fmt: TextFormat, records: list[Record], with_image: list[bool], progress: bool = False) -> Tokens:
     """Every record's ids and answer mask; a prompt that leaves no room for the answer is an error."""
-    ids, answer, image_at, prompts = [], [], np.full(len(records), -1, np.int64), {}
+    ids, answer, lengths, image_at, prompts = [], [], [], np.full(len(records), -1, np.int64), {}
     chunk = 4096  # records per batched tokenizer call (the fast tokenizer encodes a list in one go)
     with tqdm(total=len(records), desc="tokenize", unit="sample", disable=not progress or None,
               mininterval=1.0) as bar:
@@ -158,6 +158,7 @@ def tokenize(fmt: TextFormat, records: list[Record], with_image: list[bool], pro
             pieces = [_segments(fmt, r, w, prompts) for r, w in zip(records[lo:lo + chunk], with_image[lo:lo + chunk])]
             texts = [t for segs in pieces for t, _ in segs if t]
             encoded = iter(fmt.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+            chunk_ids, chunk_answer = [], []  # one array per chunk, not per sample (~100 B an array)
             for k, segs in enumerate(pieces):
                 i, sid, sans = lo + k, [], []
                 for text, is_answer in segs:
@@ -174,11 +175,14 @@ def tokenize(fmt: TextFormat, records: list[Record], with_image: list[bool], pro
                     raise ValueError(f"{records[i].where}: prompt longer than tokenizer.max_len={fmt.max_len}; "
                                      f"raise tokenizer.max_len")
                 keep = fmt.max_len - (fmt.image_tokens - 1 if image_at[i] >= 0 else 0)  # the answer's tail goes
-                ids.append(np.asarray(sid[:keep] + [fmt.pad_id], np.int32))
-                answer.append(np.asarray(sans[:keep] + [False], bool))
+                chunk_ids += sid[:keep] + [fmt.pad_id]
+                chunk_answer += sans[:keep] + [False]
+                lengths.append(min(len(sid), keep) + 1)
+            ids.append(np.asarray(chunk_ids, np.int32))
+            answer.append(np.asarray(chunk_answer, bool))
             bar.update(len(pieces))
-    end = np.cumsum([len(x) for x in ids], dtype=np.int64) - 1
-    start = end - np.array([len(x) - 1 for x in ids], np.int64)
+    end = np.cumsum(np.asarray(lengths, np.int64)) - 1
+    start = end - np.asarray(lengths, np.int64) + 1
     length = end - start + np.where(image_at >= 0, fmt.image_tokens - 1, 0)
     cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
     return Tokens(cat(ids, np.int32), cat(answer, bool), start, end, image_at, length)
