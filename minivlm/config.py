@@ -56,13 +56,15 @@ def _in_range(value: float, spec: str) -> bool:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Records: LLaVA JSON/JSONL + an image folder, or Parquet with the images inside (file, directory or glob)."""
-    records: str = "data/demo/train.json"  # JSON/JSONL file, or Parquet file, directory of them, or glob
+    """Records: LLaVA JSON/JSONL + an image folder, or Parquet / WebDataset tars with the images inside (a file, a
+    directory, a glob or a brace pattern); any of them local or a URL (s3://, gs://, hf://, https://)."""
+    records: str = "data/demo/train.json"  # JSON/JSONL, Parquet or tar file; directory, glob, {0..9} brace pattern
     image_root: str = "data/demo/images"  # folder that JSON records' image paths are relative to (not Parquet)
     val_records: str = ""         # held-out records (same forms); empty -> deterministic hash split by image key
     val_frac: float = 0.05        # share of image keys held out when val_records is empty
     image_column: str = ""        # Parquet column with the image bytes; empty -> image_bytes, image, images, jpg, ...
     text_column: str = ""         # Parquet column with the text; empty -> conversations, messages, caption, text, txt
+    storage_options: dict = field(default_factory=dict)  # fsspec options for URLs: {endpoint_url = "...", anon = true}
 
     def __post_init__(self):
         check_ranges(self, "data.{}", val_frac="[0, 1)")
@@ -244,13 +246,16 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
     if isinstance(value, str) and typ is not str:
         text = value.strip()
         try:
+            if typ is dict:  # an inline TOML table: {endpoint_url = "http://127.0.0.1:9000", anon = false}
+                return tomllib.loads(f"v = {text}")["v"]
             if typ is bool:
                 if text.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 return text.lower() in ("true", "1")
             return typ(text)
-        except ValueError:
-            raise ValueError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+        except (ValueError, tomllib.TOMLDecodeError, KeyError):
+            want = "an inline TOML table such as {anon = true}" if typ is dict else typ.__name__
+            raise ValueError(f"{where}: expected {want}, got {value!r}") from None
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is bool and not isinstance(value, bool) or typ is not bool and isinstance(value, bool) \
@@ -260,7 +265,7 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
 
 
 def _field_types(cls) -> dict[str, type]:
-    names = {"str": str, "int": int, "float": float, "bool": bool}
+    names = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}
     return {f.name: names[f.type] if isinstance(f.type, str) else f.type for f in fields(cls)}
 
 
@@ -352,7 +357,13 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
 
 
 def to_toml(tree: dict[str, dict[str, Any]]) -> str:
@@ -379,6 +390,7 @@ def describe(sections: list[str]) -> str:
         notes = _comments(cls)
         lines.append(f"  [{name}]  {(cls.__doc__ or '').strip()}")
         for f in fields(cls):
-            item = f"    {name}.{f.name} = {_toml_value(f.default)}"
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            item = f"    {name}.{f.name} = {_toml_value(default)}"
             lines.append(f"{item:<44} {notes[f.name]}" if f.name in notes else item)
     return "\n".join(lines)

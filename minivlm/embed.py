@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from minivlm import __version__, cache, shard, sources
+from minivlm import __version__, cache, remote, shard, sources
 from minivlm.config import RunConfig, RunFailed
 from minivlm.dist import Dist
 from minivlm.encoder import (EncoderSpec, ImageError, decode_image, features, fingerprint_id, load_encoder, load_image,
@@ -56,19 +56,30 @@ class ShardImages(IterableDataset):
     def _pixels(self, reader: sources.ImageReader, key: str, where):
         if where is None:
             return None, OUTSIDE_ROOT, None
-        source = None if isinstance(where, Path) else sources.describe(self.files, where)
+        source = None if isinstance(where, (Path, remote.Url)) else sources.describe(self.files, where)
         try:
-            image = load_image(where, self.max_pixels) if source is None else self._decode(reader, key, where)
+            image = load_image(where, self.max_pixels) if isinstance(where, Path) else \
+                self._fetch(where) if source is None else self._decode(reader, key, where)
             return preprocess(self.processor, image), None, source
         except ImageError as e:
             return None, str(e), source
         except Exception as e:  # a processor crash on one odd image must not stop the run
             return None, f"preprocessing failed ({type(e).__name__}: {e})", source
 
+    def _fetch(self, url: remote.Url):
+        """A folder image under a URL image root: read (retried), then decoded as a local file is."""
+        try:
+            return decode_image(url.read_bytes(), self.max_pixels)
+        except FileNotFoundError:
+            raise ImageError("missing") from None
+        except (PermissionError, remote.RemoteError) as e:
+            raise ImageError(str(e)) from None
+
     def _decode(self, reader: sources.ImageReader, key: str, where):
         try:
             data = reader.read(where)
-        except ValueError as e:  # a page that no longer reads: the file changed since it was hashed
+        except ValueError as e:  # a page that no longer reads (the file changed since it was hashed), or a remote
+            # read that failed every retry (remote.RemoteError): this image's failure
             raise ImageError(str(e)) from None
         if hashlib.sha256(data).hexdigest() != key:
             raise ImageError("bytes differ from their stored SHA-256 (the file changed since it was hashed; rerun embed)")
@@ -117,7 +128,7 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
     t0 = time.time()
     specs = [f for f in (cfg.data.records, cfg.data.val_records) if f]  # held-out images are cached too
     loaded = sources.load(specs, cfg.data, cfg.cache.dir, dist.rank, progress=dist.is_main)
-    planned = sources.plan(loaded, cfg.data.image_root)
+    planned = sources.plan(loaded, sources.image_root(cfg.data))
     if not planned.keys:
         raise ValueError(f"{cfg.data.records}: no record has an image; nothing to embed")
     rhash = sources.sources_hash(loaded.sources)

@@ -198,7 +198,7 @@ def append_text(path: str | Path, text: str) -> None:
 def read_utf8(path: str | Path) -> str:
     """A user's text file (records, configs); a UTF-8 BOM is dropped, bytes that are not UTF-8 are a
     one-line error naming the line."""
-    data = Path(path).read_bytes()
+    data = (path if hasattr(path, "read_bytes") else Path(path)).read_bytes()  # a Path, or a remote.Url
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

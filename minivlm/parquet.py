@@ -12,9 +12,10 @@ Design choices:
   values), never a row group's or a file's images. pyarrow's defaults (`pre_buffer=True`, no
   `buffer_size`) read a whole column chunk at once: measured, peak RSS then grew with the file (stage 1
   on a one-row-group file: 270 MB at 64 MB, 500 MB at 292 MB; with these settings it stays flat).
-- What `minivlm.sources` asks of a format (a tar reader would give the same): `layout`, `rows`, `texts`
-  (every row's id and text cell), `images` (every row's image bytes, for hashing) and `ImageRows` (the
-  images of rows asked in increasing order, for stage 1's workers).
+- What `minivlm.sources` asks of a format (`minivlm.tars` gives the same): `layout`, `rows`, `texts`
+  (every row's id and text cell), `images` (every row's image bytes, for hashing), `where` (a row, named in
+  messages) and `ImageRows` (the images of rows asked in increasing order, for stage 1's workers).
+- A URL is read through `remote.open_binary` (retried byte ranges), a local file directly.
 - `ImageRows` reads forward only: rows asked in increasing order cost one pass over the row groups that
   hold them; a row group holding none of them is never read.
 - A read that fails (a corrupt page, a truncated file) is a ValueError naming the file and row group.
@@ -31,6 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pyarrow.types as pat
 
+from minivlm import remote
+
 IMAGE_COLUMNS = ("image_bytes", "image", "images", "jpg", "jpeg", "png", "webp")
 TEXT_COLUMNS = ("conversations", "messages", "caption", "text", "txt")
 TURN_COLUMNS = ("conversations", "messages")
@@ -42,7 +45,7 @@ MAGIC = b"PAR1"
 
 
 def is_parquet(path: Path) -> bool:
-    with open(path, "rb") as f:
+    with remote.open_binary(path) as f:
         return f.read(4) == MAGIC
 
 
@@ -57,7 +60,8 @@ class Layout:
 
 def open_file(path: Path) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path, buffer_size=BUFFER_BYTES, pre_buffer=False)
+        return pq.ParquetFile(remote.open_binary(path) if remote.is_url(path) else path, buffer_size=BUFFER_BYTES,
+                              pre_buffer=False)
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{path}: not a readable Parquet file ({_first_line(e)}); {REWRITE}") from None
 
@@ -157,6 +161,10 @@ def images(path: Path, lay: Layout) -> Iterator[tuple[int, list[bytes]]]:
 
 def rows(path: Path) -> int:
     return open_file(path).metadata.num_rows
+
+
+def where(path: Path, lay: Layout, row: int) -> str:
+    return f"{path} row {row}"
 
 
 def images_of(value, where: str) -> list[bytes]:

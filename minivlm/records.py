@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minivlm.fileio import read_utf8
+from minivlm.remote import Url
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_TAG = "<image>"
@@ -80,10 +81,10 @@ def _parse_record(obj, where: str) -> Record:
     return Record(rid, normalize_key(image) if image else None, turns, where)
 
 
-def load_records(path: str | Path) -> list[Record]:
-    """Read and validate every record of a JSON array or JSONL file."""
-    path = Path(path)
-    if not path.is_file():
+def load_records(path: str | Path | Url) -> list[Record]:
+    """Read and validate every record of a JSON array or JSONL file (local, or a URL)."""
+    path = path if isinstance(path, Url) else Path(path)
+    if isinstance(path, Path) and not path.is_file():
         raise FileNotFoundError(f"records file {path} not found; set data.records (make demo-data writes the demo's)")
     text = read_utf8(path)
     records = []
@@ -117,10 +118,12 @@ def first_record_with(records: list[Record], key: str) -> Record:
     return next(r for r in records if r.image == key)
 
 
-def resolve_image(root: str | Path, key: str) -> Path | None:
-    """The file for `key` under `root`, or None if it resolves outside the root (never to be read)."""
-    root = Path(root).resolve()
+def resolve_image(root: str | Path | Url, key: str) -> Path | Url | None:
+    """The file for `key` under `root` (a folder or a URL), or None if it resolves outside the root (never read)."""
     if posixpath.isabs(key) or key == ".." or key.startswith("../"):
         return None
+    if isinstance(root, Url):
+        return root.child(key)
+    root = Path(root).resolve()
     path = (root / key).resolve()
     return path if path.is_relative_to(root) else None

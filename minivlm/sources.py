@@ -2,9 +2,11 @@
 image keys, the plan of stage 1 and the reads of its workers.
 
 Design choices:
-- `data.records` / `data.val_records` are a file, a directory (its *.parquet files) or a glob, files in
-  sorted order. A `.parquet` file (or one of another suffix that starts with Parquet's magic bytes) holds its
-  images inside (`minivlm.parquet`); `.json`, `.jsonl` and others are LLaVA records with their images under
+- `data.records` / `data.val_records` are a file, a directory (its *.tar files, else its *.parquet files), a
+  glob or a brace pattern (`shards/{00000..00099}.tar`, as webdataset expands it), files in sorted order; any
+  of them may be a URL that fsspec opens (`minivlm.remote`). A `.parquet` file (or one of another suffix that
+  starts with Parquet's magic bytes) holds its images inside (`minivlm.parquet`), so does a `.tar`
+  (`minivlm.tars`, WebDataset); `.json`, `.jsonl` and others are LLaVA records with their images under
   `data.image_root` (`minivlm.records`).
 - Keys: the normalised path of a folder image; the hex SHA-256 of the bytes of an image inside a file, so
   the same image in many rows or files is one cache row, and `sha256sum` recomputes a key.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import re
 import time
 import zipfile
 from collections import Counter
@@ -37,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from minivlm import parquet
+from minivlm import parquet, remote, tars
 from minivlm.config import DataConfig
 from minivlm.fileio import TMP_SUFFIX, atomic_write, sha256_file
 from minivlm.records import Record, caption_turns, load_records, parse_turns, resolve_image
@@ -48,7 +51,8 @@ STALE_TEMP_S = 3600        # a temp file of the store older than this was left b
 SKIP_REASONS = {"several": "hold several images", "no_image": "hold no image", "no_text": "hold no text"}
 
 
-FORMATS = {"parquet": parquet}  # formats with the images inside: layout, rows, texts, images, ImageRows
+FORMATS = {"parquet": parquet, "tar": tars}  # images inside: layout, rows, texts, images, where, ImageRows
+_BRACE = re.compile(r"\{([^{}]*)\}")
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,28 @@ class Source:
         return FORMATS[self.format]
 
 
-def expand(spec: str) -> list[Path]:
-    """The files a data.records value names: a file, a directory's *.parquet, or a glob; sorted."""
+def braces(spec: str) -> list[str]:
+    """A brace pattern's names, as webdataset expands them: `{00000..00099}` (zero-padded to the first bound's
+    width), `{a,b}`; several groups multiply. Without braces, the spec itself."""
+    m = _BRACE.search(spec)
+    if not m:
+        return [spec]
+    lo, dots, hi = m.group(1).partition("..")
+    if dots and lo.isdigit() and hi.isdigit():
+        items = [f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = m.group(1).split(",")
+    return [name for item in items for name in braces(spec[:m.start()] + item + spec[m.end():])]
+
+
+def expand(spec: str, options: dict | None = None) -> list:
+    """The files a data.records value names: a file, a directory's *.tar or else *.parquet, a glob or a brace
+    pattern; local `Path`s, or `remote.Url`s (with the filesystem `options`) for URLs; sorted."""
+    names = braces(spec)
+    if len(names) > 1:
+        return [f for name in names for f in expand(name, options)]
+    if remote.is_url(spec):
+        return remote.expand(spec, options, tars.SUFFIXES + (".parquet",))
     if any(c in spec for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
         if not files:
@@ -72,10 +96,10 @@ def expand(spec: str) -> list[Path]:
         return files
     path = Path(spec)
     if path.is_dir():
-        files = sorted(path.glob("*.parquet"))
+        files = sorted(path.glob("*.tar")) or sorted(path.glob("*.parquet"))  # img2dataset's tar dir has both
         if not files:
-            raise FileNotFoundError(f"records directory {path} has no *.parquet file; point data.records at a "
-                                    f"file, or a directory or glob of Parquet files")
+            raise FileNotFoundError(f"records directory {path} has no *.tar or *.parquet file; point data.records "
+                                    f"at a file, or a directory, glob or brace pattern of tars or Parquet files")
         return files
     if not path.is_file():
         raise FileNotFoundError(f"records file {path} not found; set data.records (make demo-data writes the demo's)")
@@ -85,8 +109,10 @@ def expand(spec: str) -> list[Path]:
 def open_sources(spec: str, data: DataConfig) -> list[Source]:
     """Every file of `spec` with its layout, checked before any work starts (one line per bad file)."""
     out = []
-    for path in expand(spec):
-        if path.suffix.lower() in (".parquet", ".pq") or path.suffix.lower() not in (".json", ".jsonl") \
+    for path in expand(spec, data.storage_options):
+        if tars.is_tar(path):
+            out.append(Source(path, tars.layout(path), "tar"))
+        elif path.suffix.lower() in (".parquet", ".pq") or path.suffix.lower() not in (".json", ".jsonl") \
                 and parquet.is_parquet(path):
             out.append(Source(path, parquet.layout(path, data.image_column, data.text_column), "parquet"))
         else:
@@ -95,6 +121,8 @@ def open_sources(spec: str, data: DataConfig) -> list[Source]:
 
 
 def identity(src: Source) -> str:
+    if isinstance(src.path, remote.Url):  # ETag, size, mtime: nothing downloaded
+        return remote.identity(src.path, src.layout.image if src.layout else "")
     st = src.path.stat()
     h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:{src.layout.image if src.layout else ''}:".encode())
     with open(src.path, "rb") as f:
@@ -196,7 +224,7 @@ def _texts(src: Source, progress: bool) -> list[_Row]:
     out = []
     for row, rid, value in tqdm(src.reader.texts(src.path, src.layout), total=src.reader.rows(src.path), unit="row",
                                 desc=f"read {src.path.name}", disable=not progress or None, mininterval=1.0):
-        where = f"{src.path} row {row}"
+        where = src.reader.where(src.path, src.layout, row)
         if value is None or isinstance(value, str):  # a caption (or no text)
             turns, tagged = (caption_turns(value) if value and value.strip() else None), True
         else:
@@ -256,7 +284,7 @@ def read_records(spec: str, data: DataConfig, cache_dir: str | Path, progress: b
 @dataclass(frozen=True)
 class Plan:
     keys: list[str]          # unique image keys in plan order
-    where: list              # per key: Path | None (folder image; None: outside the root), or (source, row)
+    where: list              # per key: Path | Url | None (folder image; None: outside the root), or (source, row)
 
 
 def plan(loaded: Loaded, image_root: str | Path) -> Plan:
@@ -266,7 +294,7 @@ def plan(loaded: Loaded, image_root: str | Path) -> Plan:
     for r, o in zip(loaded.records, loaded.origin):
         if o is not None:
             inside.setdefault(r.image, o)
-    if folder and not Path(image_root).is_dir():
+    if folder and not isinstance(image_root, remote.Url) and not Path(image_root).is_dir():
         raise FileNotFoundError(f"data.image_root {image_root} is not a directory; point it at the folder the "
                                 f"records' image paths are relative to")
     seen = set(folder)
@@ -274,13 +302,20 @@ def plan(loaded: Loaded, image_root: str | Path) -> Plan:
     return Plan(folder + later, [resolve_image(image_root, k) for k in folder] + [inside[k] for k in later])
 
 
+def image_root(data: DataConfig) -> Path | remote.Url:
+    """data.image_root: a folder, or a URL with data.storage_options."""
+    root = data.image_root
+    return remote.Url.of(root.rstrip("/"), data.storage_options) if remote.is_url(root) else Path(root)
+
+
 def cut(keys: list[str], shard_size: int) -> list[list[str]]:
     return [keys[i:i + shard_size] for i in range(0, len(keys), shard_size)]
 
 
 def describe(sources: list[Source], where) -> str:
-    """'data/x.parquet row 12' for a (source, row) location."""
-    return f"{sources[where[0]].path} row {where[1]}"
+    """'data/x.parquet row 12', 'shards/00000.tar member 000000012.jpg' for a (source, row) location."""
+    src = sources[where[0]]
+    return src.reader.where(src.path, src.layout, where[1])
 
 
 class ImageReader:

@@ -372,16 +372,16 @@ def test_training_on_minimind_parquet_uses_every_record(demo, layouts, embedded,
 
 # --- kill -9 and torchrun on Parquet ---------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_kill9_during_a_parquet_embed_then_rerun_is_bitwise_an_uninterrupted_run(demo, layouts, tmp_path):
-    over = ["--config", str(REPO / "configs/demo.toml"), *demo_overrides(demo, tmp_path), *layout_overrides(layouts["minimind"]),
+def kill9_then_rerun_is_bitwise_an_uninterrupted_run(demo, tmp_path, records: list[str], trials: int = 6, seed: int = 18):
+    """kill -9 the embed of `records` (overrides) at random moments, rerun it: the cache of a run never killed."""
+    over = ["--config", str(REPO / "configs/demo.toml"), *demo_overrides(demo, tmp_path), *records,
             "cache.shard_size=4", "encoder.batch_size=4", "encoder.num_workers=2"]
     t0 = time.time()
     ref = run_stage("embed.py", *over[:-1], "encoder.num_workers=0", f"cache.dir={tmp_path}/ref")
     within = time.time() - t0
     assert ref.returncode == 0, ref.stderr
-    rng, killed = random.Random(18), 0
-    for trial in range(6):
+    rng, killed = random.Random(seed), 0
+    for trial in range(trials):
         out = kill_at_random("embed.py", over, rng, within)
         assert out.returncode in (0, -9), (trial, out.stderr[-1000:])
         killed += out.killed
@@ -391,12 +391,22 @@ def test_kill9_during_a_parquet_embed_then_rerun_is_bitwise_an_uninterrupted_run
     assert_same_cache(tmp_path / "cache", tmp_path / "ref")
 
 
-@pytest.mark.slow
-def test_torchrun_two_ranks_on_parquet_equal_one_process(demo, layouts, tmp_path):
-    over = [*demo_overrides(demo, tmp_path / "two"), *layout_overrides(layouts["minimind"]), "encoder.num_workers=1"]
+def two_ranks_equal_one_process(demo, tmp_path, records: list[str]):
+    """torchrun with two ranks embeds `records` (overrides) into the cache one process writes."""
+    over = [*demo_overrides(demo, tmp_path / "two"), *records, "encoder.num_workers=1"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(REPO / "stages/embed.py"), "--config", str(REPO / "configs/demo.toml"), *over],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    run_embed(demo_config(demo, tmp_path / "one", *layout_overrides(layouts["minimind"])), Dist())
+    run_embed(demo_config(demo, tmp_path / "one", *records), Dist())
     assert_same_cache(tmp_path / "two" / "cache", tmp_path / "one" / "cache")
+
+
+@pytest.mark.slow
+def test_kill9_during_a_parquet_embed_then_rerun_is_bitwise_an_uninterrupted_run(demo, layouts, tmp_path):
+    kill9_then_rerun_is_bitwise_an_uninterrupted_run(demo, tmp_path, layout_overrides(layouts["minimind"]))
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_on_parquet_equal_one_process(demo, layouts, tmp_path):
+    two_ranks_equal_one_process(demo, tmp_path, layout_overrides(layouts["minimind"]))
