@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from minivlm import cache
+from minivlm import cache, sources, tars
 from minivlm.data import BatchSampler, Loader, Samples, _groups, load_data, load_splits, to_device
 from minivlm.dist import Dist
-from minivlm.encoder import features, load_image, preprocess
+from minivlm.encoder import decode_image, features, load_image, preprocess
 from minivlm.records import resolve_image
 from minivlm.shard import Codec, RowReader, checksums
 from minivlm.trainer import amp_dtype, build_model, train_step
@@ -472,6 +472,28 @@ def decoded_pixels(cfg, processor, n: int) -> torch.Tensor:
     keys = image_keys(load_records(cfg.data.records))[:n]
     return torch.stack([preprocess(processor, load_image(resolve_image(cfg.data.image_root, k),
                                                          cfg.encoder.max_image_pixels)) for k in keys])
+
+
+def read_decode_folder(cfg, n: int) -> float:
+    """images/s reading and decoding the first n images of cfg's records from the image folder."""
+    from minivlm.records import image_keys, load_records
+    paths = [resolve_image(cfg.data.image_root, k) for k in image_keys(load_records(cfg.data.records))[:n]]
+    t0 = time.perf_counter()
+    for p in paths:
+        load_image(p, cfg.encoder.max_image_pixels)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def read_decode_tars(cfg) -> float:
+    """images/s reading and decoding every image of cfg's tars: the index pass, then each image by offset."""
+    t0, n = time.perf_counter(), 0
+    for path in sources.expand(cfg.data.records):
+        lay = tars.scan(path)
+        for _, images in tars.images(path, lay):
+            for data in images:
+                decode_image(data, cfg.encoder.max_image_pixels)
+                n += 1
+    return n / (time.perf_counter() - t0)
 
 
 def encoder_rate(enc, pixels: torch.Tensor, batch_size: int, device: str) -> float:

@@ -33,7 +33,9 @@ Figures per workload (demo, b16):
                          encoder's real output for the P4 images (what `stages/embed.py --compare` reports)
   P4 embed vs encoder    run_embed images/s / the encoder forward alone on pre-decoded tensors, same batch size;
                          from the image folder, and from the same images in a MiniMind-V Parquet file (every
-                         image in two rows; a fresh cache, so the Parquet figure includes hashing the images)
+                         image in two rows) and in img2dataset tars (a brace pattern); a fresh cache, so the
+                         Parquet and tar figures include hashing the images. Also read+decode images/s
+                         (no encoder): from the tars (index pass + reads by offset) / from the folder
   P5 memory              peak memory training from a cache of N and of 4N images (child processes; see
                          peak_rss.py for why not ru_maxrss); b16 also: stage 1's peak memory on Parquet
                          files of N and 4N photos in one row group (tiny tower, no worker processes)
@@ -143,20 +145,25 @@ def p4_embed(wl: Workload, enc, pixels: torch.Tensor, device: str, work: Path) -
     """Rounds of (run_embed into a fresh cache dir, the encoder alone over the same images pre-decoded)."""
     s, root = wl.sizes, work / "p4" / wl.name
     loops.encoder_rate(enc, pixels[:wl.cfg.encoder.batch_size], wl.cfg.encoder.batch_size, device)  # warm-up
-    embed_rates, parquet_rates, enc_rates = [], [], []
+    embed_rates, parquet_rates, tar_rates, enc_rates, folder_reads, tar_reads = [], [], [], [], [], []
     for _ in range(s.repeats):
-        for cfg, rates in ((wl.embed_cfg, embed_rates), (wl.parquet_embed_cfg, parquet_rates)):
+        for cfg, rates in ((wl.embed_cfg, embed_rates), (wl.parquet_embed_cfg, parquet_rates),
+                           (wl.tar_embed_cfg, tar_rates)):
             shutil.rmtree(root, ignore_errors=True)  # a fresh cache: Parquet's first embed hashes its images too
             t0 = time.perf_counter()
             with quiet():
                 run_embed(with_cache_dir(cfg, root), Dist(device=device))
             rates.append(s.embed_images / (time.perf_counter() - t0))
         enc_rates.append(loops.encoder_rate(enc, pixels, wl.cfg.encoder.batch_size, device))
+        folder_reads.append(loops.read_decode_folder(wl.embed_cfg, s.embed_images))
+        tar_reads.append(loops.read_decode_tars(wl.tar_embed_cfg))
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
     load_encoder(wl.cfg.encoder, device)
     load_s = time.perf_counter() - t0
     return {"embed_img_s": figure(embed_rates), "parquet_embed_img_s": figure(parquet_rates),
+            "tar_embed_img_s": figure(tar_rates), "read_decode_folder_img_s": figure(folder_reads),
+            "read_decode_tar_img_s": figure(tar_reads),
             "encoder_img_s": figure(enc_rates), "images": s.embed_images,
             "batch_size": wl.cfg.encoder.batch_size, "decode_workers": wl.cfg.encoder.num_workers,
             "encoder_load_s": load_s}
@@ -342,6 +349,8 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
         "p3": p3,
         "p4_embed_vs_encoder": p4["embed_img_s"]["median"] / p4["encoder_img_s"]["median"],
         "p4_parquet_embed_vs_encoder": p4["parquet_embed_img_s"]["median"] / p4["encoder_img_s"]["median"],
+        "p4_tar_embed_vs_encoder": p4["tar_embed_img_s"]["median"] / p4["encoder_img_s"]["median"],
+        "tar_vs_folder_read_decode": p4["read_decode_tar_img_s"]["median"] / p4["read_decode_folder_img_s"]["median"],
         "p4": p4,
         "check_share_of_p2": p3["warm"]["check_us_per_row"] * c * ds.image_rows(np.arange(len(ds))) / len(ds) / 1e6,
         "codec": codec,
@@ -448,6 +457,12 @@ def table(results: dict) -> str:
             (name, "P4 embed Parquet vs encoder", f"{p4['parquet_embed_img_s']['median']:.1f} img/s run_embed",
              "(MiniMind-V Parquet, 2 rows an image)", f"{r['p4_parquet_embed_vs_encoder']:.2f}",
              f"±{spread(p4['parquet_embed_img_s']['repeats']) / 2:.0f}%"),
+            (name, "P4 embed tars vs encoder", f"{p4['tar_embed_img_s']['median']:.1f} img/s run_embed",
+             "(img2dataset tars, brace pattern)", f"{r['p4_tar_embed_vs_encoder']:.2f}",
+             f"±{spread(p4['tar_embed_img_s']['repeats']) / 2:.0f}%"),
+            (name, "read+decode tars vs folder", f"{p4['read_decode_tar_img_s']['median']:,.0f} img/s from tars",
+             f"{p4['read_decode_folder_img_s']['median']:,.0f} img/s from the folder",
+             f"{r['tar_vs_folder_read_decode']:.2f}", f"±{spread(p4['read_decode_tar_img_s']['repeats']) / 2:.0f}%"),
         ]
         if p5:
             rows.append((name, "P5 peak memory 4N vs N", f"{p5['4n']['total_mb']:,.0f} MB ({p5['images']['4n']} img)",

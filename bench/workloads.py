@@ -13,7 +13,7 @@
 Each cache exists twice: N and 4N images (P5 compares their peak RSS); the 4N one feeds P1-P3. The 4N
 one exists a third time stored with the 8-bit codec CODEC8 (the codec figures: its P2, P3 and bytes).
 P4 also embeds the same images from a MiniMind-V Parquet file (every image in two rows, pyarrow's default
-single row group). b16 adds stage 1's peak memory on Parquet files of N and 4N photos (one row group each:
+single row group) and from img2dataset tars (`demo_tars`: TAR_SAMPLES samples a tar, a brace pattern). b16 adds stage 1's peak memory on Parquet files of N and 4N photos (one row group each:
 the worst case for a reader that loads a row group whole), embedded by a tiny 224 px tower in one process,
 so the source's share of the memory is not hidden under ViT-B/16's.
 A marker with the build parameters is written last, so an interrupted or differently sized build is redone.
@@ -36,6 +36,7 @@ import torch
 from minivlm import __version__, cache, shard
 from minivlm.config import RunConfig, load_config
 from minivlm.demo_parquet import minimind_table, write_table
+from minivlm.demo_tars import records_as_tars
 from minivlm.dist import Dist
 from minivlm.encoder import fingerprint_id, spec_of
 from minivlm.fileio import atomic_write_json, atomic_write_text, sha256_file
@@ -45,6 +46,7 @@ from minivlm.sources import open_sources, sources_hash
 REPO = Path(__file__).resolve().parents[1]
 V3_TOKENIZER = REPO.parent / "shared" / "ref" / "minimind-tokenizer-v3"
 CODEC8 = "int8"  # the 8-bit codec the codec figures measure (the better of int8 / float8_e4m3 on error)
+TAR_SAMPLES = 32  # samples a tar in P4's tar set (img2dataset writes 10,000; a few tars even at smoke size)
 B16_PROMPTS = ("Describe the image concisely.", "Provide a brief description of the given image.",
                "Render a clear and concise summary of the photo.", "Share a concise interpretation of the image provided.")
 
@@ -75,6 +77,7 @@ class Workload:
     codec_cfg: RunConfig        # the same on the 4n cache stored with CODEC8
     embed_cfg: RunConfig        # stage 1 for P4 (records of `embed_images` images, cache.dir to be replaced)
     parquet_embed_cfg: RunConfig  # the same images from a MiniMind-V Parquet file
+    tar_embed_cfg: RunConfig    # the same images from img2dataset tars (a brace pattern)
     parquet_rss_cfgs: dict | None  # {"n", "4n"}: stage 1 on Parquet files of n and 4n images (P5, b16 only)
     sizes: Sizes
     info: dict                  # printable description for the JSON
@@ -109,6 +112,18 @@ def parquet_of(records: Path, image_root: Path, out: Path, row_group_size: int |
         write_table(out, minimind_table(json.loads(records.read_text()), image_root), row_group_size)
         atomic_write_json(marker, params)
     return out
+
+
+def tars_of(records: Path, image_root: Path, out: Path) -> str:
+    """The records as img2dataset tars of TAR_SAMPLES samples under `out/`, built once; their brace pattern."""
+    params = {"records_hash": records_hash(records), "per_tar": TAR_SAMPLES}
+    marker = out / "bench_marker.json"
+    if not _marker_ok(marker, params):
+        shutil.rmtree(out, ignore_errors=True)
+        records_as_tars(json.loads(records.read_text()), image_root, out, TAR_SAMPLES, failed=False)
+        atomic_write_json(marker, params)
+    n = len(list(out.glob("*.tar")))
+    return f"{out}/{{00000..{n - 1:05d}}}.tar"
 
 
 def with_records(cfg: RunConfig, records: Path, **encoder) -> RunConfig:
@@ -146,7 +161,9 @@ def build_demo(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
             run_embed(c, Dist(device=device))  # skips when the cache is already complete
     embed = cfg_for(sizes.embed_images)
     parquet = parquet_of(recs[sizes.embed_images], root / "data" / "images", root / f"records-{sizes.embed_images}.parquet")
-    return Workload("demo", cfg, small, codec, embed, with_records(embed, parquet), None, sizes,
+    tar_set = tars_of(recs[sizes.embed_images], root / "data" / "images", root / f"tars-{sizes.embed_images}")
+    return Workload("demo", cfg, small, codec, embed, with_records(embed, parquet), with_records(embed, tar_set), None,
+                    sizes,
                     {"images": f"{n_train} synthetic 96x96 JPEG/PNG (make_demo)",
                      "encoder": "tiny CLIP 64px/patch 8, 2 layers, D=64, pool 2",
                      "T": 16, "D": 64, "model": "configs/demo.toml (dim 128 x 4 layers)", "cache": "run_embed output",
@@ -282,7 +299,9 @@ def build_b16(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
     rss = {label: with_records(small, parquet_of(recs[k], root / "images", root / f"records-{k}.parquet"),
                                name_or_path=str(root / "encoder-tiny"), num_workers=0)
            for label, k in (("n", sizes.n), ("4n", n_images))}
-    return Workload("b16", cfg, small, codec, embed, with_records(embed, parquet), rss, sizes,
+    tar_set = tars_of(recs[sizes.embed_images], root / "images", root / f"tars-{sizes.embed_images}")
+    return Workload("b16", cfg, small, codec, embed, with_records(embed, parquet), with_records(embed, tar_set), rss,
+                    sizes,
                     {"images": f"{max(n_images, sizes.embed_images)} synthetic 500x375 JPEG (~35 KB)",
                      "encoder": "CLIPVisionModel " + ", ".join(f"{k}={v}" for k, v in shape.items())
                                 + ", random weights, select_layer -2",

@@ -143,7 +143,8 @@ RESUME_MAY_CHANGE = {"train": {"max_steps", "epochs", "num_workers", "eval_inter
                                "keep_checkpoints", "log_interval", "wandb", "wandb_project", "resume", "compile",
                                "batch_size", "grad_accum", "out_dir", "run_name"},
                      "encoder": {"batch_size", "num_workers", "dtype", "local_files_only", "max_image_pixels"},
-                     "cache": {"dir", "shard_size", "max_failure_frac"}, "data": {"records", "image_root", "val_records"},
+                     "cache": {"dir", "shard_size", "max_failure_frac"}, "data": {"records", "image_root", "val_records",
+                                                                                        "storage_options"},
                      "tokenizer": {"name_or_path"}}
 
 

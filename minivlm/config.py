@@ -59,7 +59,7 @@ class DataConfig:
     """Records: LLaVA JSON/JSONL + an image folder, or Parquet / WebDataset tars with the images inside (a file, a
     directory, a glob or a brace pattern); any of them local or a URL (s3://, gs://, hf://, https://)."""
     records: str = "data/demo/train.json"  # JSON/JSONL, Parquet or tar file; directory, glob, {0..9} brace pattern
-    image_root: str = "data/demo/images"  # folder that JSON records' image paths are relative to (not Parquet)
+    image_root: str = "data/demo/images"  # folder (or URL) JSON records' image paths are relative to (not Parquet, tars)
     val_records: str = ""         # held-out records (same forms); empty -> deterministic hash split by image key
     val_frac: float = 0.05        # share of image keys held out when val_records is empty
     image_column: str = ""        # Parquet column with the image bytes; empty -> image_bytes, image, images, jpg, ...

@@ -44,19 +44,24 @@ def write_tar(path: Path, samples: list[tuple[str, bytes | None, str]]) -> None:
     atomic_write(path, write)
 
 
+def records_as_tars(records: list[dict], images: Path, out_dir: Path, per_tar: int, repeat: int = 0,
+                    failed: bool = True) -> list[Path]:
+    """LLaVA records with images (the last turn is the caption) as img2dataset shards `out_dir/NNNNN.tar`."""
+    items = [((images / r["image"]).read_bytes(), r["conversations"][-1]["value"]) for r in records if "image" in r]
+    items += items[:repeat]
+    if failed:
+        items.insert(len(items) // 2, (None, ""))  # a failed download: a gap in the keys
+    out = []
+    for shard, lo in enumerate(range(0, len(items), per_tar)):
+        out.append(Path(out_dir) / f"{shard:05d}.tar")
+        write_tar(out[-1], [(f"{shard:05d}{pos:04d}", jpg, caption)
+                            for pos, (jpg, caption) in enumerate(items[lo:lo + per_tar])])
+    return out
+
+
 def write_tars(demo_dir: Path, out_dir: Path, per_tar: int = 64, repeat: int = 8) -> dict[str, list[Path]]:
     """The demo's train and val images with their captions as img2dataset tars. Returns the paths per split."""
     demo_dir, out_dir = Path(demo_dir), Path(out_dir)
-    out: dict[str, list[Path]] = {}
-    for split in ("train", "val"):
-        records = [r for r in json.loads((demo_dir / f"{split}.json").read_text(encoding="utf-8")) if "image" in r]
-        items = [((demo_dir / "images" / r["image"]).read_bytes(), r["conversations"][-1]["value"]) for r in records]
-        items += items[:repeat]
-        items.insert(len(items) // 2, (None, ""))  # a failed download: a gap in the keys
-        out[split] = []
-        for shard, lo in enumerate(range(0, len(items), per_tar)):
-            path = out_dir / split / f"{shard:05d}.tar"
-            write_tar(path, [(f"{shard:05d}{pos:04d}", jpg, caption)
-                             for pos, (jpg, caption) in enumerate(items[lo:lo + per_tar])])
-            out[split].append(path)
-    return out
+    return {split: records_as_tars(json.loads((demo_dir / f"{split}.json").read_text(encoding="utf-8")),
+                                   demo_dir / "images", out_dir / split, per_tar, repeat)
+            for split in ("train", "val")}

@@ -85,7 +85,7 @@ def expand(spec: str, options: dict | None = None) -> list:
     """The files a data.records value names: a file, a directory's *.tar or else *.parquet, a glob or a brace
     pattern; local `Path`s, or `remote.Url`s (with the filesystem `options`) for URLs; sorted."""
     names = braces(spec)
-    if len(names) > 1:
+    if names != [spec]:
         return [f for name in names for f in expand(name, options)]
     if remote.is_url(spec):
         return remote.expand(spec, options, tars.SUFFIXES + (".parquet",))

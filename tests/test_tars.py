@@ -7,9 +7,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from conftest import demo_config
+from conftest import demo_config, train_config
 from minivlm import cache, sources, tars
 from minivlm.config import load_config
+from minivlm.data import load_data
 from minivlm.demo_tars import write_tar, write_tars
 from minivlm.dist import Dist
 from minivlm.embed import run_embed
@@ -69,6 +70,15 @@ def test_members_are_grouped_by_key_as_webdataset_groups_them():
     assert tars.split_name("000010023.jpg") == ("000010023", "jpg")
     assert tars.split_name("a/b.c/img.seg.png") == ("a/b.c/img", "seg.png")
     assert tars.split_name("README") == (None, None) and tars.split_name("dir.d/README") == (None, None)
+
+
+def test_brace_patterns_expand_as_webdataset_expands_them(tmp_path):
+    assert sources.braces("s/{00008..00011}.tar") == [f"s/{i:05d}.tar" for i in range(8, 12)]
+    assert sources.braces("{a,b}/{0..1}.tar") == ["a/0.tar", "a/1.tar", "b/0.tar", "b/1.tar"]
+    assert sources.braces("s/{00000..00000}.tar") == ["s/00000.tar"] and sources.braces("x.tar") == ["x.tar"]
+    with pytest.raises(FileNotFoundError, match=r"records file .*s/00001\.tar not found"):
+        (tmp_path / "s").mkdir() or (tmp_path / "s/00000.tar").write_bytes(b"")
+        sources.expand(f"{tmp_path}/s/{{00000..00001}}.tar")
 
 
 def _tar(path, members: list[tuple[str, bytes]]) -> None:
@@ -169,6 +179,20 @@ def test_undecodable_image_members_are_failures_naming_tar_and_member(demo, tmp_
     failure, = [json.loads(x) for x in (tmp_path / "cache" / cache.FAILURES).read_text().splitlines()]
     assert failure["key"] == sha(good[:300]) and failure["source"] == f"{tmp_path}/s.tar member b.jpg"
     assert m["counts"] == {"images": 2, "embedded": 1, "failed": 1}
+
+
+def test_training_on_tars_uses_every_sample_and_never_reads_image_bytes(demo, tar_embedded, tmp_path, monkeypatch):
+    cfg, _ = tar_embedded
+
+    def boom(*a, **kw):
+        raise AssertionError("stage 2 read or hashed image bytes")
+
+    monkeypatch.setattr(sources, "_hash_rows", boom)
+    monkeypatch.setattr(tars.ImageRows, "images", boom)
+    data = load_data(train_config(demo, cfg.cache.dir, tmp_path, *[f"data.{k}={getattr(cfg.data, k)}" for k in
+                                                                   ("records", "val_records", "image_root")]), Dist())
+    n_train = sum("image" in r for r in json.loads((demo / "train.json").read_text())) + 8  # and the repeats
+    assert (len(data.train), data.dropped) == (n_train, 0)
 
 
 # --- reads: by offset, forward, bounded ---------------------------------------------------------------------
