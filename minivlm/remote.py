@@ -100,19 +100,19 @@ def retried(url: Url, read, what: str = "read"):
         try:
             return read(fs, path)
         except PERMANENT as e:
-            raise type(e)(f"{url}: {type(e).__name__} ({_first_line(e)}); check the URL and data.storage_options "
+            raise type(e)(f"{url}: {type(e).__name__} ({first_line(e)}); check the URL and data.storage_options "
                           f"(credentials come from the environment)") from None
         except Exception as e:  # connection dropped, timeout, 5xx: the backends raise many kinds
             if attempt == RETRIES - 1:
                 raise RemoteError(f"{url}: {what} failed {RETRIES} times, the last with {type(e).__name__} "
-                                  f"({_first_line(e)}); check the network or data.storage_options and rerun "
+                                  f"({first_line(e)}); check the network or data.storage_options and rerun "
                                   f"(published shards are kept)") from None
             time.sleep(BACKOFF_S * 2 ** attempt)
             if hasattr(fs, "invalidate_cache"):
                 fs.invalidate_cache(path)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from minivlm import remote
 
@@ -111,8 +112,10 @@ def scan(path) -> Layout:
     """One sequential pass over the tar: its samples, checked (one line naming the tar and member on bad input)."""
     samples: list[_Sample] = []
     last = "(none: the first header)"
-    with remote.open_binary(path) as f:
-        _check_magic(path, f.peek(8)[:8] if hasattr(f, "peek") else b"")
+    size = path.size() if isinstance(path, remote.Url) else Path(path).stat().st_size
+    with remote.open_binary(path) as raw, tqdm.wrapattr(raw, "read", total=size, desc=f"index {path.name}",
+                                                         disable=None, leave=False, mininterval=1.0) as f:
+        _check_magic(path, raw.peek(8)[:8])
         try:
             with tarfile.open(fileobj=f, mode="r|") as tf:
                 for info in tf:
@@ -139,8 +142,7 @@ def scan(path) -> Layout:
                 end = tf.offset
         except tarfile.ReadError as e:
             what = "not a tar file" if last.startswith("(none") else f"truncated or corrupt after member {last}"
-            raise ValueError(f"{path}: {what} ({remote._first_line(e)}); {REWRITE}") from None
-    size = path.size() if isinstance(path, remote.Url) else Path(path).stat().st_size
+            raise ValueError(f"{path}: {what} ({remote.first_line(e)}); {REWRITE}") from None
     if not samples and size < END_BYTES or samples and size < end + END_BYTES:
         raise ValueError(f"{path}: truncated after member {last} (no end-of-archive blocks); {REWRITE}")
     counts = np.array([len(s.images) for s in samples], np.int64)
