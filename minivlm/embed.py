@@ -72,7 +72,7 @@ class ShardImages(IterableDataset):
             return decode_image(url.read_bytes(), self.max_pixels)
         except FileNotFoundError:
             raise ImageError("missing") from None
-        except (PermissionError, remote.RemoteError) as e:
+        except remote.RemoteError as e:
             raise ImageError(str(e)) from None
 
     def _decode(self, reader: sources.ImageReader, key: str, where):
@@ -223,6 +223,10 @@ def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, shards
             if px is None:
                 failures.append((key, reason) if source is None else (key, reason, source))
                 n_failed += 1
+                if remote.gave_up(reason):  # the store, not the image: stop rather than publish it as failed
+                    bar.close()
+                    raise RunFailed(f"{source or key}: {reason} (the published shards are kept, the ones in flight "
+                                    f"dropped)")
             else:
                 rows.append(stored[fi])
                 keys.append(key)

@@ -6,8 +6,9 @@ Design choices:
   else. It offers the few things `minivlm.sources` asks of a local `Path` (name, stem, suffix, read_bytes).
 - Every read is a byte range (`fs.cat_file(path, start, end)`), so a read that fails (a dropped connection,
   a 5xx, a timeout) is retried as is: up to `RETRIES` tries, `BACKOFF_S` doubling between them. Then it
-  is a `RemoteError`, one line naming the URL: stage 1 logs it as that image's failure; at load time it
-  stops the run. A missing file or a refused credential is not retried.
+  is a `RemoteError`, one line naming the URL, that stops the run: a rerun resumes, and no image is ever
+  recorded as failed because the store was down for a while. A missing file, a refused access or missing
+  credentials are not retried: stage 1 records that image as failed (failures.jsonl) and goes on.
 - `open_binary` gives a buffered, seekable file over ranged reads (`BLOCK` bytes each): tars stream
   through it, pyarrow reads Parquet footers and pages through it; local paths are plain files.
 - A remote file's identity is its ETag, size and mtime from `info()`: nothing is downloaded to compute it.
@@ -30,6 +31,7 @@ RETRIES = 5                # tries of one read before it is a RemoteError
 BACKOFF_S = 0.25           # wait before the second try; doubled before each later one
 BLOCK = 4 << 20            # bytes of one ranged read under open_binary
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError")  # botocore, google-auth
 
 
 class RemoteError(ValueError):
@@ -100,16 +102,25 @@ def retried(url: Url, read, what: str = "read"):
         try:
             return read(fs, path)
         except PERMANENT as e:
-            raise type(e)(f"{url}: {type(e).__name__} ({first_line(e)}); check the URL and data.storage_options "
-                          f"(credentials come from the environment)") from None
+            error = FileNotFoundError if isinstance(e, FileNotFoundError) else RemoteError
+            raise error(f"{url}: {type(e).__name__} ({first_line(e)}); check the URL and data.storage_options "
+                        f"(credentials come from the environment)") from None
         except Exception as e:  # connection dropped, timeout, 5xx: the backends raise many kinds
+            if type(e).__name__ in NO_CREDENTIALS:
+                raise RemoteError(f"{url}: no credentials ({first_line(e)}); set them in the environment "
+                                  f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN), "
+                                  f"or data.storage_options = {{anon = true}} for a public bucket") from None
             if attempt == RETRIES - 1:
                 raise RemoteError(f"{url}: {what} failed {RETRIES} times, the last with {type(e).__name__} "
-                                  f"({first_line(e)}); check the network or data.storage_options and rerun "
-                                  f"(published shards are kept)") from None
+                                  f"({first_line(e)}); check the network or data.storage_options, then rerun") from None
             time.sleep(BACKOFF_S * 2 ** attempt)
             if hasattr(fs, "invalidate_cache"):
                 fs.invalidate_cache(path)
+
+
+def gave_up(reason: str) -> bool:
+    """Whether a failure's reason is a remote read that failed every retry."""
+    return f" failed {RETRIES} times, the last with " in reason
 
 
 def first_line(e: BaseException) -> str:

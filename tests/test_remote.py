@@ -9,7 +9,7 @@ import pytest
 
 from conftest import demo_config
 from minivlm import cache, remote, sources
-from minivlm.config import load_config
+from minivlm.config import RunFailed, load_config
 from minivlm.demo_parquet import write_layout
 from minivlm.dist import Dist
 from minivlm.embed import run_embed
@@ -151,14 +151,14 @@ def test_json_records_and_an_image_root_under_s3_embed_to_the_folder_cache(demo,
 
 @pytest.fixture
 def memory_tar(demo, tmp_path):
-    """memory://bucket/s.tar: two samples; the stored join already computed (as a first run leaves it)."""
+    """memory://bucket/s.tar: samples a (image 0, "one"), b (image 1, "two"), then c0..c9 (images 2..11)."""
     fsspec = pytest.importorskip("fsspec", reason="URL tests need fsspec: pip install 'minivlm[remote]'")
-    good = (demo / "images" / "train/00000.jpg").read_bytes()
-    other = (demo / "images" / "train/00001.jpg").read_bytes()
-    _tar(tmp_path / "s.tar", [("a.jpg", good), ("a.txt", b"one"), ("b.jpg", other), ("b.txt", b"two")])
+    img = [p.read_bytes() for p in sorted((demo / "images" / "train").iterdir())[:12]]
+    _tar(tmp_path / "s.tar", [("a.jpg", img[0]), ("a.txt", b"one"), ("b.jpg", img[1]), ("b.txt", b"two")]
+         + [m for i in range(10) for m in ((f"c{i}.jpg", img[2 + i]), (f"c{i}.txt", b"more"))])
     fs = fsspec.filesystem("memory")
     fs.pipe("/bucket/s.tar", (tmp_path / "s.tar").read_bytes())
-    yield fs, other
+    yield fs, img[1]
     fs.rm("/bucket", recursive=True)
 
 
@@ -182,7 +182,7 @@ def test_a_read_that_fails_is_retried_with_backoff_and_succeeds(memory_tar, monk
     monkeypatch.setattr(remote.time, "sleep", waits.append)
     left = failing(monkeypatch, fs, "cat_file", remote.RETRIES - 1)
     recs = sources.read_records("memory://bucket/s.tar", load_config(None).data, tmp_path / "c")
-    assert [r.turns[-1][1] for r in recs] == ["one", "two"] and left == [0]
+    assert [r.turns[-1][1] for r in recs][:3] == ["one", "two", "more"] and left == [0]
     assert waits == [remote.BACKOFF_S * 2 ** i for i in range(remote.RETRIES - 1)]
 
 
@@ -195,21 +195,46 @@ def test_a_read_that_keeps_failing_at_load_stops_with_one_line_naming_the_url(me
         sources.read_records("memory://bucket/s.tar", load_config(None).data, tmp_path / "c")
 
 
-def test_an_image_whose_reads_keep_failing_is_a_failure_naming_tar_member_and_url(demo, memory_tar, monkeypatch,
-                                                                                   tmp_path):
-    fs, other = memory_tar
+def test_an_image_read_that_keeps_failing_stops_stage_1_naming_tar_member_and_url_and_a_rerun_resumes(
+        demo, memory_tar, monkeypatch, tmp_path):
+    fs, _ = memory_tar
     cfg = demo_config(demo, tmp_path, "data.records=memory://bucket/s.tar", "data.val_records=", "data.image_root=",
-                      "cache.max_failure_frac=0.9")
+                      "cache.shard_size=2", "encoder.batch_size=2")
     sources.load([cfg.data.records], cfg.data, cfg.cache.dir)  # hashed: stage 1 now reads only for its workers
     monkeypatch.setattr(remote.time, "sleep", lambda s: None)
     monkeypatch.setattr(remote, "BLOCK", 512)
+    c0 = sources.open_sources(cfg.data.records, cfg.data)[0].layout.image_offset[2]
+    failing(monkeypatch, fs, "cat_file", 10 ** 6, lambda path, start=None, end=None, **kw: start == c0)
+    with pytest.raises(RunFailed, match=r"^memory://bucket/s\.tar member c0\.jpg: memory://bucket/s\.tar: read failed "
+                                        r"5 times, the last with ConnectionResetError .*then rerun \(the published "
+                                        r"shards are kept, the ones in flight dropped\)$") as e:
+        run_embed(cfg, Dist())
+    assert "\n" not in str(e.value) and not (tmp_path / "cache" / cache.FAILURES).exists()
+    assert [p.name for p in cache.shard_dir(cfg.cache.dir).glob("*.h5")] == ["shard-00000.h5"]  # a and b
+    monkeypatch.undo()  # the store answers again: the rerun completes the cache, nothing recorded as failed
+    assert run_embed(cfg, Dist())["counts"] == {"images": 12, "embedded": 12, "failed": 0}
+
+
+def test_an_image_refused_by_the_store_is_a_failure_naming_tar_and_member(demo, memory_tar, monkeypatch, tmp_path):
+    fs, _ = memory_tar
+    cfg = demo_config(demo, tmp_path, "data.records=memory://bucket/s.tar", "data.val_records=", "data.image_root=",
+                      "cache.max_failure_frac=0.5")
+    sources.load([cfg.data.records], cfg.data, cfg.cache.dir)
+    monkeypatch.setattr(remote, "BLOCK", 512)
     b_jpg = sources.open_sources(cfg.data.records, cfg.data)[0].layout.image_offset[1]
-    failing(monkeypatch, fs, "cat_file", 100, lambda path, start=None, end=None, **kw: start == b_jpg)
+    real = type(fs).cat_file
+
+    def refuse(self, path, start=None, end=None, **kw):
+        if start == b_jpg:
+            raise PermissionError("Access Denied")
+        return real(self, path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(type(fs), "cat_file", refuse)
     m = run_embed(cfg, Dist())
     failure, = [json.loads(x) for x in (tmp_path / "cache" / cache.FAILURES).read_text().splitlines()]
     assert failure["source"] == "memory://bucket/s.tar member b.jpg"
-    assert failure["reason"].startswith("memory://bucket/s.tar: read failed 5 times")
-    assert m["counts"] == {"images": 2, "embedded": 1, "failed": 1}
+    assert failure["reason"].startswith("memory://bucket/s.tar: PermissionError (Access Denied); check the URL")
+    assert m["counts"] == {"images": 12, "embedded": 11, "failed": 1}
 
 
 def test_a_url_without_the_remote_extra_is_one_line_naming_it(monkeypatch):
