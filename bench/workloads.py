@@ -116,7 +116,7 @@ def parquet_of(records: Path, image_root: Path, out: Path, row_group_size: int |
 
 def tars_of(records: Path, image_root: Path, out: Path) -> str:
     """The records as img2dataset tars of TAR_SAMPLES samples under `out/`, built once; their brace pattern."""
-    params = {"records_hash": records_hash(records), "per_tar": TAR_SAMPLES}
+    params = {"records_hash": sha256_file(records), "per_tar": TAR_SAMPLES}
     marker = out / "bench_marker.json"
     if not _marker_ok(marker, params):
         shutil.rmtree(out, ignore_errors=True)

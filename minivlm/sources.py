@@ -135,7 +135,8 @@ def sources_hash(sources: list[Source]) -> str:
     """What the manifest remembers of the inputs: JSON files by content (as before Parquet), Parquet by identity."""
     h = hashlib.sha256()
     for s in sources:
-        h.update(identity(s).encode() if s.layout else bytes.fromhex(sha256_file(s.path)))
+        remote_json = not s.layout and isinstance(s.path, remote.Url)  # by ETag/size/mtime: nothing downloaded
+        h.update(identity(s).encode() if s.layout or remote_json else bytes.fromhex(sha256_file(s.path)))
     return h.hexdigest()[:16]
 
 

@@ -11,10 +11,13 @@ Design choices:
   several, or no text is skipped and counted by `minivlm.sources`, naming the tar and member. One extension
   twice under one key is an error, as in webdataset.
 - One pass in stream mode (the stdlib `tarfile`, `r|`: a sequential read, nothing extracted to disk) checks
-  the tar and indexes it: each sample's key, text, and the offset and size of its image members. The index
-  is the format's `Layout`, kept per process for the tar's identity, so the text pass and the row count
-  never read the tar again. Image bytes are then read by offset, forward, in `remote.BLOCK`-sized ranges
-  (`ImageRows`): memory holds one block, and a worker reads only the members of its own shards, each once.
+  the tar and indexes it (`index`): each sample's key, text, and the offset and size of its image members,
+  kept per process for the tar's size and mtime (or remote identity), so the text pass, the row count and
+  stage 1's forked workers never scan it again. The pass runs when rows or texts are first asked for
+  (`sources.load`, before any work), not in `layout`, which reads nothing: stage 2 keys its stored samples
+  on `sources.open_sources` without scanning a tar. Image bytes are read by offset, forward, in
+  `remote.BLOCK`-sized ranges (`ImageRows`): memory holds one block, and a worker reads only the members of
+  its own shards, each once.
 - Compressed tars (.tar.gz, ...) have no member offsets in the file: refused, with the fix (decompress).
 - A tar that is not one, or is truncated (mid-member, or without its end-of-archive blocks), is one line
   naming the tar and the last member read.
@@ -51,8 +54,15 @@ def is_tar(path) -> bool:
     return path.suffix.lower() in SUFFIXES
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class Layout:
+    """What `minivlm.sources` keeps per tar (members are found by `index`): the image "column" its stored
+    join and identity record."""
+    image: str = "|".join(IMAGE_EXTS)
+
+
+@dataclass(frozen=True, eq=False)
+class Index:
     """A tar's index: per sample its key and text, and the offset, size and name of each image member."""
     keys: tuple[str, ...]
     texts: tuple                      # per sample: turns (list), a caption (str) or None
@@ -61,7 +71,6 @@ class Layout:
     image_size: np.ndarray            # (m,) int64
     image_name: tuple[str, ...]       # (m,) member names
     members: tuple[str, ...]          # per sample: its first member's name (where a skip is reported)
-    image: str = "|".join(IMAGE_EXTS)  # what the stored join records as the image "column"
 
     def images_of(self, row: int) -> range:
         return range(int(self.image_start[row]), int(self.image_start[row + 1]))
@@ -108,7 +117,7 @@ def _decode(path, name: str, data: bytes, ext: str):
                          f"drop the sample from the tar") from None
 
 
-def scan(path) -> Layout:
+def scan(path) -> Index:
     """One sequential pass over the tar: its samples, checked (one line naming the tar and member on bad input)."""
     samples: list[_Sample] = []
     last = "(none: the first header)"
@@ -147,7 +156,7 @@ def scan(path) -> Layout:
         raise ValueError(f"{path}: truncated after member {last} (no end-of-archive blocks); {REWRITE}")
     counts = np.array([len(s.images) for s in samples], np.int64)
     flat = [m for s in samples for m in s.images]
-    return Layout(keys=tuple(s.key for s in samples),
+    return Index(keys=tuple(s.key for s in samples),
                   texts=tuple(s.text(f"{path} member {s.first}") for s in samples),
                   image_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
                   image_offset=np.array([m[0] for m in flat], np.int64),
@@ -155,7 +164,7 @@ def scan(path) -> Layout:
                   image_name=tuple(m[2] for m in flat), members=tuple(s.first for s in samples))
 
 
-_INDEXED: dict = {}  # (path, size, mtime or identity) -> Layout: the text pass and row counts reuse the scan
+_INDEXED: dict = {}  # (path, size, mtime or identity) -> Index: the text pass, row counts and workers reuse it
 
 
 def _signature(path) -> tuple:
@@ -165,34 +174,43 @@ def _signature(path) -> tuple:
     return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
 
 
-def layout(path, image_column: str = "", text_column: str = "") -> Layout:
-    """The tar's index (scanned once per process and identity). Column overrides are Parquet's: unused here."""
+def index(path) -> Index:
+    """The tar's index, scanned once per process and identity."""
     sig = _signature(path)
     if sig not in _INDEXED:
         _INDEXED[sig] = scan(path)
     return _INDEXED[sig]
 
 
+def layout(path, image_column: str = "", text_column: str = "") -> Layout:
+    """Reads nothing (see the module's notes). Column overrides are Parquet's: unused here."""
+    if not isinstance(path, remote.Url) and not Path(path).is_file():
+        raise FileNotFoundError(f"records file {path} not found; set data.records")
+    return Layout()
+
+
 def rows(path) -> int:
-    return len(layout(path).keys)
+    return len(index(path).keys)
 
 
 def texts(path, lay: Layout) -> Iterator[tuple[int, str | None, object]]:
     """(row, key, text: turns, a caption or None) for every sample, from the index."""
-    yield from ((row, key, text) for row, (key, text) in enumerate(zip(lay.keys, lay.texts)))
+    idx = index(path)
+    yield from ((row, key, text) for row, (key, text) in enumerate(zip(idx.keys, idx.texts)))
 
 
 def images(path, lay: Layout) -> Iterator[tuple[int, list[bytes]]]:
     """(row, its image bytes) for every sample, one forward pass over the image members."""
     reader = ImageRows(path, lay)
-    for row in range(len(lay.keys)):
+    for row in range(rows(path)):
         yield row, reader.images(row)
 
 
 def where(path, lay: Layout, row: int) -> str:
     """'shards/00000.tar member 000000012.jpg': a sample's image member, or its first member."""
-    idx = lay.images_of(row)
-    return f"{path} member {lay.image_name[idx[0]] if len(idx) else lay.members[row]}"
+    idx = index(path)
+    images = idx.images_of(row)
+    return f"{path} member {idx.image_name[images[0]] if len(images) else idx.members[row]}"
 
 
 class ImageRows:
@@ -200,18 +218,19 @@ class ImageRows:
     `remote.BLOCK` bytes (local or ranged, retried reads): memory holds one block."""
 
     def __init__(self, path, lay: Layout):
-        self.path, self.lay = path, lay
+        self.path, self.idx = path, None  # the index: looked up at the first read (a fork inherits it)
         self.start, self.block = 0, b""   # the block held: bytes [start, start + len(block)) of the tar
 
     def _read(self, i: int) -> bytes:
-        offset, size = int(self.lay.image_offset[i]), int(self.lay.image_size[i])
+        offset, size = int(self.idx.image_offset[i]), int(self.idx.image_size[i])
         if not (self.start <= offset and offset + size <= self.start + len(self.block)):
             self.start, self.block = offset, remote.read_range(self.path, offset, offset + max(size, remote.BLOCK))
         data = self.block[offset - self.start:offset - self.start + size]
         if len(data) != size:
-            raise ValueError(f"{self.path} member {self.lay.image_name[i]}: shorter than its index; the tar changed "
+            raise ValueError(f"{self.path} member {self.idx.image_name[i]}: shorter than its index; the tar changed "
                              f"since it was read: rerun embed")
         return data
 
     def images(self, row: int) -> list[bytes]:
-        return [self._read(i) for i in self.lay.images_of(row)]
+        self.idx = self.idx or index(self.path)
+        return [self._read(i) for i in self.idx.images_of(row)]

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from conftest import demo_config
-from minivlm import cache, remote, sources
+from minivlm import cache, remote, sources, tars
 from minivlm.config import RunFailed, load_config
 from minivlm.demo_parquet import write_layout
 from minivlm.dist import Dist
@@ -203,7 +203,7 @@ def test_an_image_read_that_keeps_failing_stops_stage_1_naming_tar_member_and_ur
     sources.load([cfg.data.records], cfg.data, cfg.cache.dir)  # hashed: stage 1 now reads only for its workers
     monkeypatch.setattr(remote.time, "sleep", lambda s: None)
     monkeypatch.setattr(remote, "BLOCK", 512)
-    c0 = sources.open_sources(cfg.data.records, cfg.data)[0].layout.image_offset[2]
+    c0 = tars.index(remote.Url.of("memory://bucket/s.tar")).image_offset[2]
     failing(monkeypatch, fs, "cat_file", 10 ** 6, lambda path, start=None, end=None, **kw: start == c0)
     with pytest.raises(RunFailed, match=r"^memory://bucket/s\.tar member c0\.jpg: memory://bucket/s\.tar: read failed "
                                         r"5 times, the last with ConnectionResetError .*then rerun \(the published "
@@ -221,7 +221,7 @@ def test_an_image_refused_by_the_store_is_a_failure_naming_tar_and_member(demo, 
                       "cache.max_failure_frac=0.5")
     sources.load([cfg.data.records], cfg.data, cfg.cache.dir)
     monkeypatch.setattr(remote, "BLOCK", 512)
-    b_jpg = sources.open_sources(cfg.data.records, cfg.data)[0].layout.image_offset[1]
+    b_jpg = tars.index(remote.Url.of("memory://bucket/s.tar")).image_offset[1]
     real = type(fs).cat_file
 
     def refuse(self, path, start=None, end=None, **kw):

@@ -127,7 +127,7 @@ def _gzip(p, img):
 BAD_TARS = {
     "truncated mid-member": (_cut(lambda p: 512 * 12 + 100), r"s\.tar: truncated or corrupt after member 000000001\.\w+ "
                              r"\(unexpected end of data\); download or write the tar again"),
-    "truncated at a member's end": (_cut(lambda p: tars.layout(p).image_offset[2] - 512),
+    "truncated at a member's end": (_cut(lambda p: tars.index(p).image_offset[2] - 512),
                                     r"s\.tar: truncated after member 000000001\.txt \(no end-of-archive blocks\); "
                                     r"download or write the tar again"),
     "not a tar": (lambda p, img: p.write_bytes(b"<html>404 Not Found</html>\n" * 40),
@@ -189,26 +189,30 @@ def test_training_on_tars_uses_every_sample_and_never_reads_image_bytes(demo, ta
 
     monkeypatch.setattr(sources, "_hash_rows", boom)
     monkeypatch.setattr(tars.ImageRows, "images", boom)
-    data = load_data(train_config(demo, cfg.cache.dir, tmp_path, *[f"data.{k}={getattr(cfg.data, k)}" for k in
-                                                                   ("records", "val_records", "image_root")]), Dist())
+    tcfg = train_config(demo, cfg.cache.dir, tmp_path, *[f"data.{k}={getattr(cfg.data, k)}" for k in
+                                                         ("records", "val_records", "image_root")])
+    data = load_data(tcfg, Dist())
     n_train = sum("image" in r for r in json.loads((demo / "train.json").read_text())) + 8  # and the repeats
     assert (len(data.train), data.dropped) == (n_train, 0)
+    monkeypatch.setattr(tars, "_INDEXED", {})  # a new process: a rerun loads its stored samples, scanning no tar
+    monkeypatch.setattr(tars, "scan", boom)
+    assert len(load_data(tcfg, Dist()).train) == n_train
 
 
 # --- reads: by offset, forward, bounded ---------------------------------------------------------------------
 
 def test_a_worker_reads_only_the_blocks_its_rows_sit_in(demo, tar_set, monkeypatch):
     path = tar_set["train"][0]
-    lay = tars.layout(path)
+    idx = tars.index(path)
     monkeypatch.setattr(tars.remote, "BLOCK", 4096)
     reads = []
     real = tars.remote.read_range
     monkeypatch.setattr(tars.remote, "read_range", lambda p, a, b: reads.append((a, b)) or real(p, a, b))
-    rows = tars.ImageRows(path, lay)
+    rows = tars.ImageRows(path, tars.layout(path))
     with tarfile.open(path) as tf:
         direct = {m.name: tf.extractfile(m).read() for m in tf if m.name.endswith(".jpg")}
     assert [rows.images(r) for r in (40, 41, 50)] == [[direct[f"0000000{r}.jpg"]] for r in (40, 41, 50)]
-    assert reads and reads[0][0] == lay.image_offset[40] and all(b - a <= 4096 for a, b in reads)
+    assert reads and reads[0][0] == idx.image_offset[40] and all(b - a <= 4096 for a, b in reads)
     assert sum(b - a for a, b in reads) < path.stat().st_size / 4
 
 
