@@ -149,7 +149,7 @@ def scan(path) -> Index:
                         else:
                             s.meta = value if isinstance(value, dict) else {}
                 end = tf.offset
-        except tarfile.ReadError as e:
+        except tarfile.TarError as e:
             what = "not a tar file" if last.startswith("(none") else f"truncated or corrupt after member {last}"
             raise ValueError(f"{path}: {what} ({remote.first_line(e)}); {REWRITE}") from None
     if not samples and size < END_BYTES or samples and size < end + END_BYTES:
@@ -157,11 +157,11 @@ def scan(path) -> Index:
     counts = np.array([len(s.images) for s in samples], np.int64)
     flat = [m for s in samples for m in s.images]
     return Index(keys=tuple(s.key for s in samples),
-                  texts=tuple(s.text(f"{path} member {s.first}") for s in samples),
-                  image_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                  image_offset=np.array([m[0] for m in flat], np.int64),
-                  image_size=np.array([m[1] for m in flat], np.int64),
-                  image_name=tuple(m[2] for m in flat), members=tuple(s.first for s in samples))
+                 texts=tuple(s.text(f"{path} member {s.first}") for s in samples),
+                 image_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                 image_offset=np.array([m[0] for m in flat], np.int64),
+                 image_size=np.array([m[1] for m in flat], np.int64),
+                 image_name=tuple(m[2] for m in flat), members=tuple(s.first for s in samples))
 
 
 _INDEXED: dict = {}  # (path, size, mtime or identity) -> Index: the text pass, row counts and workers reuse it
