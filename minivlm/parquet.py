@@ -22,6 +22,8 @@ Design choices:
 """
 from __future__ import annotations
 
+import hashlib
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,11 +154,12 @@ def texts(path: Path, lay: Layout) -> Iterator[tuple[int, str | None, object]]:
             yield first + j, None if rid is None else str(rid), texts_of(text, lay.turns, f"{path} row {first + j}")
 
 
-def images(path: Path, lay: Layout) -> Iterator[tuple[int, list[bytes]]]:
-    """(row, the row's image bytes: none, one or several) for every row, reading the image column alone."""
+def digests(path: Path, lay: Layout) -> Iterator[tuple[int, list[bytes]]]:
+    """(row, the SHA-256 of each of its images: none, one or several) for every row, reading the image column
+    alone."""
     for first, (cells,) in _scan(path, [lay.image]):
         for j, cell in enumerate(cells):
-            yield first + j, images_of(cell, f"{path} row {first + j}")
+            yield first + j, [hashlib.sha256(b).digest() for b in images_of(cell, f"{path} row {first + j}")]
 
 
 def rows(path: Path) -> int:

@@ -11,7 +11,8 @@ Design choices:
   several, or no text is skipped and counted by `minivlm.sources`, naming the tar and member. One extension
   twice under one key is an error, as in webdataset.
 - One pass in stream mode (the stdlib `tarfile`, `r|`: a sequential read, nothing extracted to disk) checks
-  the tar and indexes it (`index`): each sample's key, text, and the offset and size of its image members,
+  the tar and indexes it (`index`): each sample's key, text, and the offset, size and SHA-256 of its image
+  members (so the stored join costs no second read of a remote tar),
   kept per process for the tar's size and mtime (or remote identity), so the text pass, the row count and
   stage 1's forked workers never scan it again. The pass runs when rows or texts are first asked for
   (`sources.load`, before any work), not in `layout`, which reads nothing: stage 2 keys its stored samples
@@ -24,6 +25,7 @@ Design choices:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tarfile
@@ -70,6 +72,7 @@ class Index:
     image_offset: np.ndarray          # (m,) int64: byte offset of each image member's data in the tar
     image_size: np.ndarray            # (m,) int64
     image_name: tuple[str, ...]       # (m,) member names
+    image_sha256: np.ndarray          # (m, 32) uint8: each image's SHA-256, taken as the pass streams it by
     members: tuple[str, ...]          # per sample: its first member's name (where a skip is reported)
 
     def images_of(self, row: int) -> range:
@@ -140,8 +143,9 @@ def scan(path) -> Index:
                         raise ValueError(f"{path} member {info.name}: a second .{ext} under key {key!r}; a key holds "
                                          f"one member per extension: rename or drop one and write the tar again")
                     s.exts.add(ext)
-                    if ext in IMAGE_EXTS:
-                        s.images.append((info.offset_data, info.size, info.name))
+                    if ext in IMAGE_EXTS:  # hashed on the way: the stored join needs no second read
+                        digest = hashlib.sha256(tf.extractfile(info).read()).digest()
+                        s.images.append((info.offset_data, info.size, info.name, digest))
                     elif ext in ("txt", "json"):
                         value = _decode(path, info.name, tf.extractfile(info).read(), ext)
                         if ext == "txt":
@@ -161,7 +165,8 @@ def scan(path) -> Index:
                  image_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
                  image_offset=np.array([m[0] for m in flat], np.int64),
                  image_size=np.array([m[1] for m in flat], np.int64),
-                 image_name=tuple(m[2] for m in flat), members=tuple(s.first for s in samples))
+                 image_name=tuple(m[2] for m in flat), members=tuple(s.first for s in samples),
+                 image_sha256=np.frombuffer(b"".join(m[3] for m in flat), np.uint8).reshape(-1, 32))
 
 
 _INDEXED: dict = {}  # (path, size, mtime or identity) -> Index: the text pass, row counts and workers reuse it
@@ -199,11 +204,11 @@ def texts(path, lay: Layout) -> Iterator[tuple[int, str | None, object]]:
     yield from ((row, key, text) for row, (key, text) in enumerate(zip(idx.keys, idx.texts)))
 
 
-def images(path, lay: Layout) -> Iterator[tuple[int, list[bytes]]]:
-    """(row, its image bytes) for every sample, one forward pass over the image members."""
-    reader = ImageRows(path, lay)
-    for row in range(rows(path)):
-        yield row, reader.images(row)
+def digests(path, lay: Layout) -> Iterator[tuple[int, list[bytes]]]:
+    """(row, the SHA-256 of each of its images) for every sample, from the index: no image is read again."""
+    idx = index(path)
+    for row in range(len(idx.keys)):
+        yield row, [idx.image_sha256[i].tobytes() for i in idx.images_of(row)]
 
 
 def where(path, lay: Layout, row: int) -> str:
@@ -217,8 +222,8 @@ class ImageRows:
     """The image members of samples asked in increasing order, read by offset in forward blocks of
     `remote.BLOCK` bytes (local or ranged, retried reads): memory holds one block."""
 
-    def __init__(self, path, lay: Layout):
-        self.path, self.idx = path, None  # the index: looked up at the first read (a fork inherits it)
+    def __init__(self, path, lay: Layout, idx: Index | None = None):
+        self.path, self.idx = path, idx  # None: looked up at the first read (a fork inherits it)
         self.start, self.block = 0, b""   # the block held: bytes [start, start + len(block)) of the tar
 
     def _read(self, i: int) -> bytes:

@@ -199,6 +199,23 @@ def test_training_on_tars_uses_every_sample_and_never_reads_image_bytes(demo, ta
     assert len(load_data(tcfg, Dist()).train) == n_train
 
 
+def test_the_stored_join_of_a_tar_costs_no_read_after_its_index_pass(tar_set, tmp_path, monkeypatch):
+    """A remote tar is downloaded once for its index and hashes, not again to hash its images."""
+    path = tar_set["train"][0]
+    src = sources.open_sources(str(path), load_config(None).data)[0]
+    tars.index(path)
+
+    def no_read(*a, **kw):
+        raise AssertionError("read the tar again")
+
+    monkeypatch.setattr(tars.remote, "read_range", no_read)
+    monkeypatch.setattr(tars.remote, "open_binary", no_read)
+    joined = sources.row_images(src, tmp_path)
+    with tarfile.open(path) as tf:  # the reference: the stdlib's own reading of each image member
+        images = [m for m in tf.getmembers() if m.name.endswith(".jpg")]
+        assert [joined.key(row) for row in range(len(images))] == [sha(tf.extractfile(m).read()) for m in images]
+
+
 # --- reads: by offset, forward, bounded ---------------------------------------------------------------------
 
 def test_a_worker_reads_only_the_blocks_its_rows_sit_in(demo, tar_set, monkeypatch):
