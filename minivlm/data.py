@@ -114,7 +114,6 @@ def split_tokens(fmt: TextFormat, split: Split, progress: bool = False) -> Token
 
 SAMPLES_FORMAT = 1  # bump when what a stored entry holds for the same inputs changes
 SPLITS = ("train", "val")
-_ARRAYS = ("shard", "row") + tuple(f.name for f in dataclasses.fields(Tokens))
 
 
 def samples_key(cfg: RunConfig, fmt: TextFormat, manifest: dict) -> str:
@@ -138,7 +137,7 @@ def stored_splits(cfg: RunConfig, index: cache.CacheIndex, manifest: dict, fmt: 
     try:
         with np.load(path, allow_pickle=False) as z:
             return tuple((Split(z[f"{s}/shard"], z[f"{s}/row"], int(z[f"{s}/dropped"])),
-                          Tokens(*(z[f"{s}/{a}"] for a in _ARRAYS[2:]))) for s in SPLITS)
+                          Tokens(*(z[f"{s}/{f.name}"] for f in dataclasses.fields(Tokens)))) for s in SPLITS)
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
