@@ -29,13 +29,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from minivlm import cache, sources, tars
-from minivlm.data import BatchSampler, Loader, Samples, _groups, load_data, load_splits, to_device
 from minivlm.dist import Dist
-from minivlm.encoder import decode_image, features, load_image, preprocess
-from minivlm.records import resolve_image
-from minivlm.shard import Codec, RowReader, checksums
-from minivlm.trainer import amp_dtype, build_model, train_step
+from minivlm.embedding import cache
+from minivlm.embedding.encoder import decode_image, features, load_image, preprocess
+from minivlm.embedding.shard import Codec, RowReader, checksums
+from minivlm.formats import sources, tars
+from minivlm.formats.records import resolve_image
+from minivlm.training.data import BatchSampler, Loader, Samples, _groups, load_data, load_splits, to_device
+from minivlm.training.trainer import amp_dtype, build_model, train_step
 
 
 def sync(device: str) -> None:
@@ -468,7 +469,7 @@ def resident_fraction(paths) -> float:
 
 def decoded_pixels(cfg, processor, n: int) -> torch.Tensor:
     """The first n images of cfg.data.records, decoded and preprocessed once: (n, 3, H, W)."""
-    from minivlm.records import image_keys, load_records
+    from minivlm.formats.records import image_keys, load_records
     keys = image_keys(load_records(cfg.data.records))[:n]
     return torch.stack([preprocess(processor, load_image(resolve_image(cfg.data.image_root, k),
                                                          cfg.encoder.max_image_pixels)) for k in keys])
@@ -476,7 +477,7 @@ def decoded_pixels(cfg, processor, n: int) -> torch.Tensor:
 
 def read_decode_folder(cfg, n: int) -> float:
     """images/s reading and decoding the first n images of cfg's records from the image folder."""
-    from minivlm.records import image_keys, load_records
+    from minivlm.formats.records import image_keys, load_records
     paths = [resolve_image(cfg.data.image_root, k) for k in image_keys(load_records(cfg.data.records))[:n]]
     t0 = time.perf_counter()
     for p in paths:
@@ -523,7 +524,7 @@ def codec_errors(enc, pixels: torch.Tensor, batch_size: int) -> dict:
     return out
 
 
-# ---- model FLOPs (MFU on CUDA; the train step's count is minivlm.metrics.flops_per_token) --------------
+# ---- model FLOPs (MFU on CUDA; the train step's count is minivlm.training.metrics.flops_per_token) --------------
 
 def encoder_flops_per_image(enc) -> float:
     P = sum(p.numel() for p in enc.model.parameters())

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loops import CachedSource, Setup  # noqa: E402
 from minivlm.config import load_config  # noqa: E402
 from minivlm.dist import Dist  # noqa: E402
-from minivlm.embed import run_embed  # noqa: E402
-from minivlm.trainer import train_step  # noqa: E402
+from minivlm.embedding.embed import run_embed  # noqa: E402
+from minivlm.training.trainer import train_step  # noqa: E402
 
 
 def _kb(path: str, field: str) -> int:

@@ -45,7 +45,7 @@ Once per bench (bench/startup.py; not in --smoke or --cuda):
                          JSONL and MiniMind-V Parquet: the first run (records read, joined, tokenized, kept)
                          and the rerun (the kept arrays), against the same on the demo's 1,000 records
   tokens/s, MFU          cached samples/s x real text tokens per sample; on CUDA, model FLOPs/s over the
-                         device's assumed peak bf16 FLOP/s (minivlm.metrics; MINIVLM_PEAK_TFLOPS overrides)
+                         device's assumed peak bf16 FLOP/s (minivlm.training.metrics; MINIVLM_PEAK_TFLOPS overrides)
 
 --cuda (make gpu-check) runs the quick sizes with the GPU batch sizes, b16 only, without P5, and writes
 bench/results/<host>-<date>-cuda.json; it refuses to run without CUDA (except with --smoke, which
@@ -80,10 +80,10 @@ import loops  # noqa: E402
 import startup  # noqa: E402
 from minivlm.config import to_toml, to_tree  # noqa: E402
 from minivlm.dist import Dist  # noqa: E402
-from minivlm.embed import run_embed  # noqa: E402
-from minivlm.encoder import load_encoder  # noqa: E402
+from minivlm.embedding.embed import run_embed  # noqa: E402
+from minivlm.embedding.encoder import load_encoder  # noqa: E402
 from minivlm.fileio import atomic_write_json, atomic_write_text  # noqa: E402
-from minivlm.metrics import flops_per_token, peak_flops  # noqa: E402
+from minivlm.training.metrics import flops_per_token, peak_flops  # noqa: E402
 from workloads import BUILDERS, Sizes, Workload, with_cache_dir  # noqa: E402
 
 STARTUP_RECORDS = {"full": 1_000_000, "quick": 100_000, "smoke": 0}  # P6: too slow for the smoke test
@@ -388,7 +388,7 @@ def codec_figures(wl: Workload, device: str, work: Path, log, enc, pixels: torch
 
 
 def mfu(setup: loops.Setup, enc, device: str, cached_sps: float, live_sps: float, enc_img_s: float) -> dict:
-    """Model FLOPs/s over the assumed peak (None off CUDA or for a device not in minivlm.metrics' table)."""
+    """Model FLOPs/s over the assumed peak (None off CUDA or for a device not in minivlm.training.metrics' table)."""
     peak = peak_flops(device)
     model, _, _ = setup.model()
     L = setup.data.train[setup.sampler().batches(0)[0]]["input_ids"].size(1)

@@ -31,7 +31,7 @@ def _child(config: str, repo: str, overrides: list[str]) -> None:
     sys.path.insert(0, repo)
     from minivlm.config import load_config
     from minivlm.dist import Dist
-    from minivlm.trainer import fit
+    from minivlm.training.trainer import fit
 
     fit(load_config(config, overrides), Dist())
     with open("/proc/self/status") as f:
@@ -89,9 +89,9 @@ def measure(work: Path, n_records: int, repo: str = str(REPO), images: int = 100
     """First run and rerun on n_records and on the demo's own records, JSONL and Parquet."""
     sys.path.insert(0, repo)
     from minivlm.config import load_config
-    from minivlm.demo import make_demo
+    from minivlm.demo.folder import make_demo
     from minivlm.dist import Dist
-    from minivlm.embed import run_embed
+    from minivlm.embedding.embed import run_embed
 
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"

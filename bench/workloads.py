@@ -29,19 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
-import torch
-
-from minivlm import __version__, cache, shard
+from minivlm import __version__
 from minivlm.config import RunConfig, load_config
-from minivlm.demo_parquet import minimind_table, write_table
-from minivlm.demo_tars import records_as_tars
+from minivlm.demo.parquet import minimind_table, write_table
+from minivlm.demo.tars import records_as_tars
 from minivlm.dist import Dist
-from minivlm.encoder import fingerprint_id, spec_of
+from minivlm.embedding import cache, shard
+from minivlm.embedding.encoder import fingerprint_id, spec_of
 from minivlm.fileio import atomic_write_json, atomic_write_text, sha256_file
-from minivlm.records import load_records
-from minivlm.sources import open_sources, sources_hash
+from minivlm.formats.records import load_records
+from minivlm.formats.sources import open_sources, sources_hash
 
 REPO = Path(__file__).resolve().parents[1]
 V3_TOKENIZER = REPO.parent / "shared" / "ref" / "minimind-tokenizer-v3"
@@ -135,8 +135,8 @@ def with_records(cfg: RunConfig, records: Path, **encoder) -> RunConfig:
 # ---- demo -------------------------------------------------------------------------------------------
 
 def build_demo(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
-    from minivlm.demo import make_demo
-    from minivlm.embed import run_embed
+    from minivlm.demo.folder import make_demo
+    from minivlm.embedding.embed import run_embed
 
     root = work / "demo"
     n_train = 4 * sizes.n
@@ -174,7 +174,7 @@ def build_demo(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
 
 def photo(i: int, w: int = 500, h: int = 375, seed: int = 7) -> Image.Image:
     """A photo-sized synthetic image: smooth random colour field, a few shapes, sensor-like grain."""
-    from minivlm.demo import SHAPES, draw_shape
+    from minivlm.demo.folder import SHAPES, draw_shape
 
     rng = np.random.default_rng([seed, i])
     im = Image.fromarray(rng.integers(40, 220, (4, 5, 3), dtype=np.uint8), "RGB").resize((w, h), Image.BICUBIC)
@@ -187,7 +187,7 @@ def photo(i: int, w: int = 500, h: int = 375, seed: int = 7) -> Image.Image:
 
 
 def _b16_records(n: int) -> list[dict]:
-    from minivlm.demo import caption, sample_scene
+    from minivlm.demo.folder import caption, sample_scene
 
     out = []
     for i in range(n):
@@ -199,7 +199,7 @@ def _b16_records(n: int) -> list[dict]:
 
 
 def _b16_encoder(path: Path, shape: dict) -> None:
-    from minivlm.demo import build_tiny_clip
+    from minivlm.demo.folder import build_tiny_clip
 
     if _marker_ok(path / "bench_marker.json", shape):
         return
@@ -273,7 +273,7 @@ def build_b16(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
         recs[k] = p
     tok_path, tok_name = (V3_TOKENIZER, "MiniMind v3 (6400)") if V3_TOKENIZER.is_dir() else (None, "demo BPE")
     if tok_path is None:  # ../shared/ref absent: a BPE trained on the captions, as the demo does
-        from minivlm.demo import build_tokenizer, record_texts
+        from minivlm.demo.folder import build_tokenizer, record_texts
         tok_path = root / "tokenizer"
         if not (tok_path / "tokenizer.json").is_file():
             build_tokenizer(tok_path, record_texts(all_records), vocab_size=6400)

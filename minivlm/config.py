@@ -29,7 +29,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-CACHE_DTYPES = ("float16", "bfloat16", "int8", "float8_e4m3")  # codecs of stored rows (minivlm.shard)
+CACHE_DTYPES = ("float16", "bfloat16", "int8", "float8_e4m3")  # codecs of stored rows (minivlm.embedding.shard)
 SEED = "[0, 4294967296)"  # any 32-bit seed; the sampler multiplies it, and torch's generators take 64 bits
 
 

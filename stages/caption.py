@@ -5,10 +5,10 @@
 import argparse
 import sys
 
-from minivlm.captioner import caption_files, load_run
 from minivlm.cli import run
 from minivlm.config import SEED, check_ranges
 from minivlm.dist import init_distributed
+from minivlm.use.captioner import caption_files, load_run
 
 
 def main():

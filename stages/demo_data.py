@@ -18,9 +18,9 @@ except ImportError:  # run from a plain checkout
 
 from minivlm.cli import run
 from minivlm.config import SEED, check_ranges
-from minivlm.demo import make_demo
-from minivlm.demo_parquet import LAYOUTS, write_layout
-from minivlm.demo_tars import write_tars
+from minivlm.demo.folder import make_demo
+from minivlm.demo.parquet import LAYOUTS, write_layout
+from minivlm.demo.tars import write_tars
 
 
 def main():

@@ -6,10 +6,10 @@
 """
 import json
 
-from minivlm import cache
 from minivlm.cli import config_from, parser, run
 from minivlm.dist import init_distributed
-from minivlm.embed import run_embed
+from minivlm.embedding import cache
+from minivlm.embedding.embed import run_embed
 
 
 def main():

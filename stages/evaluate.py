@@ -8,7 +8,7 @@ import argparse
 from minivlm.cli import run
 from minivlm.config import check_ranges
 from minivlm.dist import init_distributed
-from minivlm.evaluation import evaluate_run
+from minivlm.use.evaluation import evaluate_run
 
 
 def main():

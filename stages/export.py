@@ -5,7 +5,7 @@
 import argparse
 
 from minivlm.cli import run
-from minivlm.export import export_run
+from minivlm.use.export import export_run
 
 
 def main():

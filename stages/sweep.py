@@ -10,7 +10,7 @@ from pathlib import Path
 
 from minivlm.cli import parser, run
 from minivlm.config import check_ranges
-from minivlm.sweep import run_sweep
+from minivlm.training.sweep import run_sweep
 
 
 def main():

@@ -8,7 +8,7 @@ at the next step, then exit; a second signal stops at once.
 """
 from minivlm.cli import config_from, parser, run
 from minivlm.dist import close_distributed, init_distributed
-from minivlm.trainer import fit
+from minivlm.training.trainer import fit
 
 
 def main():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from minivlm.config import RunConfig, load_config
-from minivlm.demo import make_demo
+from minivlm.demo.folder import make_demo
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_REF = REPO.parent / "shared" / "ref"
@@ -87,7 +87,7 @@ def tokenizer_dir(version: str) -> Path:
 def demo_cache(demo, tmp_path_factory) -> Path:
     """The session's demo embedded once (shards of 16 images); tests that train read it, never write it."""
     from minivlm.dist import Dist
-    from minivlm.embed import run_embed
+    from minivlm.embedding.embed import run_embed
     work = tmp_path_factory.mktemp("cached")
     run_embed(demo_config(demo, work), Dist())
     return work / "cache"
@@ -106,8 +106,8 @@ def trained_demo(tmp_path_factory):
 
     Shared by the learnability, captioning and evaluation tests; none of them writes to it."""
     from minivlm.dist import Dist
-    from minivlm.embed import run_embed
-    from minivlm.trainer import fit
+    from minivlm.embedding.embed import run_embed
+    from minivlm.training.trainer import fit
     work = tmp_path_factory.mktemp("full_demo")
     make_demo(work / "demo", seed=0)
     cfg = load_config(REPO / "configs" / "demo.toml", [

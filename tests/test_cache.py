@@ -1,4 +1,4 @@
-"""minivlm.cache and minivlm.shard on tiny fakes: the format-2 layout as plain h5py reads it, every codec
+"""minivlm.embedding.cache and minivlm.embedding.shard on tiny fakes: the format-2 layout as plain h5py reads it, every codec
 decoded by its documented rule, per-row checksums that name the row, the manifest, and the format-1 upgrade."""
 import json
 import shutil
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from minivlm import cache, shard
 from minivlm.config import CACHE_DTYPES, RunFailed
+from minivlm.embedding import cache, shard
 
 T, D = 3, 4
 META = dict(fingerprint="{}", fingerprint_id="fp", failures=[])
@@ -35,7 +35,7 @@ def fake_shards(cache_dir, plan, dtype="float16", seed=0) -> dict[str, torch.Ten
 
 
 def decoded_by_h5py(path) -> dict[str, np.ndarray]:
-    """The format-2 contract read with plain h5py and decoded by the rules written in minivlm/shard.py's
+    """The format-2 contract read with plain h5py and decoded by the rules written in minivlm/embedding/shard.py's
     docstring, none of our code: float16 as is, bfloat16 bits << 16, int8 * scale, e4m3fn bits * scale."""
     with h5py.File(path, "r") as f:
         codec, emb = f.attrs["codec"], f["embeddings"]

@@ -10,14 +10,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import demo_config, run_stage, train_config
-from minivlm.captioner import caption_files, caption_features, live_features, load_run
-from minivlm.data import Samples, load_splits, open_cache, to_device
 from minivlm.dist import Dist
-from minivlm.embed import run_embed
-from minivlm.evaluation import evaluate_run
-from minivlm.generate import generate
-from minivlm.text import IGNORE, prompt_ids
-from minivlm.trainer import fit
+from minivlm.embedding.embed import run_embed
+from minivlm.training.data import Samples, load_splits, open_cache, to_device
+from minivlm.training.text import IGNORE, prompt_ids
+from minivlm.training.trainer import fit
+from minivlm.use.captioner import caption_features, caption_files, live_features, load_run
+from minivlm.use.evaluation import evaluate_run
+from minivlm.use.generate import generate
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_train_and_caption_with_the_real_minimind_tokenizers(demo, demo_cache, t
 def test_evaluate_computes_in_the_dtype_the_run_trained_in(tiny_run, tmp_path, monkeypatch):
     import dataclasses
 
-    import minivlm.evaluation as evaluation
+    import minivlm.use.evaluation as evaluation
     from minivlm.config import load_config, to_toml, to_tree
     run_dir = tmp_path / "bf16"
     shutil.copytree(tiny_run.train.run_dir, run_dir)

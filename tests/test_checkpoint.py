@@ -1,14 +1,14 @@
-"""minivlm.checkpoint on a tiny module: what a checkpoint holds comes back, half-written ones are invisible,
+"""minivlm.training.checkpoint on a tiny module: what a checkpoint holds comes back, half-written ones are invisible,
 the newest `keep` are kept; a resume keeps the global batch, and reads the cursor of an earlier minivlm."""
 import json
 
 import pytest
 import torch
 
-from minivlm import checkpoint
-from minivlm.checkpoint import Checkpoints
 from minivlm.config import load_config, to_toml, to_tree
 from minivlm.dist import Dist
+from minivlm.training import checkpoint
+from minivlm.training.checkpoint import Checkpoints
 
 
 def tiny():

@@ -11,12 +11,20 @@ import pytest
 import torch
 
 from conftest import train_config
-from minivlm import cache
-from minivlm import data
 from minivlm.config import RunFailed
-from minivlm.data import (BatchSampler, Loader, Samples, load_splits, open_cache, split_tokens, stored_splits,
-                          to_device)
-from minivlm.text import encode_sample, load_tokenizer, text_format
+from minivlm.embedding import cache
+from minivlm.training import data
+from minivlm.training.data import (
+    BatchSampler,
+    Loader,
+    Samples,
+    load_splits,
+    open_cache,
+    split_tokens,
+    stored_splits,
+    to_device,
+)
+from minivlm.training.text import encode_sample, load_tokenizer, text_format
 
 
 def dataset(cfg, split="train", mapped=None):

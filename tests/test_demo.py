@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from minivlm import demo as demolib
-from minivlm.records import load_records
+from minivlm.demo import folder as demolib
+from minivlm.formats.records import load_records
 
 N_TRAIN, N_VAL = 40, 8
 
@@ -110,7 +110,7 @@ def test_tiny_clip_loads_with_from_pretrained_and_gives_patch_hidden_states(demo
 
 def test_tiny_clip_loads_through_the_minivlm_encoder(demo_dir):
     from minivlm.config import EncoderConfig
-    from minivlm.encoder import features, load_encoder, load_image, preprocess
+    from minivlm.embedding.encoder import features, load_encoder, load_image, preprocess
 
     enc = load_encoder(EncoderConfig(name_or_path=str(demo_dir / "encoder")))
     assert (enc.tokens, enc.width) == (64, 64)

@@ -13,12 +13,11 @@ import torch
 from PIL import Image
 
 from conftest import REPO, demo_config, demo_overrides, run_stage
-from minivlm import cache
-from minivlm.fileio import WriterLock
 from minivlm.dist import Dist
-from minivlm.embed import run_embed
-from minivlm.encoder import load_image, preprocess
-from minivlm.fileio import atomic_write_text
+from minivlm.embedding import cache
+from minivlm.embedding.embed import run_embed
+from minivlm.embedding.encoder import load_image, preprocess
+from minivlm.fileio import WriterLock, atomic_write_text
 
 
 def cache_rows(cache_dir) -> dict[str, np.ndarray]:

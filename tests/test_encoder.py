@@ -1,4 +1,4 @@
-"""minivlm.encoder on tiny fakes: images decode to RGB, the fingerprint names what changed the numbers, and
+"""minivlm.embedding.encoder on tiny fakes: images decode to RGB, the fingerprint names what changed the numbers, and
 EncoderSpec is the one comparison of encoder specs that every stage makes."""
 from dataclasses import replace
 
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from minivlm.config import EncoderConfig
-from minivlm.encoder import EncoderSpec, ImageError, features, load_encoder, load_image, preprocess
+from minivlm.embedding.encoder import EncoderSpec, ImageError, features, load_encoder, load_image, preprocess
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,16 @@ import torch
 from PIL import Image
 
 from conftest import demo_config, run_stage, train_config
-from minivlm.captioner import caption_features, load_run, live_features
-from minivlm.demo import CLIP_MEAN, CLIP_STD
+from minivlm.demo.folder import CLIP_MEAN, CLIP_STD
 from minivlm.dist import Dist
-from minivlm.embed import run_embed
-from minivlm.encoder import features, load_image, preprocess
-from minivlm.export import export_run, refusal
-from minivlm.generate import generate
-from minivlm.model import VLM
-from minivlm.text import prompt_ids
-from minivlm.trainer import fit
+from minivlm.embedding.embed import run_embed
+from minivlm.embedding.encoder import features, load_image, preprocess
+from minivlm.training.model import VLM
+from minivlm.training.text import prompt_ids
+from minivlm.training.trainer import fit
+from minivlm.use.captioner import caption_features, live_features, load_run
+from minivlm.use.export import export_run, refusal
+from minivlm.use.generate import generate
 
 PROMPT = "Describe the picture briefly."
 N_IMAGES, NEW_TOKENS = 8, 24
@@ -220,6 +220,7 @@ def test_runs_with_the_real_minimind_tokenizers_export_exactly(demo, clip_run, t
 
 def test_export_refuses_an_encoder_that_no_longer_matches_the_fingerprint(clip_run, tmp_path):
     import shutil
+
     from safetensors.torch import load_file, save_file
     run = tmp_path / "run"
     shutil.copytree(clip_run.train.run_dir, run)

@@ -19,15 +19,15 @@ import torch
 
 from conftest import REPO, demo_config, demo_overrides, run_stage, train_config
 from faults import kill_at_random, small_disk
-from minivlm import cache, checkpoint, shard
-from minivlm.fileio import WriterLock
 from minivlm.cli import USER_ERRORS
 from minivlm.config import RunFailed, load_config, to_toml, to_tree
 from minivlm.dist import Dist
-from minivlm.embed import run_embed
-from minivlm.fileio import DiskFull, append_text, atomic_write, writing
-from minivlm.records import load_records
-from minivlm.trainer import fit
+from minivlm.embedding import cache, shard
+from minivlm.embedding.embed import run_embed
+from minivlm.fileio import DiskFull, WriterLock, append_text, atomic_write, writing
+from minivlm.formats.records import load_records
+from minivlm.training import checkpoint
+from minivlm.training.trainer import fit
 
 # --- the embed lock ----------------------------------------------------------------------------------
 
@@ -287,8 +287,8 @@ def _garble(path, data=b"\xff\xfe garbage \x00\x81{[\n"):
 @pytest.mark.parametrize("kind", ["config", "sweep", "manifest", "shard", "tokenizer", "checkpoint"])
 def test_an_unreadable_user_file_is_one_line_naming_it(demo, demo_cache, tmp_path, kind):
     """Each kind of file a user hands over, filled with garbage: a one-line user error that names the file."""
-    from minivlm.sweep import load_sweep
-    from minivlm.trainer import load_data
+    from minivlm.training.sweep import load_sweep
+    from minivlm.training.trainer import load_data
     cache_dir = tmp_path / "cache"
     shutil.copytree(demo_cache, cache_dir, ignore=shutil.ignore_patterns("samples"))
     cfg = train_config(demo, cache_dir, tmp_path)

@@ -1,9 +1,9 @@
-"""minivlm.generate on a tiny random model: sampling keeps what top-k / top-p allow, rows stop at eos."""
+"""minivlm.use.generate on a tiny random model: sampling keeps what top-k / top-p allow, rows stop at eos."""
 import torch
 
 from minivlm.config import ModelConfig
-from minivlm.generate import generate, sample_next
-from minivlm.model import VLM
+from minivlm.training.model import VLM
+from minivlm.use.generate import generate, sample_next
 
 
 def test_top_p_samples_only_the_smallest_prefix_reaching_p_and_top_k_only_the_k_best():

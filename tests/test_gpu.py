@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, demo_config, train_config
-from minivlm import cache
 from minivlm.dist import Dist
-from minivlm.metrics import peak_flops
+from minivlm.embedding import cache
+from minivlm.training.metrics import peak_flops
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -31,7 +31,7 @@ def losses(run_dir) -> dict[int, float]:
 
 def test_bf16_steps_with_fused_adamw_and_pinned_batches_never_sync_between_log_steps(demo, demo_cache, tmp_path,
                                                                                        monkeypatch):
-    import minivlm.trainer as trainer
+    import minivlm.training.trainer as trainer
     cfg = train_config(demo, demo_cache, tmp_path, "train.max_steps=8", "train.log_interval=4", "train.eval_interval=4",
                        "train.save_interval=4", "train.grad_accum=2", "train.freeze_llm=0")
     seen, calls = {"pinned": set()}, [0]
@@ -66,7 +66,7 @@ def test_bf16_steps_with_fused_adamw_and_pinned_batches_never_sync_between_log_s
 
 RESUME_SCRIPT = """
 import os, signal, sys
-import minivlm.trainer as trainer
+import minivlm.training.trainer as trainer
 from minivlm.config import load_config
 from minivlm.dist import Dist
 stop_at, real, n = int(sys.argv[2]), trainer.train_step, [0]
@@ -109,7 +109,7 @@ def test_a_run_stopped_and_resumed_on_cuda_gives_the_same_losses_and_weights(dem
 
 
 def test_torch_compile_gives_the_same_losses_within_bf16_tolerance(demo, demo_cache, tmp_path):
-    from minivlm.trainer import fit
+    from minivlm.training.trainer import fit
     out = {}
     for compiled in (False, True):
         cfg = train_config(demo, demo_cache, tmp_path, "train.max_steps=6", "train.freeze_llm=0",
@@ -124,9 +124,8 @@ def test_torch_compile_gives_the_same_losses_within_bf16_tolerance(demo, demo_ca
 def test_ddp_over_nccl_with_one_rank_steps_like_the_plain_model(demo, demo_cache, tmp_path, monkeypatch):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from minivlm.data import load_data
-    from minivlm.data import to_device
-    from minivlm.trainer import amp_dtype, build_model, evaluate, train_step
+    from minivlm.training.data import load_data, to_device
+    from minivlm.training.trainer import amp_dtype, build_model, evaluate, train_step
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -158,7 +157,7 @@ def test_ddp_over_nccl_with_one_rank_steps_like_the_plain_model(demo, demo_cache
 
 
 def test_stage1_on_cuda_equals_cpu_within_fp16_and_has_another_fingerprint(demo, tmp_path):
-    from minivlm.embed import run_embed
+    from minivlm.embedding.embed import run_embed
     manifests, rows = {}, {}
     for name, dist in (("cpu", Dist()), ("cuda", CUDA)):
         cfg = demo_config(demo, tmp_path / name)

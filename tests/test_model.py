@@ -1,4 +1,4 @@
-"""minivlm.model and minivlm.generate: placeholder injection, MoE, GQA, KV cache, freezing, checkpoint names."""
+"""minivlm.training.model and minivlm.use.generate: placeholder injection, MoE, GQA, KV cache, freezing, checkpoint names."""
 import dataclasses
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from minivlm.config import ModelConfig
-from minivlm.generate import generate, sample_next
-from minivlm.model import VLM, MoEFeedForward, freeze, num_params, param_groups
+from minivlm.training.model import VLM, MoEFeedForward, freeze, num_params, param_groups
+from minivlm.use.generate import generate, sample_next
 
 V, D_IMG, T = 50, 12, 4
 IMG = V - 1  # image placeholder token id

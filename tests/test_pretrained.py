@@ -1,4 +1,4 @@
-"""minivlm.pretrained: every LM we claim to load computes, after `train.init_from`, what its own definition
+"""minivlm.training.pretrained: every LM we claim to load computes, after `train.init_from`, what its own definition
 computes on the same weights, or the load is refused.
 
 References are never our own code: transformers' Llama/Qwen3/Qwen3-MoE classes with tiny random weights,
@@ -17,12 +17,12 @@ import torch.nn.functional as F
 
 from conftest import REPO, train_config
 from minivlm.config import ModelConfig, load_config
-from minivlm.data import load_data
 from minivlm.dist import Dist
-from minivlm.generate import generate
-from minivlm.model import VLM
-from minivlm.pretrained import init_from, read_state, remap_lm_keys
-from minivlm.trainer import build_model, evaluate, fit, lr_at
+from minivlm.training.data import load_data
+from minivlm.training.model import VLM
+from minivlm.training.pretrained import init_from, read_state, remap_lm_keys
+from minivlm.training.trainer import build_model, evaluate, fit, lr_at
+from minivlm.use.generate import generate
 
 transformers = pytest.importorskip("transformers")
 
@@ -274,7 +274,7 @@ def test_old_name_minimind_pth_loads_exactly_with_its_generations_config(tmp_pat
 
 def test_v1_rope_permutation_preserves_attention_scores():
     """v1 rotated adjacent pairs (complex view); after remap our rotate-half RoPE gives the same q.k."""
-    from minivlm.model import apply_rope, rope_tables
+    from minivlm.training.model import apply_rope, rope_tables
     torch.manual_seed(0)
     hd, H, L, dim, theta = 8, 2, 6, 16, 10000.0
     wq, wk, x = torch.randn(H * hd, dim), torch.randn(H * hd, dim), torch.randn(L, dim)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from minivlm.records import image_keys, load_records, normalize_key, resolve_image
+from minivlm.formats.records import image_keys, load_records, normalize_key, resolve_image
 
 
 def _rec(i, image="a.jpg"):

@@ -6,15 +6,16 @@ import sys
 import threading
 
 import pytest
-
-from conftest import demo_config
-from minivlm import cache, remote, sources, tars
-from minivlm.config import RunFailed, load_config
-from minivlm.demo_parquet import write_layout
-from minivlm.dist import Dist
-from minivlm.embed import run_embed
 from test_faults import assert_same_cache
 from test_tars import _tar, tar_overrides, tar_set  # noqa: F401  (tar_set: the module's fixture)
+
+from conftest import demo_config
+from minivlm.config import RunFailed, load_config
+from minivlm.demo.parquet import write_layout
+from minivlm.dist import Dist
+from minivlm.embedding import cache
+from minivlm.embedding.embed import run_embed
+from minivlm.formats import remote, sources, tars
 
 BUCKET = "minivlm"
 

@@ -14,20 +14,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_embed import cache_rows
+from test_faults import assert_same_cache
 
 from conftest import REPO, demo_config, demo_overrides, run_stage, train_config
 from faults import kill_at_random
-from minivlm import cache, parquet, sources
 from minivlm.config import load_config
-from minivlm.data import load_data
-from minivlm.demo_parquet import LAYOUTS, placeholder_jpeg, write_layout
+from minivlm.demo.parquet import LAYOUTS, placeholder_jpeg, write_layout
 from minivlm.dist import Dist
-from minivlm.embed import run_embed
-from minivlm.records import Record, load_records
-from minivlm.text import encode_sample, load_tokenizer, text_format
-from minivlm.trainer import fit
-from test_embed import cache_rows
-from test_faults import assert_same_cache
+from minivlm.embedding import cache
+from minivlm.embedding.embed import run_embed
+from minivlm.formats import parquet, sources
+from minivlm.formats.records import Record, load_records
+from minivlm.training.data import load_data
+from minivlm.training.text import encode_sample, load_tokenizer, text_format
+from minivlm.training.trainer import fit
 
 
 def sha(data: bytes) -> str:

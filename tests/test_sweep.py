@@ -12,13 +12,22 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_stage, train_config
-from minivlm import checkpoint
 from minivlm.config import RunConfig, TrainConfig, load_config, to_toml, to_tree
 from minivlm.dist import Dist
 from minivlm.fileio import WriterLock
-from minivlm.trainer import fit
-from minivlm.sweep import (LOSSES, Outcome, PlannedRun, load_sweep, plan, read_metrics, report, run_numbers,
-                           slot_envs)
+from minivlm.training import checkpoint
+from minivlm.training.sweep import (
+    LOSSES,
+    Outcome,
+    PlannedRun,
+    load_sweep,
+    plan,
+    read_metrics,
+    report,
+    run_numbers,
+    slot_envs,
+)
+from minivlm.training.trainer import fit
 
 
 def sweep_args(demo, demo_cache, tmp_path, sweep: str, *extra: str) -> list[str]:

@@ -6,17 +6,22 @@ import tarfile
 
 import numpy as np
 import pytest
+from test_embed import cache_rows
+from test_sources import (
+    folder_rows_by_sha,
+    kill9_then_rerun_is_bitwise_an_uninterrupted_run,
+    sha,
+    two_ranks_equal_one_process,
+)
 
 from conftest import demo_config, train_config
-from minivlm import cache, sources, tars
 from minivlm.config import load_config
-from minivlm.data import load_data
-from minivlm.demo_tars import write_tar, write_tars
+from minivlm.demo.tars import write_tar, write_tars
 from minivlm.dist import Dist
-from minivlm.embed import run_embed
-from test_embed import cache_rows
-from test_sources import folder_rows_by_sha, kill9_then_rerun_is_bitwise_an_uninterrupted_run, sha, \
-    two_ranks_equal_one_process
+from minivlm.embedding import cache
+from minivlm.embedding.embed import run_embed
+from minivlm.formats import sources, tars
+from minivlm.training.data import load_data
 
 PER_TAR = 64
 

@@ -4,8 +4,17 @@ import pytest
 
 from conftest import tokenizer_dir
 from minivlm.config import TokenizerConfig
-from minivlm.records import Record
-from minivlm.text import IGNORE, collate, decode, encode_sample, load_tokenizer, prompt_ids, text_format, tokenize
+from minivlm.formats.records import Record
+from minivlm.training.text import (
+    IGNORE,
+    collate,
+    decode,
+    encode_sample,
+    load_tokenizer,
+    prompt_ids,
+    text_format,
+    tokenize,
+)
 
 T = 6
 

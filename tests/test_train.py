@@ -11,17 +11,17 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, demo_overrides, run_stage, train_config
-from minivlm import checkpoint, shard
 from minivlm.config import RunFailed, to_toml, to_tree
-from minivlm.data import load_data
 from minivlm.dist import Dist
-from minivlm.trainer import fit, lr_at
+from minivlm.embedding import shard
+from minivlm.training import checkpoint
+from minivlm.training.data import load_data
+from minivlm.training.trainer import fit, lr_at
 
 # 48 train records at batch 8 = 6 steps per epoch, so 2k = 8 steps crosses an epoch boundary.
 RESUME = ("train.max_steps=8", "model.dropout=0.1", "train.deterministic=true", "train.lr=3e-3", "train.warmup_steps=2",
@@ -57,7 +57,7 @@ def test_stop_mid_epoch_then_resume_gives_identical_weights(demo, demo_cache, tm
     straight = train_config(demo, demo_cache, tmp_path, rec, "train.run_name=straight", *RESUME)
     fit(straight, Dist())
 
-    import minivlm.trainer as trainer
+    import minivlm.training.trainer as trainer
     real_step, calls = trainer.train_step, []
 
     def step_then_ctrl_c(*a, **kw):
@@ -167,7 +167,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(demo
     (tmp_path / "c.toml").write_text(to_toml(to_tree(cfg)))
     script = (
         "import os, signal, sys, torch\n"
-        "from minivlm import checkpoint\n"
+        "from minivlm.training import checkpoint\n"
         "real = torch.save\n"
         "def save_then_die(obj, path, *a, **k):\n"
         "    real(obj, path, *a, **k)\n"
@@ -176,7 +176,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(demo
         "checkpoint.torch.save = save_then_die\n"
         "from minivlm.config import load_config\n"
         "from minivlm.dist import Dist\n"
-        "from minivlm.trainer import fit\n"
+        "from minivlm.training.trainer import fit\n"
         f"fit(load_config({str(tmp_path / 'c.toml')!r}), Dist())\n")
     r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == -signal.SIGKILL
@@ -190,7 +190,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(demo
 
 READS = """
 import json, os, runpy, signal, sys, time
-import minivlm.trainer as trainer
+import minivlm.training.trainer as trainer
 real, log, stop_at, done = trainer.train_step, sys.argv[1], int(sys.argv[2]), [0]
 
 def recorded(model, opt, micro_batches, *a, **kw):
@@ -349,8 +349,8 @@ def end_state(run_dir) -> dict:
 
 @pytest.mark.slow
 def test_the_end_of_a_run_cut_short_anywhere_reruns_to_the_same_end_state(demo, demo_cache, tmp_path, monkeypatch):
-    import minivlm.model as model
-    import minivlm.trainer as trainer
+    import minivlm.training.model as model
+    import minivlm.training.trainer as trainer
     rec = small_records(demo, tmp_path)
     over = (rec, "train.max_steps=3", "train.save_interval=2")
     fit(train_config(demo, demo_cache, tmp_path, *over, "train.run_name=straight"), Dist())
@@ -387,9 +387,9 @@ def test_the_end_of_a_run_cut_short_anywhere_reruns_to_the_same_end_state(demo, 
 
 def test_no_tensor_is_read_on_the_host_between_log_steps(demo, demo_cache, tmp_path, monkeypatch):
     """.item(), float(), int(), .tolist() on a tensor, called from minivlm: on CUDA each waits for the GPU.
-    minivlm.data is left out: it builds batches on the host (the sampler's epoch order is a CPU tensor)
+    minivlm.training.data is left out: it builds batches on the host (the sampler's epoch order is a CPU tensor)
     and never sees a device tensor."""
-    import minivlm.trainer as trainer
+    import minivlm.training.trainer as trainer
     rec = small_records(demo, tmp_path)
     cfg = train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=8", "train.log_interval=4",
                        "train.eval_interval=4", "train.save_interval=4", "train.grad_accum=2")
@@ -397,7 +397,7 @@ def test_no_tensor_is_read_on_the_host_between_log_steps(demo, demo_cache, tmp_p
     for name in ("item", "tolist", "__float__", "__int__"):
         def counted(self, *a, _real=getattr(torch.Tensor, name), **kw):
             where = sys._getframe(1).f_code.co_filename
-            if where.startswith(str(REPO / "minivlm")) and where != str(REPO / "minivlm" / "data.py"):
+            if where.startswith(str(REPO / "minivlm")) and where != str(REPO / "minivlm" / "training" / "data.py"):
                 reads[step[0]] += 1
             return _real(self, *a, **kw)
         monkeypatch.setattr(torch.Tensor, name, counted)

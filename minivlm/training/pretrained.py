@@ -11,7 +11,7 @@ A load that matches shapes but computes another function is the worst failure a 
   Current names without `q_norm` are MiniMind2 (eps 1e-5, base 1e6, top-k renormalised only for k > 1),
   with `q_norm` minimind-3 (eps 1e-6, base 1e6, top-k always renormalised). A MiniMind-V VLM checkpoint
   is such a state dict plus its projector (loaded where ours is the same function, else skipped with a
-  note) and maybe its vision tower (skipped with a note): see `minivlm.minimind_v`.
+  note) and maybe its vision tower (skipped with a note): see `minivlm.training.minimind_v`.
 - a Hugging Face directory (`config.json` + safetensors) of `LlamaForCausalLM`, `Qwen3ForCausalLM` or
   `Qwen3MoeForCausalLM`: every config value that changes the function is compared with `model.*`, and a
   setting we cannot compute (biases, sliding windows, RoPE scaling, untied embeddings) is refused.
@@ -34,10 +34,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from minivlm import minimind_v
 from minivlm.config import ModelConfig
-from minivlm.encoder import EncoderSpec
-from minivlm.model import VLM, VLMConfig
+from minivlm.embedding.encoder import EncoderSpec
+from minivlm.training import minimind_v
+from minivlm.training.model import VLM, VLMConfig
 
 RUN_FILES = ("model.safetensors", "model_config.json")
 

@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from minivlm.captioner import caption_features, load_run
 from minivlm.config import load_config
-from minivlm.data import BatchSampler, Samples, join, load_splits, open_cache
-from minivlm.encoder import EncoderSpec
+from minivlm.embedding.encoder import EncoderSpec
 from minivlm.fileio import atomic_write, atomic_write_json, atomic_write_text
-from minivlm.model import VLMConfig
-from minivlm.records import resolve_image
-from minivlm.sources import read_records
-from minivlm.trainer import amp_dtype, evaluate
+from minivlm.formats.records import resolve_image
+from minivlm.formats.sources import read_records
+from minivlm.training.data import BatchSampler, Samples, join, load_splits, open_cache
+from minivlm.training.model import VLMConfig
+from minivlm.training.trainer import amp_dtype, evaluate
+from minivlm.use.captioner import caption_features, load_run
 
 
 def held_out(run_dir: Path, vc: VLMConfig, cache_dir: str | None, records: str | None):

@@ -9,7 +9,7 @@ Design choices:
   rerun, a sweep's next run and the other ranks load them (a million records: seconds and ~150 B a sample,
   against minutes and ~1.5 KB a record). A batch is then a row read per image plus a vectorized pad
   (`text.collate`).
-- Image rows are read as stored (minivlm.shard.RowReader: the only code that knows the row format, checks
+- Image rows are read as stored (minivlm.embedding.shard.RowReader: the only code that knows the row format, checks
   each row's CRC-32 and picks mmap or pread) into one preallocated (B, row_bytes) uint8 tensor per batch
   (pinned for CUDA), in (shard, row) order within the batch, and decoded on the training device by
   `to_device`: an 8-bit cache moves 8-bit rows.
@@ -38,15 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minivlm import cache
 from minivlm.config import RunConfig
 from minivlm.dist import Dist
-from minivlm.encoder import EncoderSpec
-from minivlm.records import Record
+from minivlm.embedding import cache
+from minivlm.embedding.encoder import EncoderSpec
+from minivlm.embedding.shard import Codec, RowReader
 from minivlm.fileio import atomic_write
-from minivlm.shard import Codec, RowReader
-from minivlm.sources import open_sources, read_records, sources_hash
-from minivlm.text import TextFormat, Tokens, collate, format_key, load_tokenizer, text_format, tokenize
+from minivlm.formats.records import Record
+from minivlm.formats.sources import open_sources, read_records, sources_hash
+from minivlm.training.text import TextFormat, Tokens, collate, format_key, load_tokenizer, text_format, tokenize
 
 SAMPLES = "samples"  # <cache.dir>/samples/<key>.npz: a run's splits as arrays (`stored_splits`)
 

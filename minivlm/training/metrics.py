@@ -6,7 +6,7 @@ Design choices:
 - metrics.jsonl is written row by row and made to agree with the checkpoint a run resumes from: rows
   past its step are dropped, so a resumed run logs every step exactly once. A row for a step and kind
   (train or eval) that the file already holds is not written again: the end of a run may be rerun
-  after a kill (minivlm.trainer) and must not log its final eval twice. A line cut short by a kill is dropped.
+  after a kill (minivlm.training.trainer) and must not log its final eval twice. A line cut short by a kill is dropped.
 - Throughput counts what a reader can compare across runs: samples, real text tokens (no padding, no
   image placeholders) and image rows, per second. MFU (CUDA only) is model FLOPs per second over the
   device's peak dense bf16 FLOPs, from a table of known devices (MINIVLM_PEAK_TFLOPS overrides it).
@@ -75,7 +75,7 @@ class Throughput:
         self.t0, self.wait, self.samples, self.tokens, self.images, self.flops = time.time(), 0.0, 0, 0, 0, 0.0
 
     def add(self, batches: list[dict], dataset, wait: float) -> None:
-        """One step's host batches (`index` and input_ids' shape) of `dataset` (minivlm.data.Samples)."""
+        """One step's host batches (`index` and input_ids' shape) of `dataset` (minivlm.training.data.Samples)."""
         a, b = self.flop_counts
         for batch in batches:
             B, L = batch["input_ids"].shape

@@ -5,7 +5,7 @@ Design choices:
   Llama/Qwen3's: `model.embed_tokens`, `model.layers.N.{input_layernorm,self_attn.{q,k,v,o}_proj,
   post_attention_layernorm,mlp.*}`, `model.norm`, `lm_head` (tied to `model.embed_tokens`).
 - RoPE uses the rotate-half convention (pairs (i, i + head_dim/2)), as MiniMind2, minimind-3, Llama and
-  Qwen3 do. v1 rotated adjacent pairs (2i, 2i+1); `minivlm.pretrained` permutes v1 `wq`/`wk` rows per head.
+  Qwen3 do. v1 rotated adjacent pairs (2i, 2i+1); `minivlm.training.pretrained` permutes v1 `wq`/`wk` rows per head.
 - The options that differ between the LMs we load are config fields, never guesses: `head_dim` apart
   from dim / n_head and `qk_norm` (per-head RMSNorm of q and k before RoPE) for minimind-3 / Qwen3,
   `ffn_dim`, `moe_norm_topk` (minimind-3 and Qwen3-MoE renormalise even a single expert's weight to 1).
@@ -36,10 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minivlm.checkpoint import load_weights, save_weights
 from minivlm.config import ModelConfig, TokenizerConfig
-from minivlm.encoder import EncoderSpec
+from minivlm.embedding.encoder import EncoderSpec
 from minivlm.fileio import atomic_write_json, reading
+from minivlm.training.checkpoint import load_weights, save_weights
 
 
 class RMSNorm(nn.Module):

@@ -1,5 +1,5 @@
 """MiniMind-V's VLM checkpoints (`pretrain_vlm_*.pth`, `sft_vlm_*.pth`) as `train.init_from`: their LM goes
-through `minivlm.pretrained` like any MiniMind state dict; this module takes what is not LM.
+through `minivlm.training.pretrained` like any MiniMind state dict; this module takes what is not LM.
 
 Design choices:
 - Upstream saves the VLM's `state_dict()` without `vision_encoder.*`, in fp16 (trainer/train_pretrain_vlm.py);
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from minivlm.model import VLM
+from minivlm.training.model import VLM
 
 TOWER, PROJECTOR = "vision_encoder.", "vision_proj."
 # MiniMind-V's projector tensors -> ours, by our model.projector

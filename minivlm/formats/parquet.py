@@ -12,7 +12,7 @@ Design choices:
   values), never a row group's or a file's images. pyarrow's defaults (`pre_buffer=True`, no
   `buffer_size`) read a whole column chunk at once: measured, peak RSS then grew with the file (stage 1
   on a one-row-group file: 270 MB at 64 MB, 500 MB at 292 MB; with these settings it stays flat).
-- What `minivlm.sources` asks of a format (`minivlm.tars` gives the same): `layout`, `rows`, `texts`
+- What `minivlm.formats.sources` asks of a format (`minivlm.formats.tars` gives the same): `layout`, `rows`, `texts`
   (every row's id and text cell), `images` (every row's image bytes, for hashing), `where` (a row, named in
   messages) and `ImageRows` (the images of rows asked in increasing order, for stage 1's workers).
 - A URL is read through `remote.open_binary` (retried byte ranges), a local file directly.
@@ -23,7 +23,6 @@ Design choices:
 from __future__ import annotations
 
 import hashlib
-
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pyarrow.types as pat
 
-from minivlm import remote
+from minivlm.formats import remote
 
 IMAGE_COLUMNS = ("image_bytes", "image", "images", "jpg", "jpeg", "png", "webp")
 TEXT_COLUMNS = ("conversations", "messages", "caption", "text", "txt")

@@ -9,7 +9,7 @@ Design choices:
 - Features are `hidden_states[select_layer]`, with `post_layernorm` the tower's own post_layernorm applied
   to it (at -1 SigLIP's `last_hidden_state`, which MiniMind-V feeds its projector; CLIP normalises only its
   pooled CLS, so it refuses the option), CLS dropped unless `keep_cls`, then k x k average pooling of the
-  patch grid; stored by the cache's codec (`cache.dtype`, minivlm.shard: float16 by default).
+  patch grid; stored by the cache's codec (`cache.dtype`, minivlm.embedding.shard: float16 by default).
 - The fingerprint hashes everything that changes the numbers: the weights (tensor bytes, so the same
   path with other weights differs), the processor config and class (transformers picks a torchvision-
   based processor where torchvision is installed and a PIL one elsewhere; their resampling differs),
@@ -271,7 +271,7 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", storage
 @torch.inference_mode()
 def features(enc: Encoder, pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) pixels -> (B, T, D) features in the compute dtype on enc.device, before the cache's
-    codec stores them (minivlm.shard.Codec)."""
+    codec stores them (minivlm.embedding.shard.Codec)."""
     pixels = pixels.to(enc.device, enc.dtype, non_blocking=True)
     out = enc.model(pixel_values=pixels, output_hidden_states=not enc.cfg.post_layernorm)
     hidden = out.last_hidden_state if enc.cfg.post_layernorm else out.hidden_states[-1]  # (B, 1+N or N, D)

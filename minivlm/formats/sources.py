@@ -4,10 +4,10 @@ image keys, the plan of stage 1 and the reads of its workers.
 Design choices:
 - `data.records` / `data.val_records` are a file, a directory (its *.tar files, else its *.parquet files), a
   glob or a brace pattern (`shards/{00000..00099}.tar`, as webdataset expands it), files in sorted order; any
-  of them may be a URL that fsspec opens (`minivlm.remote`). A `.parquet` file (or one of another suffix that
-  starts with Parquet's magic bytes) holds its images inside (`minivlm.parquet`), so does a `.tar`
-  (`minivlm.tars`, WebDataset); `.json`, `.jsonl` and others are LLaVA records with their images under
-  `data.image_root` (`minivlm.records`).
+  of them may be a URL that fsspec opens (`minivlm.formats.remote`). A `.parquet` file (or one of another suffix that
+  starts with Parquet's magic bytes) holds its images inside (`minivlm.formats.parquet`), so does a `.tar`
+  (`minivlm.formats.tars`, WebDataset); `.json`, `.jsonl` and others are LLaVA records with their images under
+  `data.image_root` (`minivlm.formats.records`).
 - Keys: the normalised path of a folder image; the hex SHA-256 of the bytes of an image inside a file, so
   the same image in many rows or files is one cache row, and `sha256sum` recomputes a key.
 - The stored join: `<cache.dir>/sources/<identity>.npz` holds, per row of a Parquet file, the SHA-256 of its
@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from minivlm import parquet, remote, tars
 from minivlm.config import DataConfig
 from minivlm.fileio import TMP_SUFFIX, atomic_write, sha256_file
-from minivlm.records import Record, caption_turns, load_records, parse_turns, resolve_image
+from minivlm.formats import parquet, remote, tars
+from minivlm.formats.records import Record, caption_turns, load_records, parse_turns, resolve_image
 
 STORE = "sources"          # <cache.dir>/sources/<identity>.npz: the stored join
 TAIL_BYTES = 1 << 20       # the end of a file that its identity hashes (Parquet's footer lives there)

@@ -2,7 +2,7 @@
 through, and the format-1 upgrade.
 
 Layout of `cache/<name>/` (DESIGN.md "Cache"):
-- `shards/shard-NNNNN.h5`: one shard file each, format 2 (minivlm.shard, the only code that writes or
+- `shards/shard-NNNNN.h5`: one shard file each, format 2 (minivlm.embedding.shard, the only code that writes or
   reads rows: contiguous `embeddings`, `scales` for 8-bit codecs, a CRC-32 per row, `keys`, attributes).
 - `manifest.json`: written once every planned shard is published; stage 2 trusts nothing without it.
   Format 2: `format_version`, `encoder` (spec with its `fingerprint` fields), `fingerprint_id`, `tokens`,
@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minivlm import __version__, shard
-from minivlm.fileio import WriterLock, atomic_write_json, atomic_write_text, reading, sha256_file, TMP_SUFFIX
+from minivlm import __version__
+from minivlm.embedding import shard
+from minivlm.fileio import TMP_SUFFIX, WriterLock, atomic_write_json, atomic_write_text, reading, sha256_file
 
 FORMAT_VERSION = shard.FORMAT_VERSION
 MANIFEST = "manifest.json"

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from minivlm.config import TokenizerConfig
 from minivlm.fileio import BUGS
-from minivlm.records import Record
+from minivlm.formats.records import Record
 
 IGNORE = -100
 

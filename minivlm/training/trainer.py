@@ -2,7 +2,7 @@
 nanoGPT's train.py does; `train_step` is the whole optimisation step.
 
 Design choices:
-- No vision forward and no image decoding: batches are cached rows + tokens (minivlm.data assembles them).
+- No vision forward and no image decoding: batches are cached rows + tokens (minivlm.training.data assembles them).
 - AdamW (fused on CUDA), no decay on norms/biases/embeddings, linear warmup then cosine to min_lr.
 - Gradient accumulation with DDP `no_sync` on every micro-step but the last; AMP bf16 on CUDA by
   default (fp16 with GradScaler as an option), fp32 on CPU.
@@ -13,7 +13,7 @@ Design choices:
   and the cache rows it read.
 - Seeds are offset by rank, so dropout differs across ranks (DDP broadcasts rank 0's initial weights).
 - The loop's position is an explicit `TrainState`; `checkpoint.Checkpoints` decides when
-  to save and what a checkpoint holds; metrics go to a logger (minivlm.metrics). Exact resume: a
+  to save and what a checkpoint holds; metrics go to a logger (minivlm.training.metrics). Exact resume: a
   resumed run replays the same batches with the same state and ends bitwise equal on CPU with
   deterministic settings. On another number of ranks with the same global batch (2 ranks x grad_accum 1
   -> 1 rank x 2) every step reads the same samples; only float summation order (and dropout's per-rank
@@ -38,19 +38,26 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from minivlm import checkpoint
-from minivlm.checkpoint import Checkpoints, TrainState
 from minivlm.config import RunConfig, RunFailed, TrainConfig, to_toml, to_tree
-from minivlm.data import Loader, Samples, TrainData, load_data, step_batches, to_device
 from minivlm.dist import Dist, print0
+from minivlm.embedding.shard import Codec
 from minivlm.fileio import WriterLock, atomic_write_text
-from minivlm.metrics import (MetricsLogger, Throughput, flop_counts, last_metrics, open_wandb, peak_flops,
-                             peak_memory_mb)
-from minivlm.model import VLM, VLMConfig, freeze, num_params, param_groups
-from minivlm.pretrained import init_from
-from minivlm.shard import Codec
 from minivlm.stop import Interrupted, signal_name, stop_requests
-from minivlm.text import IGNORE
+from minivlm.training import checkpoint
+from minivlm.training.checkpoint import Checkpoints, TrainState
+from minivlm.training.data import Loader, Samples, TrainData, load_data, step_batches, to_device
+from minivlm.training.metrics import (
+    MetricsLogger,
+    Throughput,
+    flop_counts,
+    last_metrics,
+    open_wandb,
+    peak_flops,
+    peak_memory_mb,
+)
+from minivlm.training.model import VLM, VLMConfig, freeze, num_params, param_groups
+from minivlm.training.pretrained import init_from
+from minivlm.training.text import IGNORE
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from minivlm.encoder import Encoder, EncoderSpec, ImageError, features, load_encoder, load_image, preprocess
-from minivlm.generate import generate
-from minivlm.model import VLM, VLMConfig
-from minivlm.shard import Codec
-from minivlm.text import TextFormat, decode, load_tokenizer, prompt_ids, text_format
+from minivlm.embedding.encoder import Encoder, EncoderSpec, ImageError, features, load_encoder, load_image, preprocess
+from minivlm.embedding.shard import Codec
+from minivlm.training.model import VLM, VLMConfig
+from minivlm.training.text import TextFormat, decode, load_tokenizer, prompt_ids, text_format
+from minivlm.use.generate import generate
 
 
 @dataclass

@@ -37,13 +37,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minivlm.config import (RunConfig, build_config, build_config_strings, load_config, load_toml, merge,
-                            parse_overrides, to_toml, to_tree)
-from minivlm import cache
-from minivlm.data import open_cache
-from minivlm.encoder import EncoderSpec
+from minivlm.config import (
+    RunConfig,
+    build_config,
+    build_config_strings,
+    load_config,
+    load_toml,
+    merge,
+    parse_overrides,
+    to_toml,
+    to_tree,
+)
+from minivlm.embedding import cache
+from minivlm.embedding.encoder import EncoderSpec
 from minivlm.fileio import WriterLock, atomic_write, atomic_write_text
 from minivlm.stop import STOP_SIGNALS, Interrupted, signal_name, stop_requests, stop_with_this_process
+from minivlm.training.data import open_cache
 
 SET_BY_SWEEP = ("train.out_dir", "train.run_name")
 LOSSES = ("final_train_loss", "best_eval_loss", "image_gap")   # 4 decimals in summary.md

@@ -3,7 +3,7 @@
 Design choices:
 - A remote file is a `Url`: the URL and the filesystem options of `data.storage_options` (endpoint_url,
   anon, ...; credentials come from the usual environment), so a DataLoader worker opens it with nothing
-  else. It offers the few things `minivlm.sources` asks of a local `Path` (name, stem, suffix, read_bytes).
+  else. It offers the few things `minivlm.formats.sources` asks of a local `Path` (name, stem, suffix, read_bytes).
 - Every read is a byte range (`fs.cat_file(path, start, end)`), so a read that fails (a dropped connection,
   a 5xx, a timeout) is retried as is: up to `RETRIES` tries, `BACKOFF_S` doubling between them. Then it
   is a `RemoteError`, one line naming the URL, that stops the run: a rerun resumes, and no image is ever

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from minivlm.demo import PROMPTS
+from minivlm.demo.folder import PROMPTS
 from minivlm.fileio import atomic_write
 
 LAYOUTS = ("minimind", "hf", "img2dataset")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from minivlm.model import VLM
+from minivlm.training.model import VLM
 
 
 def sample_next(logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

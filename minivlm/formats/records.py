@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minivlm.fileio import read_utf8
-from minivlm.remote import Url
+from minivlm.formats.remote import Url
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_TAG = "<image>"

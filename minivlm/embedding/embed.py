@@ -24,13 +24,23 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from minivlm import __version__, cache, remote, shard, sources
+from minivlm import __version__
 from minivlm.config import RunConfig, RunFailed
 from minivlm.dist import Dist
-from minivlm.encoder import (EncoderSpec, ImageError, decode_image, features, fingerprint_id, load_encoder, load_image,
-                             preprocess)
+from minivlm.embedding import cache, shard
+from minivlm.embedding.encoder import (
+    EncoderSpec,
+    ImageError,
+    decode_image,
+    features,
+    fingerprint_id,
+    load_encoder,
+    load_image,
+    preprocess,
+)
 from minivlm.fileio import WriterLock
-from minivlm.records import first_record_with
+from minivlm.formats import remote, sources
+from minivlm.formats.records import first_record_with
 from minivlm.stop import Interrupted, ignore_stop_signals, signal_name, stop_requests
 
 OUTSIDE_ROOT = "outside data.image_root (not read)"

@@ -8,7 +8,7 @@ Design choices:
   digits of shard and four of position.
 - A sample's image is its `jpg`, `jpeg`, `png` or `webp` member; its text a `json` member's `conversations`
   (turns), else its `txt` member (the caption), else the `json` member's `caption`. A sample with no image,
-  several, or no text is skipped and counted by `minivlm.sources`, naming the tar and member. One extension
+  several, or no text is skipped and counted by `minivlm.formats.sources`, naming the tar and member. One extension
   twice under one key is an error, as in webdataset.
 - One pass in stream mode (the stdlib `tarfile`, `r|`: a sequential read, nothing extracted to disk) checks
   the tar and indexes it (`index`): each sample's key, text, and the offset, size and SHA-256 of its image
@@ -36,7 +36,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from minivlm import remote
+from minivlm.formats import remote
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SUFFIXES = (".tar",)
@@ -58,7 +58,7 @@ def is_tar(path) -> bool:
 
 @dataclass(frozen=True)
 class Layout:
-    """What `minivlm.sources` keeps per tar (members are found by `index`): the image "column" its stored
+    """What `minivlm.formats.sources` keeps per tar (members are found by `index`): the image "column" its stored
     join and identity record."""
     image: str = "|".join(IMAGE_EXTS)
 

@@ -36,10 +36,10 @@ from typing import Callable
 import torch
 
 from minivlm.config import ModelConfig
-from minivlm.encoder import EncoderSpec, load_encoder, weights_hash
+from minivlm.embedding.encoder import EncoderSpec, load_encoder, weights_hash
 from minivlm.fileio import fsync_dir, fsync_file
-from minivlm.model import VLM, VLMConfig
-from minivlm.text import TextFormat, load_tokenizer, text_format
+from minivlm.training.model import VLM, VLMConfig
+from minivlm.training.text import TextFormat, load_tokenizer, text_format
 
 LLAVA_PROJECTORS = {"linear": "linear", "mlp2x_gelu": "gelu"}  # ours -> LLaVA's projector_hidden_act
 

@@ -1,0 +1,1 @@
+"""The offline demo: synthetic images and records, a tiny CLIP and tokenizer, in every layout."""

@@ -1,0 +1,1 @@
+"""Where records and images come from: LLaVA JSON + folder, Parquet, WebDataset tars, URLs."""

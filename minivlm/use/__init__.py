@@ -1,0 +1,1 @@
+"""A trained run: captioning, evaluation and export to transformers."""
