@@ -20,13 +20,15 @@ def tiny_vlm(seed=0, **over) -> VLM:
 
 
 def batch(B, L=12, image_rows=None, offsets=None, seed=0):
-    """Random text ids (never the placeholder) with T placeholders at offsets[r] in each image row."""
+    """Random text ids (never the placeholder) with T placeholders at offsets[r] in each image row, and the
+    images of the image rows in order (K, T, D)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, V - 1, (B, L), generator=g)
-    for r in image_rows if image_rows is not None else range(B):
+    image_rows = list(image_rows if image_rows is not None else range(B))
+    for r in image_rows:
         o = offsets[r] if offsets else 1
         ids[r, o:o + T] = IMG
-    return ids, torch.randn(B, T, D_IMG, generator=g)
+    return ids, torch.randn(len(image_rows), T, D_IMG, generator=g)
 
 
 @pytest.mark.parametrize("B", [1, 3])
@@ -38,27 +40,41 @@ def test_image_rows_reach_only_their_own_row_placeholders(B):
 
     h = model.embed(ids, images)
     proj = model.projector(images)
-    for r in image_rows:
-        torch.testing.assert_close(h[r][ids[r] == IMG], proj[r])
+    for k, r in enumerate(image_rows):
+        torch.testing.assert_close(h[r][ids[r] == IMG], proj[k])
     text = ids != IMG
     torch.testing.assert_close(h[text], model.model.embed_tokens(ids)[text])
 
     logits = model(ids, images).logits
     for r in range(B):
         (grad,) = torch.autograd.grad(logits[r].pow(2).sum(), images, retain_graph=True)
-        for q in range(B):
-            if q == r and r in image_rows:
-                assert grad[q].abs().sum() > 0, f"row {r} loss does not reach its own image"
+        for k, q in enumerate(image_rows):
+            if q == r:
+                assert grad[k].abs().sum() > 0, f"row {r} loss does not reach its own image"
             else:
-                assert torch.all(grad[q] == 0), f"row {r} loss reaches image slot {q}"
+                assert torch.all(grad[k] == 0), f"row {r} loss reaches image {k} of row {q}"
+
+
+def test_several_images_fill_their_placeholder_runs_in_order():
+    """Two images in one row, one in the next: the n-th placeholder run of the batch takes image n."""
+    model = tiny_vlm()
+    ids, _ = batch(2, L=16, image_rows=[])
+    ids[0, 2:2 + T], ids[0, 9:9 + T], ids[1, 0:T] = IMG, IMG, IMG
+    images = torch.randn(3, T, D_IMG)
+    h, proj = model.embed(ids, images), model.projector(images)
+    for (r, at), k in zip([(0, 2), (0, 9), (1, 0)], range(3)):
+        torch.testing.assert_close(h[r, at:at + T], proj[k])
 
 
 def test_wrong_placeholder_count_raises():
     model = tiny_vlm()
     ids, images = batch(3, image_rows=[0, 2])
     ids[2, 1] = 7  # row 2 now has T - 1 placeholders
-    with pytest.raises(ValueError, match=f"row 2 has {T - 1} image placeholder tokens; expected 0 or T={T}"):
+    with pytest.raises(ValueError, match=f"row 2 has {T - 1} image placeholder tokens; expected a multiple of T={T}"):
         model(ids, images)
+    ids, images = batch(3, image_rows=[0, 2])
+    with pytest.raises(ValueError, match=f"{2 * T} image placeholder tokens for 1 images"):
+        model(ids, images[:1])
     ids, _ = batch(2, image_rows=[1])
     with pytest.raises(ValueError, match="row 1 .* images is None"):
         model(ids, None)

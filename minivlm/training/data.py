@@ -235,7 +235,7 @@ def to_device(batch: dict, device: str, codec: Codec) -> dict:
     """The batch on `device` (asynchronous from pinned memory), its stored rows decoded there into
     `images` (B, T, D); host-side entries (`index`) stay."""
     out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items() if k != "rows"}
-    out["images"] = codec.decode(batch["rows"].to(device, non_blocking=True))
+    out["images"] = codec.decode(batch["rows"][batch["has_image"]].to(device, non_blocking=True))
     return out
 
 

@@ -17,8 +17,9 @@ Design choices:
   alpha * sum_i f_i * P_i (f_i = E * share of routed slots, P_i = mean router prob); 0 in eval, so
   validation loss is pure cross-entropy. An expert with no tokens still runs on an empty batch, so
   every parameter stays in the graph (DDP).
-- Image rows replace the embeddings of the placeholder tokens with one masked_scatter: every row has
-  either 0 or exactly T placeholders, anything else is a ValueError, never a silent misalignment.
+- Image rows replace the embeddings of the placeholder tokens: the batch's K images fill its placeholders in
+  order, T rows each, so a sample holds any number of images at its tags. On the CPU a count that does not
+  add up is a ValueError, never a silent misalignment.
 - The KV cache is a plain per-layer list of tensors that `forward(kv_cache=..., start_pos=p)` appends to.
 - A trained model is one artifact: `VLM.save_pretrained` writes safetensors + `VLMConfig` (asdict) as
   `model_config.json`, `VLM.from_pretrained` reads them back; the config is the only place its shape,
@@ -282,27 +283,34 @@ class VLM(nn.Module):
         return KVCache(len(self.model.layers))
 
     def embed(self, input_ids, images):
-        """Token embeddings (B, L, D) with each image row's projection at its row's placeholders."""
+        """Token embeddings (B, L, D) with the batch's images projected onto its placeholders. `images` (K, T, D)
+        are the batch's K images in the order their placeholders appear (row by row, left to right): the n-th
+        placeholder of the batch takes row n % T of image n // T. So a row holds any number of images, in any
+        place, and a packed row holds its samples' images in turn."""
         h = self.model.embed_tokens(input_ids)  # (B, L, D)
         is_img = input_ids == self.image_token_id  # (B, L)
-        counts = is_img.sum(dim=1)  # (B,)
         if images is None:
-            if counts.any():
-                r = int(counts.nonzero()[0])
-                raise ValueError(f"row {r} has {int(counts[r])} image placeholder tokens but images is None")
+            if input_ids.device.type == "cpu" and is_img.any():
+                r = int(is_img.any(dim=1).nonzero()[0])
+                raise ValueError(f"row {r} has {int(is_img[r].sum())} image placeholder tokens but images is None")
             return h
-        if images.dim() != 3 or images.size(0) != input_ids.size(0) or images.size(2) != self.image_dim:
-            raise ValueError(f"images must be (B={input_ids.size(0)}, T, {self.image_dim}), got {tuple(images.shape)}")
-        T = images.size(1)
+        if images.dim() != 3 or images.size(2) != self.image_dim:
+            raise ValueError(f"images must be (K, T, {self.image_dim}), got {tuple(images.shape)}")
+        K, T = images.shape[:2]
+        if K == 0 and input_ids.device.type != "cpu":
+            return h
         if input_ids.device.type == "cpu":  # a check that reads counts on the host would stall a CUDA step;
-            bad = (counts != 0) & (counts != T)  # the data code builds every row with 0 or T placeholders
+            counts = is_img.sum(dim=1)      # the data code builds every batch with K * T placeholders
+            bad = counts % T != 0
             if bad.any():
                 r = int(bad.nonzero()[0])
-                raise ValueError(f"row {r} has {int(counts[r])} image placeholder tokens; expected 0 or T={T}")
-        proj = self.projector(images.to(h.dtype)).to(h.dtype)  # (B, T, D); rows without placeholders go unused
-        slot = (is_img.cumsum(dim=1) - 1).clamp(min=0)  # (B, L): which of its row's T rows a placeholder takes
-        rows = proj.gather(1, slot.unsqueeze(-1).expand(-1, -1, proj.size(-1)))  # (B, L, D)
-        return torch.where(is_img.unsqueeze(-1), rows, h)  # no boolean indexing: its size would need a sync
+                raise ValueError(f"row {r} has {int(counts[r])} image placeholder tokens; expected a multiple of T={T}")
+            if counts.sum() != K * T:
+                raise ValueError(f"the batch has {int(counts.sum())} image placeholder tokens for {K} images of T={T} "
+                                 f"rows; expected {K * T}")
+        proj = self.projector(images.to(h.dtype)).to(h.dtype).flatten(0, 1)  # (K * T, D)
+        slot = (is_img.flatten().cumsum(0) - 1).clamp(min=0).view_as(input_ids)  # (B, L): the placeholder's row
+        return torch.where(is_img.unsqueeze(-1), proj[slot], h)  # no boolean indexing: its size would need a sync
 
     def forward(self, input_ids, images=None, labels=None, kv_cache: KVCache | None = None,
                 start_pos: int = 0) -> VLMOutput:

@@ -118,9 +118,7 @@ def evaluate(model: VLM, batches: list[dict], codec: Codec, dtype: torch.dtype, 
     count = 0
     for batch in batches:
         b = to_device(batch, device, codec)
-        rows = b["has_image"].nonzero().flatten()
-        shuffled = b["images"].clone()
-        shuffled[rows] = b["images"][rows.roll(1)]  # every image row gets another row's image
+        shuffled = b["images"].roll(1, dims=0)  # every image sample gets another sample's image
         for name, images in (("eval_loss", b["images"]), ("eval_loss_shuffled", shuffled)):
             with autocast(dtype, device):
                 logits = model(b["input_ids"], images).logits
