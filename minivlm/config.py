@@ -65,9 +65,10 @@ class DataConfig:
     image_column: str = ""        # Parquet column with the image bytes; empty -> image_bytes, image, images, jpg, ...
     text_column: str = ""         # Parquet column with the text; empty -> conversations, messages, caption, text, txt
     storage_options: dict = field(default_factory=dict)  # fsspec options for URLs: {endpoint_url = "...", anon = true}
+    max_images: int = 8           # images a sample may hold; samples with more are skipped and counted
 
     def __post_init__(self):
-        check_ranges(self, "data.{}", val_frac="[0, 1)")
+        check_ranges(self, "data.{}", val_frac="[0, 1)", max_images=">= 1")
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,7 @@ class TrainConfig:
     init_from: str = ""           # an LM or MiniMind-V file (.safetensors/.pth), a HF Llama/Qwen3 dir, or a run dir
     allow_partial_init: bool = False  # let tensors the init_from checkpoint lacks start random
     num_workers: int = 2          # threads reading cache rows ahead of the step (0: read in the loop)
+    packing: bool = False         # several samples a row, each attending only to itself (else one a row, padded)
     eval_interval: int = 200      # steps between evals; 0 -> only at the end
     eval_batches: int = 20        # held-out global batches (batch_size x grad_accum x ranks samples) per eval
     save_interval: int = 500      # steps between checkpoints; 0 -> only at the end

@@ -1,6 +1,9 @@
 """Caption images with a trained run, computing features live with the run's own encoder.
 
     python stages/caption.py --run runs/demo --image a.jpg [--image b.png ...] [--prompt "..."]
+
+Each image gets its own caption; a --prompt with k <image> tags takes k --image arguments, in order, and
+gives one caption of them together (e.g. --prompt "<image> <image> Describe both images.").
 """
 import argparse
 import sys
@@ -14,8 +17,10 @@ from minivlm.use.captioner import caption_files, load_run
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run directory with model.safetensors + model_config.json")
-    p.add_argument("--image", action="append", required=True, help="image file (repeat for several; batched)")
-    p.add_argument("--prompt", default="", help="user prompt (default: the run's tokenizer.prompt)")
+    p.add_argument("--image", action="append", required=True, help="image file (repeat for several: batched, or "
+                                                                    "one per <image> tag of --prompt)")
+    p.add_argument("--prompt", default="", help="user prompt (default: the run's tokenizer.prompt); "
+                                                      "<image> tags place the images")
     p.add_argument("--max_new_tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0)

@@ -27,11 +27,17 @@ from minivlm.training.data import (
 from minivlm.training.text import encode_sample, load_tokenizer, text_format
 
 
-def dataset(cfg, split="train", mapped=None):
+def dataset(cfg, split="train", mapped=None, packing=None):
     manifest, index = open_cache(cfg)
     fmt = text_format(load_tokenizer(cfg.tokenizer), cfg.tokenizer, index.tokens)
     train, val = load_splits(cfg, index)
-    return Samples(train if split == "train" else val, index.reader(mapped), fmt), index, fmt
+    return Samples(train if split == "train" else val, index.reader(mapped), fmt, packing=packing), index, fmt
+
+
+def loc(ds, i: int) -> tuple[int, int]:
+    """(shard, row) of sample i's first image; (-1, -1) for a text-only sample."""
+    sp = ds.split
+    return (int(sp.shard[sp.first[i]]), int(sp.row[sp.first[i]])) if sp.first[i + 1] > sp.first[i] else (-1, -1)
 
 
 @pytest.fixture(params=[True, False], ids=["mapped", "pread"])
@@ -63,12 +69,12 @@ def test_batch_rows_are_the_cache_rows_of_their_records(demo, demo_cache, tmp_pa
     for b, i in enumerate(ix):
         rec = ds.split.records[i]
         n_placeholders = int((batch["input_ids"][b] == fmt.image_token_id).sum())
-        if rec.image is None:
-            assert not batch["has_image"][b] and n_placeholders == 0
+        if not rec.images:
+            assert n_placeholders == 0
             continue
-        shard, row = index.locations[rec.image]
+        shard, row = index.locations[rec.images[0]]
         with h5py.File(index.shards[shard].path) as f:
-            assert f["keys"][row].decode() == rec.image
+            assert f["keys"][row].decode() == rec.images[0]
             assert np.array_equal(next(got).numpy(), f["embeddings"][row])
         assert n_placeholders == index.tokens
     assert next(got, None) is None and (batch["labels"] != -100).any(dim=1).all()
@@ -81,7 +87,8 @@ def test_text_only_records_are_kept_and_failed_images_dropped_and_counted(demo, 
     cfg = train_config(demo, demo_cache, tmp_path, f"data.records={tmp_path}/r.json")
     _, index = open_cache(cfg)
     train, _ = load_splits(cfg, index)
-    assert train.dropped == 1 and int((train.shard < 0).sum()) == sum("image" not in r for r in recs)
+    n_images = np.diff(train.first)
+    assert train.dropped == 1 and int((n_images == 0).sum()) == sum("image" not in r for r in recs)
 
 
 def test_hash_split_is_deterministic_and_disjoint(demo, demo_cache, tmp_path):
@@ -89,7 +96,7 @@ def test_hash_split_is_deterministic_and_disjoint(demo, demo_cache, tmp_path):
     _, index = open_cache(cfg)
     a_train, a_val = load_splits(cfg, index)
     b_train, b_val = load_splits(cfg, index)
-    keys = lambda s: {r.image for r in s.records if r.image}  # noqa: E731
+    keys = lambda s: {k for r in s.records for k in r.images}  # noqa: E731
     assert keys(a_val) == keys(b_val) and not keys(a_val) & keys(a_train)
     assert 0.1 < len(keys(a_val)) / (len(keys(a_val)) + len(keys(a_train))) < 0.3
 
@@ -173,17 +180,19 @@ def test_batches_collated_together_equal_each_batch_alone(demo, demo_cache, tmp_
 
 def test_row_reads_equal_h5py_reads_for_every_row(demo, demo_cache, tmp_path, mapped):
     ds, index, _ = dataset(train_config(demo, demo_cache, tmp_path), mapped=mapped)
-    got = images(ds, ds[list(range(len(ds)))])
-    for b, (s, r) in enumerate(zip(ds.shard.tolist(), ds.row.tolist())):
-        if s >= 0:
-            assert np.array_equal(got[b].numpy(), h5py_row(index.shards[s].path, r))
+    batch = ds[list(range(len(ds)))]
+    got = images(ds, batch)
+    locs = [loc(ds, i) for i in batch["index"] if loc(ds, i)[0] >= 0]
+    assert len(got) == len(locs)
+    for k, (s, r) in enumerate(locs):
+        assert np.array_equal(got[k].numpy(), h5py_row(index.shards[s].path, r))
 
 
 def test_truncated_shard_fails_at_open_naming_the_file(demo, demo_cache, tmp_path, mapped):
     broken = tmp_path / "cache"
     shutil.copytree(demo_cache, broken)
     ds, index, _ = dataset(train_config(demo, broken, tmp_path), mapped=mapped)
-    first = next(i for i in range(len(ds)) if ds.shard[i] == 0)
+    first = next(i for i in range(len(ds)) if loc(ds, i)[0] == 0)
     with open(index.shards[0].path, "r+b") as f:
         f.truncate(index.shards[0].end - 10)
     with pytest.raises(ValueError, match="shard-00000.h5: .* bytes, but its rows reach byte .*truncated.*--verify"):
@@ -194,12 +203,12 @@ def test_shard_cut_short_after_open_fails_the_read_naming_the_file(demo, demo_ca
     broken = tmp_path / "cache"
     shutil.copytree(demo_cache, broken)
     ds, index, _ = dataset(train_config(demo, broken, tmp_path), mapped=False)  # a cut mapping is a SIGBUS
-    in_shard0 = [i for i in range(len(ds)) if ds.shard[i] == 0]
-    last = max(in_shard0, key=lambda i: ds.row[i])
+    in_shard0 = [i for i in range(len(ds)) if loc(ds, i)[0] == 0]
+    last = max(in_shard0, key=lambda i: loc(ds, i)[1])
     ds[[in_shard0[0]]]
     with open(index.shards[0].path, "r+b") as f:
         f.truncate(index.shards[0].end - 10)
-    with pytest.raises(ValueError, match=rf"shard-00000.h5: row {ds.row[last]} \(bytes .*\) is cut short.*--verify"):
+    with pytest.raises(ValueError, match=rf"shard-00000.h5: row {loc(ds, last)[1]} \(bytes .*\) is cut short.*--verify"):
         ds[[last]]
 
 
@@ -207,13 +216,14 @@ def test_a_corrupt_row_stops_the_batch_naming_shard_row_and_key(demo, demo_cache
     broken = tmp_path / "cache"
     shutil.copytree(demo_cache, broken)
     ds, index, _ = dataset(train_config(demo, broken, tmp_path), mapped=mapped)
-    i = next(i for i in range(len(ds)) if ds.shard[i] == 1)
+    i = next(i for i in range(len(ds)) if loc(ds, i)[0] == 1)
+    row = loc(ds, i)[1]
     info = index.shards[1]
     data_ = bytearray(info.path.read_bytes())
-    data_[info.values_at + int(ds.row[i]) * info.codec.values_bytes + 7] ^= 1
+    data_[info.values_at + row * info.codec.values_bytes + 7] ^= 1
     info.path.write_bytes(bytes(data_))
-    key = ds.split.records[i].image
-    with pytest.raises(RunFailed, match=rf"shard-00001.h5: row {ds.row[i]} \(image {key}\) fails its CRC-32"):
+    key = ds.split.records[i].images[0]
+    with pytest.raises(RunFailed, match=rf"shard-00001.h5: row {row} \(image {key}\) fails its CRC-32"):
         ds[[0, i]]
 
 
@@ -248,14 +258,15 @@ def test_stored_samples_are_kept_and_reused_only_for_the_same_inputs(demo, demo_
     cfg = train_config(demo, cache_dir, tmp_path)
     manifest, index = open_cache(cfg)
     fmt = text_format(load_tokenizer(cfg.tokenizer), cfg.tokenizer, index.tokens)
-    reference = [(sp, split_tokens(fmt, sp)) for sp in load_splits(cfg, index)]  # from the records themselves
+    reference = [split_tokens(fmt, sp) for sp in load_splits(cfg, index)]  # from the records themselves
     first = stored_splits(cfg, index, manifest, fmt, save=True)
     (kept,) = (cache_dir / data.SAMPLES).glob("*.npz")
 
     def equal(a, b) -> bool:
-        return all(np.array_equal(x.shard, y.shard) and np.array_equal(x.row, y.row) and x.dropped == y.dropped
+        return all(np.array_equal(x.shard, y.shard) and np.array_equal(x.row, y.row) and
+                   np.array_equal(x.first, y.first) and x.dropped == y.dropped and u == v
                    and all(np.array_equal(getattr(s, f.name), getattr(t, f.name)) for f in dataclasses.fields(s))
-                   for (x, s), (y, t) in zip(a, b))
+                   for (x, s, u), (y, t, v) in zip(a, b))
 
     assert equal(first, reference) and first[0][0].records is None  # a run keeps no records
     monkeypatch.setattr(data, "load_splits", lambda *a: pytest.fail("read the records again"))
@@ -279,10 +290,10 @@ def test_a_batch_counts_its_real_text_tokens_and_names_its_cached_rows(demo, dem
     ds, _, fmt = dataset(train_config(demo, demo_cache, tmp_path))
     ix = [0, 3, 5]
     batch = ds[ix]
-    unpadded = [encode_sample(fmt, ds.split.records[i], True)[0] for i in ix]  # one sample at a time, no padding
+    unpadded = [encode_sample(fmt, ds.split.records[i])[0] for i in ix]  # one sample at a time, no padding
     assert ds.text_tokens(batch["index"]) == sum(sum(t != fmt.image_token_id for t in ids) for ids in unpadded)
     assert ds.image_rows(batch["index"]) == 3 and list(batch["index"]) == ix
     named = ds.describe_rows(batch["index"])
     for i in ix:
-        shard, row = ds.shard[i], ds.row[i]
+        shard, row = loc(ds, i)
         assert re.search(rf"{ds.reader.shards[shard].path.name} rows? [0-9, ]*\b{row}\b", named), named

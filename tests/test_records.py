@@ -6,7 +6,7 @@ from minivlm.formats.records import image_keys, load_records, normalize_key, res
 
 
 def _rec(i, image="a.jpg"):
-    r = {"id": str(i), "conversations": [{"from": "human", "value": "<image>\nDescribe."},
+    r = {"id": str(i), "conversations": [{"from": "human", "value": "<image>\nDescribe." if image else "Hi."},
                                          {"from": "gpt", "value": "A cat."}]}
     if image:
         r["image"] = image
@@ -18,9 +18,30 @@ def test_json_array_and_jsonl_give_the_same_records(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(recs))
     (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     a, b = load_records(tmp_path / "r.json"), load_records(tmp_path / "r.jsonl")
-    assert [(r.id, r.image, r.turns) for r in a] == [(r.id, r.image, r.turns) for r in b]
-    assert a[0].image == "x/a.jpg" and a[2].image is None
-    assert a[0].turns == (("user", "Describe."), ("assistant", "A cat."))
+    assert [(r.id, r.images, r.turns) for r in a] == [(r.id, r.images, r.turns) for r in b]
+    assert a[0].images == ("x/a.jpg",) and a[2].images == ()
+    assert a[0].turns == (("user", "<image>\nDescribe."), ("assistant", "A cat."))
+
+
+def test_the_kth_tag_is_the_kth_image_in_any_turn_and_untagged_images_open_the_first_user_turn(tmp_path):
+    parts = [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "with"},
+             {"type": "image"}]
+    recs = [{"id": "tags", "image": ["a.jpg", "b.jpg"], "conversations": [
+                {"from": "human", "value": "Look: <image>"}, {"from": "gpt", "value": "A."},
+                {"from": "human", "value": "And <image> here?"}, {"from": "gpt", "value": "B."}]},
+            {"id": "parts", "images": ["a.jpg", "c.jpg"], "messages": [{"role": "user", "content": parts},
+                                                                         {"role": "assistant", "content": "Two."}]},
+            {"id": "untagged", "image": ["b.jpg", "a.jpg"], "conversations": [
+                {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Both?"},
+                {"from": "gpt", "value": "Yes."}]},
+            {"id": "no user turn", "image": "a.jpg", "conversations": [{"from": "gpt", "value": "A."}]}]
+    (tmp_path / "r.json").write_text(json.dumps(recs))
+    tags, parts, untagged, lone = load_records(tmp_path / "r.json")
+    assert tags.images == ("a.jpg", "b.jpg") and tags.turns[0][1] == "Look: <image>" and tags.turns[2][1] == \
+        "And <image> here?"
+    assert parts.images == ("a.jpg", "c.jpg") and parts.turns[0] == ("user", "Compare<image>\nwith<image>")
+    assert untagged.turns == (("system", "Be brief."), ("user", "<image>\n<image>\nBoth?"), ("assistant", "Yes."))
+    assert lone.turns == (("user", "<image>\n"), ("assistant", "A."))
 
 
 def test_identical_keys_are_planned_once():
@@ -38,6 +59,11 @@ def test_image_keys_sorted_unique(tmp_path):
     ('[{"id": "1", "image": 3, "conversations": []}]', "record 0", "'image' must be"),
     ('[{"id": "1", "conversations": [{"from": "robot", "value": "x"}]}]', "record 0", "conversations\\[0\\]"),
     ('[{"id": "1", "conversations": [], }', "", "invalid JSON at line 1"),
+    ('[{"id": "1", "image": ["a.jpg", "b.jpg"], "conversations": [{"from": "human", "value": "<image> x"}, '
+     '{"from": "gpt", "value": "y"}]}]', "record 0", "1 <image> tag\\(s\\) for 2 image\\(s\\)"),
+    ('[{"id": "1", "conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}]}]',
+     "record 0", "1 <image> tag\\(s\\) for 0 image\\(s\\)"),
+    ('[{"id": "1", "image": ["a.jpg", 3], "conversations": []}]', "record 0", "or a list of them"),
 ])
 def test_malformed_json_names_the_record(tmp_path, content, where, what):
     p = tmp_path / "bad.json"

@@ -82,12 +82,12 @@ def test_minimind_rows_give_every_image_two_records_and_text_only_rows(demo, lay
     cfg, _ = embedded["minimind"]
     recs = sources.read_records(cfg.data.records, cfg.data, cfg.cache.dir)
     folder = load_records(demo / "train.json")
-    n_images = sum(r.image is not None for r in folder)
+    n_images = sum(bool(r.images) for r in folder)
     assert len(recs) == sum(pq.ParquetFile(p).metadata.num_rows for p in layouts["minimind"]["train"])
     per_key = {}
     for r in recs:
-        per_key.setdefault(r.image, set()).add(r.turns[0][1])
-    assert len(per_key.pop(None)) == sum(r.image is None for r in folder)  # the placeholder rows: text-only
+        per_key.setdefault(r.images[0] if r.images else None, set()).add(r.turns[0][1])
+    assert len(per_key.pop(None)) == sum(not r.images for r in folder)  # the placeholder rows: text-only
     assert len(per_key) == n_images and all(len(prompts) == 2 for prompts in per_key.values())
 
 
@@ -100,11 +100,11 @@ def test_plan_keeps_folder_keys_sorted_and_images_inside_files_in_first_occurren
     cfg, _ = embedded["minimind"]
     loaded = sources.load([cfg.data.records], cfg.data, cfg.cache.dir)
     planned = sources.plan(loaded, "")
-    first = list(dict.fromkeys(r.image for r in loaded.records if r.image))
+    first = list(dict.fromkeys(k for r in loaded.records for k in r.images))
     assert planned.keys == first
-    assert [w for w in planned.where] == sorted(planned.where)  # (file, row): one forward stretch
+    assert [w for w in planned.where] == sorted(planned.where)  # (file, row, k): one forward stretch
     folder = sources.load([str(demo / "train.json")], cfg.data, cfg.cache.dir)
-    assert sources.plan(folder, demo / "images").keys == sorted({r.image for r in folder.records if r.image})
+    assert sources.plan(folder, demo / "images").keys == sorted({k for r in folder.records for k in r.images})
 
 
 # --- turns and captions ---------------------------------------------------------------------------------
@@ -134,8 +134,9 @@ def test_every_turn_style_in_json_jsonl_and_parquet_gives_the_same_records(tmp_p
     data = load_config(None).data
     got = {f: sources.read_records(str(tmp_path / f), data, tmp_path / "cache")
            for f in ("a.json", "b.jsonl", "c.parquet", "d.parquet", "e.parquet")}
-    assert {f: [r.turns for r in recs] for f, recs in got.items()} == {f: [(("user", q), ("assistant", a))] for f in got}
-    assert [got[f][0].image for f in got] == ["x.png", "x.png"] + [sha(img)] * 3
+    want = [(("user", "<image>\n" + q), ("assistant", a))]
+    assert {f: [r.turns for r in recs] for f, recs in got.items()} == {f: want for f in got}
+    assert [got[f][0].images for f in got] == [("x.png",), ("x.png",)] + [(sha(img),)] * 3
 
 
 def test_a_bare_caption_is_the_configured_prompt_and_the_caption_as_answer(demo, tmp_path):
@@ -144,9 +145,9 @@ def test_a_bare_caption_is_the_configured_prompt_and_the_caption_as_answer(demo,
     rec, = sources.read_records(str(tmp_path / "c.parquet"), load_config(None).data, tmp_path / "cache")
     cfg = demo_config(demo, tmp_path, "tokenizer.prompt=Caption it.").tokenizer
     fmt = text_format(load_tokenizer(cfg), cfg, 4)
-    explicit = Record("1", rec.image, (("user", "Caption it."), ("assistant", "A red square.")), "x")
-    assert rec.turns == (("user", ""), ("assistant", "A red square."))
-    assert encode_sample(fmt, rec, True) == encode_sample(fmt, explicit, True)
+    explicit = Record("1", rec.images, (("user", "<image>\nCaption it."), ("assistant", "A red square.")), "x")
+    assert rec.turns == (("user", "<image>\n"), ("assistant", "A red square."))
+    assert encode_sample(fmt, rec) == encode_sample(fmt, explicit)
 
 
 # --- the stored join --------------------------------------------------------------------------------------
@@ -160,6 +161,7 @@ def test_the_join_is_stored_once_and_training_never_hashes_or_reads_image_bytes(
     with np.load(store / f"{sources.identity(src)}.npz") as z:
         direct = pq.read_table(src.path, columns=["image"]).column("image").to_pylist()
         assert [bytes(d).hex() for d in z["sha256"]] == [sha(cell["bytes"]) for cell in direct]
+        assert z["images"].tolist() == [1] * len(direct)
 
     def boom(*a, **kw):
         raise AssertionError("stage 2 read or hashed image bytes")
@@ -183,7 +185,7 @@ def test_a_rewritten_file_is_hashed_again_and_a_moved_one_is_not(tmp_path, monke
     calls = []
     real = sources._hash_rows
     monkeypatch.setattr(sources, "_hash_rows", lambda *a: calls.append(a) or real(*a))
-    assert sources.read_records(str(path), data, tmp_path / "c")[0].image == sha(_image())
+    assert sources.read_records(str(path), data, tmp_path / "c")[0].images == (sha(_image()),)
     moved = tmp_path / "sub" / "b.parquet"
     moved.parent.mkdir()
     path.rename(moved)
@@ -191,7 +193,7 @@ def test_a_rewritten_file_is_hashed_again_and_a_moved_one_is_not(tmp_path, monke
     assert len(calls) == 1
     other = _image((0, 0, 200))
     pq.write_table(pa.table({"image": [{"bytes": other, "path": None}], "caption": ["x"]}), moved)
-    assert sources.read_records(str(moved), data, tmp_path / "c")[0].image == sha(other) and len(calls) == 2
+    assert sources.read_records(str(moved), data, tmp_path / "c")[0].images == (sha(other),) and len(calls) == 2
 
 
 def test_a_garbled_stored_join_is_hashed_again(tmp_path, capsys):
@@ -206,7 +208,7 @@ def test_a_garbled_stored_join_is_hashed_again(tmp_path, capsys):
                 np.savez(f, sha256=np.zeros((2, 32), np.uint8), images=np.ones(2, np.int32))
         else:
             stored.write_bytes(garbage)
-        assert sources.read_records(str(path), data, tmp_path / "c")[0].image == sha(_image())
+        assert sources.read_records(str(path), data, tmp_path / "c")[0].images == (sha(_image()),)
         out = capsys.readouterr().out
         assert ("unreadable" if garbage else "does not match") in out and "hashing" in out
 
@@ -266,15 +268,35 @@ def minimind_file(path, cells, tagged=True, list_type=False):
                    row_group_size=3)
 
 
-def test_rows_with_several_images_are_skipped_and_counted_and_the_rest_embedded(demo, tmp_path, capsys):
-    good = [(demo / "images" / f"train/{i:05d}.jpg").read_bytes() for i in (0, 1, 2)]
-    minimind_file(tmp_path / "m.parquet", [[good[0]], [good[1], good[2]], [good[2]], [], [good[0]]], list_type=True)
-    cfg = demo_config(demo, tmp_path, f"data.records={tmp_path}/m.parquet", "data.val_records=")
+def test_rows_with_several_images_are_samples_of_several_images_and_rows_above_max_images_are_skipped(
+        demo, tmp_path, capsys):
+    good = [(demo / "images" / f"train/{i:05d}.jpg").read_bytes() for i in (0, 1, 2, 3)]
+    cells = [[good[0]], [good[1], good[2]], [good[2]], [], [good[0], good[1], good[3]]]
+    convs = [CONV, TWO, CONV, CONV, json.dumps([{"role": "user", "content": "<image><image><image> All?"},
+                                                {"role": "assistant", "content": "Three."}])]
+    pq.write_table(pa.table({"conversations": convs, "image_bytes": pa.array(cells, pa.list_(pa.binary()))}),
+                   tmp_path / "m.parquet", row_group_size=3)
+    cfg = demo_config(demo, tmp_path, f"data.records={tmp_path}/m.parquet", "data.val_records=", "data.max_images=2")
     m = run_embed(cfg, Dist())
     out = capsys.readouterr().out
-    assert "1 row(s) hold several images (first: " in out and "m.parquet row 1)" in out
+    assert "1 row(s) hold more images than data.max_images (first: " in out and "m.parquet row 4)" in out
     assert "1 row(s) hold no image (first: " in out and "m.parquet row 3)" in out
-    assert m["skipped_rows"] == {"several": 1, "no_image": 1} and set(cache_rows(cfg.cache.dir)) == {sha(good[0]), sha(good[2])}
+    assert m["skipped_rows"] == {"too_many": 1, "no_image": 1}
+    assert set(cache_rows(cfg.cache.dir)) == {sha(g) for g in good[:3]}  # each image once
+    recs = sources.read_records(cfg.data.records, cfg.data, cfg.cache.dir)
+    assert [r.images for r in recs] == [(sha(good[0]),), (sha(good[1]), sha(good[2])), (sha(good[2]),)]
+    assert recs[1].turns[0] == ("user", "First <image>, then <image>: what?")
+
+
+def test_tags_that_do_not_match_the_images_are_one_line_naming_the_row_before_any_work(demo, tmp_path):
+    good = (demo / "images" / "train/00000.jpg").read_bytes()
+    pq.write_table(pa.table({"conversations": [CONV, TWO], "image_bytes": pa.array([[good], [good, good, good]],
+                                                                                    pa.list_(pa.binary()))}),
+                   tmp_path / "m.parquet")
+    cfg = demo_config(demo, tmp_path, f"data.records={tmp_path}/m.parquet", "data.val_records=")
+    with pytest.raises(ValueError, match=r"m\.parquet row 1: 2 <image> tag\(s\) for 3 image\(s\)") as e:
+        run_embed(cfg, Dist())
+    assert "\n" not in str(e.value) and not cache.shard_dir(cfg.cache.dir).exists()
 
 
 def test_undecodable_bytes_are_failures_naming_file_and_row_and_the_rest_embedded(demo, tmp_path):
@@ -305,6 +327,8 @@ def _table(**cols):
 
 
 CONV = json.dumps([{"role": "user", "content": "<image>\nHi"}, {"role": "assistant", "content": "A shape."}])
+TWO = json.dumps([{"role": "user", "content": "First <image>, then <image>: what?"},
+                  {"role": "assistant", "content": "Two shapes."}])
 BAD = {  # name -> (write the file, overrides, what the line says)
     "corrupt page": (lambda p, img: (minimind_file(p, [img] * 6), _corrupt_page(p)), [],
                      r"m\.parquet row group 1: unreadable .*download or write it again"),

@@ -65,7 +65,7 @@ def test_tar_records_are_the_captions_keyed_by_member_key(demo, tar_set, tar_emb
               if "image" in r}
     by_sha = {sha((demo / "images" / k).read_bytes()): caption for k, caption in folder.items()}
     assert len(recs) == len(folder) + 8  # every image, and the repeated ones again
-    assert all(r.turns == (("user", ""), ("assistant", by_sha[r.image])) for r in recs)
+    assert all(r.turns == (("user", "<image>\n"), ("assistant", by_sha[r.images[0]])) for r in recs)
     assert recs[0].id == "000000000" and recs[PER_TAR].id == "000010000"  # 5 digits shard + 4 position
     assert recs[0].where == f"{tar_set['train'][0]} member 000000000.jpg"
 
@@ -105,9 +105,9 @@ def test_directories_extensionless_and_other_members_are_ignored_and_extensions_
     _tar(path, [("sub.d", None), ("sub/k1.JPG", img), ("sub/k1.cls", b"3"), ("sub/k1.json", meta.encode()), ("LICENSE", b"x"),
                 ("sub/k2.webp", img), ("sub/k2.txt", b"caption two")])
     recs = sources.read_records(str(path), load_config(None).data, tmp_path / "c")
-    assert [(r.id, r.turns) for r in recs] == [("sub/k1", (("user", "What?"), ("assistant", "A."))),
-                                               ("sub/k2", (("user", ""), ("assistant", "caption two")))]
-    assert recs[0].image == recs[1].image == sha(img)
+    assert [(r.id, r.turns) for r in recs] == [("sub/k1", (("user", "<image>\nWhat?"), ("assistant", "A."))),
+                                               ("sub/k2", (("user", "<image>\n"), ("assistant", "caption two")))]
+    assert recs[0].images == recs[1].images == (sha(img),)
 
 
 # --- bad input: one line naming the tar (and member) ----------------------------------------------------------
@@ -171,7 +171,8 @@ def test_samples_without_image_or_caption_or_with_two_images_are_skipped_naming_
     warning, = [ln for ln in out.splitlines() if ln.startswith("warning: skipped")]
     assert f"1 row(s) hold no image (first: {tmp_path}/s.tar member b.txt)" in warning
     assert f"1 row(s) hold no text (first: {tmp_path}/s.tar member c.jpg)" in warning
-    assert f"1 row(s) hold several images (first: {tmp_path}/s.tar member d.jpg)" in warning
+    assert f"1 row(s) hold several images in a tar sample (one a sample) (first: {tmp_path}/s.tar member d.jpg)" \
+        in warning
     assert m["skipped_rows"] == {"no_image": 1, "no_text": 1, "several": 1}
     assert set(cache_rows(cfg.cache.dir)) == {sha(imgs[0]), sha(imgs[3])}  # nothing else lost
 
@@ -218,7 +219,8 @@ def test_the_stored_join_of_a_tar_costs_no_read_after_its_index_pass(tar_set, tm
     joined = sources.row_images(src, tmp_path)
     with tarfile.open(path) as tf:  # the reference: the stdlib's own reading of each image member
         images = [m for m in tf.getmembers() if m.name.endswith(".jpg")]
-        assert [joined.key(row) for row in range(len(images))] == [sha(tf.extractfile(m).read()) for m in images]
+        keys = [k for row in range(len(images)) for k in joined.keys(row, joined.start)]
+        assert keys == [sha(tf.extractfile(m).read()) for m in images]
 
 
 # --- reads: by offset, forward, bounded ---------------------------------------------------------------------

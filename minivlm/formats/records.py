@@ -7,6 +7,10 @@ Design choices:
   between records and cache rows, so stage 1 and stage 2 must normalise identically: both call `load_records`.
 - Turns are {"from","value"} (LLaVA) or {"role","content"} (MiniMind-V, OpenAI-style messages) in every
   source; a bare caption becomes an empty user turn (tokenizer.prompt at stage 2) and the caption as answer.
+- A record holds any number of images; the k-th `<image>` tag (in any turn, anywhere in it; an image part of
+  OpenAI-style content is a tag) is the k-th image, and the tags stay in the turns' text so stage 2 puts each
+  image where its tag stands. Images without tags go, in order, where one image always went: the start of the
+  first user turn (`with_tags`). Tags and images that do not match in number are an error naming the record.
 - Resolving a key against the image root is separate (`resolve_image`), so a key that escapes the root
   (`../x`, absolute, or a symlink out) is reported as a failure and never opened.
 """
@@ -27,8 +31,8 @@ IMAGE_TAG = "<image>"
 @dataclass(frozen=True)
 class Record:
     id: str
-    image: str | None                 # normalised image key, None for text-only samples
-    turns: tuple[tuple[str, str], ...]  # (role, text) with roles user / assistant / system; <image> removed
+    images: tuple[str, ...]           # normalised image keys in the order of their tags; () for text-only samples
+    turns: tuple[tuple[str, str], ...]  # (role, text) with roles user / assistant / system; one <image> tag an image
     where: str                        # "train.json record 12 (id 0000012)" for error messages
 
 
@@ -37,30 +41,54 @@ def normalize_key(image: str) -> str:
     return key[2:] if key.startswith("./") else key
 
 
-def _turn(turn, where: str, j: int) -> tuple[str, str, bool]:
-    """One turn as (role, text without <image>, whether it held an image), from {"from","value"} (LLaVA) or
-    {"role","content"} (MiniMind-V, OpenAI-style messages; content a string or a list of text/image parts)."""
+def _turn(turn, where: str, j: int) -> tuple[str, str]:
+    """One turn as (role, text with its <image> tags), from {"from","value"} (LLaVA) or {"role","content"}
+    (MiniMind-V, OpenAI-style messages; content a string or a list of text/image parts, an image part a tag)."""
     if isinstance(turn, dict):
         role, text = (turn.get("from"), turn.get("value")) if "from" in turn else (turn.get("role"), turn.get("content"))
-        if isinstance(text, list) and all(isinstance(p, dict) for p in text):  # [{"type": "text", "text": ...}, {"type": "image"}]
-            image = any(p.get("type") == "image" for p in text)
-            text = "".join(p["text"] for p in text if p.get("type") == "text" and isinstance(p.get("text"), str))
-            text = IMAGE_TAG + text if image else text
+        if isinstance(text, list) and all(isinstance(p, dict) for p in text):  # [{"type": "image"}, {"type": "text", ...}]
+            text = "".join(IMAGE_TAG + "\n" if p.get("type") == "image" else p["text"] for p in text
+                           if p.get("type") == "image" or p.get("type") == "text" and isinstance(p.get("text"), str))
         if role in ROLES and isinstance(text, str):
-            return ROLES[role], text.replace(IMAGE_TAG, "").strip(), IMAGE_TAG in text
+            return ROLES[role], text.strip()
     raise ValueError(f"{where}: conversations[{j}] must be {{'from': human|gpt|system, 'value': str}} or "
                      f"{{'role': user|assistant|system, 'content': str}}, got {json.dumps(turn, default=str)[:80]}")
 
 
-def parse_turns(conv, where: str) -> tuple[tuple[tuple[str, str], ...], bool]:
-    """The turns of a conversation and whether any of them carried an <image> tag."""
+def parse_turns(conv, where: str) -> tuple[tuple[str, str], ...]:
+    """The turns of a conversation, their <image> tags kept in place."""
     if not isinstance(conv, list) or not conv:
         raise ValueError(f"{where}: 'conversations' must be a non-empty list of {{'from', 'value'}} or "
                          f"{{'role', 'content'}} turns")
-    parsed = [_turn(t, where, j) for j, t in enumerate(conv)]
-    if not any(role == "assistant" for role, _, _ in parsed):
+    turns = tuple(_turn(t, where, j) for j, t in enumerate(conv))
+    if not any(role == "assistant" for role, _ in turns):
         raise ValueError(f"{where}: conversations has no gpt turn (an assistant answer): nothing to learn")
-    return tuple((role, text) for role, text, _ in parsed), any(tagged for _, _, tagged in parsed)
+    return turns
+
+
+def count_tags(turns) -> int:
+    return sum(text.count(IMAGE_TAG) for _, text in turns)
+
+
+def with_tags(turns, n_images: int, where: str) -> tuple[tuple[str, str], ...]:
+    """The turns with one <image> tag per image: as they are when their tags match the images in number; with
+    every tag at the start of the first user turn (where one image always went) when they have none."""
+    tags = count_tags(turns)
+    if tags == n_images:
+        return tuple(turns)
+    if tags:
+        raise ValueError(f"{where}: {tags} <image> tag(s) for {n_images} image(s); each image needs one tag where "
+                         f"it goes (or no tags at all: the images then open the first user turn)")
+    lead = IMAGE_TAG + "\n"
+    at = next((i for i, (role, _) in enumerate(turns) if role == "user"), None)
+    if at is None:  # no user turn: open with one (tokenizer.prompt at stage 2)
+        return (("user", lead * n_images),) + tuple(turns)
+    return tuple((r, lead * n_images + t if i == at else t) for i, (r, t) in enumerate(turns))
+
+
+def user_text(text: str) -> str:
+    """A user turn's text without its tags (what a user asked, for reports)."""
+    return text.replace(IMAGE_TAG, "").strip()
 
 
 def caption_turns(caption: str) -> tuple[tuple[str, str], ...]:
@@ -74,11 +102,13 @@ def _parse_record(obj, where: str) -> Record:
     rid = str(obj.get("id", ""))
     if rid:
         where = f"{where} (id {rid})"
-    image = obj.get("image")
-    if image is not None and (not isinstance(image, str) or not image.strip()):
-        raise ValueError(f"{where}: 'image' must be a non-empty path string relative to data.image_root")
-    turns, _ = parse_turns(obj.get("conversations", obj.get("messages")), where)
-    return Record(rid, normalize_key(image) if image else None, turns, where)
+    image = obj.get("image", obj.get("images"))
+    images = [image] if isinstance(image, str) else [] if image is None else image
+    if not isinstance(images, list) or not all(isinstance(i, str) and i.strip() for i in images):
+        raise ValueError(f"{where}: 'image' must be a non-empty path string relative to data.image_root, or a list "
+                         f"of them")
+    turns = parse_turns(obj.get("conversations", obj.get("messages")), where)
+    return Record(rid, tuple(normalize_key(i) for i in images), with_tags(turns, len(images), where), where)
 
 
 def load_records(path: str | Path | Url) -> list[Record]:
@@ -111,11 +141,11 @@ def load_records(path: str | Path | Url) -> list[Record]:
 
 def image_keys(records: list[Record]) -> list[str]:
     """Sorted unique image keys: identical keys are embedded once however many records use them."""
-    return sorted({r.image for r in records if r.image})
+    return sorted({k for r in records for k in r.images})
 
 
 def first_record_with(records: list[Record], key: str) -> Record:
-    return next(r for r in records if r.image == key)
+    return next(r for r in records if key in r.images)
 
 
 def resolve_image(root: str | Path | Url, key: str) -> Path | Url | None:

@@ -10,17 +10,22 @@ Design choices:
   `data.image_root` (`minivlm.formats.records`).
 - Keys: the normalised path of a folder image; the hex SHA-256 of the bytes of an image inside a file, so
   the same image in many rows or files is one cache row, and `sha256sum` recomputes a key.
-- The stored join: `<cache.dir>/sources/<identity>.npz` holds, per row of a Parquet file, the SHA-256 of its
-  image (`sha256`, (n, 32) uint8) and how many images the row holds (`images`, (n,) int32). One pass over the
+- The stored join: `<cache.dir>/sources/<identity>.npz` holds, per row of a Parquet file or tar, how many
+  images the row holds (`images`, (n,) int32) and the SHA-256 of each, rows after rows (`sha256`, (m, 32)
+  uint8). One pass over the
   image column computes it (stage 1, or stage 2 the first time it meets a file); every later run and rank
   loads it, so training never reads or hashes image bytes. The identity hashes the file's size, mtime, last
   MiB (Parquet's footer) and image column: a rewritten file is hashed again, a moved one is not. Under
   torchrun rank r starts hashing at the r-th file: ranks share a many-file set with no coordination (they
   would write identical bytes, atomically).
-- Which rows are samples: a conversation without an <image> tag is text-only and its image is ignored
+- Which rows are samples: a conversation without an <image> tag is text-only and its images are ignored
   (MiniMind-V's sft_i2t.parquet gives such rows an 8x8 black placeholder; upstream's `count_vision_proj`
-  puts image features only where the tag is). A caption, or a conversation with the tag, takes exactly one
-  image: a row with none (img2dataset's failed downloads) or several is skipped and counted, never guessed.
+  puts image features only where the tag is). A conversation with tags takes one image per tag, the k-th
+  tag the k-th image of the row (a Parquet list column: MiniMind-V's `image_bytes`, Hugging Face's
+  `images`); a caption takes the row's images at the start of its prompt. A row with no image
+  (img2dataset's failed downloads), more than `data.max_images`, or several in a tar sample (webdataset has
+  one image a sample) is skipped and counted, never guessed; tags that do not match the images in number are
+  an error naming the row.
 - Plan: folder keys sorted, as always; keys of images inside files in first-occurrence order (files, row
   groups, rows), so a shard's images come from one stretch of the source and its reader touches only the row
   groups they sit in. Sorted by SHA-256 they would scatter every shard over every row group of every file.
@@ -43,15 +48,18 @@ from tqdm import tqdm
 from minivlm.config import DataConfig
 from minivlm.fileio import TMP_SUFFIX, atomic_write, sha256_file
 from minivlm.formats import parquet, remote, tars
-from minivlm.formats.records import Record, caption_turns, load_records, parse_turns, resolve_image
+from minivlm.formats.records import Record, caption_turns, count_tags, load_records, parse_turns, resolve_image, with_tags
 
 STORE = "sources"          # <cache.dir>/sources/<identity>.npz: the stored join
 TAIL_BYTES = 1 << 20       # the end of a file that its identity hashes (Parquet's footer lives there)
 STALE_TEMP_S = 3600        # a temp file of the store older than this was left by a killed writer
-SKIP_REASONS = {"several": "hold several images", "no_image": "hold no image", "no_text": "hold no text"}
+SKIP_REASONS = {"several": "hold several images in a tar sample (one a sample)", "no_image": "hold no image",
+                "no_text": "hold no text", "too_many": "hold more images than data.max_images"}
+JOIN_FORMAT = 2            # the stored join's layout (1: one SHA-256 a row, zeros for none or several)
 
 
 FORMATS = {"parquet": parquet, "tar": tars}  # images inside: layout, rows, texts, digests, where, ImageRows
+SEVERAL = {"parquet": True, "tar": False}    # whether a row may hold several images
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -144,23 +152,28 @@ def sources_hash(sources: list[Source]) -> str:
 
 @dataclass(frozen=True)
 class RowImages:
-    sha256: np.ndarray    # (n, 32) uint8; zeros where the row holds no image or several
-    images: np.ndarray    # (n,) int32: images in the row
+    images: np.ndarray    # (n,) int32: images in each row
+    sha256: np.ndarray    # (m,) x 32 uint8: the SHA-256 of each image, rows after rows
 
-    def key(self, row: int) -> str:
-        return self.sha256[row].tobytes().hex()
+    @property
+    def start(self) -> np.ndarray:
+        """(n + 1,) int64: row r's images are sha256[start[r]:start[r + 1]]."""
+        return np.concatenate([[0], np.cumsum(self.images, dtype=np.int64)])
+
+    def keys(self, row: int, start: np.ndarray) -> list[str]:
+        return [d.tobytes().hex() for d in self.sha256[start[row]:start[row + 1]]]
 
 
 def _hash_rows(src: Source, progress: bool) -> RowImages:
     n = src.reader.rows(src.path)
-    digests, counts = np.zeros((n, 32), np.uint8), np.zeros(n, np.int32)
+    digests, counts = [], np.zeros(n, np.int32)
     with tqdm(total=n, desc=f"hash {src.path.name}", unit="row", disable=not progress or None, mininterval=1.0) as bar:
         for row, images in src.reader.digests(src.path, src.layout):
             counts[row] = len(images)
-            if len(images) == 1:
-                digests[row] = np.frombuffer(images[0], np.uint8)
+            digests += images
             bar.update()
-    return RowImages(digests, counts)
+    sha = np.frombuffer(b"".join(digests), np.uint8).reshape(-1, 32) if digests else np.zeros((0, 32), np.uint8)
+    return RowImages(counts, sha)
 
 
 def row_images(src: Source, cache_dir: str | Path, progress: bool = False) -> RowImages:
@@ -168,10 +181,13 @@ def row_images(src: Source, cache_dir: str | Path, progress: bool = False) -> Ro
     path = Path(cache_dir) / STORE / f"{identity(src)}.npz"
     try:
         with np.load(path, allow_pickle=False) as z:
-            rows = RowImages(z["sha256"], z["images"])
-        if len(rows.images) == len(rows.sha256) == src.reader.rows(src.path):
+            stored = int(z["format"]) if "format" in z else 1
+            rows = RowImages(z["images"], z["sha256"])
+        if stored == JOIN_FORMAT and len(rows.images) == src.reader.rows(src.path) and \
+                rows.images.sum() == len(rows.sha256):
             return rows
-        print(f"sources: {path} does not match {src.path}'s rows; hashing it again", flush=True)
+        print(f"sources: {path} does not match {src.path}'s rows or is from an older minivlm; hashing it again",
+              flush=True)
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
@@ -188,8 +204,8 @@ def row_images(src: Source, cache_dir: str | Path, progress: bool = False) -> Ro
 
 def _save(tmp: Path, src: Source, rows: RowImages) -> None:
     with open(tmp, "wb") as f:  # a file object: savez would append .npz to a name
-        np.savez(f, sha256=rows.sha256, images=rows.images, source=np.array(str(src.path)),
-                 column=np.array(src.layout.image))
+        np.savez(f, format=np.int64(JOIN_FORMAT), images=rows.images, sha256=rows.sha256,
+                 source=np.array(str(src.path)), column=np.array(src.layout.image))
 
 
 # --- records ------------------------------------------------------------------------------------------
@@ -198,7 +214,7 @@ def _save(tmp: Path, src: Source, rows: RowImages) -> None:
 class Loaded:
     """Records of some specs in order (sources, then rows), where each image inside a file sits, and skips."""
     records: list[Record] = field(default_factory=list)
-    origin: list = field(default_factory=list)       # per record: (source index, row) for Parquet, else None
+    origin: list = field(default_factory=list)       # per record: (source index, row) for Parquet / tars, else None
     sources: list[Source] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     first_skip: dict = field(default_factory=dict)   # reason -> where of its first row
@@ -216,7 +232,7 @@ class _Row:
     row: int
     id: str
     turns: tuple | None        # None: no text
-    tagged: bool               # the image goes with the text (a caption, or a conversation with <image>)
+    caption: bool              # a bare caption (it takes the row's images); else a conversation (one per tag)
     where: str
 
 
@@ -226,26 +242,34 @@ def _texts(src: Source, progress: bool) -> list[_Row]:
     for row, rid, value in tqdm(src.reader.texts(src.path, src.layout), total=src.reader.rows(src.path), unit="row",
                                 desc=f"read {src.path.name}", disable=not progress or None, mininterval=1.0):
         where = src.reader.where(src.path, src.layout, row)
-        if value is None or isinstance(value, str):  # a caption (or no text)
-            turns, tagged = (caption_turns(value) if value and value.strip() else None), True
-        else:
-            turns, tagged = parse_turns(value, where)
-        out.append(_Row(row, rid if rid is not None else f"{src.path.stem}:{row}", turns, tagged, where))
+        caption = value is None or isinstance(value, str)
+        turns = (caption_turns(value) if value and value.strip() else None) if caption else parse_turns(value, where)
+        out.append(_Row(row, rid if rid is not None else f"{src.path.stem}:{row}", turns, caption, where))
     return out
 
 
-def _join(loaded: Loaded, index: int, texts: list[_Row], rows: RowImages) -> None:
-    """Rows as records: an image key where the text takes one; text-only, or skipped and counted, otherwise."""
+def _join(loaded: Loaded, index: int, texts: list[_Row], rows: RowImages, max_images: int) -> None:
+    """Rows as records: their image keys where the text takes them; text-only, or skipped and counted, otherwise."""
+    start, several = rows.start, SEVERAL[loaded.sources[index].format]
     for t in texts:
-        n_images = int(rows.images[t.row])
-        if t.tagged and n_images != 1:
-            loaded.skip("several" if n_images > 1 else "no_image", t.where)
+        n = int(rows.images[t.row])
+        tagged = t.caption or count_tags(t.turns) > 0  # an untagged conversation is text-only (MiniMind-V)
+        if tagged and not n:
+            loaded.skip("no_image", t.where)
         elif t.turns is None:
             loaded.skip("no_text", t.where)
+        elif not tagged:
+            loaded.records.append(Record(t.id, (), t.turns, t.where))
+            loaded.origin.append(None)
+        elif n > 1 and not several:
+            loaded.skip("several", t.where)
         else:
-            image = rows.key(t.row) if t.tagged else None  # untagged: text-only, its (placeholder) image ignored
-            loaded.records.append(Record(t.id, image, t.turns, t.where))
-            loaded.origin.append((index, t.row) if image else None)
+            turns = with_tags(t.turns, n, t.where)  # tags and images that do not match: an error naming the row
+            if n > max_images:
+                loaded.skip("too_many", t.where)
+                continue
+            loaded.records.append(Record(t.id, tuple(rows.keys(t.row, start)), turns, t.where))
+            loaded.origin.append((index, t.row))
 
 
 def load(specs: list[str], data: DataConfig, cache_dir: str | Path, rank: int = 0, progress: bool = False) -> Loaded:
@@ -258,15 +282,18 @@ def load(specs: list[str], data: DataConfig, cache_dir: str | Path, rank: int = 
     stored = {i: row_images(loaded.sources[i], cache_dir, progress) for i in files[start:] + files[:start]}
     for i, src in enumerate(loaded.sources):
         if src.layout:
-            _join(loaded, i, texts.pop(i), stored.pop(i))
+            _join(loaded, i, texts.pop(i), stored.pop(i), data.max_images)
         else:
-            recs = texts.pop(i)
-            loaded.records += recs
-            loaded.origin += [None] * len(recs)
+            for r in texts.pop(i):
+                if len(r.images) > data.max_images:
+                    loaded.skip("too_many", r.where)
+                else:
+                    loaded.records.append(r)
+                    loaded.origin.append(None)
     if not loaded.records:
         raise ValueError(f"{', '.join(specs)}: no records" + (f" ({loaded.describe_skips()})" if loaded.skipped else ""))
     if loaded.skipped and progress:
-        print(f"warning: skipped {loaded.describe_skips()}; a sample takes exactly one image", flush=True)
+        print(f"warning: skipped {loaded.describe_skips()}", flush=True)
     return loaded
 
 
@@ -285,16 +312,18 @@ def read_records(spec: str, data: DataConfig, cache_dir: str | Path, progress: b
 @dataclass(frozen=True)
 class Plan:
     keys: list[str]          # unique image keys in plan order
-    where: list              # per key: Path | Url | None (folder image; None: outside the root), or (source, row)
+    where: list              # per key: Path | Url | None (folder image; None: outside the root), or (source, row, k):
+                             # the k-th image of a row of a file
 
 
 def plan(loaded: Loaded, image_root: str | Path) -> Plan:
     """Folder keys sorted (as before Parquet), then keys inside files in first-occurrence order."""
-    folder = sorted({r.image for r, o in zip(loaded.records, loaded.origin) if r.image and o is None})
-    inside: dict[str, tuple[int, int]] = {}
+    folder = sorted({k for r, o in zip(loaded.records, loaded.origin) if o is None for k in r.images})
+    inside: dict[str, tuple[int, int, int]] = {}
     for r, o in zip(loaded.records, loaded.origin):
         if o is not None:
-            inside.setdefault(r.image, o)
+            for k, key in enumerate(r.images):
+                inside.setdefault(key, (*o, k))
     if folder and not isinstance(image_root, remote.Url) and not Path(image_root).is_dir():
         raise FileNotFoundError(f"data.image_root {image_root} is not a directory; point it at the folder the "
                                 f"records' image paths are relative to")
@@ -314,26 +343,27 @@ def cut(keys: list[str], shard_size: int) -> list[list[str]]:
 
 
 def describe(sources: list[Source], where) -> str:
-    """'data/x.parquet row 12', 'shards/00000.tar member 000000012.jpg' for a (source, row) location."""
+    """'data/x.parquet row 12', 'shards/00000.tar member 000000012.jpg' for a (source, row, k) location; the
+    second and later images of a row add ' image k+1'."""
     src = sources[where[0]]
-    return src.reader.where(src.path, src.layout, where[1])
+    return src.reader.where(src.path, src.layout, where[1]) + (f" image {where[2] + 1}" if where[2] else "")
 
 
 class ImageReader:
-    """(source, row) -> that row's image bytes, reading each file forward (its format's `ImageRows`); one
-    file open at a time. Built in the worker that uses it: no file handle crosses a fork."""
+    """(source, row, k) -> the bytes of that row's k-th image, reading each file forward (its format's
+    `ImageRows`); one file open at a time. Built in the worker that uses it: no file handle crosses a fork."""
 
     def __init__(self, sources: list[Source]):
         self.sources, self.current, self.rows = sources, -1, None
 
     def read(self, where) -> bytes:
-        s, row = where
+        s, row, k = where
         if s != self.current:
             src = self.sources[s]
             self.current, self.rows = s, src.reader.ImageRows(src.path, src.layout)
         images = self.rows.images(row)
-        if len(images) != 1:
+        if len(images) <= k:
             raise ValueError(f"{describe(self.sources, where)} holds {len(images)} images now; the file changed "
                              f"since its keys were stored: rerun embed")
-        return images[0]
+        return images[k]
 

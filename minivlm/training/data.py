@@ -2,17 +2,23 @@
 the loader.
 
 Design choices:
-- The join is by image key through the shards' `keys`; records whose image failed or is absent are
-  dropped and counted. Text-only records stay (they get no placeholders and a zero image slot).
-- A run needs arrays, not records: per sample its (shard, row) and its tokens (`text.tokenize`, once). The
+- The join is by image key through the shards' `keys`; records with an image that failed or is absent are
+  dropped and counted, as are records whose images and prompt do not fit tokenizer.max_len (one warning line
+  naming the first). A sample holds any number of images (text-only: none); each is one slot, read as one
+  cache row, and the K slots of a batch reach the model in the order its placeholders appear.
+- A run needs arrays, not records: per sample its image slots' (shard, row) and its tokens (`text.tokenize`,
+  once). The
   first run builds them from the records and keeps them in `<cache.dir>/samples/` (`stored_splits`); a
   rerun, a sweep's next run and the other ranks load them (a million records: seconds and ~150 B a sample,
   against minutes and ~1.5 KB a record). A batch is then a row read per image plus a vectorized pad
   (`text.collate`).
-- Image rows are read as stored (minivlm.embedding.shard.RowReader: the only code that knows the row format, checks
-  each row's CRC-32 and picks mmap or pread) into one preallocated (B, row_bytes) uint8 tensor per batch
-  (pinned for CUDA), in (shard, row) order within the batch, and decoded on the training device by
-  `to_device`: an 8-bit cache moves 8-bit rows.
+- Image rows are read as stored (minivlm.embedding.shard.RowReader: the only code that knows the row format,
+  checks each row and picks mmap or pread) into one preallocated (K, row_bytes) uint8 tensor per batch
+  (pinned for CUDA), in the batch's layout order, and decoded on the training device by `to_device`: an 8-bit
+  cache moves 8-bit rows.
+- Packing (`train.packing`) lays a micro-batch's samples into rows of at most `capacity` tokens
+  (`text.pack`) with positions restarting per sample; it changes how a step's samples are laid out, never
+  which samples a step holds, so the schedule, resume and metrics keep their meaning.
 - Batches are read in this process, by `num_workers` threads running ahead of the step, not by
   DataLoader worker processes: handing a batch across the process boundary capped the read path at
   ~3.5k B/16 rows/s on 2 cores, against ~20k for the reads themselves.
@@ -46,7 +52,7 @@ from minivlm.embedding.shard import Codec, RowReader
 from minivlm.fileio import atomic_write
 from minivlm.formats.records import Record
 from minivlm.formats.sources import open_sources, read_records, sources_hash
-from minivlm.training.text import TextFormat, Tokens, collate, format_key, load_tokenizer, text_format, tokenize
+from minivlm.training.text import TextFormat, Tokens, collate, format_key, load_tokenizer, pack, text_format, tokenize
 
 SAMPLES = "samples"  # <cache.dir>/samples/<key>.npz: a run's splits as arrays (`stored_splits`)
 
@@ -72,47 +78,80 @@ def in_val_split(key: str, frac: float) -> bool:
 
 @dataclass(frozen=True)
 class Split:
-    """A split's samples as arrays: where each one's image row is (shard -1: text-only). `records` is kept only
-    where something needs a sample's text or image key (evaluation's captions); a training run never does."""
-    shard: np.ndarray                   # (n,) int64, -1 for a text-only sample
-    row: np.ndarray                     # (n,) int64, 0 for a text-only sample
-    dropped: int                        # records whose image is not in the cache
+    """A split's samples as arrays: sample i's images are the cache rows (shard[j], row[j]) for j in
+    [first[i], first[i + 1]) (none: text-only). `records` is kept only where something needs a sample's text or
+    image keys (evaluation's captions); a training run never does."""
+    shard: np.ndarray                   # (M,) int64: each image slot's shard
+    row: np.ndarray                     # (M,) int64: its row
+    first: np.ndarray                   # (n + 1,) int64: sample i's slots start at first[i]
+    dropped: int                        # records with an image that is not in the cache
     records: list[Record] | None = None
 
     def __len__(self) -> int:
-        return len(self.shard)
+        return len(self.first) - 1
+
+    def slots(self, ix: np.ndarray) -> np.ndarray:
+        """(K,) the image slots of samples `ix`, sample after sample, each sample's in order."""
+        n = self.first[ix + 1] - self.first[ix]
+        return np.arange(n.sum()) + np.repeat(self.first[ix] - (np.cumsum(n) - n), n)
+
+    def keep(self, mask: np.ndarray) -> Split:
+        """The samples where `mask` is true."""
+        ix = np.flatnonzero(mask)
+        n = self.first[ix + 1] - self.first[ix]
+        slots = self.slots(ix)
+        records = [r for r, m in zip(self.records, mask) if m] if self.records is not None else None
+        return Split(self.shard[slots], self.row[slots], np.concatenate([[0], np.cumsum(n)]), self.dropped, records)
 
 
 def join(records: list[Record], index: cache.CacheIndex) -> Split:
-    """Records whose image is in the cache (or that have none), with its (shard, row); the others counted."""
-    kept, locs, dropped, text_only = [], [], 0, (-1, 0)
+    """Records whose images are all in the cache (or that have none), with their (shard, row)s; the others counted."""
+    kept, locs, count, dropped = [], [], [], 0
     for r in records:
-        loc = text_only if r.image is None else index.locations.get(r.image)
-        if loc is None:
+        loc = [index.locations.get(k) for k in r.images]
+        if None in loc:
             dropped += 1
         else:
             kept.append(r)
-            locs.append(loc)
+            locs += loc
+            count.append(len(loc))
     locs = np.array(locs, np.int64).reshape(-1, 2)
-    return Split(locs[:, 0].copy(), locs[:, 1].copy(), dropped, kept)
+    return Split(locs[:, 0].copy(), locs[:, 1].copy(), np.concatenate([[0], np.cumsum(count, dtype=np.int64)]),
+                 dropped, kept)
 
 
 def load_splits(cfg: RunConfig, index: cache.CacheIndex) -> tuple[Split, Split]:
-    """Train and held-out samples: data.val_records if given, else a hash split by image key."""
+    """Train and held-out samples: data.val_records if given, else a hash split by the first image's key."""
     records = read_records(cfg.data.records, cfg.data, cfg.cache.dir)
     if cfg.data.val_records:
         train, val = records, read_records(cfg.data.val_records, cfg.data, cfg.cache.dir)
     else:
-        train = [r for r in records if not (r.image and in_val_split(r.image, cfg.data.val_frac))]
-        val = [r for r in records if r.image and in_val_split(r.image, cfg.data.val_frac)]
+        held = [bool(r.images) and in_val_split(r.images[0], cfg.data.val_frac) for r in records]
+        train = [r for r, h in zip(records, held) if not h]
+        val = [r for r, h in zip(records, held) if h]
     return join(train, index), join(val, index)
 
 
-def split_tokens(fmt: TextFormat, split: Split, progress: bool = False) -> Tokens:
-    return tokenize(fmt, split.records, (split.shard >= 0).tolist(), progress)
+@dataclass(frozen=True)
+class TooLong:
+    """Samples left out because their images and prompt do not fit tokenizer.max_len."""
+    count: int
+    first: str                          # where the first of them is ("" when none)
+
+    def warning(self, max_len: int) -> str:
+        return (f"warning: skipped {self.count} sample(s) whose images and prompt do not fit tokenizer.max_len="
+                f"{max_len} (first: {self.first}); raise tokenizer.max_len to train on them")
 
 
-SAMPLES_FORMAT = 1  # bump when what a stored entry holds for the same inputs changes
+def split_tokens(fmt: TextFormat, split: Split, progress: bool = False) -> tuple[Split, Tokens, TooLong]:
+    """The split's samples that fit tokenizer.max_len, their tokens, and what was left out."""
+    tokens, fits = tokenize(fmt, split.records, progress)
+    out = split.keep(fits) if not fits.all() else split
+    first = next((r.where for r, f in zip(split.records, fits) if not f), "")
+    return out, tokens, TooLong(int((~fits).sum()), first)
+
+
+SAMPLES_FORMAT = 2  # bump when what a stored entry holds for the same inputs changes (2: image slots)
 SPLITS = ("train", "val")
 
 
@@ -121,7 +160,7 @@ def samples_key(cfg: RunConfig, fmt: TextFormat, manifest: dict) -> str:
     and its stored join), how they are read and split, the cache's rows (its manifest) and the text format."""
     d = cfg.data
     h = hashlib.sha256(repr((SAMPLES_FORMAT, d.records, d.val_records, d.val_frac, d.image_column, d.text_column,
-                             format_key(fmt))).encode())
+                             d.max_images, format_key(fmt))).encode())
     for spec in filter(None, (d.records, d.val_records)):
         h.update(sources_hash(open_sources(spec, d)).encode())
     h.update(json.dumps(manifest, sort_keys=True).encode())
@@ -129,49 +168,59 @@ def samples_key(cfg: RunConfig, fmt: TextFormat, manifest: dict) -> str:
 
 
 def stored_splits(cfg: RunConfig, index: cache.CacheIndex, manifest: dict, fmt: TextFormat, save: bool = False,
-                  progress: bool = False) -> tuple[tuple[Split, Tokens], tuple[Split, Tokens]]:
-    """Train and held-out splits with their tokens, from `<cache.dir>/samples/<key>.npz` when a run kept them:
-    a rerun, a sweep's next run and the other ranks load a few arrays instead of reading, joining and tokenizing
-    every record again (minutes and ~1.5 KB a record, per million records). The first run (`save`) keeps them."""
+                  progress: bool = False) -> tuple[tuple[Split, Tokens, TooLong], ...]:
+    """Train and held-out splits with their tokens (and the samples left out as too long), from
+    `<cache.dir>/samples/<key>.npz` when a run kept them: a rerun, a sweep's next run and the other ranks load a
+    few arrays instead of reading, joining and tokenizing every record again (minutes and ~1.5 KB a record, per
+    million records). The first run (`save`) keeps them."""
     path = Path(cfg.cache.dir) / SAMPLES / f"{samples_key(cfg, fmt, manifest)}.npz"
     try:
         with np.load(path, allow_pickle=False) as z:
-            return tuple((Split(z[f"{s}/shard"], z[f"{s}/row"], int(z[f"{s}/dropped"])),
-                          Tokens(*(z[f"{s}/{f.name}"] for f in dataclasses.fields(Tokens)))) for s in SPLITS)
+            return tuple((Split(z[f"{s}/shard"], z[f"{s}/row"], z[f"{s}/first"], int(z[f"{s}/dropped"])),
+                          Tokens(*(z[f"{s}/{f.name}"] for f in dataclasses.fields(Tokens))),
+                          TooLong(int(z[f"{s}/too_long"]), str(z[f"{s}/too_long_first"]))) for s in SPLITS)
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         print(f"data: {path} is unreadable ({e}); reading the records again", flush=True)
-    splits = load_splits(cfg, index)
-    out = tuple((dataclasses.replace(sp, records=None), split_tokens(fmt, sp, progress and s == "train"))
-                for s, sp in zip(SPLITS, splits))
-    del splits  # the records: ~1.5 KB each
+    out = []
+    for s, sp in zip(SPLITS, load_splits(cfg, index)):
+        sp, tokens, too_long = split_tokens(fmt, sp, progress and s == "train")
+        out.append((dataclasses.replace(sp, records=None), tokens, too_long))  # the records: ~1.5 KB each
     if save:
         try:
             atomic_write(path, lambda tmp: _save_samples(tmp, out))
         except OSError as e:
             print(f"data: could not keep the samples in {path} ({e}); the next run reads the records again", flush=True)
-    return out
+    return tuple(out)
 
 
 def _save_samples(path: Path, splits) -> None:
     arrays = {}
-    for s, (sp, tokens) in zip(SPLITS, splits):
-        arrays.update({f"{s}/shard": sp.shard, f"{s}/row": sp.row, f"{s}/dropped": np.int64(sp.dropped)})
+    for s, (sp, tokens, too_long) in zip(SPLITS, splits):
+        arrays.update({f"{s}/shard": sp.shard, f"{s}/row": sp.row, f"{s}/first": sp.first,
+                       f"{s}/dropped": np.int64(sp.dropped), f"{s}/too_long": np.int64(too_long.count),
+                       f"{s}/too_long_first": np.array(too_long.first)})
         arrays.update({f"{s}/{f.name}": getattr(tokens, f.name) for f in dataclasses.fields(Tokens)})
     with open(path, "wb") as f:  # a file object: savez would append .npz to a name
         np.savez(f, **arrays)
 
 
 class Samples:
-    """A split's samples: tokenized text, and where each one's image rows are. `samples[indices]` -> one
-    padded batch dict (input_ids, labels, has_image, index, and `rows`: the images as stored)."""
+    """A split's samples: tokenized text, and where each one's images are. `samples[indices]` -> one batch dict:
+    input_ids, labels (and positions, packed), `index` (the samples in the order laid out), `rows` (their
+    images as stored, in that order) and `shuffled` (for each image, another sample's: the eval's control).
+
+    `packing`: None lays each sample in a row of its own, padded to the batch's longest; an int packs each
+    batch's samples into rows of at most that many tokens (0: the batch's longest sample, so a packed batch
+    never holds more positions than the padded one)."""
 
     def __init__(self, split: Split, reader: RowReader, fmt: TextFormat, pin_memory: bool = False,
-                 text: Tokens | None = None):
-        self.split, self.reader, self.fmt, self.pin_memory = split, reader, fmt, pin_memory
-        self.text = text if text is not None else split_tokens(fmt, split)
-        self.shard, self.row = split.shard, split.row  # (n,): -1 / 0 for text-only samples
+                 text: Tokens | None = None, packing: int | None = None):
+        if text is None:
+            split, text, _ = split_tokens(fmt, split)
+        self.split, self.reader, self.fmt, self.pin_memory, self.text = split, reader, fmt, pin_memory, text
+        self.packing = packing
 
     def __len__(self):
         return len(self.split)
@@ -184,27 +233,56 @@ class Samples:
         self.reader.close()
 
     def shard_order(self, indices: list[int]) -> list[int]:
-        """The batch in (shard, row) order (text-only samples first, as they came): reads walk each file forward."""
-        ix = np.asarray(indices, np.int64)
-        return ix[np.lexsort((np.where(self.shard[ix] < 0, ix, self.row[ix]), self.shard[ix]))].tolist()
+        """The batch in (shard, row) order of each sample's first image (text-only samples first, as they came):
+        reads walk each file forward."""
+        ix, sp = np.asarray(indices, np.int64), self.split
+        has = sp.first[ix + 1] > sp.first[ix]
+        at = np.minimum(sp.first[ix], max(len(sp.shard) - 1, 0))
+        shard = np.where(has, sp.shard[at] if len(sp.shard) else -1, -1)
+        return ix[np.lexsort((np.where(has, sp.row[at] if len(sp.row) else 0, ix), shard))].tolist()
 
     def __getitem__(self, indices: list[int]) -> dict:
-        return {**self.text_batches([indices])[0], "rows": self.rows(indices)}
+        batch = self.text_batches([indices])[0]
+        return {**batch, "rows": self.rows(batch["index"]), "shuffled": self.shuffled(batch["index"])}
 
-    def rows(self, indices) -> torch.Tensor:
-        """(B, row_bytes) uint8: each sample's image rows as stored, zeros for text-only samples."""
-        ix = np.asarray(indices, np.int64)
-        out = torch.empty(len(ix), self.row_bytes, dtype=torch.uint8, pin_memory=self.pin_memory)
-        self.reader.read(self.shard[ix], self.row[ix], out.numpy())
+    def images(self, index: np.ndarray) -> int:
+        """The images these samples hold."""
+        return int((self.text.images[index]).sum())
+
+    def rows(self, index: np.ndarray) -> torch.Tensor:
+        """(K, row_bytes) uint8: the images of samples `index` as stored, sample after sample."""
+        slots = self.split.slots(np.asarray(index, np.int64))
+        out = torch.empty(len(slots), self.row_bytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+        self.reader.read(self.split.shard[slots], self.split.row[slots], out.numpy())
         return out
 
+    def shuffled(self, index: np.ndarray) -> np.ndarray:
+        """(K,) for each image of samples `index` (in order), one of the next sample with images (cyclic): every
+        image of a sample replaced by another sample's. With fewer than two such samples, the images themselves."""
+        n = self.text.images[np.asarray(index, np.int64)]
+        n = n[n > 0]
+        first = np.cumsum(n) - n                                        # (S,) each image sample's first image
+        nxt = np.roll(np.arange(len(n)), -1)                            # (S,) the sample whose images it takes
+        j = np.arange(n.sum()) - np.repeat(first, n)                    # (K,) the image's place in its sample
+        return np.repeat(first[nxt], n) + j % np.repeat(n[nxt], n)
+
+    def layout(self, indices: list[int]) -> tuple[list[int], list[int]]:
+        """A batch's samples in the order laid out, and the samples in each row."""
+        if self.packing is None:
+            return list(indices), [1] * len(indices)
+        lengths = self.text.length[np.asarray(indices, np.int64)]
+        rows = pack(lengths, self.packing or int(lengths.max()))
+        return [indices[i] for row in rows for i in row], [len(row) for row in rows]
+
     def text_batches(self, batches: list[list[int]]) -> list[dict]:
-        """input_ids, labels and has_image of several batches, collated at once (`text.collate`)."""
-        ix, sizes = np.concatenate(batches), [len(b) for b in batches]
-        has_image = np.split(self.shard[ix] >= 0, np.cumsum(sizes)[:-1])
-        index = np.split(ix, np.cumsum(sizes)[:-1])
-        return [{"input_ids": self._tensor(ids), "labels": self._tensor(labels), "has_image": self._tensor(has),
-                 "index": i} for (ids, labels), has, i in zip(collate(self.fmt, self.text, ix, sizes), has_image, index)]
+        """input_ids, labels (and positions) and index of several batches, collated at once (`text.collate`)."""
+        laid = [self.layout(b) for b in batches]
+        ix = np.concatenate([order for order, _ in laid]).astype(np.int64)
+        rows = [n for _, r in laid for n in r]
+        parts = collate(self.fmt, self.text, ix, rows, [len(r) for _, r in laid], packed=self.packing is not None)
+        index = np.split(ix, np.cumsum([len(order) for order, _ in laid])[:-1])
+        names = ("input_ids", "labels", "positions")
+        return [{**{k: self._tensor(a) for k, a in zip(names, part)}, "index": i} for part, i in zip(parts, index)]
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         """Pinned for CUDA: a copy from pageable memory may wait for the GPU's stream, pinned ones never do."""
@@ -212,15 +290,20 @@ class Samples:
 
     def text_tokens(self, index: np.ndarray) -> int:
         """Real text tokens of these samples: no padding, no image placeholder."""
-        return int((self.text.end[index] - self.text.start[index] - (self.text.image_at[index] >= 0)).sum())
+        t = self.text
+        return int((t.end[index] - t.start[index] - t.images[index]).sum())
 
     def image_rows(self, index: np.ndarray) -> int:
-        return int((self.shard[index] >= 0).sum())
+        return self.images(index)
+
+    def positions(self, index: np.ndarray) -> int:
+        """The positions these samples fill in a batch (placeholders expanded, no padding)."""
+        return int(self.text.length[index].sum())
 
     def describe_rows(self, index: np.ndarray, limit: int = 8) -> str:
         """'<cache>/shards/shard-00001.h5 rows 3, 9; <cache>/shards/shard-00004.h5 row 0' for these samples."""
-        ix = np.asarray(index, np.int64)
-        locs = sorted({(s, r) for s, r in zip(self.shard[ix].tolist(), self.row[ix].tolist()) if s >= 0})
+        slots = self.split.slots(np.asarray(index, np.int64))
+        locs = sorted(set(zip(self.split.shard[slots].tolist(), self.split.row[slots].tolist())))
         if not locs:
             return "no cached rows (text-only samples)"
         by_shard: dict[int, list[int]] = {}
@@ -233,9 +316,10 @@ class Samples:
 
 def to_device(batch: dict, device: str, codec: Codec) -> dict:
     """The batch on `device` (asynchronous from pinned memory), its stored rows decoded there into
-    `images` (B, T, D); host-side entries (`index`) stay."""
+    `images` (K, T, D), None without images; host-side entries (`index`, `shuffled`) stay."""
     out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items() if k != "rows"}
-    out["images"] = codec.decode(batch["rows"][batch["has_image"]].to(device, non_blocking=True))
+    rows = batch["rows"]
+    out["images"] = codec.decode(rows.to(device, non_blocking=True)) if len(rows) else None
     return out
 
 
@@ -326,17 +410,17 @@ class Loader:
         self.dataset, self.sampler, self.threads = dataset, sampler, threads
 
     def _reads(self):
-        """Lists of (indices, text) of consecutive batches, one list per read."""
+        """Lists of consecutive text batches, one list per read."""
         ds = self.dataset
         for group in _groups(self.sampler, len, self.TEXT_SAMPLES):
-            yield from _groups(zip(group, ds.text_batches(group)), lambda job: len(job[0]) * ds.row_bytes,
+            yield from _groups(ds.text_batches(group), lambda text: ds.images(text["index"]) * ds.row_bytes,
                                self.READ_BYTES)
 
-    def _read(self, jobs: list) -> list[dict]:
-        rows = self.dataset.rows(np.concatenate([ix for ix, _ in jobs]))  # (N, row_bytes) for all the jobs' batches
-        parts = rows.split([len(ix) for ix, _ in jobs])
+    def _read(self, texts: list[dict]) -> list[dict]:
+        rows = self.dataset.rows(np.concatenate([t["index"] for t in texts]))  # (K, row_bytes) for all the batches
+        parts = rows.split([self.dataset.images(t["index"]) for t in texts])
         # new dicts: the text group still holds its own until its last batch, and must not hold the rows
-        return [{**text, "rows": part} for (_, text), part in zip(jobs, parts)]
+        return [{**text, "rows": part} for text, part in zip(texts, parts)]
 
     def __iter__(self):
         if not self.threads:
@@ -361,7 +445,8 @@ class TrainData:
     sampler: BatchSampler
     eval_batches: list[dict]   # held-out batches, read once and kept in memory
     val: Samples               # closed after reading them; names their cache rows
-    dropped: int               # records whose image is not in the cache
+    dropped: int               # records with an image that is not in the cache
+    too_long: TooLong          # samples whose images and prompt do not fit tokenizer.max_len
 
     @property
     def codec(self) -> Codec:
@@ -369,18 +454,24 @@ class TrainData:
         return self.index.codec
 
 
-def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int | None = None) -> TrainData:
-    """Validate the cache, join records with rows, tokenizer + format, the resumable sampler, eval batches."""
+def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int | None = None,
+              packing: int | None = None) -> TrainData:
+    """Validate the cache, join records with rows, tokenizer + format, the resumable sampler, eval batches.
+    `packing`: how training batches are laid out (`Samples`); held-out batches are padded, one sample a row."""
     tc = cfg.train
     manifest, index = open_cache(cfg, tokens, width)
     tok = load_tokenizer(cfg.tokenizer)
     fmt = text_format(tok, cfg.tokenizer, index.tokens)
-    (train_split, train_text), (val_split, val_text) = stored_splits(cfg, index, manifest, fmt, save=dist.is_main,
-                                                                    progress=dist.is_main)
+    (train_split, train_text, train_long), (val_split, val_text, val_long) = stored_splits(
+        cfg, index, manifest, fmt, save=dist.is_main, progress=dist.is_main)
+    too_long = TooLong(train_long.count + val_long.count, train_long.first or val_long.first)
+    if too_long.count and dist.is_main:
+        print(too_long.warning(fmt.max_len), flush=True)
     if not len(train_split):
-        raise ValueError(f"no training samples: none of {cfg.data.records}'s images are in cache {cfg.cache.dir}")
+        raise ValueError(f"no training samples: none of {cfg.data.records}'s images are in cache {cfg.cache.dir}"
+                         + (f" ({too_long.count} too long for tokenizer.max_len)" if too_long.count else ""))
     pin = dist.device.startswith("cuda")
-    train_ds = Samples(train_split, index.reader(), fmt, pin, train_text)
+    train_ds = Samples(train_split, index.reader(), fmt, pin, train_text, packing)
     val_ds = Samples(val_split, index.reader(), fmt, pin, val_text)
     sampler = BatchSampler(train_ds, tc.batch_size, tc.seed, dist.rank, dist.world_size, grad_accum=tc.grad_accum)
     if sampler.steps_per_epoch < 1:
@@ -393,7 +484,7 @@ def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int 
     eval_batches = [val_ds[ix] for ix in val_sampler.batches(0)[:tc.eval_batches * tc.grad_accum]]
     val_ds.close()
     return TrainData(manifest, index, tok, fmt, train_ds, sampler, eval_batches, val_ds,
-                     train_split.dropped + val_split.dropped)
+                     train_split.dropped + val_split.dropped, too_long)
 
 
 def step_batches(loader: Loader, sampler: BatchSampler, state):

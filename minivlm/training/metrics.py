@@ -65,7 +65,8 @@ def peak_memory_mb(device: str) -> float:
 
 class Throughput:
     """Counts since the last log row, from the host side of each batch (no device read): samples, real text
-    tokens, image rows, model FLOPs (`flops`: `flop_counts` of the model), time spent waiting for data."""
+    tokens, image rows, positions computed and how many of them were padding, model FLOPs (`flops`:
+    `flop_counts` of the model), time spent waiting for data."""
 
     def __init__(self, world_size: int, peak: float | None, flops: tuple[float, float]):
         self.world_size, self.peak, self.flop_counts = world_size, peak, flops
@@ -73,16 +74,19 @@ class Throughput:
 
     def reset(self) -> None:
         self.t0, self.wait, self.samples, self.tokens, self.images, self.flops = time.time(), 0.0, 0, 0, 0, 0.0
+        self.positions = self.padding = 0
 
     def add(self, batches: list[dict], dataset, wait: float) -> None:
         """One step's host batches (`index` and input_ids' shape) of `dataset` (minivlm.training.data.Samples)."""
         a, b = self.flop_counts
         for batch in batches:
-            B, L = batch["input_ids"].shape
-            self.samples += B
+            R, L = batch["input_ids"].shape  # rows: samples, or packed rows of several
+            self.samples += len(batch["index"])
             self.tokens += dataset.text_tokens(batch["index"])
             self.images += dataset.image_rows(batch["index"])
-            self.flops += B * L * (a + b * L)
+            self.positions += R * L
+            self.padding += R * L - dataset.positions(batch["index"])
+            self.flops += R * L * (a + b * L)
         self.wait += wait
 
     def assumed_peak(self) -> str:
@@ -92,7 +96,8 @@ class Throughput:
         """Rates over every rank since the last reset (ranks run the same shapes in lockstep)."""
         dt, n = max(time.time() - self.t0, 1e-9), self.world_size
         out = {"samples_per_s": round(self.samples * n / dt, 2), "tokens_per_s": round(self.tokens * n / dt, 1),
-               "image_rows_per_s": round(self.images * n / dt, 2), "data_wait": round(self.wait / dt, 4)}
+               "image_rows_per_s": round(self.images * n / dt, 2), "data_wait": round(self.wait / dt, 4),
+               "pad_frac": round(self.padding / max(self.positions, 1), 4)}
         if self.peak:
             out["mfu"] = round(self.flops / dt / self.peak, 4)  # per rank: each rank's own device
         return out

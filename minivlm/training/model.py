@@ -313,7 +313,9 @@ class VLM(nn.Module):
         return torch.where(is_img.unsqueeze(-1), proj[slot], h)  # no boolean indexing: its size would need a sync
 
     def forward(self, input_ids, images=None, labels=None, kv_cache: KVCache | None = None,
-                start_pos: int = 0) -> VLMOutput:
+                start_pos: int = 0, positions=None) -> VLMOutput:
+        if positions is not None:
+            raise NotImplementedError("packed rows: on the packing branch")
         L = input_ids.size(1)
         if start_pos + L > self.cfg.max_seq_len:
             raise ValueError(f"sequence end {start_pos + L} exceeds model.max_seq_len={self.cfg.max_seq_len}")

@@ -7,14 +7,19 @@ Design choices:
 - The conversation is rendered turn by turn; each assistant answer is the difference between the
   template with and without it, so loss lands on the answer (and its end-of-turn token) only,
   whatever the template's markup.
-- The image is T' copies of one placeholder special token. A tokenizer without it (MiniMind v1) gets it
-  added; the model's vocabulary is `len(tokenizer)`, so embeddings grow to match.
-- Truncation cuts the answer's tail, never the image placeholders or the prompt.
-- Training tokenizes every sample once, up front (`tokenize`), into flat arrays that hold the image as
-  ONE placeholder; `collate` pads a batch and expands it to T' in a few vectorized NumPy ops. Rendering
-  the template and tokenizing cost 0.15-0.25 ms a sample, 5-10x reading its cache row: done per batch
-  they took the CPU the training step needed. Unexpanded, 558K LLaVA samples take ~5 bytes a text
+- Each image is T' copies of one placeholder special token, where its `<image>` tag stands in the turns
+  (`minivlm.formats.records`: untagged images open the first user turn). A tokenizer without the token
+  (MiniMind v1) gets it added; the model's vocabulary is `len(tokenizer)`, so embeddings grow to match.
+- Truncation cuts the tail after the last image and the first answer token, never into an image or the
+  prompt; a sample whose images and prompt do not fit `tokenizer.max_len` is left out (`tokenize` says which,
+  the caller counts them and names the first), never cut silently and never a stop at record 500,000.
+- Training tokenizes every sample once, up front (`tokenize`), into flat arrays that hold each image as
+  ONE placeholder; `collate` lays batches out and expands the placeholders to T' in a few vectorized NumPy
+  ops. Rendering the template and tokenizing cost 0.15-0.25 ms a sample, 5-10x reading its cache row: done
+  per batch they took the CPU the training step needed. Unexpanded, 558K LLaVA samples take ~5 bytes a text
   token (~125 MB) instead of ~5 bytes for each of the 196 placeholders too.
+- A batch is padded (each sample a row, padded to the longest) or packed (`pack`: several samples a row,
+  `positions` restarting at 0 for each, so the model keeps them apart): the same expansion serves both.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from tqdm import tqdm
 
 from minivlm.config import TokenizerConfig
 from minivlm.fileio import BUGS
-from minivlm.formats.records import Record
+from minivlm.formats.records import IMAGE_TAG, Record, user_text, with_tags
 
 IGNORE = -100
 
@@ -91,19 +96,13 @@ def _expand(fmt: TextFormat, ids: list[int]) -> list[int]:
     return out
 
 
-def _user_text(fmt: TextFormat, text: str, with_image: bool) -> str:
-    text = text or fmt.prompt
-    return fmt.image_token + "\n" + text if with_image else text
-
-
-def _messages(fmt: TextFormat, turns, with_image: bool) -> list[dict]:
-    msgs, placed = [], not with_image
+def _messages(fmt: TextFormat, turns) -> list[dict]:
+    """Chat messages: each <image> tag as the image token, tokenizer.prompt where a user turn asks nothing."""
+    msgs = []
     for role, text in turns:
-        if role == "user" and not placed:  # the image goes into the first user turn
-            text, placed = _user_text(fmt, text, True), True
-        msgs.append({"role": role, "content": text})
-    if not placed:  # no user turn at all: open with one carrying the image
-        msgs.insert(0, {"role": "user", "content": _user_text(fmt, "", True)})
+        if role == "user" and not user_text(text):  # a bare caption's (or an untagged image's) empty question
+            text += fmt.prompt
+        msgs.append({"role": role, "content": text.replace(IMAGE_TAG, fmt.image_token)})
     return msgs
 
 
@@ -111,13 +110,13 @@ def _render(fmt: TextFormat, msgs: list[dict], generation_prompt: bool) -> str:
     return fmt.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _segments(fmt: TextFormat, record: Record, with_image: bool, prompts: dict) -> list[tuple[str, bool]]:
+def _segments(fmt: TextFormat, record: Record, prompts: dict) -> list[tuple[str, bool]]:
     """The sample as (text, is_answer) pieces. `prompts` memoizes renders up to an answer: pretraining
     sets reuse a handful of prompts, so this halves the template renders."""
-    if not fmt.chat:  # plain: image, then every assistant answer (eos follows)
+    if not fmt.chat:  # plain: the images, then every assistant answer (eos follows)
         answer = "\n".join(t for r, t in record.turns if r == "assistant")
-        return [(fmt.image_token if with_image else "", False), (answer, True)]
-    msgs, segments, done = _messages(fmt, record.turns, with_image), [], ""
+        return [(fmt.image_token * len(record.images), False), (answer, True)]
+    msgs, segments, done = _messages(fmt, record.turns), [], ""
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
@@ -135,27 +134,39 @@ def _segments(fmt: TextFormat, record: Record, with_image: bool, prompts: dict) 
 @dataclass(frozen=True)
 class Tokens:
     """Samples tokenized once, flat, each cut to fit max_len once expanded and followed by one pad token
-    (not an answer) that every padding position of a batch reads: sample i is [start[i]:end[i]], its
-    image ONE placeholder."""
+    (not an answer) that every padding position of a batch reads: sample i is [start[i]:end[i]], each of its
+    images ONE placeholder."""
     ids: np.ndarray        # (N,) int32
     answer: np.ndarray     # (N,) bool: the loss is on this token
     start: np.ndarray      # (n,) int64
     end: np.ndarray        # (n,) int64: the sample's trailing pad token
-    image_at: np.ndarray   # (n,) int64: the placeholder's index within its sample, -1 if text-only
-    length: np.ndarray     # (n,) int64: the sample's length in a batch (placeholder expanded)
+    images: np.ndarray     # (n,) int64: the sample's images (placeholders)
+    length: np.ndarray     # (n,) int64: the sample's length in a batch (placeholders expanded, no pad)
 
     def __len__(self) -> int:
-        return len(self.image_at)
+        return len(self.images)
 
 
-def tokenize(fmt: TextFormat, records: list[Record], with_image: list[bool], progress: bool = False) -> Tokens:
-    """Every record's ids and answer mask; a prompt that leaves no room for the answer is an error."""
-    ids, answer, lengths, image_at, prompts = [], [], [], np.full(len(records), -1, np.int64), {}
+def _fit(fmt: TextFormat, ids: list[int], answer: list[bool]) -> int | None:
+    """How many of a sample's (unexpanded) tokens stay so that, expanded, it fits max_len: the tail is cut after
+    its last image and its first answer token; None if even those do not fit."""
+    extra = fmt.image_tokens - 1                                  # positions a placeholder adds when expanded
+    at = [j for j, t in enumerate(ids) if t == fmt.image_token_id]
+    first = answer.index(True) if True in answer else len(ids)
+    need = max(first + 1 + extra * sum(j < first for j in at), at[-1] + 1 + extra * len(at) if at else 0)
+    return None if need > fmt.max_len else fmt.max_len - extra * len(at)
+
+
+def tokenize(fmt: TextFormat, records: list[Record], progress: bool = False) -> tuple[Tokens, np.ndarray]:
+    """Every record's ids and answer mask, and which records fit tokenizer.max_len ((n,) bool): only those are
+    in the Tokens, in order."""
+    ids, answer, lengths, images, prompts = [], [], [], [], {}
+    fits = np.ones(len(records), bool)
     chunk = 4096  # records per batched tokenizer call (the fast tokenizer encodes a list in one go)
     with tqdm(total=len(records), desc="tokenize", unit="sample", disable=not progress or None,
               mininterval=1.0) as bar:
         for lo in range(0, len(records), chunk):
-            pieces = [_segments(fmt, r, w, prompts) for r, w in zip(records[lo:lo + chunk], with_image[lo:lo + chunk])]
+            pieces = [_segments(fmt, r, prompts) for r in records[lo:lo + chunk]]
             texts = [t for segs in pieces for t, _ in segs if t]
             encoded = iter(fmt.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
             chunk_ids, chunk_answer = [], []  # one array per chunk, not per sample (~100 B an array)
@@ -168,27 +179,31 @@ def tokenize(fmt: TextFormat, records: list[Record], with_image: list[bool], pro
                 if not fmt.chat:
                     sid.append(fmt.eos_id)
                     sans.append(True)
-                if fmt.image_token_id in sid:
-                    image_at[i] = sid.index(fmt.image_token_id)
-                first = sans.index(True) if True in sans else len(sid)
-                if first + (fmt.image_tokens - 1 if 0 <= image_at[i] < first else 0) >= fmt.max_len:
-                    raise ValueError(f"{records[i].where}: prompt longer than tokenizer.max_len={fmt.max_len}; "
-                                     f"raise tokenizer.max_len")
-                keep = fmt.max_len - (fmt.image_tokens - 1 if image_at[i] >= 0 else 0)  # the answer's tail goes
+                n = sid.count(fmt.image_token_id)
+                if n != len(records[i].images):
+                    raise ValueError(f"{records[i].where}: {n} image token(s) {fmt.image_token!r} for "
+                                     f"{len(records[i].images)} image(s): the text holds the token itself; remove "
+                                     f"it from the record, or set tokenizer.image_token to a token the text lacks")
+                keep = _fit(fmt, sid, sans)
+                if keep is None:
+                    fits[i] = False
+                    continue
                 chunk_ids += sid[:keep] + [fmt.pad_id]
                 chunk_answer += sans[:keep] + [False]
                 lengths.append(min(len(sid), keep) + 1)
+                images.append(n)
             ids.append(np.asarray(chunk_ids, np.int32))
             answer.append(np.asarray(chunk_answer, bool))
             bar.update(len(pieces))
     end = np.cumsum(np.asarray(lengths, np.int64)) - 1
     start = end - np.asarray(lengths, np.int64) + 1
-    length = end - start + np.where(image_at >= 0, fmt.image_tokens - 1, 0)
+    images = np.asarray(images, np.int64)
+    length = end - start + images * (fmt.image_tokens - 1)
     cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
-    return Tokens(cat(ids, np.int32), cat(answer, bool), start, end, image_at, length)
+    return Tokens(cat(ids, np.int32), cat(answer, bool), start, end, images, length), fits
 
 
-TOKENS_FORMAT = 1  # bump when what tokenize returns for the same input changes
+TOKENS_FORMAT = 2  # bump when what tokenize returns for the same input changes (2: images at their tags)
 
 
 def format_key(fmt: TextFormat) -> str:
@@ -205,40 +220,70 @@ def format_key(fmt: TextFormat) -> str:
     return h.hexdigest()[:32]
 
 
-def collate(fmt: TextFormat, tokens: Tokens, ix: np.ndarray, sizes: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The samples `ix` as consecutive batches of `sizes` samples. Per batch: input_ids (B, L) int64,
-    right-padded with pad_id to its longest sample, and labels (B, L), IGNORE off the answers; the image
-    expanded to T' placeholders. Every batch in a few whole-group ops: this runs for every sample of
-    every epoch, and NumPy's per-call cost is paid once per group."""
-    length, start, at = tokens.length[ix], tokens.start[ix], tokens.image_at[ix]
-    longest = np.maximum.reduceat(length, np.cumsum(sizes) - sizes)         # (batches,) each batch's L
-    seg = tokens.end[ix] - start + 1                                        # (N,) tokens + the trailing pad
-    first = np.cumsum(seg) - seg                                            # (N,) where each sample's run starts
-    src = np.arange(first[-1] + seg[-1]) + np.repeat(start - first, seg)    # (U,) flat index of every token
-    count = np.ones(len(src), np.int64)                                     # (U,) positions it fills in its row
-    count[(first + at)[at >= 0]] = fmt.image_tokens                         # the placeholder: T' of them
-    count[first + seg - 1] = np.repeat(longest, sizes) - length             # the pad token: up to the batch's L
-    src = np.repeat(src, count)                                             # (sum of B*L,) batch after batch
+def pack(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Positions into `lengths` grouped into rows of at most `capacity` tokens (first fit, longest first): a
+    deterministic layout of a micro-batch's samples. A sample longer than capacity gets a row of its own."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -int(lengths[i])):
+        r = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if r is None:
+            rows.append([i])
+            room.append(capacity - int(lengths[i]))
+        else:
+            rows[r].append(i)
+            room[r] -= int(lengths[i])
+    return rows
+
+
+def collate(fmt: TextFormat, tokens: Tokens, ix: np.ndarray, rows: list[int], batches: list[int],
+            packed: bool = False) -> list[tuple[np.ndarray, ...]]:
+    """Samples `ix`, laid out in order as consecutive rows of `rows` samples each, as consecutive batches of
+    `batches` rows each. Per batch: input_ids (R, L) int64, right-padded with pad_id to its longest row, labels
+    (R, L) (IGNORE off the answers), each placeholder expanded to T' copies; with `packed`, also positions (R, L)
+    int64: each sample's own positions from 0 (the row's padding one more such run). Every batch in a few
+    whole-group ops: this runs for every sample of every epoch, and NumPy's per-call cost is paid once per group."""
+    rows, batches = np.asarray(rows, np.int64), np.asarray(batches, np.int64)
+    length, start = tokens.length[ix], tokens.start[ix]
+    row_end = np.cumsum(rows)                                                # (R,) one past each row's last sample
+    row_len = np.add.reduceat(length, row_end - rows)                        # (R,)
+    longest = np.maximum.reduceat(row_len, np.cumsum(batches) - batches)     # (batches,) each batch's L
+    seg = tokens.end[ix] - start + 1                                         # (N,) tokens + the trailing pad
+    first = np.cumsum(seg) - seg                                             # (N,) where each sample's run starts
+    src = np.arange(first[-1] + seg[-1]) + np.repeat(start - first, seg)     # (U,) flat index of every token
+    count = np.where(tokens.ids[src] == fmt.image_token_id, fmt.image_tokens, 1)  # (U,) positions each fills
+    pad = np.zeros(len(ix), np.int64)
+    pad[row_end - 1] = np.repeat(longest, batches) - row_len                 # the row's last pad: up to its L
+    count[first + seg - 1] = pad                                             # other samples' pads: none
+    src = np.repeat(src, count)                                              # (sum of R*L,) batch after batch
     ids = tokens.ids[src].astype(np.int64)
     labels = np.where(tokens.answer[src], ids, IGNORE)
+    if packed:  # runs: each sample, then each row's padding; a position counts from its run's start
+        runs = np.stack([length, pad], 1).ravel()                            # (2N,)
+        positions = np.arange(len(src)) - np.repeat(np.cumsum(runs) - runs, runs)
     out, a = [], 0
-    for n, L in zip(sizes, longest.tolist()):
-        out.append((ids[a:a + n * L].reshape(n, L), labels[a:a + n * L].reshape(n, L)))
-        a += n * L
+    for R, L in zip(batches.tolist(), longest.tolist()):
+        part = (ids[a:a + R * L].reshape(R, L), labels[a:a + R * L].reshape(R, L))
+        out.append(part + (positions[a:a + R * L].reshape(R, L),) if packed else part)
+        a += R * L
     return out
 
 
-def encode_sample(fmt: TextFormat, record: Record, with_image: bool) -> tuple[list[int], list[int]]:
+def encode_sample(fmt: TextFormat, record: Record) -> tuple[list[int], list[int]]:
     """One record's ids and labels, exactly as a training batch holds them (without padding)."""
-    (ids, labels), = collate(fmt, tokenize(fmt, [record], [with_image]), np.zeros(1, np.int64), [1])
+    tokens, fits = tokenize(fmt, [record])
+    if not fits[0]:
+        raise ValueError(f"{record.where}: its images and prompt do not fit tokenizer.max_len={fmt.max_len}")
+    (ids, labels), = collate(fmt, tokens, np.zeros(1, np.int64), [1], [1])
     return ids[0].tolist(), labels[0].tolist()
 
 
-def prompt_ids(fmt: TextFormat, prompt: str = "", with_image: bool = True) -> list[int]:
-    """The generation prompt for captioning: the same format training used, up to the answer."""
+def prompt_ids(fmt: TextFormat, prompt: str = "", images: int = 1) -> list[int]:
+    """The generation prompt for captioning, the same format training used, up to the answer: a user turn
+    `prompt` (tokenizer.prompt if empty) with its `images`, at its <image> tags, or opening it if it has none."""
+    turns = with_tags((("user", prompt),), images, "the prompt")
     if not fmt.chat:
-        return [fmt.image_token_id] * fmt.image_tokens if with_image else []
-    text = _render(fmt, [{"role": "user", "content": _user_text(fmt, prompt, with_image)}], True)
+        return [fmt.image_token_id] * fmt.image_tokens * images
+    text = _render(fmt, _messages(fmt, turns), True)
     return _expand(fmt, fmt.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

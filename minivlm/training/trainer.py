@@ -96,7 +96,7 @@ def train_step(model, opt, micro_batches: list[dict], cfg: TrainConfig, scaler, 
         sync = contextlib.nullcontext() if i == n - 1 or not isinstance(model, DDP) else model.no_sync()
         with sync:
             with autocast(dtype, device):
-                out = model(mb["input_ids"], mb["images"], mb["labels"])
+                out = model(mb["input_ids"], mb["images"], mb["labels"], positions=mb.get("positions"))
             scaler.scale(out.loss / n).backward()
         total += out.loss.detach()
     scaler.unscale_(opt)
@@ -111,15 +111,16 @@ def train_step(model, opt, micro_batches: list[dict], cfg: TrainConfig, scaler, 
 
 @torch.no_grad()
 def evaluate(model: VLM, batches: list[dict], codec: Codec, dtype: torch.dtype, device: str) -> dict:
-    """Token-weighted eval loss with true images and with images rolled across the batch."""
+    """Token-weighted eval loss with true images and with every sample's images replaced by another's."""
     was_training = model.training
     model.eval()
     sums = {"eval_loss": 0.0, "eval_loss_shuffled": 0.0}
     count = 0
     for batch in batches:
         b = to_device(batch, device, codec)
-        shuffled = b["images"].roll(1, dims=0)  # every image sample gets another sample's image
-        for name, images in (("eval_loss", b["images"]), ("eval_loss_shuffled", shuffled)):
+        images = b["images"]
+        shuffled = images[torch.from_numpy(b["shuffled"]).to(device)] if images is not None else None
+        for name, images in (("eval_loss", images), ("eval_loss_shuffled", shuffled)):
             with autocast(dtype, device):
                 logits = model(b["input_ids"], images).logits
             sums[name] += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
@@ -228,7 +229,7 @@ def _fit(cfg: RunConfig, dist: Dist) -> dict:
     tc, run_dir, device = cfg.train, cfg.train.run_dir, dist.device
     torch.manual_seed(tc.seed + dist.rank)
     ckpt = Checkpoints(cfg, dist)
-    data = load_data(cfg, dist, *ckpt.image_shape)
+    data = load_data(cfg, dist, *ckpt.image_shape, packing=0 if tc.packing else None)
     total = tc.max_steps or tc.epochs * data.sampler.steps_per_epoch
     raw, opt, scaler = build_model(cfg, data, device, init=ckpt.latest is None)
     state = ckpt.restore(raw, opt, scaler)
@@ -246,8 +247,10 @@ def _fit(cfg: RunConfig, dist: Dist) -> dict:
     log = MetricsLogger(metrics_path, dist.is_main, state.step if ckpt.latest else None, open_wandb(cfg, dist.is_main))
     meter, health = Throughput(dist.world_size, peak_flops(device), flop_counts(raw)), NonFinite(device)
     print0(dist, f"train: {len(data.train)} train / {len(data.val)} val samples ({data.dropped} dropped: image not "
-                 f"in cache), {num_params(raw) / 1e6:.2f}M params ({num_params(raw, True) / 1e6:.2f}M trainable), "
-                 f"{total} steps, T={data.index.tokens} D={data.index.width}{meter.assumed_peak()}")
+                 f"in cache{f'; {data.too_long.count} too long' if data.too_long.count else ''}), "
+                 f"{num_params(raw) / 1e6:.2f}M params ({num_params(raw, True) / 1e6:.2f}M trainable), "
+                 f"{total} steps, T={data.index.tokens} D={data.index.width}, "
+                 f"{'packed' if tc.packing else 'padded'} batches{meter.assumed_peak()}")
     meta = {"image_tokens": data.index.tokens, "image_width": data.index.width}
     batches = step_batches(Loader(data.train, data.sampler, tc.num_workers), data.sampler, state)
     bar = tqdm(total=total, initial=state.step, unit="step", disable=not dist.is_main or None, mininterval=1.0)

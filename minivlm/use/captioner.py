@@ -7,6 +7,8 @@ Design choices:
 - Live features go through the same `load_image` / `preprocess` / `features` and the cache's codec
   (`Codec.encode`, then `decode` as training does) as stage 1, so a live row is the cached row.
 - An image that cannot be read is reported for that image; the others are still captioned.
+- A prompt with k `<image>` tags takes k images, in order, and gives one caption (each image where its tag
+  stands, as training placed them); a prompt without tags captions each image on its own.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 from minivlm.embedding.encoder import Encoder, EncoderSpec, ImageError, features, load_encoder, load_image, preprocess
 from minivlm.embedding.shard import Codec
+from minivlm.formats.records import IMAGE_TAG
 from minivlm.training.model import VLM, VLMConfig
 from minivlm.training.text import TextFormat, decode, load_tokenizer, prompt_ids, text_format
 from minivlm.use.generate import generate
@@ -67,18 +70,28 @@ def live_features(cap: Captioner, paths: list[str | Path]) -> tuple[torch.Tensor
     return codec.decode(codec.encode(features(enc, torch.stack(pixels)))), errors
 
 
-def caption_features(cap: Captioner, images: torch.Tensor, prompt: str = "", max_new_tokens: int = 48,
-                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
-    """Captions for (B, T, D) image features, batched (every row has the same prompt)."""
-    ids = torch.tensor([prompt_ids(cap.fmt, prompt)] * len(images), device=cap.device)      # (B, L)
+def caption_features(cap: Captioner, images: torch.Tensor, prompt: str = "", per_prompt: int = 1,
+                     max_new_tokens: int = 48, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                     seed: int = 0) -> list[str]:
+    """Captions for (K, T, D) image features, `per_prompt` images to a prompt (each row the same prompt), batched."""
+    ids = torch.tensor([prompt_ids(cap.fmt, prompt, per_prompt)] * (len(images) // per_prompt), device=cap.device)
     max_new = min(max_new_tokens, cap.model.cfg.max_seq_len - ids.size(1))
     gen = torch.Generator(device=cap.device).manual_seed(seed)
     out = generate(cap.model, ids, images.to(cap.device), max_new, cap.fmt.eos_id, temperature, top_k, top_p, gen)
     return [decode(cap.fmt, row) for row in out]
 
 
-def caption_files(cap: Captioner, paths: list[str | Path], **kw) -> list[tuple[str, str | None, str | None]]:
-    """(path, caption, error) per image: unreadable images get an error, the rest a caption."""
+def caption_files(cap: Captioner, paths: list[str | Path], prompt: str = "",
+                  **kw) -> list[tuple[str, str | None, str | None]]:
+    """(path, caption, error) per image: unreadable images get an error, the rest a caption. A prompt with k
+    <image> tags takes the k images together: one caption, given as the first path's (None if one is unreadable)."""
+    tags = prompt.count(IMAGE_TAG)
+    if tags and tags != len(paths):
+        raise ValueError(f"the prompt has {tags} {IMAGE_TAG} tag(s) but {len(paths)} image(s) were given; give one "
+                         f"image per tag, in order")
     feats, errors = live_features(cap, paths)
-    captions = iter(caption_features(cap, feats, **kw) if feats is not None else [])
+    if tags:
+        caption = caption_features(cap, feats, prompt, tags, **kw)[0] if not any(errors) else None
+        return [(" + ".join(map(str, paths)), caption, "; ".join(filter(None, errors)) or None)]
+    captions = iter(caption_features(cap, feats, prompt, **kw) if feats is not None else [])
     return [(str(p), None if err else next(captions), err) for p, err in zip(paths, errors)]

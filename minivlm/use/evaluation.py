@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from minivlm.config import load_config
 from minivlm.embedding.encoder import EncoderSpec
 from minivlm.fileio import atomic_write, atomic_write_json, atomic_write_text
-from minivlm.formats.records import resolve_image
+from minivlm.formats.records import resolve_image, user_text
 from minivlm.formats.sources import read_records
 from minivlm.training.data import BatchSampler, Samples, join, load_splits, open_cache
 from minivlm.training.model import VLMConfig
@@ -50,24 +50,28 @@ def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, records: str
     batches = [ds[ix] for ix in BatchSampler(ds, cfg.train.batch_size, 0, shuffle=False).batches(0)]
     losses = evaluate(cap.model, batches, index.codec, amp_dtype(cfg.train, device), device)  # the run's dtype
 
-    picked = np.flatnonzero(split.shard >= 0)[:n].tolist()
-    generated = caption_features(cap, index.codec.decode(ds.rows(picked))) if picked else []
+    split = ds.split  # the samples that fit tokenizer.max_len
+    picked = np.flatnonzero(ds.text.images > 0)[:n]
+    generated = {}
+    for k in np.unique(ds.text.images[picked]).tolist():  # samples of k images, captioned together
+        group = picked[ds.text.images[picked] == k]
+        generated.update(zip(group.tolist(), caption_features(cap, index.codec.decode(ds.rows(group)), per_prompt=k)))
     ds.close()
     samples = []
-    for i, gen in zip(picked, generated):
+    for i in picked.tolist():
         rec = split.records[i]
-        prompt = next((t for r, t in rec.turns if r == "user"), "")
-        samples.append({"id": rec.id, "image": rec.image, "prompt": prompt, "generated": gen,
+        prompt = user_text(next((t for r, t in rec.turns if r == "user"), ""))
+        samples.append({"id": rec.id, "images": list(rec.images), "prompt": prompt, "generated": generated[i],
                         "reference": [t for r, t in rec.turns if r == "assistant"][-1]})
-    result = {"run": str(run_dir), "cache": cfg.cache.dir, "n_eval_samples": len(split.records),
+    result = {"run": str(run_dir), "cache": cfg.cache.dir, "n_eval_samples": len(split),
               **losses, "captions": samples}
     out = run_dir / "eval"
     atomic_write_json(out / "eval.json", result)
     atomic_write_text(out / "captions.md", captions_markdown(result))
-    sheet = contact_sheet([(resolve_image(cfg.data.image_root, s["image"]), s["generated"], s["reference"])
+    sheet = contact_sheet([(resolve_image(cfg.data.image_root, s["images"][0]), s["generated"], s["reference"])
                            for s in samples])
     atomic_write(out / "contact_sheet.png", lambda p: sheet.save(p, format="PNG"))
-    print(f"evaluate: {len(split.records)} held-out samples, eval_loss {losses['eval_loss']:.4f}, shuffled-image "
+    print(f"evaluate: {len(split)} held-out samples, eval_loss {losses['eval_loss']:.4f}, shuffled-image "
           f"{losses['eval_loss_shuffled']:.4f}, image gap {losses['image_gap']:.3f} nats -> {out}/")
     return result
 
@@ -78,7 +82,8 @@ def captions_markdown(result: dict) -> str:
              f"image gap {result['image_gap']:.3f} nats · {result['n_eval_samples']} held-out samples", "",
              "| image | generated | reference |", "| --- | --- | --- |"]
     cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines += [f"| `{s['image']}` | {cell(s['generated'])} | {cell(s['reference'])} |" for s in result["captions"]]
+    lines += [f"| {', '.join(f'`{k}`' for k in s['images'])} | {cell(s['generated'])} | {cell(s['reference'])} |"
+              for s in result["captions"]]
     return "\n".join(lines) + "\n"
 
 
