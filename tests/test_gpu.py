@@ -1,5 +1,6 @@
 """The CUDA tier (`pytest -m gpu`, part of `make gpu-check`): bf16 steps with fused AdamW and pinned batches
-and no host sync between log steps, exact resume, torch.compile, DDP over NCCL, stage 1 on CUDA.
+and no host sync between log steps, exact resume, torch.compile, DDP over NCCL, stage 1 on CUDA, packed rows
+(FlexAttention and flash-attn against SDPA with the block mask, a packed step with no host sync).
 Every test here is skipped with the reason "needs CUDA" where there is none."""
 import json
 import os
@@ -173,3 +174,89 @@ def test_stage1_on_cuda_equals_cpu_within_fp16_and_has_another_fingerprint(demo,
     for k, cpu in rows["cpu"].items():
         scale = float(np.abs(cpu).max())
         assert float(np.abs(rows["cuda"][k] - cpu).max()) <= 1e-2 * scale + 1e-3, k
+
+
+# Packed rows on CUDA (minivlm.training.attention): rows of 384 tokens, so FlexAttention's 128-token blocks
+# hold several samples, parts of samples, and pairs of blocks with no sample in common.
+PACKED_SAMPLES = [(150, (3, 90)), (60, ()), (170, (160,)), (120, ()), (200, (10,)), (30, ())]
+PACKED_ROWS, PACKED_L = [[0, 1, 2], [3, 4, 5]], 384
+
+
+def packed_model_and_batch():
+    """A model with 64-wide heads, GQA and qk_norm (whose fp32 weight leaves q and k in fp32 under autocast) on
+    CUDA, and a packed batch in pinned host memory."""
+    from test_model import pack, sample, tiny_vlm
+    model = tiny_vlm(dim=256, n_head=4, n_kv_head=2, qk_norm=True, max_seq_len=512).to(CUDA.device).train()
+    samples = [sample(n, at, seed=i) for i, (n, at) in enumerate(PACKED_SAMPLES)]
+    ids, images, labels, packing = pack(samples, PACKED_ROWS, PACKED_L)
+    host = {"input_ids": ids, "images": images, "labels": labels, **packing}
+    return model, {k: v.pin_memory() for k, v in host.items()}
+
+
+def forward(model, batch):
+    b = {k: v.to(CUDA.device, non_blocking=True) for k, v in batch.items()}
+    with torch.autocast("cuda", torch.bfloat16):
+        return model(b["input_ids"], b["images"], b["labels"], positions=b["positions"], cu_seqlens=b["cu_seqlens"])
+
+
+def force_backend(monkeypatch, name):
+    import minivlm.training.attention as attention
+    import minivlm.training.model as model_module
+    monkeypatch.setattr(model_module, "attention_backend", lambda *a: attention.Backend(name, "forced by the test"))
+
+
+def varlen_backends() -> list[str]:
+    """FlexAttention always (CUDA torch has Triton), flash-attn where installed. Looped over rather than
+    parametrized: the CPU tier counts one skip per test function here (test_bench)."""
+    from minivlm.training.attention import flash_attn_varlen_func
+    return ["flex"] + (["flash_attn"] if flash_attn_varlen_func is not None else [])
+
+
+def test_varlen_kernels_give_the_logits_and_gradients_of_sdpa_with_the_block_mask(monkeypatch):
+    model, batch = packed_model_and_batch()
+    got = {}
+    for name in ["sdpa"] + varlen_backends():
+        force_backend(monkeypatch, name)
+        out = forward(model, batch)
+        out.loss.backward()
+        got[name] = out.logits.float(), out.loss.detach(), [p.grad.float() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+    ref_logits, ref_loss, ref_grads = got.pop("sdpa")
+    for name, (logits, loss, grads) in got.items():
+        torch.testing.assert_close(logits, ref_logits, atol=2e-2, rtol=2e-2, msg=name)  # bf16: 8 mantissa bits
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-2), name
+        for g, r in zip(grads, ref_grads):
+            assert (g - r).norm() <= 3e-2 * r.norm() + 1e-6, name
+
+
+def test_a_packed_bf16_training_step_never_syncs(monkeypatch):
+    """Forward from pinned batches, backward and a fused AdamW step with host syncs raising, for the backend
+    attention_backend picks under torch.compile, then each backend eagerly; the first step compiles
+    (FlexAttention, torch.compile) outside the check."""
+    from minivlm.training.attention import attention_backend
+    print(f"packed attention: {attention_backend(CUDA.device, torch.bfloat16, 0.0)}")
+    for backend, compiled in [(None, True), ("sdpa", False)] + [(b, False) for b in varlen_backends()]:
+        if backend is not None:
+            force_backend(monkeypatch, backend)
+        model, batch = packed_model_and_batch()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        run = torch.compile(model) if compiled else model
+
+        def step():
+            loss = forward(run, batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            losses = [step() for _ in range(3)]
+        except RuntimeError as e:
+            e.add_note(f"packed step with backend {backend or 'as chosen'}, compiled={compiled}")
+            raise
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert all(torch.isfinite(x).item() for x in losses), (backend, compiled)

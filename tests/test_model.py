@@ -1,4 +1,5 @@
-"""minivlm.training.model and minivlm.use.generate: placeholder injection, MoE, GQA, KV cache, freezing, checkpoint names."""
+"""minivlm.training.model, .attention and minivlm.use.generate: placeholder injection, MoE, GQA, KV cache, packed
+rows, freezing, checkpoint names."""
 import dataclasses
 import math
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 
 from minivlm.config import ModelConfig
+from minivlm.training.attention import attention_backend, cu_seqlens_of, packed_attention, packed_rows
 from minivlm.training.model import VLM, MoEFeedForward, freeze, num_params, param_groups
+from minivlm.training.text import IGNORE
 from minivlm.use.generate import generate, sample_next
 
 V, D_IMG, T = 50, 12, 4
@@ -206,3 +209,242 @@ def test_swiglu_hidden_and_default_lm_size_match_minimind_26m():
     assert lm == expected
     assert abs(lm - 26e6) / 26e6 < 0.05
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+# Packed rows: several samples back to back in a row, each attending to itself alone (minivlm.training.attention).
+
+def sample(n, image_at=(), seed=0):
+    """A sample of n tokens with an image's T placeholders at each offset of image_at, its images (k, T, D) or
+    None, and labels on every token (the first too, so a label predicted across samples would count)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V - 1, (n,), generator=g)
+    for o in image_at:
+        ids[o:o + T] = IMG
+    images = torch.randn(len(image_at), T, D_IMG, generator=g) if image_at else None
+    return ids, ids.clone(), images
+
+
+# Two images at different places, text only, one image near the end, text only.
+SAMPLES = [sample(16, (1, 9), seed=1), sample(7, seed=2), sample(10, (5,), seed=3), sample(5, seed=4)]
+ROWS = [[0, 1], [2, 3]]  # rows of L=24: 16 + 7 + a padding tail of 1; 10 + 5 + 9
+
+
+def pack(samples, rows, L=24):
+    """The data side's contract: rows of samples back to back, positions restarting at 0 per sample, the
+    tail padded as one more sample (labels -100), the images in placeholder order, cu_seqlens from the host."""
+    ids, labels, positions, images = [], [], [], []
+    for row in rows:
+        parts = [samples[i] for i in row]
+        pad = L - sum(len(p[0]) for p in parts)
+        ids.append(torch.cat([p[0] for p in parts] + [torch.zeros(pad, dtype=torch.long)]))
+        labels.append(torch.cat([p[1] for p in parts] + [torch.full((pad,), -100)]))
+        positions.append(torch.cat([torch.arange(len(p[0])) for p in parts] + [torch.arange(pad)]))
+        images += [p[2] for p in parts if p[2] is not None]
+    positions = torch.stack(positions)
+    return (torch.stack(ids), torch.cat(images), torch.stack(labels),
+            {"positions": positions, "cu_seqlens": cu_seqlens_of(positions)})
+
+
+def pad(samples):
+    """The same samples as today's padded batch: one per row, right-padded, labels -100 on the padding."""
+    L = max(len(s[0]) for s in samples)
+    ids = torch.stack([torch.cat([s[0], torch.zeros(L - len(s[0]), dtype=torch.long)]) for s in samples])
+    labels = torch.stack([torch.cat([s[1], torch.full((L - len(s[0]),), -100)]) for s in samples])
+    return ids, torch.cat([s[2] for s in samples if s[2] is not None]), labels
+
+
+PACKED_MODELS = {"gqa": {}, "qk_norm": {"qk_norm": True, "head_dim": 16},
+                 "moe": {"use_moe": True, "n_routed_experts": 4, "n_experts_per_tok": 2, "n_shared_experts": 1}}
+
+
+@pytest.mark.parametrize("over", PACKED_MODELS.values(), ids=PACKED_MODELS.keys())
+def test_every_sample_in_a_packed_row_has_its_logits_alone(over):
+    model = tiny_vlm(**over).eval()
+    ids, images, _, packing = pack(SAMPLES, ROWS)
+    packed = model(ids, images, **packing).logits  # (2, 24, V)
+    for row, at in zip(ROWS, ([0, 16], [0, 10])):
+        for i, start in zip(row, at):
+            s_ids, _, s_images = SAMPLES[i]
+            alone = model(s_ids[None], s_images).logits[0]  # (n, V)
+            torch.testing.assert_close(packed[ROWS.index(row), start:start + len(s_ids)], alone, atol=1e-5, rtol=0)
+
+
+def test_each_packed_sample_is_rotated_from_position_0(monkeypatch):
+    """RoPE scores depend on relative positions only, so logits barely show where a sample's rotation starts
+    (fp32 rounding of large angles); the rotated queries and keys of the first layer show it exactly."""
+    import minivlm.training.model as model_module
+    seen, real = [], model_module.apply_rope
+
+    def recording(x, cos, sin):
+        seen.append(real(x, cos, sin))
+        return seen[-1]
+
+    monkeypatch.setattr(model_module, "apply_rope", recording)
+    model = tiny_vlm(n_layer=1).eval()
+    ids, images, _, packing = pack(SAMPLES, ROWS)
+    model(ids, images, **packing)
+    packed_q, packed_k = seen[0], seen[1]  # (2, H, 24, hd), (2, Hkv, 24, hd)
+    seen.clear()
+    s_ids, _, s_images = SAMPLES[3]  # row 1, from token 10
+    model(s_ids[None], s_images)
+    torch.testing.assert_close(packed_q[1:, :, 10:15], seen[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(packed_k[1:, :, 10:15], seen[1], atol=1e-6, rtol=0)
+
+
+def test_packed_loss_is_the_token_weighted_loss_of_the_samples_alone():
+    model = tiny_vlm(qk_norm=True).train()  # dropout 0: training computes what eval does
+    ids, images, labels, packing = pack(SAMPLES, ROWS)
+    total, count = 0.0, 0
+    for s_ids, s_labels, s_images in SAMPLES:
+        logits = model(s_ids[None], s_images).logits[0]
+        total += torch.nn.functional.cross_entropy(logits[:-1], s_labels[1:], reduction="sum")
+        count += len(s_ids) - 1
+    torch.testing.assert_close(model(ids, images, labels, **packing).loss, total / count, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("over", [{}, {"use_moe": True, "n_routed_experts": 4, "n_experts_per_tok": 2,
+                                       "aux_loss_alpha": 0.0}], ids=["dense", "moe"])
+def test_a_packed_step_gives_the_loss_and_gradients_of_the_padded_step(over):
+    """The MoE balance loss counts padding tokens, so it differs between layouts; alpha 0 compares the rest."""
+    grads = {}
+    for layout in ("padded", "packed"):
+        model = tiny_vlm(**over).train()
+        if layout == "padded":
+            loss = model(*pad(SAMPLES)).loss
+        else:
+            ids, images, labels, packing = pack(SAMPLES, ROWS)
+            loss = model(ids, images, labels, **packing).loss
+        loss.backward()
+        grads[layout] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (loss_a, a), (loss_b, b) = grads["padded"], grads["packed"]
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=1e-6)
+    assert a.keys() == b.keys() and len(a) == len(list(tiny_vlm(**over).parameters()))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_a_samples_first_token_is_never_predicted_from_the_previous_sample():
+    model = tiny_vlm().eval()
+    ids, images, labels, packing = pack(SAMPLES, ROWS)
+    start = len(SAMPLES[0][0])  # row 0: sample 1 starts here, right after sample 0's last token
+    losses = []
+    for first in (IGNORE, 3, 17):
+        labels[0, start] = first
+        losses.append(model(ids, images, labels, **packing).loss)
+    assert losses[0] == losses[1] == losses[2]
+    labels[0, start + 1] = 17 if labels[0, start + 1] != 17 else 3  # the next label is a target: the test can fail
+    assert model(ids, images, labels, **packing).loss != losses[0]
+
+
+def positions_of(*lengths_per_row):
+    return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths_per_row])
+
+
+def test_cu_seqlens_are_flash_attn_offsets_as_transformers_computes_them():
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+    positions = positions_of([3, 2, 1], [6])
+    (ref, _), (max_len, _) = prepare_fa_kwargs_from_position_ids(positions)
+    got = cu_seqlens_of(positions)
+    assert got.dtype == torch.int32 and got.tolist() == ref.tolist() == [0, 3, 5, 6, 12]
+    assert int(max_len) <= positions.size(1)  # the row length we pass as max_seqlen bounds every sample
+
+
+def attend(backend, q, k, v, positions):
+    return packed_attention(q, k, v, packed_rows(positions, cu_seqlens_of(positions), backend, q.dtype), 0.0)
+
+
+def qkv(positions, H=4, Hkv=2, hd=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, L = positions.shape
+    return (torch.randn(B, H, L, hd, generator=g), torch.randn(B, Hkv, L, hd, generator=g),
+            torch.randn(B, Hkv, L, hd, generator=g))
+
+
+# Rows of 384 tokens (three of FlexAttention's 128-token blocks): samples inside a block, across blocks, and
+# a block pair with no sample in common (row 0: query block 2 and key block 0), so block skipping is exercised.
+LONG = positions_of([130, 254], [60, 70, 200, 40, 14])
+
+
+def test_sdpa_with_the_block_mask_equals_causal_attention_over_each_sample_alone():
+    q, k, v = qkv(LONG)
+    y = attend("sdpa", q, k, v, LONG)  # (B, L, H * hd)
+    for b, row in enumerate(([130, 254], [60, 70, 200, 40, 14])):
+        start = 0
+        for n in row:
+            s = slice(start, start + n)
+            alone = torch.nn.functional.scaled_dot_product_attention(
+                q[b:b + 1, :, s], k[b:b + 1, :, s].repeat_interleave(2, 1), v[b:b + 1, :, s].repeat_interleave(2, 1),
+                is_causal=True)  # (1, H, n, hd)
+            torch.testing.assert_close(y[b, s], alone[0].transpose(0, 1).flatten(1), atol=1e-5, rtol=0)
+            start += n
+
+
+@pytest.mark.slow  # compiles FlexAttention for the CPU (~30 s on two busy cores)
+def test_flex_attention_forward_on_cpu_equals_sdpa_with_the_block_mask():
+    """FlexAttention has no CPU backward (pytorch#148752), but its compiled CPU forward reads the same block
+    mask (which blocks to skip, which to mask) that the CUDA kernel does."""
+    q, k, v = qkv(LONG)
+    with torch.no_grad():
+        torch.testing.assert_close(attend("flex", q, k, v, LONG), attend("sdpa", q, k, v, LONG), atol=1e-5, rtol=0)
+
+
+def test_varlen_layout_meets_flash_attn_varlen_func_contract(monkeypatch):
+    """No flash-attn on the CPU: a stand-in with flash_attn_varlen_func's documented contract (tokens of all
+    sequences concatenated (total, heads, hd), sequence i = rows cu_seqlens[i]:cu_seqlens[i+1], GQA by head
+    groups, max_seqlen an upper bound) checks the layout we hand it and the one we read back."""
+    import minivlm.training.attention as attention
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, causal=False):
+        assert q.dim() == 3 and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and causal
+        out = torch.empty_like(q)
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            assert b - a <= min(max_q, max_k)
+            rep = q.size(1) // k.size(1)
+            y = torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1).repeat_interleave(rep, 0),
+                v[a:b].transpose(0, 1).repeat_interleave(rep, 0), is_causal=True)  # (H, n, hd)
+            out[a:b] = y.transpose(0, 1)
+        return out
+
+    monkeypatch.setattr(attention, "flash_attn_varlen_func", varlen)
+    q, k, v = qkv(LONG)
+    torch.testing.assert_close(attend("flash_attn", q, k, v, LONG), attend("sdpa", q, k, v, LONG), atol=1e-5, rtol=0)
+
+
+def test_attention_backend_follows_device_dtype_dropout_and_flash_attn(monkeypatch):
+    import minivlm.training.attention as attention
+    bf16 = torch.bfloat16
+    assert attention_backend("cpu", torch.float32, 0.0).name == "sdpa"
+    monkeypatch.setattr(attention, "flash_attn_varlen_func", None)
+    monkeypatch.setattr(attention, "HAS_TRITON", True)
+    assert attention_backend("cuda:0", bf16, 0.0) == ("flex", "FlexAttention with a document mask; flash-attn is "
+                                                              "not installed")
+    assert attention_backend("cuda", bf16, 0.1).name == "sdpa"  # FlexAttention has no dropout
+    monkeypatch.setattr(attention, "flash_attn_varlen_func", object())
+    assert attention_backend("cuda", bf16, 0.1).name == "flash_attn"
+    assert attention_backend("cuda", torch.float16, 0.0).name == "flash_attn"
+    assert str(attention_backend("cuda", torch.float32, 0.0)) == \
+        "flex (FlexAttention with a document mask; flash-attn cannot compute in torch.float32)"
+    monkeypatch.setattr(attention, "HAS_TRITON", False)
+    assert attention_backend("cuda", torch.float32, 0.0).name == "sdpa"
+
+
+def test_bad_packed_rows_are_one_line_each():
+    model = tiny_vlm().eval()
+    ids, images, labels, packing = pack(SAMPLES, ROWS)
+    positions, cu = packing["positions"], packing["cu_seqlens"]
+    shifted = positions.clone()
+    shifted[1] = torch.arange(1, 25)
+    skipped = positions.clone()
+    skipped[0, 5] = 7
+    cases = [({"positions": positions, "cu_seqlens": None}, "positions come with cu_seqlens"),
+             ({"positions": positions[:, :-1], "cu_seqlens": cu}, r"positions \(2, 23\) must have the shape"),
+             ({"positions": shifted, "cu_seqlens": cu_seqlens_of(shifted)}, "positions row 1 starts at 1"),
+             ({"positions": skipped, "cu_seqlens": cu_seqlens_of(skipped)}, "positions row 0 goes 4 -> 7"),
+             ({"positions": positions, "cu_seqlens": cu.long()}, "cu_seqlens does not match positions"),
+             ({"positions": positions, "cu_seqlens": cu[:-1]}, "cu_seqlens does not match positions")]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(ids, images, labels, **kw)
+    with pytest.raises(ValueError, match="take no KV cache"):
+        model(ids, images, kv_cache=model.new_cache(), **packing)

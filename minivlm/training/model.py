@@ -10,6 +10,13 @@ Design choices:
   from dim / n_head and `qk_norm` (per-head RMSNorm of q and k before RoPE) for minimind-3 / Qwen3,
   `ffn_dim`, `moe_norm_topk` (minimind-3 and Qwen3-MoE renormalise even a single expert's weight to 1).
 - RMSNorm computes in fp32. Grouped-query attention via SDPA: query head h reads KV head h // n_rep.
+- Packed rows (`forward(positions=, cu_seqlens=)`): several samples back to back in a row, each rotated by
+  RoPE from position 0 and attending only to itself (minivlm.training.attention: flash-attn's varlen kernel,
+  FlexAttention or SDPA with a block-diagonal mask, as `attention_backend` picks), so a sample's logits are
+  its logits alone. A sample's first token is never a target: its logit position holds the previous
+  sample's last token (`next_token_targets`). The loss stays the mean over the batch's targets, so a step
+  weighs every token as the padded layout does. Without positions each row is one sample from `start_pos`
+  (generation, the KV cache), computed exactly as before packing.
 - Every Linear/Embedding starts at N(0, 0.02); residual output projections (`o_proj`, `down_proj`) at
   0.02 / sqrt(2 * n_layer) (GPT-2). The projector uses the same init.
 - MoE (cfg.use_moe): softmax router, top-k experts per token with weights renormalised per
@@ -40,7 +47,10 @@ import torch.nn.functional as F
 from minivlm.config import ModelConfig, TokenizerConfig
 from minivlm.embedding.encoder import EncoderSpec
 from minivlm.fileio import atomic_write_json, reading
+from minivlm.training.attention import (PackedRows, attention_backend, check_packed, compute_dtype, packed_attention,
+                                        packed_rows)
 from minivlm.training.checkpoint import load_weights, save_weights
+from minivlm.training.text import IGNORE
 
 
 class RMSNorm(nn.Module):
@@ -62,7 +72,8 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x, cos, sin):
-    """x (B, H, L, hd), cos/sin (L, hd): rotate the pairs (i, i + hd/2) by position * freq_i."""
+    """x (B, H, L, hd), cos/sin (L, hd) or per row (B, 1, L, hd): rotate the pairs (i, i + hd/2) by
+    position * freq_i."""
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
 
@@ -99,7 +110,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache: KVCache | None):
+    def forward(self, x, cos, sin, cache: KVCache | None, rows: PackedRows | None = None):
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
         k = self.k_proj(x).view(B, L, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
@@ -107,6 +118,9 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dropout_p = self.dropout if self.training else 0.0
+        if rows is not None:  # packed rows: each sample attends to itself alone
+            return self.resid_dropout(self.o_proj(packed_attention(q, k, v, rows, dropout_p)))  # (B, L, D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, hd), S = start_pos + L
         S, rep = k.size(2), self.n_head // self.n_kv_head
@@ -114,7 +128,7 @@ class Attention(nn.Module):
         # Query i sits at absolute position S - L + i and sees keys 0 .. S - L + i.
         mask = None if S == L or L == 1 else torch.ones(L, S, dtype=torch.bool, device=x.device).tril(S - L)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == L and L > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, hd)
+                                           dropout_p=dropout_p)  # (B, H, L, hd)
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, L, -1)))  # (B, L, D)
 
 
@@ -171,8 +185,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MoEFeedForward(cfg) if cfg.use_moe else FeedForward(cfg)
 
-    def forward(self, x, cos, sin, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)  # (B, L, D)
+    def forward(self, x, cos, sin, cache, rows):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows)  # (B, L, D)
         h = self.post_attention_layernorm(x)
         y, aux = self.mlp(h) if isinstance(self.mlp, MoEFeedForward) else (self.mlp(h), None)
         return x + y, aux
@@ -185,19 +199,27 @@ class Transformer(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab_size, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.attention_dropout = cfg.dropout
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         cos, sin = rope_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("freqs_cos", cos, persistent=False)  # (max_seq_len, hd)
         self.register_buffer("freqs_sin", sin, persistent=False)
 
-    def forward(self, h, start_pos: int = 0, kv_cache: KVCache | None = None):
-        """h: input embeddings (B, L, D) -> final-normed hidden states (B, L, D), summed MoE aux loss."""
-        L = h.size(1)
-        cos, sin = self.freqs_cos[start_pos:start_pos + L], self.freqs_sin[start_pos:start_pos + L]  # (L, hd)
+    def forward(self, h, start_pos: int = 0, kv_cache: KVCache | None = None, positions=None, cu_seqlens=None):
+        """h: input embeddings (B, L, D) -> final-normed hidden states (B, L, D), summed MoE aux loss. With
+        `positions` (B, L) the rows are packed: each sample is rotated and attended to as if alone."""
+        L, rows = h.size(1), None
+        if positions is None:
+            cos, sin = self.freqs_cos[start_pos:start_pos + L], self.freqs_sin[start_pos:start_pos + L]  # (L, hd)
+        else:
+            cos, sin = self.freqs_cos[positions].unsqueeze(1), self.freqs_sin[positions].unsqueeze(1)  # (B, 1, L, hd)
+            dtype = compute_dtype(h)
+            rows = packed_rows(positions, cu_seqlens, attention_backend(h.device, dtype, self.attention_dropout).name,
+                               dtype)
         h, aux = self.dropout(h), h.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
-            h, a = layer(h, cos, sin, kv_cache)
+            h, a = layer(h, cos, sin, kv_cache, rows)
             aux = aux if a is None else aux + a
         return self.norm(h), aux
 
@@ -312,20 +334,27 @@ class VLM(nn.Module):
         slot = (is_img.flatten().cumsum(0) - 1).clamp(min=0).view_as(input_ids)  # (B, L): the placeholder's row
         return torch.where(is_img.unsqueeze(-1), proj[slot], h)  # no boolean indexing: its size would need a sync
 
-    def forward(self, input_ids, images=None, labels=None, kv_cache: KVCache | None = None,
-                start_pos: int = 0, positions=None) -> VLMOutput:
-        if positions is not None:
-            raise NotImplementedError("packed rows: on the packing branch")
+    def forward(self, input_ids, images=None, labels=None, kv_cache: KVCache | None = None, start_pos: int = 0,
+                positions=None, cu_seqlens=None) -> VLMOutput:
+        """input_ids (B, L); images (K, T, image_dim) for the batch's placeholders in order (`embed`); labels
+        (B, L), -100 where not trained. Packed rows: `positions` (B, L), each sample counting 0, 1, 2, ...,
+        and `cu_seqlens` = minivlm.training.attention.cu_seqlens_of(positions) from the host (flash-attn's
+        sample offsets); without them every row is one sample starting at `start_pos`."""
         L = input_ids.size(1)
         if start_pos + L > self.cfg.max_seq_len:
             raise ValueError(f"sequence end {start_pos + L} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         if kv_cache is not None and kv_cache.seq_len != start_pos:
             raise ValueError(f"start_pos={start_pos} but the KV cache holds {kv_cache.seq_len} positions")
-        h, aux = self.model(self.embed(input_ids, images), start_pos, kv_cache)  # (B, L, D)
+        if positions is not None:
+            if kv_cache is not None or start_pos != 0:
+                raise ValueError("packed rows (positions) start at 0 and take no KV cache; generate row by row")
+            check_packed(input_ids, positions, cu_seqlens)
+        h, aux = self.model(self.embed(input_ids, images), start_pos, kv_cache, positions, cu_seqlens)  # (B, L, D)
         logits = self.lm_head(h)  # (B, L, V)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100) + aux
+            targets = next_token_targets(labels, positions)  # (B, L - 1)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE) + aux
         return VLMOutput(logits, loss, aux)
 
     @classmethod
@@ -356,6 +385,13 @@ class VLM(nn.Module):
 
 
 WEIGHTS, CONFIG = "model.safetensors", "model_config.json"
+
+
+def next_token_targets(labels, positions=None):
+    """labels (B, L) -> what logits[:, :-1] predict (B, L - 1): labels[:, 1:], except that in packed rows a
+    sample's first token is never a target (its logit position holds the previous sample's last token)."""
+    targets = labels[:, 1:]
+    return targets if positions is None else targets.masked_fill(positions[:, 1:] == 0, IGNORE)
 
 
 def freeze(model: VLM, level: int) -> None:
