@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if command -v nvidia-smi >/dev/null 2>&1; then \
-	  $(BIN)/pip install -q 'torch>=2.1'; \
+	  $(BIN)/pip install -q 'torch>=2.5'; \
 	else \
 	  $(BIN)/pip install -q --no-index --no-deps 'torch==$(TORCH_CPU_VERSION)' 2>/dev/null || \
 	  $(BIN)/pip install -q torch --index-url $(TORCH_CPU_INDEX); \

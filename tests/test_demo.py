@@ -50,7 +50,7 @@ def test_image_i_is_the_same_whatever_the_number_of_images(demo_dir, tmp_path):
 def test_records_are_llava_records_that_minivlm_loads(demo_dir, train_records):
     loaded = load_records(demo_dir / "train.json")
     assert len(loaded) == N_TRAIN + len(demolib.TEXT_ONLY) and len(load_records(demo_dir / "val.json")) == N_VAL
-    text_only = [r for r in loaded if r.image is None]
+    text_only = [r for r in loaded if not r.images]
     assert len(text_only) == len(demolib.TEXT_ONLY)
     for r in image_records(train_records):
         human, gpt = r["conversations"]

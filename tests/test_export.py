@@ -152,7 +152,7 @@ def test_runs_without_an_exact_export_are_refused_in_one_line_and_export_their_l
     lm = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", local_files_only=True).eval()
     assert isinstance(lm, LlamaForCausalLM)
     cap = load_run(cfg.train.run_dir, with_encoder=False)
-    ids = torch.tensor([prompt_ids(cap.fmt, PROMPT, with_image=False)])
+    ids = torch.tensor([prompt_ids(cap.fmt, PROMPT, images=0)])
     with torch.no_grad():
         torch.testing.assert_close(lm(ids).logits, cap.model(ids).logits, atol=1e-4, rtol=0)
 
@@ -262,6 +262,6 @@ def test_qk_norm_lm_exports_as_qwen3(demo, clip_run, tmp_path):
     export_run(cfg.train.run_dir, tmp_path / "lm", lm_only=True)
     lm = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", local_files_only=True).eval()
     assert isinstance(lm, Qwen3ForCausalLM)
-    ids = torch.tensor([prompt_ids(cap.fmt, PROMPT, with_image=False)])
+    ids = torch.tensor([prompt_ids(cap.fmt, PROMPT, images=0)])
     with torch.no_grad():
         torch.testing.assert_close(lm(ids).logits, cap.model(ids).logits, atol=1e-4, rtol=0)

@@ -52,6 +52,7 @@ from minivlm.embedding.shard import Codec, RowReader
 from minivlm.fileio import atomic_write
 from minivlm.formats.records import Record
 from minivlm.formats.sources import open_sources, read_records, sources_hash
+from minivlm.training.attention import cu_seqlens_of
 from minivlm.training.text import TextFormat, Tokens, collate, format_key, load_tokenizer, pack, text_format, tokenize
 
 SAMPLES = "samples"  # <cache.dir>/samples/<key>.npz: a run's splits as arrays (`stored_splits`)
@@ -208,7 +209,8 @@ def _save_samples(path: Path, splits) -> None:
 
 class Samples:
     """A split's samples: tokenized text, and where each one's images are. `samples[indices]` -> one batch dict:
-    input_ids, labels (and positions, packed), `index` (the samples in the order laid out), `rows` (their
+    input_ids, labels (and positions and cu_seqlens, packed: minivlm.training.attention), `index` (the samples
+    in the order laid out), `rows` (their
     images as stored, in that order) and `shuffled` (for each image, another sample's: the eval's control).
 
     `packing`: None lays each sample in a row of its own, padded to the batch's longest; an int packs each
@@ -257,12 +259,13 @@ class Samples:
         return out
 
     def shuffled(self, index: np.ndarray) -> np.ndarray:
-        """(K,) for each image of samples `index` (in order), one of the next sample with images (cyclic): every
-        image of a sample replaced by another sample's. With fewer than two such samples, the images themselves."""
+        """(K,) for each image of samples `index` (in order), one of the previous sample with images (cyclic):
+        every image of a sample replaced by another sample's. With fewer than two such samples, the images
+        themselves."""
         n = self.text.images[np.asarray(index, np.int64)]
         n = n[n > 0]
         first = np.cumsum(n) - n                                        # (S,) each image sample's first image
-        nxt = np.roll(np.arange(len(n)), -1)                            # (S,) the sample whose images it takes
+        nxt = np.roll(np.arange(len(n)), 1)                             # (S,) the sample whose images it takes
         j = np.arange(n.sum()) - np.repeat(first, n)                    # (K,) the image's place in its sample
         return np.repeat(first[nxt], n) + j % np.repeat(n[nxt], n)
 
@@ -281,8 +284,13 @@ class Samples:
         rows = [n for _, r in laid for n in r]
         parts = collate(self.fmt, self.text, ix, rows, [len(r) for _, r in laid], packed=self.packing is not None)
         index = np.split(ix, np.cumsum([len(order) for order, _ in laid])[:-1])
-        names = ("input_ids", "labels", "positions")
-        return [{**{k: self._tensor(a) for k, a in zip(names, part)}, "index": i} for part, i in zip(parts, index)]
+        out = []
+        for part, i in zip(parts, index):
+            batch = {k: self._tensor(a) for k, a in zip(("input_ids", "labels", "positions"), part)}
+            if "positions" in batch:  # flash-attn's sample offsets: a length only the host knows without a sync
+                batch["cu_seqlens"] = self._tensor(cu_seqlens_of(part[2]).numpy())
+            out.append({**batch, "index": i})
+        return out
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         """Pinned for CUDA: a copy from pageable memory may wait for the GPU's stream, pinned ones never do."""

@@ -55,7 +55,8 @@ from minivlm.training.metrics import (
     peak_flops,
     peak_memory_mb,
 )
-from minivlm.training.model import VLM, VLMConfig, freeze, num_params, param_groups
+from minivlm.training.attention import attention_backend
+from minivlm.training.model import VLM, VLMConfig, freeze, next_token_targets, num_params, param_groups
 from minivlm.training.pretrained import init_from
 from minivlm.training.text import IGNORE
 
@@ -96,7 +97,8 @@ def train_step(model, opt, micro_batches: list[dict], cfg: TrainConfig, scaler, 
         sync = contextlib.nullcontext() if i == n - 1 or not isinstance(model, DDP) else model.no_sync()
         with sync:
             with autocast(dtype, device):
-                out = model(mb["input_ids"], mb["images"], mb["labels"], positions=mb.get("positions"))
+                out = model(mb["input_ids"], mb["images"], mb["labels"], positions=mb.get("positions"),
+                            cu_seqlens=mb.get("cu_seqlens"))
             scaler.scale(out.loss / n).backward()
         total += out.loss.detach()
     scaler.unscale_(opt)
@@ -118,14 +120,14 @@ def evaluate(model: VLM, batches: list[dict], codec: Codec, dtype: torch.dtype, 
     count = 0
     for batch in batches:
         b = to_device(batch, device, codec)
-        images = b["images"]
+        images, targets = b["images"], next_token_targets(b["labels"], b.get("positions"))
         shuffled = images[torch.from_numpy(b["shuffled"]).to(device)] if images is not None else None
         for name, images in (("eval_loss", images), ("eval_loss_shuffled", shuffled)):
             with autocast(dtype, device):
-                logits = model(b["input_ids"], images).logits
-            sums[name] += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
+                logits = model(b["input_ids"], images, positions=b.get("positions"), cu_seqlens=b.get("cu_seqlens")).logits
+            sums[name] += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                           ignore_index=IGNORE, reduction="sum").item()
-        count += int((b["labels"][:, 1:] != IGNORE).sum())
+        count += int((targets != IGNORE).sum())
     if torch.distributed.is_initialized():
         t = torch.tensor([sums["eval_loss"], sums["eval_loss_shuffled"], count], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
@@ -229,7 +231,11 @@ def _fit(cfg: RunConfig, dist: Dist) -> dict:
     tc, run_dir, device = cfg.train, cfg.train.run_dir, dist.device
     torch.manual_seed(tc.seed + dist.rank)
     ckpt = Checkpoints(cfg, dist)
-    data = load_data(cfg, dist, *ckpt.image_shape, packing=0 if tc.packing else None)
+    backend = attention_backend(device, amp_dtype(tc, device), cfg.model.dropout)
+    # Rows as wide as the model takes where attention costs each sample its own length only (varlen kernels);
+    # with SDPA's mask a row costs its width squared, so rows no wider than the micro-batch's longest sample.
+    packing = (cfg.model.max_seq_len if backend.name != "sdpa" else 0) if tc.packing else None
+    data = load_data(cfg, dist, *ckpt.image_shape, packing=packing)
     total = tc.max_steps or tc.epochs * data.sampler.steps_per_epoch
     raw, opt, scaler = build_model(cfg, data, device, init=ckpt.latest is None)
     state = ckpt.restore(raw, opt, scaler)
@@ -250,7 +256,8 @@ def _fit(cfg: RunConfig, dist: Dist) -> dict:
                  f"in cache{f'; {data.too_long.count} too long' if data.too_long.count else ''}), "
                  f"{num_params(raw) / 1e6:.2f}M params ({num_params(raw, True) / 1e6:.2f}M trainable), "
                  f"{total} steps, T={data.index.tokens} D={data.index.width}, "
-                 f"{'packed' if tc.packing else 'padded'} batches{meter.assumed_peak()}")
+                 f"{f'packed batches, attention {backend}' if tc.packing else 'padded batches'}"
+                 f"{meter.assumed_peak()}")
     meta = {"image_tokens": data.index.tokens, "image_width": data.index.width}
     batches = step_batches(Loader(data.train, data.sampler, tc.num_workers), data.sampler, state)
     bar = tqdm(total=total, initial=state.step, unit="step", disable=not dist.is_main or None, mininterval=1.0)
