@@ -10,7 +10,7 @@ Design choices:
   against minutes and ~1.5 KB a record). A batch is then a row read per image plus a vectorized pad
   (`text.collate`).
 - Image rows are read as stored (minivlm.embedding.shard.RowReader: the only code that knows the row format, checks
-  each row's CRC-32 and picks mmap or pread) into one preallocated (B, row_bytes) uint8 tensor per batch
+  each row's checksum and picks mmap or pread) into one preallocated (B, row_bytes) uint8 tensor per batch
   (pinned for CUDA), in (shard, row) order within the batch, and decoded on the training device by
   `to_device`: an 8-bit cache moves 8-bit rows.
 - Batches are read in this process, by `num_workers` threads running ahead of the step, not by
