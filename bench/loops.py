@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from minivlm.dist import Dist
 from minivlm.embedding import cache
 from minivlm.embedding.encoder import decode_image, features, load_image, preprocess
-from minivlm.embedding.shard import Codec, RowReader, checksums
+from minivlm.embedding.shard import Codec, RowReader
 from minivlm.formats import sources, tars
 from minivlm.formats.records import resolve_image
 from minivlm.training.data import BatchSampler, Loader, Samples, _groups, load_data, load_splits, to_device
@@ -352,19 +352,20 @@ def read_rows(ds: Samples, batches) -> float:
 
 
 def check_rows(ds: Samples, batches) -> float:
-    """rows/s of the per-row CRC-32 check alone (`shard.checksums`, what every checked read runs), over rows
-    already read: measured directly, not as the small difference of two read rates."""
-    rows = [ds.rows(ix).numpy() for ix in batches]
+    """rows/s of the per-row checksum check alone (`RowReader.check_rows`, what every checked read runs, by
+    each shard's algorithm), over rows already read: measured directly, not as the small difference of two
+    read rates."""
+    reads = [(ds.shard[ix], ds.row[ix], ds.rows(ix).numpy()) for ix in map(np.asarray, batches)]
     t0 = time.perf_counter()
-    for r in rows:
-        checksums(r)
+    for shard, row, rows in reads:
+        ds.reader.check_rows(shard, row, rows)
     return count_rows(ds, batches) / (time.perf_counter() - t0)
 
 
 @contextmanager
 def reading_as(ds: Samples, mapped: bool, check: bool = True):
     """The same samples read another way: `mapped=False` as a cache bigger than half the free memory is
-    (one pread per row, no read-ahead); `check=False` without the per-row CRC-32."""
+    (one pread per row, no read-ahead); `check=False` without the per-row checksum."""
     other = Samples(ds.split, RowReader(ds.reader.shards, mapped=mapped, check=check), ds.fmt, text=ds.text)
     try:
         yield other

@@ -22,8 +22,8 @@ Figures per workload (demo, b16):
   P3 read vs raw         stage-2 Loader alone (no model), rows/s and MB/s / a NumPy memmap of the same
                          bytes read in the same order; warm, and re-opened after evicting the files; with a
                          breakdown: the row reads alone (p3_rows_vs_raw), the same without the per-row
-                         CRC-32, the CRC-32 check alone over rows already read (check_us_per_row, and as a
-                         share of P2's training time), the text
+                         checksum, the checksum check alone over rows already read (check_us_per_row, by
+                         the cache's algorithm: `checksum`; and as a share of P2's training time), the text
                          collation alone, raw pread, h5py read_direct, and a DataLoader with worker
                          processes returning empty batches (the process boundary stage 2 no longer
                          crosses). Both workloads' caches fit in memory, so the library maps them; the pread
@@ -240,6 +240,7 @@ def p3_read(wl: Workload, setup: loops.Setup, device: str, work: Path) -> dict:
         cold["pread"].append(loops.read_pread(raw, offsets, ds, batches))
     evicted = max(resident) < 0.05 if min(resident) >= 0 else False
     out = {"row_mb": row_mb, "batch_size": bs, "loader_threads": readers, "loader_first_batch_s": median(first_batch_s),
+           "checksum": "+".join(sorted({s.checksum for s in ds.reader.shards})),
            "warm": {"rows_per_window": s.read_rows, "resident_pct": 100 * resident_warm if resident_warm >= 0 else None}}
     for k, v in warm.items():
         out["warm"][f"{k}_rows_s"] = figure(v)
@@ -438,7 +439,7 @@ def table(results: dict) -> str:
                      f"loader {c['loader_pread_rows_s']['median']:,.0f} re-opened",
                      "(caches over half the free memory)", f"{r['p3_pread_path_vs_raw_reopened']:.2f}", ""))
         rows.append((name, "  P3 per row (warm)", f"loader {w['loader_us_per_row']:.1f} us, rows alone "
-                     f"{w['rows_us_per_row']:.1f} us, CRC-32 check {w['check_us_per_row']:.1f} us",
+                     f"{w['rows_us_per_row']:.1f} us, {p3['checksum']} check {w['check_us_per_row']:.1f} us",
                      f"check = {100 * r['check_share_of_p2']:.2f}% of P2's training time", "", ""))
         k = r["codec"]
         rows.append((name, f"codec {k['codec']}: P2, P3", f"{k['p2']['cached_samples_s']['median']:.1f} samples/s; "

@@ -159,6 +159,7 @@ def build_demo(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
     for c in (cfg, small, codec):
         with _quiet():
             run_embed(c, Dist(device=device))  # skips when the cache is already complete
+            cache.upgrade(c.cache.dir)  # one an older minivlm wrote (CRC-32 rows): as run_embed writes it now
     embed = cfg_for(sizes.embed_images)
     parquet = parquet_of(recs[sizes.embed_images], root / "data" / "images", root / f"records-{sizes.embed_images}.parquet")
     tar_set = tars_of(recs[sizes.embed_images], root / "data" / "images", root / f"tars-{sizes.embed_images}")
@@ -229,6 +230,7 @@ def synthetic_cache(cfg: RunConfig, tokens: int, width: int, seed: int = 0) -> N
     params = {"records_hash": sources_hash(open_sources(cfg.data.records, cfg.data)), "tokens": tokens, "width": width, "seed": seed,
               "shard_size": cfg.cache.shard_size, "dtype": cfg.cache.dtype, "format": cache.FORMAT_VERSION}
     if _marker_ok(cache_dir / "bench_marker.json", params) and cache.read_manifest(cache_dir):
+        cache.upgrade(cache_dir)  # one an older minivlm wrote (CRC-32 rows): as write_shard writes it now
         return
     shutil.rmtree(cache_dir, ignore_errors=True)
     plan = cache.plan_shards([r.image for r in records if r.image], cfg.cache.shard_size)

@@ -8,7 +8,7 @@ import json
 
 from minivlm.cli import config_from, parser, run
 from minivlm.dist import init_distributed
-from minivlm.embedding import cache
+from minivlm.embedding import cache, shard
 from minivlm.embedding.embed import run_embed
 
 
@@ -17,8 +17,9 @@ def main():
     p.add_argument("--overwrite", action="store_true", help="replace a cache built with another encoder spec or records")
     p.add_argument("--verify", action="store_true", help="re-read every shard and row of cache.dir and check them; "
                                                          "embed nothing")
-    p.add_argument("--upgrade", action="store_true", help="rewrite a format-1 cache.dir as format 2 in place: "
-                                                          "copies bytes, no encoder, resumable")
+    p.add_argument("--upgrade", action="store_true", help="rewrite a cache.dir an older minivlm wrote (format 1, or "
+                                                          "CRC-32 row checksums) in place as embedding writes it "
+                                                          "now: copies bytes, no encoder, resumable")
     p.add_argument("--compare", metavar="CACHE", help="reconstruction error of CACHE's rows against cache.dir's "
                                                       "(e.g. an int8 cache against the float16 one); JSON")
     args = p.parse_args()
@@ -31,7 +32,8 @@ def main():
         return not problems
     if args.upgrade:
         n = cache.upgrade(cfg.cache.dir)
-        print(f"upgrade: {cfg.cache.dir}: {n} shard(s) rewritten; the cache is format {cache.FORMAT_VERSION}")
+        print(f"upgrade: {cfg.cache.dir}: {n} shard(s) rewritten; the cache is format {cache.FORMAT_VERSION} with "
+              f"{shard.CHECKSUM} row checksums")
         return
     if args.compare:
         print(json.dumps(cache.compare(cfg.cache.dir, args.compare), indent=2))

@@ -117,3 +117,40 @@ def trained_demo(tmp_path_factory):
     run_embed(cfg, Dist())
     final = fit(cfg, Dist())
     return cfg, final
+
+
+def write_crc32_shard(path: Path) -> None:
+    """Rewrite a published shard as minivlm wrote shards before xxh3_64 (format 2 of 2026-12-03): the same
+    datasets and attributes, with `checksum` "crc32" and zlib's CRC-32 of each row's stored bytes (its
+    `embeddings` row, then its `scales` row) as uint32. Plain h5py and zlib only, none of our code."""
+    import zlib
+
+    import h5py
+    import numpy as np
+    with h5py.File(path, "r") as f:
+        data = {name: f[name][...] for name in ("embeddings", "scales", "keys") if name in f}
+        attrs = dict(f.attrs)
+    n = len(data["embeddings"])
+    crc = [zlib.crc32(data["embeddings"][i].tobytes() + (data["scales"][i].tobytes() if "scales" in data else b""))
+           for i in range(n)]
+    path.unlink()
+    with h5py.File(path, "w") as f:
+        f.create_dataset("embeddings", data=data["embeddings"])
+        if "scales" in data:
+            f.create_dataset("scales", data=data["scales"])
+        f.create_dataset("checksums", data=np.array(crc, np.uint32))
+        f.create_dataset("keys", data=data["keys"], dtype=h5py.string_dtype("utf-8"))
+        f.attrs.update({**attrs, "checksum": "crc32"})
+
+
+def crc32_cache(cache_dir: Path) -> None:
+    """Every shard of a complete cache rewritten by `write_crc32_shard`, its manifest's sha256 updated: the
+    cache minivlm wrote for the same images before xxh3_64."""
+    import hashlib
+    import json
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        path = cache_dir / "shards" / entry["file"]
+        write_crc32_shard(path)
+        entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -1,13 +1,17 @@
 """minivlm.embedding.cache and minivlm.embedding.shard on tiny fakes: the format-2 layout as plain h5py reads it, every codec
-decoded by its documented rule, per-row checksums that name the row, the manifest, and the format-1 upgrade."""
+decoded by its documented rule, per-row checksums as the xxhash library computes them that name the row (and
+the CRC-32 ones older caches hold), the manifest, and the upgrades of format 1 and of CRC-32 caches."""
 import json
+import os
 import shutil
 
 import h5py
 import numpy as np
 import pytest
 import torch
+import xxhash
 
+from conftest import crc32_cache, write_crc32_shard
 from minivlm.config import CACHE_DTYPES, RunFailed
 from minivlm.embedding import cache, shard
 
@@ -23,13 +27,16 @@ def features(n: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
-def fake_shards(cache_dir, plan, dtype="float16", seed=0) -> dict[str, torch.Tensor]:
-    """Shards of random features through the real writer; returns key -> the float32 features written."""
+def fake_shards(cache_dir, plan, dtype="float16", seed=0, crc32=()) -> dict[str, torch.Tensor]:
+    """Shards of random features through the real writer (those numbered in `crc32` rewritten as older
+    minivlm wrote them); returns key -> the float32 features written."""
     codec, rows = shard.Codec(dtype, T, D), {}
     for i, keys in enumerate(plan):
         x = features(len(keys), seed + i)
         shard.write_shard(cache.shard_path(cache_dir, i), codec.encode(x).numpy(), codec, keys, shard_index=i,
                           plan=cache.plan_hash(keys), **META)
+        if i in crc32:
+            write_crc32_shard(cache.shard_path(cache_dir, i))
         rows.update(zip(keys, x))
     return rows
 
@@ -82,6 +89,47 @@ def test_plain_h5py_reads_every_codec_bitwise_as_the_reader_decodes_it(tmp_path,
         (4 * T if dtype in ("int8", "float8_e4m3") else 0)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_each_rows_checksum_is_xxh3_64_of_its_stored_bytes_as_the_xxhash_library_computes_it(tmp_path, dtype):
+    fake_shards(tmp_path, [[f"img{i}.jpg" for i in range(5)]], dtype)
+    with h5py.File(cache.shard_path(tmp_path, 0), "r") as f:  # plain h5py: the documented layout
+        assert f.attrs["checksum"] == "xxh3_64" and f["checksums"].dtype == np.uint64
+        stored = [f["embeddings"][i].tobytes() + (f["scales"][i].tobytes() if "scales" in f else b"") for i in range(5)]
+        assert f["checksums"][...].tolist() == [xxhash.xxh3_64_intdigest(b) for b in stored]
+
+
+def test_a_shard_with_crc32_checksums_reads_the_rows_it_holds_and_verifies(tmp_path):
+    written = fake_shards(tmp_path, [["a", "b", "c"], ["d", "e"]], "int8", crc32=[1])  # a resumed embed: both
+    cache.finalize(tmp_path, [3, 2], {"fingerprint_id": "fp"})
+    index = cache.build_index(tmp_path, cache.load_manifest(tmp_path))
+    assert [s.checksum for s in index.shards] == ["xxh3_64", "crc32"] and cache.verify(tmp_path) == []
+    reader = index.reader(mapped=False)
+    rows = np.empty((5, index.codec.row_bytes), np.uint8)
+    reader.read(np.array([1, 0, 1, 0, 0]), np.array([1, 0, 0, 2, 1]), rows)
+    reader.close()
+    x = torch.stack([written[k] for k in "eadcb"])
+    assert (index.codec.decode(torch.from_numpy(rows)) - x).norm() / x.norm() < 2e-2
+
+
+def test_an_unknown_row_checksum_is_refused_naming_the_shard(tmp_path):
+    fake_shards(tmp_path, [["a", "b"]])
+    path = cache.shard_path(tmp_path, 0)
+    with h5py.File(path, "r+") as f:
+        f.attrs["checksum"] = "sha1"
+    with pytest.raises(ValueError, match=r"shard-00000.h5: row checksum 'sha1' is not one this minivlm knows "
+                                         r"\(xxh3_64, crc32\); update minivlm"):
+        shard.read_info(path)
+
+
+def test_a_shard_replaced_after_its_header_was_read_is_refused_naming_it(tmp_path):
+    fake_shards(tmp_path, [["a", "b"]], crc32=[0])
+    info = shard.read_info(cache.shard_path(tmp_path, 0))
+    reader = shard.RowReader([info], mapped=False)
+    assert shard.upgrade_shard(info.path)  # as `embed.py --upgrade` under a running job
+    with pytest.raises(ValueError, match=r"shard-00000.h5 was replaced after this run read its header"):
+        reader.read(np.array([0]), np.array([1]), np.empty((1, info.codec.row_bytes), np.uint8))
+
+
 def test_mapped_and_pread_reads_give_the_same_rows_and_zeros_for_text_only(tmp_path):
     fake_shards(tmp_path, [["a", "b", "c"], ["d", "e"]], "int8")
     infos = [shard.read_info(cache.shard_path(tmp_path, i)) for i in range(2)]
@@ -97,16 +145,17 @@ def test_mapped_and_pread_reads_give_the_same_rows_and_zeros_for_text_only(tmp_p
 
 
 @pytest.mark.parametrize("mapped", [True, False])
-def test_a_flipped_byte_in_row_r_is_named_by_verify_and_stops_the_reader(tmp_path, mapped):
+@pytest.mark.parametrize("checksum", ["xxh3_64", "crc32"])
+def test_a_flipped_byte_in_row_r_is_named_by_verify_and_stops_the_reader(tmp_path, mapped, checksum):
     plan = cache.plan_shards([f"img{i}.jpg" for i in range(6)], 3)
-    fake_shards(tmp_path, plan)
+    fake_shards(tmp_path, plan, crc32=[1] if checksum == "crc32" else [0])  # the other shard: the other algorithm
     cache.finalize(tmp_path, [3, 3], {"fingerprint_id": "fp"})
     assert cache.verify(tmp_path) == []
     info = shard.read_info(cache.shard_path(tmp_path, 1), keys=True)
     data = bytearray(info.path.read_bytes())
     data[info.values_at + 2 * info.codec.values_bytes + 5] ^= 0x10  # one bit inside row 2
     info.path.write_bytes(bytes(data))
-    line = f"{info.path}: row 2 (image img5.jpg) fails its CRC-32 checksum"
+    line = f"{info.path}: row 2 (image img5.jpg) fails its {checksum} checksum"
     problems = cache.verify(tmp_path)
     assert any(p.startswith(line) for p in problems) and all("shard-00001.h5" in p for p in problems), problems
     reader = cache.build_index(tmp_path, cache.load_manifest(tmp_path)).reader(mapped)
@@ -139,7 +188,7 @@ def test_chunked_or_filtered_embeddings_are_refused_naming_the_shard(tmp_path):
         shard.read_info(path)
 
 
-# --- format 1 and its upgrade -------------------------------------------------------------------------
+# --- the upgrades: format 1, and CRC-32 row checksums ---------------------------------------------------
 
 def write_format1(path, rows: np.ndarray, keys, attrs: dict) -> None:
     """A shard as minivlm wrote it before format 2 (cache.write_shard of 2026-11): one fletcher32 chunk per
@@ -200,6 +249,44 @@ def test_a_corrupt_format1_row_stops_the_upgrade_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"shard-00000.h5: row 1 \(image b\) fails its fletcher32 checksum"):
         cache.upgrade(tmp_path)
     assert path.read_bytes() == bytes(data), "the corrupt shard was replaced"
+
+
+def test_upgrade_rewrites_a_crc32_cache_into_the_bytes_a_fresh_cache_has_also_after_a_kill(demo_cache, tmp_path):
+    old = tmp_path / "cache"
+    shutil.copytree(demo_cache, old, ignore=shutil.ignore_patterns("samples"))
+    crc32_cache(old)
+    os.utime(old / cache.MANIFEST, ns=(0, 0))  # written by the embed run, long before the upgrade
+    fresh = cache.load_manifest(demo_cache)
+    assert cache.load_manifest(old)["shards"] != fresh["shards"] and cache.verify(old) == []
+    shards = sorted(cache.shard_dir(old).glob("shard-*.h5"))
+    assert shard.upgrade_shard(shards[0])  # a first run killed after one shard, before the manifest
+    assert cache.upgrade(old) == len(shards) - 1
+    upgraded = cache.load_manifest(old)
+    assert upgraded["shards"] == fresh["shards"]  # every shard file bitwise the fresh one (sha256)
+    assert {k: v for k, v in upgraded.items() if k != "written_at"} == {k: v for k, v in fresh.items() if k != "written_at"}
+    assert cache.upgrade(old) == 0 and cache.load_manifest(old) == upgraded and cache.verify(old) == []
+
+
+def test_upgrade_killed_after_its_last_shard_writes_the_manifest_on_the_rerun(demo_cache, tmp_path):
+    old = tmp_path / "cache"
+    shutil.copytree(demo_cache, old, ignore=shutil.ignore_patterns("samples"))
+    crc32_cache(old)
+    os.utime(old / cache.MANIFEST, ns=(0, 0))
+    for p in cache.shard_dir(old).glob("shard-*.h5"):
+        shard.upgrade_shard(p)
+    assert cache.upgrade(old) == 0
+    assert cache.load_manifest(old)["shards"] == cache.load_manifest(demo_cache)["shards"] and cache.verify(old) == []
+
+
+def test_a_corrupt_crc32_row_stops_the_upgrade_naming_it(tmp_path):
+    fake_shards(tmp_path, [["a", "b", "c"]], crc32=[0])
+    info = shard.read_info(cache.shard_path(tmp_path, 0))
+    data = bytearray(info.path.read_bytes())
+    data[info.values_at + info.codec.values_bytes + 3] ^= 0x40  # inside row 1
+    info.path.write_bytes(bytes(data))
+    with pytest.raises(RunFailed, match=r"shard-00000.h5: row 1 \(image b\) fails its crc32 checksum"):
+        cache.upgrade(tmp_path)
+    assert info.path.read_bytes() == bytes(data), "the corrupt shard was replaced"
 
 
 def test_compare_reports_the_codec_error_of_one_cache_against_another(tmp_path):

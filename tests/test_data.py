@@ -223,7 +223,7 @@ def test_a_corrupt_row_stops_the_batch_naming_shard_row_and_key(demo, demo_cache
     data_[info.values_at + row * info.codec.values_bytes + 7] ^= 1
     info.path.write_bytes(bytes(data_))
     key = ds.split.records[i].images[0]
-    with pytest.raises(RunFailed, match=rf"shard-00001.h5: row {row} \(image {key}\) fails its CRC-32"):
+    with pytest.raises(RunFailed, match=rf"shard-00001.h5: row {row} \(image {key}\) fails its xxh3_64 checksum"):
         ds[[0, i]]
 
 

@@ -224,7 +224,7 @@ def test_verify_passes_then_names_the_shard_with_a_flipped_byte(demo, tmp_path):
     problems = cache.verify(cfg.cache.dir)
     assert problems and all("shard-00001.h5" in p for p in problems)
     r = run_stage("embed.py", *demo_overrides(demo, tmp_path), "cache.shard_size=32", "--verify")
-    assert r.returncode == 1 and f"shard-00001.h5: row 3 (image {key}) fails its CRC-32 checksum" in r.stdout
+    assert r.returncode == 1 and f"shard-00001.h5: row 3 (image {key}) fails its xxh3_64 checksum" in r.stdout
 
 
 def test_changed_select_layer_refuses_and_names_it(demo, tmp_path):

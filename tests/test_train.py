@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, demo_overrides, run_stage, train_config
+from conftest import REPO, crc32_cache, demo_overrides, run_stage, train_config
 from minivlm.config import RunFailed, to_toml, to_tree
 from minivlm.dist import Dist
 from minivlm.embedding import shard
+from minivlm.embedding.cache import verify
 from minivlm.training import checkpoint
 from minivlm.training.data import load_data
 from minivlm.training.trainer import fit, lr_at
@@ -433,10 +434,27 @@ def corrupt_row(cfg, step: int) -> tuple[Path, int, bytes]:
     return info.path, row, original
 
 
+def test_a_cache_with_crc32_row_checksums_verifies_and_trains_to_the_weights_of_a_fresh_one(demo, demo_cache, tmp_path,
+                                                                                          one_thread):
+    old = tmp_path / "cache"
+    shutil.copytree(demo_cache, old, ignore=shutil.ignore_patterns("samples"))
+    crc32_cache(old)  # as minivlm wrote it before xxh3_64
+    assert verify(old) == []
+    rec = small_records(demo, tmp_path)
+    runs = [train_config(demo, cache_dir, tmp_path, rec, "train.max_steps=3", f"train.run_name={name}")
+            for name, cache_dir in (("fresh", demo_cache), ("crc32", old))]
+    for cfg in runs:
+        fit(cfg, Dist())
+    assert_same_weights(*(cfg.train.run_dir for cfg in runs))
+
+
 @pytest.mark.slow
-def test_a_row_failing_its_checksum_stops_training_with_the_line_verify_prints(demo, demo_cache, tmp_path):
+@pytest.mark.parametrize("checksum", ["xxh3_64", "crc32"])
+def test_a_row_failing_its_checksum_stops_training_with_the_line_verify_prints(demo, demo_cache, tmp_path, checksum):
     cache_dir = tmp_path / "cache"
     shutil.copytree(demo_cache, cache_dir, ignore=shutil.ignore_patterns("samples"))
+    if checksum == "crc32":
+        crc32_cache(cache_dir)  # as minivlm wrote it before xxh3_64
     cfg = train_config(demo, cache_dir, tmp_path, "train.max_steps=3")
     data = load_data(cfg, Dist())
     i = data.sampler.batches(0)[1][0]  # read by step 2
@@ -448,7 +466,7 @@ def test_a_row_failing_its_checksum_stops_training_with_the_line_verify_prints(d
     raw = bytearray(info.path.read_bytes())
     raw[info.values_at + row * info.codec.values_bytes + 11] ^= 0x08  # one bit of one value of that row
     info.path.write_bytes(bytes(raw))
-    line = f"{info.path}: row {row} (image {key}) fails its CRC-32 checksum"
+    line = f"{info.path}: row {row} (image {key}) fails its {checksum} checksum"
     verify = run_stage("embed.py", "--config", str(REPO / "configs/demo.toml"), *demo_overrides(demo, tmp_path),
                        f"cache.dir={cache_dir}", "--verify")
     assert verify.returncode == 1 and f"verify: {line}" in verify.stdout, verify.stdout

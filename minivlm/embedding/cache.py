@@ -1,9 +1,10 @@
 """The embedding cache on disk: the shard plan, the manifest, verification, the index stage 2 reads
-through, and the format-1 upgrade.
+through, and the upgrade of caches older minivlm versions wrote.
 
 Layout of `cache/<name>/` (DESIGN.md "Cache"):
 - `shards/shard-NNNNN.h5`: one shard file each, format 2 (minivlm.embedding.shard, the only code that writes or
-  reads rows: contiguous `embeddings`, `scales` for 8-bit codecs, a CRC-32 per row, `keys`, attributes).
+  reads rows: contiguous `embeddings`, `scales` for 8-bit codecs, a checksum per row (xxh3_64; crc32 in
+  caches written before it), `keys`, attributes).
 - `manifest.json`: written once every planned shard is published; stage 2 trusts nothing without it.
   Format 2: `format_version`, `encoder` (spec with its `fingerprint` fields), `fingerprint_id`, `tokens`,
   `width`, `dtype` (the codec), records and their hash, counts, every shard's rows and sha256, versions, time.
@@ -14,8 +15,10 @@ Design choices:
 - The plan is a pure function of the records: sorted unique keys cut into fixed-size shards, so a rerun,
   another rank or another node computes it alone, and a rerun skips every published shard.
 - Format 1 (before 2026-12: one fletcher32 chunk per float16 row, found through HDF5 internals) is not
-  read for training; `upgrade` rewrites it shard by shard (each published atomically, so a kill loses
-  nothing and a rerun goes on), copying the rows' bytes: no encoder needed, the same numbers.
+  read for training; a format-2 cache with CRC-32 row checksums is (each shard names its algorithm), at
+  zlib's ~4 GB/s. `upgrade` rewrites either shard by shard as a fresh embed would write it (each published
+  atomically, so a kill loses nothing and a rerun goes on), copying the rows' bytes after checking them
+  against their old checksums: no encoder needed, the same numbers, bitwise the cache embedding writes.
 """
 from __future__ import annotations
 
@@ -121,8 +124,9 @@ def load_manifest(cache_dir: str | Path) -> dict:
 # --- checks used by --verify, stage 2 and captioning -------------------------------------------------
 
 def verify(cache_dir: str | Path) -> list[str]:
-    """Re-read every shard: file checksums, fingerprint, row counts, key uniqueness and every row's CRC-32.
-    One line per problem, naming the shard (and the row and image key of a corrupt row)."""
+    """Re-read every shard: file checksums, fingerprint, row counts, key uniqueness and every row's checksum
+    (by the algorithm its shard names). One line per problem, naming the shard (and the row and image key of
+    a corrupt row)."""
     cache_dir = Path(cache_dir)
     manifest = load_manifest(cache_dir)
     problems, seen = [], set()
@@ -141,7 +145,7 @@ def verify(cache_dir: str | Path) -> list[str]:
             seen |= set(info.keys)
             reader = shard.RowReader([info], mapped=False, check=False)
             try:
-                problems += [shard.corrupt_row(p, r, info.keys[r]) for r in reader.bad_rows(0)]
+                problems += [shard.corrupt_row(p, r, info.keys[r], info.checksum) for r in reader.bad_rows(0)]
             finally:
                 reader.close()
         except ValueError as e:
@@ -189,12 +193,13 @@ def build_index(cache_dir: str | Path, manifest: dict) -> CacheIndex:
     return CacheIndex(tuple(infos), want)
 
 
-# --- the format-1 upgrade and the comparison of two caches ---------------------------------------------
+# --- the upgrade and the comparison of two caches -----------------------------------------------------
 
 def upgrade(cache_dir: str | Path) -> int:
-    """Rewrite a format-1 cache as format 2 in place, copying bytes (no encoder). Shards one at a time, each
-    published atomically, then the manifest last: a kill anywhere loses nothing, and a rerun goes on.
-    Returns the number of shards rewritten."""
+    """Rewrite a cache an older minivlm wrote (format 1, or format 2 with CRC-32 row checksums) in place as
+    embedding writes it now, copying bytes (no encoder). Shards one at a time, each published atomically,
+    then the manifest last: a kill anywhere loses nothing, and a rerun goes on. Returns the number of
+    shards rewritten."""
     cache_dir = Path(cache_dir)
     paths = sorted(shard_dir(cache_dir).glob("shard-*.h5"))
     if not paths:
@@ -204,16 +209,25 @@ def upgrade(cache_dir: str | Path) -> int:
         remove_stale_temps(cache_dir, [int(p.stem.split("-")[1]) for p in paths])
         done = sum(shard.upgrade_shard(p) for p in tqdm(paths, desc="upgrade", unit="shard", disable=None))
         old = read_manifest(cache_dir)
+        written = ("format_version", "tokens", "width", "dtype", "counts", "shards", "written_at")  # finalize's
         if old is not None and old.get("format_version") == 1:
-            written = ("format_version", "tokens", "width", "dtype", "counts", "shards", "written_at")  # finalize's
             info = {k: v for k, v in old.items() if k not in (*written, "fingerprint", "fingerprint_fields")}
             info.update(encoder={**old["encoder"], "fingerprint": old["fingerprint_fields"]},
                         fingerprint_id=old["fingerprint"], sources=old.get("sources", []),
                         skipped_rows=old.get("skipped_rows", {}), tool_version=__version__)
             finalize(cache_dir, [s["planned"] for s in old["shards"]], info)
+        elif old is not None and (done or _rewritten_since(cache_dir, paths)):  # rewritten shards' sha256, also a killed run's
+            info = {k: v for k, v in old.items() if k not in written}
+            finalize(cache_dir, [s["planned"] for s in old["shards"]], {**info, "tool_version": __version__})
     finally:
         lock.release()
     return done
+
+
+def _rewritten_since(cache_dir: Path, paths: list[Path]) -> bool:
+    """Whether a shard was published after the manifest was written (its sha256 there is then stale)."""
+    written = (Path(cache_dir) / MANIFEST).stat().st_mtime_ns
+    return any(p.stat().st_mtime_ns > written for p in paths)
 
 
 def row_errors(a: torch.Tensor, b: torch.Tensor) -> dict[str, np.ndarray]:

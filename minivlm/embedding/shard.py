@@ -5,9 +5,12 @@ Layout of `shards/shard-NNNNN.h5`:
   (unchunked, unfiltered) HDF5 dataset. Row i is `T * D * itemsize` bytes at `dset.id.get_offset() + i *
   T * D * itemsize` (h5py's public API); plain h5py reads the same bytes with `f["embeddings"][i]`.
 - `scales` (n, T) float32, 8-bit codecs only: one scale per token of each row (value = stored * scale).
-- `checksums` (n,) uint32: zlib's CRC-32 of row i's stored bytes, its `embeddings` row then its `scales` row.
+- `checksums` (n,): the checksum of row i's stored bytes, its `embeddings` row then its `scales` row, by the
+  algorithm the `checksum` attribute names: "xxh3_64" (uint64: XXH3_64bits, seed 0, as the `xxhash`
+  package's `xxh3_64_intdigest` gives it), or "crc32" (uint32: zlib's CRC-32) in shards written before
+  xxh3_64 (minivlm of 2026-12-03 and earlier).
 - `keys` (n,) utf-8: the image key of each row.
-- attributes: `format_version` (2), `codec`, `checksum` ("crc32"), `tokens` (T), `width` (D), `n_rows`,
+- attributes: `format_version` (2), `codec`, `checksum`, `tokens` (T), `width` (D), `n_rows`,
   `fingerprint` (the encoder's fingerprint as JSON) and `fingerprint_id`, `shard_index`, `plan` (hash of the
   planned keys), `failures` (JSON: the shard's images that could not be embedded), `complete`.
 
@@ -29,9 +32,16 @@ Design choices:
   an epoch reads every row) when the cache fits in half the available memory, else with one `pread` per
   row; both release the GIL. Rows are decoded on the training device (`Codec.decode`), so an 8-bit cache
   moves 8-bit rows to it.
-- Every row read is checked against its CRC-32 (zlib: ~4 GB/s, ~80 us a 196x768 float16 row, well under
-  1 % of a training step: bench P2), so a corrupt row stops a run naming shard, row and key before it
-  reaches the model. `--verify` names every such row.
+- Every row read is checked against its checksum, so a corrupt row stops a run naming shard, row and key
+  before it reaches the model; `--verify` names every such row. The check runs in the loader's reader
+  threads, so it must not be their ceiling: xxh3_64 hashes ~45 GB/s on one core (~6 us of CPU a 196x768
+  float16 row) where zlib's CRC-32 does ~4 GB/s (~72 us, which held the loader to a third of a bare
+  memmap's rows/s); both release the GIL on a row that large (xxhash >= 4.0 above 64 KiB, zlib above
+  5 KiB), and on the demo's 2 KB row the check costs ~0.15 us. Each shard names its algorithm, so a cache
+  written with CRC-32 still verifies and trains (its shards may even mix with new ones after an embed run
+  resumed by this minivlm), and `upgrade_shard` rewrites it with xxh3_64 by copying bytes.
+- A reader opens a shard on first use; a shard replaced since its header was read (re-embedded or
+  upgraded under a running job) is refused naming it, never read at the old header's offsets.
 """
 from __future__ import annotations
 
@@ -47,6 +57,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 import torch
+import xxhash
 
 from minivlm.config import CACHE_DTYPES, RunFailed
 from minivlm.fileio import atomic_write_bytes, reading
@@ -59,6 +70,10 @@ _STORED = {"float16": "<f2", "bfloat16": "<u2", "int8": "i1", "float8_e4m3": "u1
 _TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8, "float8_e4m3": torch.float8_e4m3fn}
 _LIMIT = {"int8": 127.0, "float8_e4m3": 448.0}                                       # scaled codecs: |stored| max
 assert set(_STORED) == set(CACHE_DTYPES)
+
+# Row checksums a shard's `checksum` attribute may name: (the `checksums` dtype, the digest of one row's bytes).
+CHECKSUMS = {"xxh3_64": (np.dtype("<u8"), xxhash.xxh3_64_intdigest), "crc32": (np.dtype("<u4"), zlib.crc32)}
+CHECKSUM = "xxh3_64"  # what new shards store
 
 
 @dataclass(frozen=True)
@@ -110,9 +125,11 @@ class Codec:
         return values.float() * scale
 
 
-def checksums(rows: np.ndarray) -> np.ndarray:
-    """CRC-32 (zlib) of each stored row: what the writer stores and every read checks."""
-    return np.fromiter((zlib.crc32(r) for r in rows), np.uint32, len(rows))
+def checksums(rows, algorithm: str = CHECKSUM) -> np.ndarray:
+    """(n,) `algorithm` checksums of n stored rows (a (n, row_bytes) uint8 array, or a list of its rows): what
+    the writer stores and every read, `--verify` and the upgrade check."""
+    dtype, digest = CHECKSUMS[algorithm]
+    return np.fromiter(map(digest, rows), dtype, len(rows))
 
 
 def write_shard(path: Path, rows: np.ndarray, codec: Codec, keys: list[str], *, fingerprint: str,
@@ -132,7 +149,7 @@ def write_shard(path: Path, rows: np.ndarray, codec: Codec, keys: list[str], *, 
             f.create_dataset("scales", data=np.ascontiguousarray(rows[:, codec.values_bytes:]).view("<f4"))
         f.create_dataset("checksums", data=checksums(rows))
         f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
-        f.attrs.update(format_version=FORMAT_VERSION, codec=codec.name, checksum="crc32", tokens=T, width=D,
+        f.attrs.update(format_version=FORMAT_VERSION, codec=codec.name, checksum=CHECKSUM, tokens=T, width=D,
                        n_rows=n, fingerprint=fingerprint, fingerprint_id=fingerprint_id, shard_index=shard_index,
                        plan=plan, failures=json.dumps([dict(zip(("key", "reason", "source"), x)) for x in failures]),
                        complete=True)
@@ -153,7 +170,9 @@ class ShardInfo:
     n_rows: int
     values_at: int              # file offset of row 0's stored values
     scales_at: int              # file offset of row 0's scales (0 without scales)
-    checksums: np.ndarray       # (n,) uint32
+    checksum: str               # the algorithm of `checksums` (a key of CHECKSUMS)
+    checksums: np.ndarray       # (n,) its dtype
+    file_id: tuple[int, int]    # (st_dev, st_ino) of the file this header was read from
     attrs: dict                 # fingerprint, fingerprint_id, shard_index, plan, failures (decoded)
     keys: list[str] | None      # read when asked for
 
@@ -180,6 +199,7 @@ def read_info(path: str | Path, keys: bool = False) -> ShardInfo:
     rows are where format 2 puts them; any other file is a one-line error naming it."""
     path = Path(path)
     with reading(path, REDO):
+        st = os.stat(path)
         with h5py.File(path, "r") as f:
             a = f.attrs
             if a.get("format_version") == 1:
@@ -193,19 +213,24 @@ def read_info(path: str | Path, keys: bool = False) -> ShardInfo:
             codec = Codec(str(a["codec"]), int(a["tokens"]), int(a["width"]))
             values_at = _contiguous_at(path, f["embeddings"], codec.stored, (n, codec.tokens, codec.width))
             scales_at = _contiguous_at(path, f["scales"], "<f4", (n, codec.tokens)) if codec.scaled else 0
+            algorithm = a.get("checksum")
+            if algorithm not in CHECKSUMS:
+                raise ValueError(f"{path}: row checksum {algorithm!r} is not one this minivlm knows "
+                                 f"({', '.join(CHECKSUMS)}); update minivlm, or {REDO}")
             checksums = f["checksums"][...]
-            if checksums.shape != (n,) or checksums.dtype != np.uint32:
-                raise ValueError(f"{path}: checksums are not (n_rows,) uint32; {REDO}")
+            if checksums.shape != (n,) or checksums.dtype != CHECKSUMS[algorithm][0]:
+                raise ValueError(f"{path}: checksums are not (n_rows,) {CHECKSUMS[algorithm][0]} as {algorithm} "
+                                 f"needs (shape {checksums.shape}, dtype {checksums.dtype}); {REDO}")
             attrs = {k: a[k] if isinstance(a[k], str) else a[k].item() for k in
                      ("fingerprint", "fingerprint_id", "shard_index", "plan")}
             attrs["failures"] = json.loads(a["failures"])
             names = [k.decode() if isinstance(k, bytes) else k for k in f["keys"][...]] if keys else None
-    return ShardInfo(path, codec, n, values_at, scales_at, checksums, attrs, names)
+    return ShardInfo(path, codec, n, values_at, scales_at, algorithm, checksums, (st.st_dev, st.st_ino), attrs, names)
 
 
-def corrupt_row(path: Path, row: int, key: str) -> str:
+def corrupt_row(path: Path, row: int, key: str, algorithm: str) -> str:
     """The one line for a row whose bytes fail their checksum (training and --verify say the same)."""
-    return f"{path}: row {row} (image {key}) fails its CRC-32 checksum: the shard is corrupt; {REDO}"
+    return f"{path}: row {row} (image {key}) fails its {algorithm} checksum: the shard is corrupt; {REDO}"
 
 
 def key_of(path: Path, row: int) -> str:
@@ -225,7 +250,7 @@ def fits_in_memory(paths) -> bool:
 
 
 class RowReader:
-    """Stored rows of a cache's shards by (shard, row), each checked against its CRC-32.
+    """Stored rows of a cache's shards by (shard, row), each checked against its shard's checksum.
 
     `mapped`: copy rows out of read-only mappings of the shards (None: when they fit in half the available
     memory), else one `pread` per row. Thread-safe: the loader's reader threads share one."""
@@ -236,6 +261,12 @@ class RowReader:
         self.mapped = fits_in_memory([s.path for s in shards]) if mapped is None else mapped
         self._values_at = np.array([s.values_at for s in shards], np.int64)
         self._scales_at = np.array([s.scales_at for s in shards], np.int64)
+        # Every shard's checksums in one array (row r of shard s at _first[s] + r), and each shard's algorithm:
+        # one per cache, unless an embed run was resumed by a newer minivlm.
+        self._first = np.cumsum([0] + [s.n_rows for s in shards[:-1]])
+        self._want = np.concatenate([s.checksums.astype(np.uint64) for s in shards])
+        self._algorithms = sorted({s.checksum for s in shards})
+        self._algorithm = np.array([self._algorithms.index(s.checksum) for s in shards])
         self._source: list = [None] * len(shards)   # shard -> its mapped bytes or its fd, once opened
         self._files: list = []                      # what close() closes
         self._opening = threading.Lock()
@@ -251,7 +282,12 @@ class RowReader:
     def _open(self, s: int):
         info = self.shards[s]
         f = open(info.path, "rb", buffering=0)
-        size = os.fstat(f.fileno()).st_size
+        st = os.fstat(f.fileno())
+        if (st.st_dev, st.st_ino) != info.file_id:
+            f.close()
+            raise ValueError(f"{info.path} was replaced after this run read its header (re-embedded or upgraded "
+                             f"while the cache was being read?); restart the run")
+        size = st.st_size
         if size < info.end:
             f.close()
             raise ValueError(f"{info.path}: {size} bytes, but its rows reach byte {info.end} (truncated shard?); "
@@ -292,11 +328,20 @@ class RowReader:
         shard[i] is -1 (text-only samples). A row that fails its checksum stops the run naming it."""
         self._copy(shard, row, out)
         if self.check:
-            got = checksums(out)
-            for b, s, r in zip(range(len(out)), shard.tolist(), row.tolist()):
-                if s >= 0 and got[b] != self.shards[s].checksums[r]:
-                    path = self.shards[s].path
-                    raise RunFailed(corrupt_row(path, r, key_of(path, r)))
+            self.check_rows(shard, row, out)
+
+    def check_rows(self, shard: np.ndarray, row: np.ndarray, rows: np.ndarray) -> None:
+        """Stop the run naming the first of `rows` ((B, row_bytes) uint8: the stored rows (shard[i], row[i]),
+        anything where shard[i] is -1) whose bytes fail their shard's checksum: what `read` runs on every row."""
+        image = shard >= 0
+        for k, algorithm in enumerate(self._algorithms):
+            ix = np.flatnonzero(image & (self._algorithm[shard] == k))
+            got = checksums(rows if len(ix) == len(rows) else [rows[b] for b in ix.tolist()], algorithm)
+            bad = ix[got != self._want[self._first[shard[ix]] + row[ix]]]
+            if len(bad):
+                s, r = int(shard[bad[0]]), int(row[bad[0]])
+                path = self.shards[s].path
+                raise RunFailed(corrupt_row(path, r, key_of(path, r), algorithm))
 
     def bad_rows(self, s: int, block: int = 64) -> list[int]:
         """Rows of shard s whose stored bytes fail their checksum (every row read: `--verify`)."""
@@ -305,7 +350,7 @@ class RowReader:
         for lo in range(0, info.n_rows, block):
             rows = np.arange(lo, min(lo + block, info.n_rows))
             self._copy(np.full(len(rows), s), rows, buf[:len(rows)])
-            bad += [int(r) for r, got in zip(rows, checksums(buf[:len(rows)])) if got != info.checksums[r]]
+            bad += rows[checksums(buf[:len(rows)], info.checksum) != info.checksums[rows]].tolist()
         return bad
 
     def close(self) -> None:
@@ -316,15 +361,43 @@ class RowReader:
 
 
 def upgrade_shard(path: Path) -> bool:
-    """Rewrite a format-1 shard (one fletcher32 chunk per float16 row) as format 2 by copying its rows' bytes,
-    published atomically over it; False if it is format 2 already. The rows go through HDF5's own reads,
-    so fletcher32 checks them on the way."""
+    """Rewrite a shard an older minivlm wrote as the shard this one writes for the same images, by copying its
+    rows' bytes, published atomically over it; False if it is current already. Each row is checked on the way
+    by the checksum it was stored with: fletcher32 (format 1) or the shard's `checksum` (crc32)."""
     with reading(path, REDO), h5py.File(path, "r") as f:
         a = f.attrs
-        if a.get("format_version") == FORMAT_VERSION:
-            return False
-        if a.get("format_version") != 1 or not a.get("complete", False):
-            raise ValueError(f"{path}: neither a complete format-1 shard nor format {FORMAT_VERSION}; {REDO}")
+        version, algorithm, complete = a.get("format_version"), a.get("checksum"), a.get("complete", False)
+    if version == FORMAT_VERSION and algorithm == CHECKSUM:
+        return False
+    if version == FORMAT_VERSION:
+        rows, codec, keys, meta = _rows_checked(path)
+    elif version == 1 and complete:
+        rows, codec, keys, meta = _rows_of_format_one(path)
+    else:
+        raise ValueError(f"{path}: neither a complete format-1 shard nor format {FORMAT_VERSION}; {REDO}")
+    write_shard(path, rows, codec, keys, **meta)
+    return True
+
+
+def _rows_checked(path: Path) -> tuple[np.ndarray, Codec, list[str], dict]:
+    """A format-2 shard's stored rows (n, row_bytes), each checked against its checksum, its codec, keys and
+    the rest of what `write_shard` takes."""
+    info = read_info(path, keys=True)
+    rows = np.empty((info.n_rows, info.codec.row_bytes), np.uint8)
+    reader = RowReader([info], mapped=False)
+    try:
+        reader.read(np.zeros(info.n_rows, np.int64), np.arange(info.n_rows), rows)
+    finally:
+        reader.close()
+    failures = [tuple(x.values()) for x in info.attrs["failures"]]  # key, reason[, source]
+    return rows, info.codec, info.keys, {**info.attrs, "failures": failures}
+
+
+def _rows_of_format_one(path: Path) -> tuple[np.ndarray, Codec, list[str], dict]:
+    """A format-1 shard's float16 rows as stored rows (n, row_bytes), read through HDF5 so that fletcher32
+    checks each one, its codec, keys and the rest of what `write_shard` takes (renamed attributes)."""
+    with reading(path, REDO), h5py.File(path, "r") as f:
+        a = f.attrs
         ds = f["embeddings"]
         keys = [k.decode() if isinstance(k, bytes) else k for k in f["keys"][...]]
         codec = Codec("float16", int(a["tokens"]), int(a["width"]))
@@ -338,5 +411,4 @@ def upgrade_shard(path: Path) -> bool:
         failures = [tuple(x.values()) for x in json.loads(a["failures"])]  # key, reason[, source]
         meta = dict(fingerprint=str(a["encoder"]), fingerprint_id=str(a["fingerprint"]),
                     shard_index=int(a["shard_index"]), plan=str(a["plan"]), failures=failures)
-    write_shard(path, rows.view(np.uint8).reshape(len(rows), -1), codec, keys, **meta)
-    return True
+    return rows.view(np.uint8).reshape(len(rows), -1), codec, keys, meta

@@ -13,7 +13,7 @@ Design choices:
   against minutes and ~1.5 KB a record). A batch is then a row read per image plus a vectorized pad
   (`text.collate`).
 - Image rows are read as stored (minivlm.embedding.shard.RowReader: the only code that knows the row format,
-  checks each row and picks mmap or pread) into one preallocated (K, row_bytes) uint8 tensor per batch
+  checks each row's checksum and picks mmap or pread) into one preallocated (K, row_bytes) uint8 tensor per batch
   (pinned for CUDA), in the batch's layout order, and decoded on the training device by `to_device`: an 8-bit
   cache moves 8-bit rows.
 - Packing (`train.packing`) lays a micro-batch's samples into rows of at most `capacity` tokens
