@@ -7,12 +7,14 @@ Every test leaves the process as it found it (deterministic mode, RNG, logging l
 `restore_global_state`."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from minivlm.config import RunConfig, load_config
@@ -63,6 +65,19 @@ def demo_overrides(demo: Path, work: Path) -> list[str]:
             f"encoder.name_or_path={demo}/encoder", f"tokenizer.name_or_path={demo}/tokenizer",
             f"cache.dir={work}/cache", "cache.shard_size=16", "encoder.num_workers=0", "encoder.batch_size=8",
             f"train.out_dir={work}/runs", "train.num_workers=0"]
+
+
+def mixed_records(demo: Path, path: Path, singles: int = 30, pairs: int = 15) -> str:
+    """A records file of the demo's single-image records, its images paired into two-image records (the answer
+    describes the first, then the second) and its text-only records, interleaved: samples of 0, 1 and 2 images
+    and of very different lengths, so packed rows hold several. Returns the data.records override."""
+    from minivlm.demo.pairs import pair_records
+    recs = json.loads((demo / "train.json").read_text())
+    single, text = [r for r in recs if "image" in r][:singles], [r for r in recs if "image" not in r]
+    mixed = single + pair_records(single)[:pairs] + text
+    mixed = [mixed[i] for i in np.random.default_rng(0).permutation(len(mixed))]
+    path.write_text(json.dumps(mixed))
+    return f"data.records={path}"
 
 
 def demo_config(demo: Path, work: Path, *overrides: str) -> RunConfig:

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import train_config
+from conftest import mixed_records, train_config
 from minivlm.config import RunFailed
+from minivlm.dist import Dist
 from minivlm.embedding import cache
 from minivlm.training import data
 from minivlm.training.data import (
@@ -78,6 +79,73 @@ def test_batch_rows_are_the_cache_rows_of_their_records(demo, demo_cache, tmp_pa
             assert np.array_equal(next(got).numpy(), f["embeddings"][row])
         assert n_placeholders == index.tokens
     assert next(got, None) is None and (batch["labels"] != -100).any(dim=1).all()
+
+
+@pytest.mark.parametrize("packing", [None, 0, 200], ids=["padded", "packed-longest", "packed-200"])
+def test_samples_of_any_shape_reach_the_batch_as_alone_with_their_images_in_tag_order(demo, demo_cache, tmp_path,
+                                                                                       packing):
+    """Samples of 0, 1 and 2 images: each sample's ids and labels in its row (padded, or packed with others) are
+    its ids and labels alone, its positions count from 0, and the batch's images are, in placeholder order, the
+    cache rows of each sample's image keys in tag order (h5py reads them)."""
+    cfg = train_config(demo, demo_cache, tmp_path, mixed_records(demo, tmp_path / "m.json"))
+    ds, index, fmt = dataset(cfg, packing=packing)
+    assert sorted(set(ds.text.images.tolist())) == [0, 1, 2]
+    shared = 0
+    for ix in BatchSampler(ds, 8, seed=0).batches(0):
+        batch = ds[ix]
+        assert sorted(batch["index"].tolist()) == sorted(ix)  # packing lays out, never picks
+        recs = [ds.split.records[i] for i in batch["index"]]
+        want = [h5py_row(index.shards[s].path, r) for rec in recs for s, r in map(index.locations.get, rec.images)]
+        got = images(ds, batch)
+        assert len(got) == len(want) and all(np.array_equal(g.numpy(), w) for g, w in zip(got, want))
+        ids, labels = batch["input_ids"], batch["labels"]
+        pos = batch["positions"] if packing is not None else torch.arange(ids.shape[1]).expand_as(ids)  # padded
+        runs = [(r, a) for r in range(len(ids)) for a in range(ids.shape[1]) if pos[r, a] == 0]
+        alone = iter(encode_sample(fmt, rec) for rec in recs)
+        for r, a in runs:
+            one = next(alone, None) if (labels[r, a:] != -100).any() or packing is None else None
+            if one is None:  # a row's padding tail
+                assert (ids[r, a:] == fmt.pad_id).all() and (labels[r, a:] == -100).all()
+                continue
+            n = len(one[0])
+            assert ids[r, a:a + n].tolist() == one[0] and labels[r, a:a + n].tolist() == one[1]
+            assert pos[r, a:a + n].tolist() == list(range(n))
+        shared += sum(int((pos[r] == 0).sum()) > 2 for r in range(len(ids)))  # rows of two samples or more
+        if packing is not None:
+            assert torch.equal(batch["cu_seqlens"], torch.cat([(pos.flatten() == 0).nonzero().flatten(),
+                                                               torch.tensor([pos.numel()])]).int())
+            assert ids.shape[1] <= (packing or max(ds.text.length[ix]))
+    assert (shared > 0) == (packing is not None)
+
+
+def test_the_shuffled_images_of_a_sample_are_all_another_samples(demo, demo_cache, tmp_path):
+    cfg = train_config(demo, demo_cache, tmp_path, mixed_records(demo, tmp_path / "m.json"))
+    ds, _, _ = dataset(cfg)
+    for ix in BatchSampler(ds, 8, seed=1).batches(0):
+        batch = ds[ix]
+        owner = np.repeat(np.arange(len(batch["index"])), ds.text.images[batch["index"]])  # (K,) sample of image k
+        if len(set(owner)) > 1:
+            assert (owner[batch["shuffled"]] != owner).all() and len(batch["shuffled"]) == len(owner)
+
+
+def test_samples_too_long_or_with_too_many_images_are_skipped_counted_and_named_once_and_the_rest_train(
+        demo, demo_cache, tmp_path, capsys):
+    """One line each, naming the first such record, at load; every other sample is kept (nothing lost)."""
+    recs = json.loads((demo / "train.json").read_text())[:40]
+    long = dict(recs[3], id="long", conversations=[{"from": "human", "value": "<image>\n" + "describe " * 200},
+                                                   {"from": "gpt", "value": "A shape."}])
+    many = dict(recs[5], id="many", image=[recs[i]["image"] for i in range(3)], conversations=[
+        {"from": "human", "value": "<image><image><image> All three?"}, {"from": "gpt", "value": "Shapes."}])
+    (tmp_path / "r.json").write_text(json.dumps(recs + [long, many]))
+    cfg = train_config(demo, demo_cache, tmp_path, f"data.records={tmp_path}/r.json", "data.max_images=2")
+    got = data.load_data(cfg, Dist())
+    out = capsys.readouterr().out
+    assert len(got.train) == 40 and got.too_long.count == 1
+    lines = [ln for ln in out.splitlines() if ln.startswith("warning:")]
+    assert any("skipped 1 row(s) hold more images than data.max_images (first: " in ln and "(id many)" in ln
+               for ln in lines), out
+    assert any(f"skipped 1 sample(s) whose images and prompt do not fit tokenizer.max_len={cfg.tokenizer.max_len} "
+               f"(first: {tmp_path}/r.json record 40 (id long))" in ln for ln in lines), out
 
 
 def test_text_only_records_are_kept_and_failed_images_dropped_and_counted(demo, demo_cache, tmp_path):

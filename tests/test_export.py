@@ -110,6 +110,29 @@ def test_linear_projector_run_exports_to_llava_with_the_same_prompt_logits_and_c
     assert_exact_export(clip_run.train.run_dir, tmp_path / "hf", demo)
 
 
+def test_a_two_image_prompt_through_the_export_computes_what_the_run_computes(demo, clip_run, tmp_path):
+    """Two images in one prompt, text between and after them: transformers alone builds the same prompt ids, fills
+    the images in order, and gives our logits (1e-4) and our greedy tokens; swapping the images changes both alike."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    export_run(clip_run.train.run_dir, tmp_path / "hf")
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    proc = AutoProcessor.from_pretrained(tmp_path / "hf", local_files_only=True)
+    cap = load_run(clip_run.train.run_dir)
+    parts = [{"type": "text", "text": "First"}, {"type": "image"}, {"type": "text", "text": "then"},
+             {"type": "image"}, {"type": "text", "text": "which shapes?"}]
+    text = proc.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True, tokenize=False)
+    ours_ids = torch.tensor([prompt_ids(cap.fmt, "First<image>\nthen<image>\nwhich shapes?", images=2)])
+    for paths in (held_out_images(demo)[:2], held_out_images(demo)[1::-1]):
+        inputs = proc(images=[Image.open(p) for p in paths], text=[text], return_tensors="pt")
+        assert torch.equal(inputs["input_ids"], ours_ids) and inputs["pixel_values"].shape[0] == 2
+        exact = features(cap.encoder, inputs["pixel_values"]).float()  # (2, T, D): the images in order
+        with torch.no_grad():
+            torch.testing.assert_close(hf(**inputs).logits, cap.model(ours_ids, exact).logits, atol=1e-4, rtol=0)
+            gen = hf.generate(**inputs, max_new_tokens=6, do_sample=False)[:, ours_ids.size(1):].tolist()
+        assert gen == generate(cap.model, ours_ids, exact, 6, None)
+
+
 def test_mlp2x_gelu_run_exports_exactly(demo, clip_run, tmp_path):
     cfg = train_config(demo, Path(clip_run.cache.dir), tmp_path, *ROOM, *SHORT, "model.projector=mlp2x_gelu")
     fit(cfg, Dist())

@@ -20,6 +20,8 @@ from test_faults import assert_same_cache
 from conftest import REPO, demo_config, demo_overrides, run_stage, train_config
 from faults import kill_at_random
 from minivlm.config import load_config
+from minivlm.demo.pairs import PARQUET_LAYOUTS as PAIR_LAYOUTS
+from minivlm.demo.pairs import write_pairs
 from minivlm.demo.parquet import LAYOUTS, placeholder_jpeg, write_layout
 from minivlm.dist import Dist
 from minivlm.embedding import cache
@@ -105,6 +107,33 @@ def test_plan_keeps_folder_keys_sorted_and_images_inside_files_in_first_occurren
     assert [w for w in planned.where] == sorted(planned.where)  # (file, row, k): one forward stretch
     folder = sources.load([str(demo / "train.json")], cfg.data, cfg.cache.dir)
     assert sources.plan(folder, demo / "images").keys == sorted({k for r in folder.records for k in r.images})
+
+
+# --- two-image records (issue "Samples of any shape", acceptance 2) -------------------------------------------
+
+@pytest.fixture(scope="module")
+def pairs(demo, tmp_path_factory) -> dict:
+    return write_pairs(demo, tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.mark.parametrize("layout", PAIR_LAYOUTS)
+def test_pairs_in_minimind_and_hf_parquet_give_the_folder_rows_keyed_by_sha256_in_tag_order(
+        demo, demo_cache, pairs, layout, tmp_path):
+    """The demo's pairs written by pyarrow as MiniMind-V (image_bytes lists) and Hugging Face (images lists of
+    structs, image parts in the turns) Parquet: each image embedded once, bitwise the folder's row, and every
+    record the LLaVA JSON record's turns with its images' SHA-256 in order."""
+    cfg = demo_config(demo, tmp_path, f"data.records={pairs[layout + '/train']}",
+                      f"data.val_records={pairs[layout + '/val']}", "data.image_root=")
+    manifest = run_embed(cfg, Dist())
+    folder, rows = folder_rows_by_sha(demo, demo_cache), cache_rows(cfg.cache.dir)
+    assert rows.keys() == folder.keys() and all(np.array_equal(rows[k], folder[k]) for k in rows)
+    assert manifest["counts"]["images"] == len(folder) and manifest["skipped_rows"] == {}
+    for split in ("train", "val"):
+        want = load_records(pairs[split])
+        got = sources.read_records(str(pairs[f"{layout}/{split}"]), cfg.data, cfg.cache.dir)
+        assert [r.turns for r in got] == [r.turns for r in want]
+        assert [r.images for r in got] == [tuple(sha((demo / "images" / k).read_bytes()) for k in r.images)
+                                           for r in want]
 
 
 # --- turns and captions ---------------------------------------------------------------------------------

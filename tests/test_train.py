@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, crc32_cache, demo_overrides, run_stage, train_config
+from conftest import REPO, crc32_cache, demo_overrides, mixed_records, run_stage, train_config
 from minivlm.config import RunFailed, to_toml, to_tree
 from minivlm.dist import Dist
 from minivlm.embedding import shard
@@ -52,10 +52,13 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 
 
 @pytest.mark.slow
-def test_stop_mid_epoch_then_resume_gives_identical_weights(demo, demo_cache, tmp_path, monkeypatch):
-    """Also from a checkpoint of an earlier minivlm, whose cursor counted each rank's batches."""
-    rec = small_records(demo, tmp_path)
-    straight = train_config(demo, demo_cache, tmp_path, rec, "train.run_name=straight", *RESUME)
+@pytest.mark.parametrize("packing", ["false", "true"], ids=["padded", "packed"])
+def test_stop_mid_epoch_then_resume_gives_identical_weights(demo, demo_cache, tmp_path, monkeypatch, packing):
+    """Also from a checkpoint of an earlier minivlm, whose cursor counted each rank's batches; packed, on samples of
+    0, 1 and 2 images whose rows hold several samples."""
+    rec = small_records(demo, tmp_path) if packing == "false" else mixed_records(demo, tmp_path / "m.json")
+    straight = train_config(demo, demo_cache, tmp_path, rec, "train.run_name=straight", f"train.packing={packing}",
+                            *RESUME)
     fit(straight, Dist())
 
     import minivlm.training.trainer as trainer
@@ -68,7 +71,8 @@ def test_stop_mid_epoch_then_resume_gives_identical_weights(demo, demo_cache, tm
             os.kill(os.getpid(), signal.SIGINT)
         return out
 
-    stopped = train_config(demo, demo_cache, tmp_path, rec, "train.run_name=stopped", *RESUME)
+    stopped = train_config(demo, demo_cache, tmp_path, rec, "train.run_name=stopped", f"train.packing={packing}",
+                           *RESUME)
     monkeypatch.setattr(trainer, "train_step", step_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         fit(stopped, Dist())
@@ -220,13 +224,15 @@ def step_reads(log: Path, ranks: int) -> list[list[int]]:
 def test_torchrun_logs_and_checkpoints_once_stops_on_sigterm_and_resumes_on_two_ranks_bitwise_or_on_one_alike(
         demo, demo_cache, tmp_path):
     """2 ranks x batch 4 to step 40 (stopped by SIGTERM to torchrun), then 1 rank x grad_accum 2 to step 60: the
-    same global batch, so every step reads what an uninterrupted 2-rank run reads."""
-    rec = small_records(demo, tmp_path)  # 6 steps an epoch: step 40 is mid-epoch
+    same global batch, so every step reads what an uninterrupted 2-rank run reads. Packed batches of samples of 0,
+    1 and 2 images: packing lays out a micro-batch, never picks its samples."""
+    rec = mixed_records(demo, tmp_path / "m.json")  # 6 steps an epoch: step 40 is mid-epoch
     (tmp_path / "reads.py").write_text(READS)
     over = [*demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", rec, "model.dim=32", "model.n_layer=2",
             "model.n_head=2", "model.n_kv_head=1", "model.multiple_of=16", "train.batch_size=4", "train.max_steps=60",
             "train.eval_batches=4", "train.eval_interval=20", "train.log_interval=1", "train.save_interval=30",
-            "train.deterministic=true", "train.freeze_llm=0", "train.lr=3e-3", "train.warmup_steps=2"]
+            "train.deterministic=true", "train.freeze_llm=0", "train.lr=3e-3", "train.warmup_steps=2",
+            "train.packing=true"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
     def train(launcher, name, *extra, stop_at=0):
@@ -260,6 +266,22 @@ def test_torchrun_logs_and_checkpoints_once_stops_on_sigterm_and_resumes_on_two_
     final = [metric_rows(runs / name)[-1] for name in ("straight", "one")]
     assert final[0]["step"] == final[1]["step"] == 60
     assert final[1]["eval_loss"] == pytest.approx(final[0]["eval_loss"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_packed_and_padded_runs_of_60_steps_end_with_the_same_eval_loss(demo, demo_cache, tmp_path, one_thread):
+    """Packing changes how a step's samples are laid out, never the step: the same samples, the same token-weighted
+    loss, so the runs differ by float summation order alone. The packed rows hold several samples (pad_frac falls)."""
+    rec = mixed_records(demo, tmp_path / "m.json")
+    final, pad = {}, {}
+    for packing in ("false", "true"):
+        cfg = train_config(demo, demo_cache, tmp_path, rec, f"train.run_name={packing}", f"train.packing={packing}",
+                           "train.max_steps=60", "train.freeze_llm=0", "train.lr=3e-3", "train.log_interval=10")
+        final[packing] = fit(cfg, Dist())
+        pad[packing] = np.mean([r["pad_frac"] for r in metric_rows(cfg.train.run_dir) if "pad_frac" in r])
+    assert final["true"]["eval_loss"] == pytest.approx(final["false"]["eval_loss"], abs=1e-3)
+    assert final["true"]["image_gap"] == pytest.approx(final["false"]["image_gap"], abs=2e-3)
+    assert pad["true"] < pad["false"] - 0.1, pad
 
 
 @pytest.mark.slow

@@ -121,11 +121,12 @@ def join(records: list[Record], index: cache.CacheIndex) -> Split:
                  dropped, kept)
 
 
-def load_splits(cfg: RunConfig, index: cache.CacheIndex) -> tuple[Split, Split]:
-    """Train and held-out samples: data.val_records if given, else a hash split by the first image's key."""
-    records = read_records(cfg.data.records, cfg.data, cfg.cache.dir)
+def load_splits(cfg: RunConfig, index: cache.CacheIndex, progress: bool = False) -> tuple[Split, Split]:
+    """Train and held-out samples: data.val_records if given, else a hash split by the first image's key.
+    `progress`: progress bars, and a warning line for the records skipped (minivlm.formats.sources)."""
+    records = read_records(cfg.data.records, cfg.data, cfg.cache.dir, progress)
     if cfg.data.val_records:
-        train, val = records, read_records(cfg.data.val_records, cfg.data, cfg.cache.dir)
+        train, val = records, read_records(cfg.data.val_records, cfg.data, cfg.cache.dir, progress)
     else:
         held = [bool(r.images) and in_val_split(r.images[0], cfg.data.val_frac) for r in records]
         train = [r for r, h in zip(records, held) if not h]
@@ -185,7 +186,7 @@ def stored_splits(cfg: RunConfig, index: cache.CacheIndex, manifest: dict, fmt: 
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         print(f"data: {path} is unreadable ({e}); reading the records again", flush=True)
     out = []
-    for s, sp in zip(SPLITS, load_splits(cfg, index)):
+    for s, sp in zip(SPLITS, load_splits(cfg, index, progress)):
         sp, tokens, too_long = split_tokens(fmt, sp, progress and s == "train")
         out.append((dataclasses.replace(sp, records=None), tokens, too_long))  # the records: ~1.5 KB each
     if save:

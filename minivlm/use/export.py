@@ -18,10 +18,12 @@ Design choices:
 - The vision tower is the whole encoder stage 1 used (stage 1 drops the layers after select_layer),
   loaded from the run's stored spec, checked against the run's fingerprint, and its own weights hash
   checked against the fingerprint's.
-- The processor's chat template turns `[{"type": "image"}, {"type": "text", "text": P}]` into the user
-  text training used (image token, newline, P) and then applies the run tokenizer's own template, so it
-  yields the prompt ids caption.py builds; the processor expands the image token to the T rows the
-  model was trained on. `generation_config` never generates the image token (as our generate).
+- The processor's chat template turns content parts (`{"type": "image"}`, `{"type": "text", "text": P}`, in
+  any number and order) into the user text training used (each image part an image token and a newline,
+  where it stands; the text trimmed as records trim it) and then applies the run tokenizer's own template, so
+  it yields the prompt ids caption.py builds, for one image or several; the processor expands each image
+  token to the T rows the model was trained on, and LLaVA fills them with the images in order, as training
+  does. `generation_config` never generates the image token (as our generate).
 - Written into a temporary sibling directory, fsynced, published with one rename.
 """
 from __future__ import annotations
@@ -121,7 +123,7 @@ def chat_template(fmt: TextFormat) -> str:
             "{%- if part['type'] == 'image' -%}{%- set ns.text = ns.text + '" + fmt.image_token + "\\n' -%}"
             "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
             "{%- endfor -%}{%- endif -%}"
-            "{%- set ns.messages = ns.messages + [{'role': message['role'], 'content': ns.text}] -%}"
+            "{%- set ns.messages = ns.messages + [{'role': message['role'], 'content': ns.text | trim}] -%}"
             "{%- endfor -%}{%- set messages = ns.messages %}" + fmt.tokenizer.chat_template)
 
 
