@@ -36,7 +36,7 @@ from minivlm.embedding.shard import Codec, RowReader
 from minivlm.formats import sources, tars
 from minivlm.formats.records import resolve_image
 from minivlm.training.data import BatchSampler, Loader, Samples, _groups, load_data, load_splits, to_device
-from minivlm.training.trainer import amp_dtype, build_model, train_step
+from minivlm.training.trainer import amp_dtype, batch_layout, build_model, train_step
 
 
 def sync(device: str) -> None:
@@ -121,7 +121,7 @@ class Setup:
 
     def __init__(self, cfg, device: str):
         self.cfg, self.device = cfg, device
-        self.data = load_data(cfg, Dist(device=device))
+        self.data = load_data(cfg, Dist(device=device), packing=batch_layout(cfg, device)[0])
         self.dtype = amp_dtype(cfg.train, device)
         self._model = None
 
@@ -133,9 +133,9 @@ class Setup:
             self._model = (model, opt, scaler)
         return self._model
 
-    def train_images(self) -> list[str | None]:
-        """Each training sample's image key (the live loops decode it): the records, as load_data joined them."""
-        return [r.image for r in load_splits(self.cfg, self.data.index)[0].records]
+    def train_images(self) -> list[tuple[str, ...]]:
+        """Each training sample's image keys (the live loops decode them): the records, as load_data joined them."""
+        return [r.images for r in load_splits(self.cfg, self.data.index)[0].records]
 
     def sampler(self) -> BatchSampler:
         """A sampler with the training sampler's order (same seed, same batches)."""
@@ -176,7 +176,7 @@ class CachedSource:
 
 
 class RamBatches:
-    """Every sample's stored rows in one RAM tensor (n, row_bytes), gathered per batch: the in-memory bound
+    """Every image slot's stored row in one RAM tensor (M, row_bytes), gathered per batch: the in-memory bound
     (decoded on the device like the cached path's)."""
 
     def __init__(self, ds: Samples):
@@ -185,7 +185,8 @@ class RamBatches:
 
     def batch(self, indices: list[int]) -> dict:
         text = self.ds.text_batches([indices])[0]  # the library's own text path
-        return {**text, "rows": self.rows.index_select(0, torch.tensor(indices))}  # (B, row_bytes)
+        slots = torch.from_numpy(self.ds.split.slots(text["index"]))  # the batch's images, as laid out
+        return {**text, "rows": self.rows.index_select(0, slots)}  # (K, row_bytes)
 
 
 class RamSource:
@@ -210,7 +211,7 @@ class RamSource:
 class LiveBatches(Dataset):
     """The seed-style source: dataset[list of indices] decodes + preprocesses the JPEGs (in a worker)."""
 
-    def __init__(self, ds: Samples, images: list[str | None], processor, image_root: str, max_pixels: int):
+    def __init__(self, ds: Samples, images: list[tuple[str, ...]], processor, image_root: str, max_pixels: int):
         self.ds, self.images, self.processor, self.root = ds, images, processor, image_root
         self.max_pixels = max_pixels
 
@@ -218,9 +219,10 @@ class LiveBatches(Dataset):
         return len(self.ds)
 
     def __getitem__(self, indices: list[int]) -> dict:
-        pixels = [preprocess(self.processor, load_image(resolve_image(self.root, self.images[i]), self.max_pixels))
-                  for i in indices if self.images[i] is not None]
-        return {**self.ds.text_batches([indices])[0], "pixels": torch.stack(pixels) if pixels else None}
+        text = self.ds.text_batches([indices])[0]
+        pixels = [preprocess(self.processor, load_image(resolve_image(self.root, k), self.max_pixels))
+                  for i in text["index"] for k in self.images[i]]  # the batch's images, as laid out
+        return {**text, "pixels": torch.stack(pixels) if pixels else None}
 
 
 class LiveSource:
@@ -239,17 +241,27 @@ class LiveSource:
     def __next__(self):
         enc, device = self.enc, self.device
         b = next(self.it)
-        pixels, has = b.pop("pixels"), b["has_image"]
-        images = torch.zeros(len(has), enc.tokens, enc.width, dtype=torch.float16, device=device)  # (B, T, D)
-        if pixels is not None:
+        pixels, images = b.pop("pixels"), None
+        if pixels is not None:  # (K, T, D)
             feats = torch.cat([features(enc, p[None]) for p in pixels]) if self.per_image else features(enc, pixels)
-            images[has.to(device)] = feats.to(device, torch.float16)
+            images = feats.to(device, torch.float16)
         b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
         b["images"] = images
         return b
 
     def close(self):
         self.it.close()
+
+
+def pad_share(ds: Samples, batches) -> float:
+    """Share of the positions these batches compute that are padding, as `Samples` lays them out."""
+    positions = padding = 0
+    for group in _groups(batches, len, Loader.TEXT_SAMPLES):
+        for b in ds.text_batches(group):
+            R, L = b["input_ids"].shape
+            positions += R * L
+            padding += R * L - ds.positions(b["index"])
+    return padding / positions
 
 
 # ---- P3: the read path against raw bytes --------------------------------------------------------------
@@ -296,15 +308,21 @@ def count_rows(ds: Samples, batches) -> int:
     return sum(ds.image_rows(np.asarray(ix)) for ix in batches)
 
 
+def locations(ds: Samples, ix) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, row) of every image of samples `ix`, in order: what `Samples.rows` reads."""
+    slots = ds.split.slots(np.asarray(ix, np.int64))
+    return ds.split.shard[slots], ds.split.row[slots]
+
+
 def _rows_per_s(ds: Samples, batches, read_row) -> float:
-    """rows/s of read_row(dst, position in the raw copy) over the batches' image rows, into a fresh
-    (B, row_bytes) array per batch."""
+    """rows/s of read_row(dst, shard, row) over the batches' image rows, into a fresh (K, row_bytes) array per
+    batch."""
     t0 = time.perf_counter()
     for ix in batches:
-        out = np.empty((len(ix), ds.row_bytes), np.uint8)
-        for b, i in enumerate(ix):
-            if ds.shard[i] >= 0:
-                read_row(out[b], int(ds.shard[i]), int(ds.row[i]))
+        shard, row = locations(ds, ix)
+        out = np.empty((len(shard), ds.row_bytes), np.uint8)
+        for k, (s, r) in enumerate(zip(shard.tolist(), row.tolist())):
+            read_row(out[k], s, r)
     return count_rows(ds, batches) / (time.perf_counter() - t0)
 
 
@@ -355,7 +373,7 @@ def check_rows(ds: Samples, batches) -> float:
     """rows/s of the per-row checksum check alone (`RowReader.check_rows`, what every checked read runs, by
     each shard's algorithm), over rows already read: measured directly, not as the small difference of two
     read rates."""
-    reads = [(ds.shard[ix], ds.row[ix], ds.rows(ix).numpy()) for ix in map(np.asarray, batches)]
+    reads = [(*locations(ds, ix), ds.rows(ix).numpy()) for ix in map(np.asarray, batches)]
     t0 = time.perf_counter()
     for shard, row, rows in reads:
         ds.reader.check_rows(shard, row, rows)
@@ -400,7 +418,7 @@ def read_processes(ds: Dataset, batches, num_workers: int, device: str) -> float
     it = iter(loader)
     next(it)
     t1 = time.perf_counter()
-    n = sum(int(b["has_image"].sum()) for b in it)
+    n = sum(len(b["rows"]) for b in it)
     dt = time.perf_counter() - t1
     del it, loader  # an exhausted iterator's workers stop when it is collected
     gc.collect()
@@ -418,9 +436,8 @@ class BatchShapes(Dataset):
         return len(self.ds)
 
     def __getitem__(self, indices: list[int]) -> dict:
-        has = torch.from_numpy(self.ds.shard[np.asarray(indices)] >= 0)
-        rows = torch.zeros(len(indices), self.ds.row_bytes, dtype=torch.uint8)  # as Samples.rows
-        return {"input_ids": torch.zeros(len(indices), 1, dtype=torch.long), "rows": rows, "has_image": has}
+        rows = torch.zeros(self.ds.images(np.asarray(indices)), self.ds.row_bytes, dtype=torch.uint8)  # Samples.rows
+        return {"input_ids": torch.zeros(len(indices), 1, dtype=torch.long), "rows": rows}
 
 
 def evict(paths) -> None:

@@ -36,6 +36,10 @@ Figures per workload (demo, b16):
                          image in two rows) and in img2dataset tars (a brace pattern); a fresh cache, so the
                          Parquet and tar figures include hashing the images. Also read+decode images/s
                          (no encoder): from the tars (index pass + reads by offset) / from the folder
+  P7 packing             real text tokens/s training on packed batches (train.packing) / padded batches of the
+                         same samples, with each one's share of positions that are padding: on the workload's
+                         pretraining records (demo; b16: LLaVA-558K-like captions) and, on the demo cache, an
+                         SFT-like set (workloads.sft_records: 1-3 turns, 100-700 words, 1-3 images a sample)
   P5 memory              peak memory training from a cache of N and of 4N images (child processes; see
                          peak_rss.py for why not ru_maxrss); b16 also: stage 1's peak memory on Parquet
                          files of N and 4N photos in one row group (tiny tower, no worker processes)
@@ -320,6 +324,10 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
     rates, round_foreign = p1_p2_train(wl, setup, enc, log)
     log(f"[{wl.name}] P3 read path vs memmap ({s.read_rows} rows warm, {s.cold_rows} re-opened, {s.repeats} rounds)")
     p3 = p3_read(wl, setup, device, work)
+    log(f"[{wl.name}] P7 text tokens/s, padded vs packed batches of the same samples ({s.repeats} rounds)")
+    p7 = {"pretraining": p7_packing(wl, wl.cfg, device, log)}
+    if wl.sft_cfg is not None:
+        p7["sft"] = p7_packing(wl, wl.sft_cfg, device, log)
     log(f"[{wl.name}] codec {wl.codec_cfg.cache.dtype}: P2 and P3 on that cache; every codec's error on the "
         f"encoder's output for the P4 images")
     codec = codec_figures(wl, device, work, log, enc, pixels)
@@ -353,6 +361,7 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
         "p4_tar_embed_vs_encoder": p4["tar_embed_img_s"]["median"] / p4["encoder_img_s"]["median"],
         "tar_vs_folder_read_decode": p4["read_decode_tar_img_s"]["median"] / p4["read_decode_folder_img_s"]["median"],
         "p4": p4,
+        "p7": p7,
         "check_share_of_p2": p3["warm"]["check_us_per_row"] * c * ds.image_rows(np.arange(len(ds))) / len(ds) / 1e6,
         "codec": codec,
         "end_to_end": end_to_end(len(setup.data.train), p4, c, lv),
@@ -369,6 +378,35 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
                     "spread_pct": {k: spread(v) for k, v in rates.items()}}
     res["wall_s"] = time.perf_counter() - t_start
     return res
+
+
+def p7_packing(wl: Workload, cfg, device: str, log) -> dict:
+    """Real text tokens/s training on padded and on packed batches of the same samples (train.packing off / on:
+    one model each, windows interleaved round by round), and the share of computed positions each pads."""
+    s = wl.sizes
+    setups = {k: loops.Setup(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, packing=k == "packed")),
+                             device) for k in ("padded", "packed")}
+    ds = setups["padded"].data.train
+    tokens = ds.text_tokens(np.arange(len(ds))) / len(ds)
+    batches = setups["padded"].sampler().batches(0)[:max(s.steps, 1) * s.repeats]
+    for setup in setups.values():  # model warm-up, as in P1
+        loops.train_window(setup, loops.CachedSource(setup, epoch=s.repeats), 0, max(s.warmup, 3))
+    rates, foreign = {k: [] for k in setups}, []
+    for r in range(s.repeats):
+        meter = loops.CpuMeter()
+        for name, setup in setups.items():
+            rates[name].append(loops.train_window(setup, loops.CachedSource(setup, r), s.warmup, s.steps) * tokens)
+        foreign.append(meter.foreign_pct())
+        log(f"[{wl.name}]   P7 round {r + 1}/{s.repeats}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items())
+            + f" text tokens/s; other processes used {foreign[-1]:.0f}% of the CPU")
+    out = {"records": cfg.data.records, "samples": len(ds), "text_tokens_per_sample": tokens,
+           "images_per_sample": ds.images(np.arange(len(ds))) / len(ds),
+           "packed_vs_padded": median(rates["packed"]) / median(rates["padded"]),
+           "contended": median(foreign) > CONTENDED_PCT, "foreign_cpu_pct_per_round": foreign}
+    for name, setup in setups.items():
+        out[name] = {"tokens_s": figure(rates[name]), "pad_frac": loops.pad_share(setup.data.train, batches)}
+        setup.close()
+    return out
 
 
 def codec_figures(wl: Workload, device: str, work: Path, log, enc, pixels: torch.Tensor) -> dict:
@@ -441,6 +479,13 @@ def table(results: dict) -> str:
         rows.append((name, "  P3 per row (warm)", f"loader {w['loader_us_per_row']:.1f} us, rows alone "
                      f"{w['rows_us_per_row']:.1f} us, {p3['checksum']} check {w['check_us_per_row']:.1f} us",
                      f"check = {100 * r['check_share_of_p2']:.2f}% of P2's training time", "", ""))
+        for label, q in r["p7"].items():
+            rows.append((name, f"P7 packed vs padded ({label})",
+                         f"{q['packed']['tokens_s']['median']:,.0f} text tokens/s, {100 * q['packed']['pad_frac']:.0f}% "
+                         f"padding", f"{q['padded']['tokens_s']['median']:,.0f} padded, {100 * q['padded']['pad_frac']:.0f}% "
+                         f"padding ({q['text_tokens_per_sample']:.0f} text tokens, {q['images_per_sample']:.1f} images "
+                         f"a sample)", f"{q['packed_vs_padded']:.2f}x",
+                         "CONTENDED" if q["contended"] else ""))
         k = r["codec"]
         rows.append((name, f"codec {k['codec']}: P2, P3", f"{k['p2']['cached_samples_s']['median']:.1f} samples/s; "
                      f"{k['p3']['warm']['loader_rows_s']['median']:,.0f} rows/s warm ({k['p3_read_vs_raw']:.2f} of its "

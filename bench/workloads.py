@@ -79,6 +79,7 @@ class Workload:
     parquet_embed_cfg: RunConfig  # the same images from a MiniMind-V Parquet file
     tar_embed_cfg: RunConfig    # the same images from img2dataset tars (a brace pattern)
     parquet_rss_cfgs: dict | None  # {"n", "4n"}: stage 1 on Parquet files of n and 4n images (P5, b16 only)
+    sft_cfg: RunConfig | None   # SFT-like samples on the training cache (P7, demo only): see sft_records
     sizes: Sizes
     info: dict                  # printable description for the JSON
 
@@ -132,6 +133,32 @@ def with_records(cfg: RunConfig, records: Path, **encoder) -> RunConfig:
                                encoder=dataclasses.replace(cfg.encoder, **encoder))
 
 
+def sft_records(records: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """SFT-like samples on these records' images: 1-3 user/assistant turns, 1-3 images at tags in the user turns
+    (the first always opens the first turn), 70-500 words of text (~100-700 tokens of the demo tokenizer), the
+    answers the images' own captions and more. Multi-turn lengths spread this widely, so a padded batch is mostly
+    padding: what packing is for (issue "Samples of any shape")."""
+    from minivlm.demo.folder import PROMPTS
+
+    single = [r for r in records if "image" in r]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        picked = [single[j] for j in rng.choice(len(single), int(rng.integers(1, 4)), replace=False)]
+        turns, words = int(rng.integers(1, 4)), int(rng.integers(70, 501))
+        captions = [r["conversations"][-1]["value"] for r in picked]
+        text = " ".join(captions[k % len(captions)] for k in range(200)).split()[:words]
+        cut = np.linspace(0, len(text), 2 * turns + 1).astype(int)
+        tags = [0] + sorted(rng.integers(0, turns, len(picked) - 1).tolist())  # the user turn each image opens
+        conv = []
+        for t in range(turns):
+            question = " ".join([PROMPTS[int(rng.integers(len(PROMPTS)))]] + text[cut[2 * t]:cut[2 * t + 1]])
+            conv += [{"from": "human", "value": "<image>\n" * tags.count(t) + question},
+                     {"from": "gpt", "value": " ".join(text[cut[2 * t + 1]:cut[2 * t + 2]]) or "A shape."}]
+        out.append({"id": f"sft-{i:05d}", "image": [r["image"] for r in picked], "conversations": conv})
+    return out
+
+
 # ---- demo -------------------------------------------------------------------------------------------
 
 def build_demo(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
@@ -163,8 +190,14 @@ def build_demo(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
     embed = cfg_for(sizes.embed_images)
     parquet = parquet_of(recs[sizes.embed_images], root / "data" / "images", root / f"records-{sizes.embed_images}.parquet")
     tar_set = tars_of(recs[sizes.embed_images], root / "data" / "images", root / f"tars-{sizes.embed_images}")
+    sft = root / f"records-sft-{4 * sizes.n}.json"
+    if not sft.is_file():
+        _write_records(sft, sft_records(json.loads(recs[4 * sizes.n].read_text()), 2 * sizes.n))
+    sft_cfg = load_config(REPO / "configs" / "demo.toml", base + [
+        f"data.records={sft}", f"cache.dir={root}/cache-{4 * sizes.n}", "tokenizer.max_len=1024",
+        "model.max_seq_len=1024"])
     return Workload("demo", cfg, small, codec, embed, with_records(embed, parquet), with_records(embed, tar_set), None,
-                    sizes,
+                    sft_cfg, sizes,
                     {"images": f"{n_train} synthetic 96x96 JPEG/PNG (make_demo)",
                      "encoder": "tiny CLIP 64px/patch 8, 2 layers, D=64, pool 2",
                      "T": 16, "D": 64, "model": "configs/demo.toml (dim 128 x 4 layers)", "cache": "run_embed output",
@@ -233,7 +266,7 @@ def synthetic_cache(cfg: RunConfig, tokens: int, width: int, seed: int = 0) -> N
         cache.upgrade(cache_dir)  # one an older minivlm wrote (CRC-32 rows): as write_shard writes it now
         return
     shutil.rmtree(cache_dir, ignore_errors=True)
-    plan = cache.plan_shards([r.image for r in records if r.image], cfg.cache.shard_size)
+    plan = cache.plan_shards([k for r in records for k in r.images], cfg.cache.shard_size)
     fields = {"arch": "CLIPVisionModel", "weights": "synthetic-rows", "processor": "synthetic-rows",
               **spec_of(cfg.encoder, cfg.cache.dtype)}
     fid, fp_json = fingerprint_id(fields), json.dumps(fields, sort_keys=True)
@@ -303,7 +336,7 @@ def build_b16(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
            for label, k in (("n", sizes.n), ("4n", n_images))}
     tar_set = tars_of(recs[sizes.embed_images], root / "images", root / f"tars-{sizes.embed_images}")
     return Workload("b16", cfg, small, codec, embed, with_records(embed, parquet), with_records(embed, tar_set), rss,
-                    sizes,
+                    None, sizes,
                     {"images": f"{max(n_images, sizes.embed_images)} synthetic 500x375 JPEG (~35 KB)",
                      "encoder": "CLIPVisionModel " + ", ".join(f"{k}={v}" for k, v in shape.items())
                                 + ", random weights, select_layer -2",

@@ -55,7 +55,7 @@ from minivlm.training.metrics import (
     peak_flops,
     peak_memory_mb,
 )
-from minivlm.training.attention import attention_backend
+from minivlm.training.attention import Backend, attention_backend
 from minivlm.training.model import VLM, VLMConfig, freeze, next_token_targets, num_params, param_groups
 from minivlm.training.pretrained import init_from
 from minivlm.training.text import IGNORE
@@ -138,6 +138,17 @@ def evaluate(model: VLM, batches: list[dict], codec: Codec, dtype: torch.dtype, 
     return out
 
 
+
+
+def batch_layout(cfg: RunConfig, device: str) -> tuple[int | None, Backend]:
+    """How training batches are laid out (`data.Samples`' packing: None padded) and the attention kernel that
+    keeps packed samples apart. Rows are as wide as the model takes where attention costs each sample its own
+    length only (the varlen kernels); with SDPA's mask a row costs its width squared, so rows are no wider than
+    the micro-batch's longest sample (0), and a packed step never computes more positions than a padded one."""
+    backend = attention_backend(device, amp_dtype(cfg.train, device), cfg.model.dropout)
+    if not cfg.train.packing:
+        return None, backend
+    return (cfg.model.max_seq_len if backend.name != "sdpa" else 0), backend
 
 
 def build_model(cfg: RunConfig, data: TrainData, device: str, init: bool):
@@ -231,10 +242,7 @@ def _fit(cfg: RunConfig, dist: Dist) -> dict:
     tc, run_dir, device = cfg.train, cfg.train.run_dir, dist.device
     torch.manual_seed(tc.seed + dist.rank)
     ckpt = Checkpoints(cfg, dist)
-    backend = attention_backend(device, amp_dtype(tc, device), cfg.model.dropout)
-    # Rows as wide as the model takes where attention costs each sample its own length only (varlen kernels);
-    # with SDPA's mask a row costs its width squared, so rows no wider than the micro-batch's longest sample.
-    packing = (cfg.model.max_seq_len if backend.name != "sdpa" else 0) if tc.packing else None
+    packing, backend = batch_layout(cfg, device)
     data = load_data(cfg, dist, *ckpt.image_shape, packing=packing)
     total = tc.max_steps or tc.epochs * data.sampler.steps_per_epoch
     raw, opt, scaler = build_model(cfg, data, device, init=ckpt.latest is None)
