@@ -94,11 +94,15 @@ def test_stop_mid_epoch_then_resume_gives_identical_weights(demo, demo_cache, tm
 
 @pytest.mark.slow
 def test_sigkill_after_checkpoint_then_resume_gives_identical_weights(demo, demo_cache, tmp_path):
-    rec = small_records(demo, tmp_path)
+    """A packed run (samples of 0, 1 and 2 images, several a row) killed after a checkpoint resumes to the weights of
+    a run that never stopped."""
+    rec = mixed_records(demo, tmp_path / "m.json")
     over = [*demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", rec, *RESUME[:-1], "train.freeze_llm=0",
             "model.dim=32", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.multiple_of=16",
-            "train.batch_size=8", "train.eval_batches=2", "train.eval_interval=0", "train.log_interval=1"]
-    fit(train_config(demo, demo_cache, tmp_path, rec, "train.run_name=straight", *RESUME), Dist())
+            "train.batch_size=8", "train.eval_batches=2", "train.eval_interval=0", "train.log_interval=1",
+            "train.packing=true"]
+    fit(train_config(demo, demo_cache, tmp_path, rec, "train.run_name=straight", "train.packing=true", *RESUME),
+        Dist())
     killed = tmp_path / "runs" / "killed"
     args = [str(REPO / "stages/train.py"), *over, "train.run_name=killed", "train.save_interval=5"]
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
