@@ -115,7 +115,7 @@ def test_tars_and_parquet_under_s3_embed_to_the_same_cache_as_the_local_files(s3
 
 def test_stage_1_asks_each_file_s_metadata_once_and_reads_a_tar_in_blocks_whatever_the_images_it_holds(
         tar_set, s3, s3_embedded):  # noqa: F811
-    """Before: two HEADs an image (the tar's identity asked at every lookup), ~15 images/s at a store's 30 ms."""
+    """A tar's identity asked at every lookup was two HEADs an image: ~15 images/s from a store answering in 30 ms."""
     _, parquet = s3
     _, _, requests = s3_embedded
     for path in tar_set["train"]:
@@ -138,8 +138,8 @@ def test_stage_2_start_up_asks_each_file_once_and_on_its_stored_samples_reads_on
     load_data(tcfg, Dist())  # the first start-up reads every record, and keeps the samples
     files = [f"{BUCKET}/tars/train/{p.name}" for p in tar_set["train"]] + [f"{BUCKET}/parquet/{parquet.name}"]
     assert all(requests_for(store.requests, f).get("HEAD") == 1 for f in files), dict(store.requests)
-    with new_process():  # a rerun: its samples are stored, the files are only identified (and a Parquet
-        store.reset()     # file's columns found in its footer)
+    with new_process():  # a rerun on its stored samples: each file identified, a Parquet file's columns read
+        store.reset()
         assert len(load_data(tcfg, Dist()).train) > 0
     assert {f: requests_for(store.requests, f) for f in files} == {
         f: {"HEAD": 1} if f.endswith(".tar") else {"HEAD": 1, "GET": 1} for f in files}
