@@ -17,6 +17,7 @@ Design choices:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import mmap
 import os
@@ -548,3 +549,34 @@ def encoder_flops_per_image(enc) -> float:
     P = sum(p.numel() for p in enc.model.parameters())
     tokens = (enc.model.config.image_size // enc.model.config.patch_size) ** 2 + 1
     return 2 * P * tokens
+
+
+# ---- P4-remote: stage 1 from an object store ------------------------------------------------------------
+
+S3_BUCKET = "bench"
+
+
+@contextmanager
+def s3_copy(files: list[Path], latency_s: float):
+    """`files` in moto's S3 server (keys: parent folder/name) behind tests/store.py's proxy, which adds
+    `latency_s` to every request and counts them. Yields (the proxy, cfg -> the same cfg reading its
+    data.records, a file or a brace pattern of those files, from there)."""
+    import s3fs
+    from store import StoreProxy, moto_s3
+
+    with moto_s3() as port:
+        fs = s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{port}", skip_instance_cache=True)
+        fs.mkdir(S3_BUCKET)
+        for p in files:
+            fs.put_file(str(p), f"{S3_BUCKET}/{p.parent.name}/{p.name}")
+        proxy = StoreProxy(port, delay_s=latency_s)
+        options = {"endpoint_url": f"http://127.0.0.1:{proxy.port}"}
+
+        def in_s3(cfg):
+            spec = Path(cfg.data.records)
+            return dataclasses.replace(cfg, data=dataclasses.replace(
+                cfg.data, records=f"s3://{S3_BUCKET}/{spec.parent.name}/{spec.name}", storage_options=options))
+        try:
+            yield proxy, in_s3
+        finally:
+            proxy.close()

@@ -1,5 +1,6 @@
 """P5 child: train a few steps from a cache through the library path (or, with --embed, run stage 1 on the
-config's records) and print peak memory as one JSON line.
+config's records) and print peak memory as one JSON line; with --embed also stage 1's wall time (`embed_s`,
+run_embed alone: P4-remote times stage 1 as a new process runs it, its metadata asked afresh).
 
     python bench/peak_rss.py CONFIG.toml --steps 3 [--device cpu] [--embed]
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,11 +44,13 @@ def main() -> None:
     ap.add_argument("config")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--embed", action="store_true", help="run stage 1 (encoder.num_workers=0: all in this process)")
+    ap.add_argument("--embed", action="store_true", help="run stage 1 (P5: encoder.num_workers=0, all in this process)")
     args = ap.parse_args()
+    timed = {}
     if args.embed:
+        t0 = time.perf_counter()
         manifest = run_embed(load_config(args.config), Dist(device=args.device))
-        source, samples = None, manifest["counts"]["embedded"]
+        source, samples, timed = None, manifest["counts"]["embedded"], {"embed_s": time.perf_counter() - t0}
     else:
         setup = Setup(load_config(args.config), args.device)
         model, opt, scaler = setup.model()
@@ -61,7 +65,7 @@ def main() -> None:
         out = {"total_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, "method": "ru_maxrss (upper bound)"}
     if source is not None:
         source.close()
-    out["samples"] = samples
+    out.update(samples=samples, **timed)
     if args.device.startswith("cuda"):
         import torch
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20

@@ -36,6 +36,12 @@ Figures per workload (demo, b16):
                          image in two rows) and in img2dataset tars (a brace pattern); a fresh cache, so the
                          Parquet and tar figures include hashing the images. Also read+decode images/s
                          (no encoder): from the tars (index pass + reads by offset) / from the folder
+  P4-remote              demo only: stage 1 images/s on the P4 images in tars of 1,000 samples (as the demo's
+                         builder writes them), and in P4's Parquet file, read from S3 / from the local files, 2
+                         workers, each run a new process (peak_rss.py --embed), local and S3 interleaved. The
+                         store is moto's S3 server on loopback behind a proxy adding 30 ms to every request
+                         (tests/store.py), as a store across a network answers; with the requests it received
+                         per method (a HEAD an image would show here, and cap stage 1 at ~15 img/s)
   P7 packing             real text tokens/s training on packed batches (train.packing) / padded batches of the
                          same samples, with each one's share of positions that are padding: on the workload's
                          pretraining records (demo; b16: LLaVA-558K-like captions) and, on the demo cache, an
@@ -61,6 +67,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import importlib.util
 import io
 import json
 import os
@@ -76,6 +83,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+sys.path.append(str(HERE.parent / "tests"))  # store.py: P4-remote's S3 store, shared with the tests
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -87,20 +95,21 @@ from minivlm.dist import Dist  # noqa: E402
 from minivlm.embedding.embed import run_embed  # noqa: E402
 from minivlm.embedding.encoder import load_encoder  # noqa: E402
 from minivlm.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+from minivlm.formats import sources  # noqa: E402
 from minivlm.training.metrics import flops_per_token, peak_flops  # noqa: E402
-from workloads import BUILDERS, Sizes, Workload, with_cache_dir  # noqa: E402
+from workloads import BUILDERS, Sizes, Workload, tars_of, with_cache_dir, with_records  # noqa: E402
 
 STARTUP_RECORDS = {"full": 1_000_000, "quick": 100_000, "smoke": 0}  # P6: too slow for the smoke test
 MODES = {  # mode -> workload -> Sizes (CPU); GPU_SIZES replaces some fields on CUDA
     "full": {
         "demo": Sizes(n=1000, batch=32, workers=1, readers=0, enc_batch=64, embed_images=4000, warmup=5, steps=20, live_steps=20,
-                      repeats=5, read_rows=8000, cold_rows=4000, rss_steps=5),
+                      repeats=5, read_rows=8000, cold_rows=4000, rss_steps=5, remote_rounds=2),
         "b16": Sizes(n=1000, batch=8, workers=2, readers=2, enc_batch=16, embed_images=96, warmup=2, steps=4, live_steps=3,
                      repeats=3, read_rows=1000, cold_rows=500, rss_steps=3),
     },
     "quick": {
         "demo": Sizes(n=1000, batch=32, workers=1, readers=0, enc_batch=64, embed_images=500, warmup=2, steps=8, live_steps=8,
-                      repeats=2, read_rows=2000, cold_rows=1000, rss_steps=2),
+                      repeats=2, read_rows=2000, cold_rows=1000, rss_steps=2, remote_rounds=1),
         "b16": Sizes(n=1000, batch=8, workers=2, readers=2, enc_batch=16, embed_images=16, warmup=1, steps=1, live_steps=1,
                      repeats=2, read_rows=400, cold_rows=200, rss_steps=1),
     },
@@ -116,6 +125,9 @@ GPU_SIZES = {"demo": {"workers": 4}, "b16": {"batch": 64, "workers": 8, "readers
 
 
 CONTENDED_PCT = 10  # other processes' CPU share above which a train round is called contended
+REMOTE_LATENCY_S = 0.03  # P4-remote: what the proxy adds to each request (a store's answer across a network)
+REMOTE_WORKERS = 2       # P4-remote: encoder.num_workers, local and S3 alike
+REMOTE_TAR_SAMPLES = 1000  # P4-remote: samples a tar, as the demo's builder writes them (img2dataset: 10,000)
 
 
 def median(xs: list[float]) -> float:
@@ -171,6 +183,35 @@ def p4_embed(wl: Workload, enc, pixels: torch.Tensor, device: str, work: Path) -
             "encoder_img_s": figure(enc_rates), "images": s.embed_images,
             "batch_size": wl.cfg.encoder.batch_size, "decode_workers": wl.cfg.encoder.num_workers,
             "encoder_load_s": load_s}
+
+
+def p4_remote(wl: Workload, device: str, work: Path) -> dict:
+    """Rounds of stage 1 on the P4 tars, then on its Parquet file, from the local files and from S3 (interleaved),
+    each a new process; per-round S3/local ratios, and the requests the S3 server received in the last round."""
+    root = work / "p4-remote" / wl.name
+    tar_set = tars_of(Path(wl.embed_cfg.data.records), Path(wl.embed_cfg.data.image_root), work / "p4-remote" /
+                      f"{wl.name}-tars-{wl.sizes.embed_images}", REMOTE_TAR_SAMPLES)
+    cfgs = {"tar": with_records(wl.embed_cfg, tar_set, num_workers=REMOTE_WORKERS),
+            "parquet": with_records(wl.embed_cfg, wl.parquet_embed_cfg.data.records, num_workers=REMOTE_WORKERS)}
+    files = [p for cfg in cfgs.values() for p in sources.expand(cfg.data.records)]
+    rates = {kind: {"local": [], "s3": []} for kind in cfgs}
+    out = {"latency_s": REMOTE_LATENCY_S, "workers": REMOTE_WORKERS, "images": wl.sizes.embed_images}
+    with loops.s3_copy(files, REMOTE_LATENCY_S) as (proxy, in_s3):
+        for _ in range(wl.sizes.remote_rounds):
+            for kind, cfg in cfgs.items():
+                for where, c in (("local", cfg), ("s3", in_s3(cfg))):
+                    shutil.rmtree(root, ignore_errors=True)  # a fresh cache: the first run's hashing included
+                    proxy.reset()
+                    run = embed_child(with_cache_dir(c, root / "cache"), root.with_suffix(".toml"), device)
+                    rates[kind][where].append(run["samples"] / run["embed_s"])
+                out[f"{kind}_requests"] = {"files": len(sources.expand(cfg.data.records)),
+                                           **{m: proxy.count(m) for m in ("HEAD", "GET", "LIST")},
+                                           "per_file_max": max(proxy.requests.values())}
+    shutil.rmtree(root, ignore_errors=True)
+    for kind, r in rates.items():
+        out[kind] = {"local_img_s": figure(r["local"]), "s3_img_s": figure(r["s3"]),
+                     "s3_vs_local": median([b / a for a, b in zip(r["local"], r["s3"])])}
+    return out
 
 
 def p1_p2_train(wl: Workload, setup: loops.Setup, enc, log, live: bool = True) -> tuple[dict, list[float]]:
@@ -280,17 +321,22 @@ def p5_embed_memory(wl: Workload, device: str, work: Path) -> dict:
     for label, cfg in wl.parquet_rss_cfgs.items():
         root = work / "p5" / f"{wl.name}-embed-{label}"
         shutil.rmtree(root, ignore_errors=True)
-        path = work / "p5" / f"{wl.name}-embed-{label}.toml"
-        atomic_write_text(path, to_toml(to_tree(with_cache_dir(cfg, root / "cache"))))
-        r = subprocess.run([sys.executable, str(HERE / "peak_rss.py"), str(path), "--embed", "--device", device],
-                           capture_output=True, text=True, timeout=1800)
-        if r.returncode != 0:
-            raise RuntimeError(f"P5 embed child for {path} failed:\n{r.stderr[-3000:]}")
-        out[label] = {**json.loads(r.stdout.strip().splitlines()[-1]),
+        out[label] = {**embed_child(with_cache_dir(cfg, root / "cache"), root.with_suffix(".toml"), device),
                       "file_mb": os.path.getsize(cfg.data.records) / 1e6}
         shutil.rmtree(root, ignore_errors=True)
     out["images"] = {"n": wl.sizes.n, "4n": 4 * wl.sizes.n}
     return out
+
+
+def embed_child(cfg, path: Path, device: str) -> dict:
+    """Stage 1 on `cfg` (written to `path`) in a new process, peak_rss.py --embed: its peak memory, the images it
+    embedded and run_embed's wall time."""
+    atomic_write_text(path, to_toml(to_tree(cfg)))
+    r = subprocess.run([sys.executable, str(HERE / "peak_rss.py"), str(path), "--embed", "--device", device],
+                       capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        raise RuntimeError(f"stage 1 child for {path} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def end_to_end(samples: int, embed: dict, cached_sps: float, live_sps: float) -> dict:
@@ -319,6 +365,13 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
     log(f"[{wl.name}] P4 stage 1 vs encoder-only ({s.embed_images} images, {s.repeats} rounds)")
     pixels = loops.decoded_pixels(wl.embed_cfg, enc.processor, s.embed_images).to(device)
     p4 = p4_embed(wl, enc, pixels, device, work)
+    p4r = None
+    if s.remote_rounds and all(importlib.util.find_spec(m) for m in ("s3fs", "moto")):
+        log(f"[{wl.name}] P4-remote stage 1 from S3 ({REMOTE_LATENCY_S * 1e3:.0f} ms a request) vs local, tars and "
+            f"Parquet ({s.embed_images} images, {s.remote_rounds} rounds, {REMOTE_WORKERS} workers)")
+        p4r = p4_remote(wl, device, work)
+    elif s.remote_rounds:
+        log(f"[{wl.name}] P4-remote skipped: it needs s3fs and moto[server] (pip install -e '.[dev]')")
     log(f"[{wl.name}] P1/P2 train loops: {s.repeats} rounds of cached / RAM / live / live per-image windows "
         f"({s.warmup} + {s.steps} steps, live {s.warmup} + {s.live_steps}; batch {s.batch})")
     rates, round_foreign = p1_p2_train(wl, setup, enc, log)
@@ -362,6 +415,8 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
         "tar_vs_folder_read_decode": p4["read_decode_tar_img_s"]["median"] / p4["read_decode_folder_img_s"]["median"],
         "p4": p4,
         "p7": p7,
+        **({"p4_remote_tar_vs_local": p4r["tar"]["s3_vs_local"],
+            "p4_remote_parquet_vs_local": p4r["parquet"]["s3_vs_local"], "p4_remote": p4r} if p4r else {}),
         "check_share_of_p2": p3["warm"]["check_us_per_row"] * c * ds.image_rows(np.arange(len(ds))) / len(ds) / 1e6,
         "codec": codec,
         "end_to_end": end_to_end(len(setup.data.train), p4, c, lv),
@@ -510,6 +565,15 @@ def table(results: dict) -> str:
              f"{p4['read_decode_folder_img_s']['median']:,.0f} img/s from the folder",
              f"{r['tar_vs_folder_read_decode']:.2f}", f"±{spread(p4['read_decode_tar_img_s']['repeats']) / 2:.0f}%"),
         ]
+        q = r.get("p4_remote")
+        for kind, label in (("tar", "tars"), ("parquet", "Parquet")) if q else ():
+            f, n = q[kind], q[f"{kind}_requests"]
+            rows += [(name, f"P4-remote {label} S3 vs local", f"{f['s3_img_s']['median']:.1f} img/s from S3 "
+                      f"({q['latency_s'] * 1e3:.0f} ms a request)", f"{f['local_img_s']['median']:.1f} img/s local, "
+                      f"{q['workers']} workers", f"{f['s3_vs_local']:.2f}",
+                      f"±{spread(f['s3_img_s']['repeats']) / 2:.0f}%"),
+                     (name, f"  requests, {label}", f"{n['HEAD']} HEAD, {n['GET']} GET, {n['LIST']} LIST for "
+                      f"{n['files']} files", f"at most {n['per_file_max']} of one kind for one file", "", "")]
         if p5:
             rows.append((name, "P5 peak memory 4N vs N", f"{p5['4n']['total_mb']:,.0f} MB ({p5['images']['4n']} img)",
                          f"{p5['n']['total_mb']:,.0f} MB ({p5['images']['n']} img)", f"{r['p5_rss_4n_vs_n']:.2f}", ""))

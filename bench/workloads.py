@@ -67,6 +67,7 @@ class Sizes:
     read_rows: int              # rows per P3 window (warm)
     cold_rows: int              # rows per P3 window after eviction
     rss_steps: int              # train steps in each P5 child
+    remote_rounds: int = 0      # P4-remote rounds (0: not measured)
 
 
 @dataclass(frozen=True)
@@ -115,13 +116,13 @@ def parquet_of(records: Path, image_root: Path, out: Path, row_group_size: int |
     return out
 
 
-def tars_of(records: Path, image_root: Path, out: Path) -> str:
-    """The records as img2dataset tars of TAR_SAMPLES samples under `out/`, built once; their brace pattern."""
-    params = {"records_hash": sha256_file(records), "per_tar": TAR_SAMPLES}
+def tars_of(records: Path, image_root: Path, out: Path, per_tar: int = TAR_SAMPLES) -> str:
+    """The records as img2dataset tars of `per_tar` samples under `out/`, built once; their brace pattern."""
+    params = {"records_hash": sha256_file(records), "per_tar": per_tar}
     marker = out / "bench_marker.json"
     if not _marker_ok(marker, params):
         shutil.rmtree(out, ignore_errors=True)
-        records_as_tars(json.loads(records.read_text()), image_root, out, TAR_SAMPLES, failed=False)
+        records_as_tars(json.loads(records.read_text()), image_root, out, per_tar, failed=False)
         atomic_write_json(marker, params)
     n = len(list(out.glob("*.tar")))
     return f"{out}/{{00000..{n - 1:05d}}}.tar"

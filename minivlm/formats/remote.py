@@ -11,7 +11,16 @@ Design choices:
   credentials are not retried: stage 1 records that image as failed (failures.jsonl) and goes on.
 - `open_binary` gives a buffered, seekable file over ranged reads (`BLOCK` bytes each): tars stream
   through it, pyarrow reads Parquet footers and pages through it; local paths are plain files.
+- A remote file's metadata (size, ETag, mtime: `info`) is asked once per process, however many images and
+  records refer to it, or taken from the listing that found it (a glob, a directory): per file, not per image,
+  whatever the format (tars, Parquet, JSON records, an image root). The first answer holds for the process (a
+  store with a 30 ms answer and a per-request price makes a HEAD per image cost days on 10M images); DataLoader
+  workers are forked after the parent asked, so they inherit it and ask nothing. A file rewritten while a run
+  reads it is caught by its images' SHA-256 (stage 1's check), and the next process asks again.
 - A remote file's identity is its ETag, size and mtime from `info()`: nothing is downloaded to compute it.
+- A whole file (`Url.read_bytes`: an image under a URL image root, JSON records) is one GET: a range from byte
+  0, since s3fs asks a plain read's size first (a HEAD an image); an empty file has no such range and is read
+  plainly.
 - fsspec and its backends are an optional extra (`pip install 'minivlm[remote]'`); without them a URL is
   one line naming the extra.
 """
@@ -75,7 +84,7 @@ class Url:
         return Url(self.url.rstrip("/") + "/" + key, self.options)
 
     def read_bytes(self) -> bytes:
-        return retried(self, lambda fs, p: fs.cat_file(p))
+        return retried(self, _whole)
 
     def size(self) -> int:
         return int(info(self)["size"])
@@ -127,8 +136,24 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+_INFO: dict = {}  # Url -> its info(): asked once per process; a forked DataLoader worker inherits its parent's
+
+
 def info(url: Url) -> dict:
-    return retried(url, lambda fs, p: fs.info(p), "info")
+    """The file's metadata (size, ETag, mtime, type), asked of the store at its first use in this process."""
+    if url not in _INFO:
+        _INFO[url] = retried(url, lambda fs, p: fs.info(p), "info")
+    return _INFO[url]
+
+
+def _whole(fs, path: str) -> bytes:
+    """A whole file in one request (see the module's notes)."""
+    try:
+        return fs.cat_file(path, start=0, end=None)
+    except PERMANENT:
+        raise
+    except Exception:  # an empty file (416: no byte 0), or a dropped connection: tried once plainly, then retried
+        return fs.cat_file(path)
 
 
 def identity(url: Url, extra: str) -> str:
@@ -186,24 +211,32 @@ def open_binary(path: Path | Url):
     return open(path, "rb")
 
 
+def _listed(full, entries) -> list[Url]:
+    """The Urls of a listing's entries; each file's entry is its info() for this process (no HEAD per file)."""
+    out = []
+    for meta in entries:
+        out.append(full(meta["name"]))
+        if meta.get("type") == "file":
+            _INFO.setdefault(out[-1], meta)
+    return out
+
+
 def expand(spec: str, options: dict | None, suffixes: tuple[str, ...]) -> list[Url]:
     """The files a URL names: itself, its matches if it holds a wildcard, or a "directory"'s files with the
     first of `suffixes` that any has; sorted."""
     url = Url.of(spec, options)
-    fs, path = filesystem(url)
     protocol = spec.split("://", 1)[0]
     full = lambda p: Url.of(p if "://" in p else f"{protocol}://{p}", options)  # noqa: E731
     if any(c in spec for c in "*?["):
-        found = retried(url, lambda fs, p: fs.glob(p), "list")
+        found = _listed(full, retried(url, lambda fs, p: fs.glob(p, detail=True), "list").values())
         if not found:
             raise FileNotFoundError(f"records glob {spec!r} matches no file; check data.records / data.val_records")
-        return sorted(full(p) for p in found)
-    kind = retried(url, lambda fs, p: fs.info(p), "info").get("type")
-    if kind != "directory":
+        return sorted(found)
+    if info(url).get("type") != "directory":
         return [url]
-    names = retried(url, lambda fs, p: fs.ls(p, detail=False), "list")
+    names = _listed(full, retried(url, lambda fs, p: fs.ls(p, detail=True), "list"))
     for suffix in suffixes:
-        files = sorted(full(p) for p in names if fnmatch.fnmatch(p, f"*{suffix}"))
+        files = sorted(u for u in names if fnmatch.fnmatch(u.url, f"*{suffix}"))
         if files:
             return files
     raise FileNotFoundError(f"records directory {spec} has no {' or '.join(suffixes)} file; point data.records at a "
