@@ -19,7 +19,7 @@ from minivlm.demo.parquet import write_layout
 from minivlm.dist import Dist
 from minivlm.embedding import cache
 from minivlm.embedding.embed import run_embed
-from minivlm.formats import remote, sources, tars
+from minivlm.formats import parquet, remote, sources, tars
 from minivlm.training.data import load_data
 
 BUCKET = "minivlm"
@@ -29,10 +29,12 @@ WORKERS = 2
 
 @contextlib.contextmanager
 def new_process():
-    """What a new process starts with: no remote file's metadata asked yet, no tar indexed, no s3fs listing."""
+    """What a new process starts with: no remote file's metadata asked yet, no tar indexed, no Parquet footer read,
+    no s3fs listing."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(remote, "_INFO", {})
         mp.setattr(tars, "_INDEXED", {})
+        mp.setattr(parquet, "_FOOTERS", {})
         with contextlib.suppress(ImportError):
             import s3fs
             s3fs.S3FileSystem.clear_instance_cache()

@@ -59,12 +59,25 @@ class Layout:
     id: str | None
 
 
+_FOOTERS: dict = {}  # (path, size, mtime or ETag) -> its FileMetaData: a footer read once per process
+
+
 def open_file(path: Path) -> pq.ParquetFile:
+    """The file opened for reading; its footer (metadata and schema) read once per process and version of the
+    file: stage 1 opens a file for its layout, its rows, its texts, its digests and each worker's reads, and each
+    footer read of a file by URL is one or two more requests to the store."""
+    if remote.is_url(path):
+        version = (str(path), remote.identity(path, ""))  # asked once per process already
+    else:
+        st = Path(path).stat()
+        version = (str(path), st.st_size, st.st_mtime_ns)
     try:
-        return pq.ParquetFile(remote.open_binary(path) if remote.is_url(path) else path, buffer_size=BUFFER_BYTES,
-                              pre_buffer=False)
+        pf = pq.ParquetFile(remote.open_binary(path) if remote.is_url(path) else path, buffer_size=BUFFER_BYTES,
+                            pre_buffer=False, metadata=_FOOTERS.get(version))
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{path}: not a readable Parquet file ({_first_line(e)}); {REWRITE}") from None
+    _FOOTERS.setdefault(version, pf.metadata)
+    return pf
 
 
 def _first_line(e: Exception) -> str:
