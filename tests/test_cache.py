@@ -139,7 +139,7 @@ def tiled_cache(cache_dir) -> torch.Tensor:
     for i, (keys, rows, layout) in enumerate(shards):
         shard.write_shard(cache.shard_path(cache_dir, i), codec.encode(rows).numpy(), codec, keys, shard_index=i,
                           plan=cache.plan_hash(keys), tiles=layout, **META)
-    cache.finalize(cache_dir, [3, 2], {"fingerprint_id": "fp"})
+    cache.finalize(cache_dir, [3, 2], {"fingerprint_id": "fp", "encoder": {"fingerprint": {"tiles": "anyres"}}})
     return x
 
 
@@ -269,3 +269,14 @@ def test_compare_reports_the_codec_error_of_one_cache_against_another(tmp_path):
     r = cache.compare(tmp_path / "a", tmp_path / "b")
     assert r["rows"] == 8 and r["fingerprint_differs"] == ["storage_dtype"] and r["bytes_per_row"] == [24, 24]
     assert 0 < r["relative_rms"]["mean"] < 0.02 and r["cosine"]["median"] > 0.999 and 0 < r["max_abs"]["max"] < 0.1
+
+
+def test_compare_reads_every_tile_and_refuses_caches_of_other_tiles(tmp_path):
+    tiled_cache(tmp_path / "a")
+    tiled_cache(tmp_path / "b")
+    r = cache.compare(tmp_path / "a", tmp_path / "b")
+    assert (r["images"], r["rows"], r["relative_rms"]["max"]) == (5, 11, 0)
+    fake_shards(tmp_path / "c", [["a", "b", "c"], ["d", "e"]])  # the same keys, one row each
+    cache.finalize(tmp_path / "c", [3, 2], {"fingerprint_id": "fp", "encoder": {"fingerprint": {}}})
+    with pytest.raises(ValueError, match="cut images into other tiles .*only caches of the same tiles compare"):
+        cache.compare(tmp_path / "a", tmp_path / "c")

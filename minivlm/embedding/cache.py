@@ -278,7 +278,8 @@ def summarize(errors: list[dict[str, np.ndarray]]) -> dict:
 
 def compare(a_dir: str | Path, b_dir: str | Path, batch: int = 256) -> dict:
     """How far cache B's rows are from cache A's over the images both hold (`row_errors`, summarised over
-    rows), with the bytes per row of each and the fingerprint fields in which the two caches differ."""
+    rows: every tile's of a tiled image), with the bytes per row of each and the fingerprint fields in which
+    the two caches differ."""
     ma, mb = load_manifest(a_dir), load_manifest(b_dir)
     ia, ib = build_index(a_dir, ma), build_index(b_dir, mb)
     if (ia.tokens, ia.width) != (ib.tokens, ib.width):
@@ -299,7 +300,8 @@ def compare(a_dir: str | Path, b_dir: str | Path, batch: int = 256) -> dict:
     finally:
         for _, reader in readers:
             reader.close()
-    return {"a": str(a_dir), "b": str(b_dir), "dtype": [ma["dtype"], mb["dtype"]], "rows": len(keys),
+    return {"a": str(a_dir), "b": str(b_dir), "dtype": [ma["dtype"], mb["dtype"]], "images": len(keys),
+            "rows": int(ta[:, 0].sum()),
             "only_in_a": len(ia.locations) - len(keys), "only_in_b": len(ib.locations) - len(keys),
             "bytes_per_row": [ia.codec.row_bytes, ib.codec.row_bytes],
             "fingerprint_differs": sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)),

@@ -46,8 +46,8 @@ class Tiling:
     policy: str                                 # none | split | anyres
     size: int                                   # S: the tower's square input side, every tile's size
     resample: int                               # the tower processor's PIL filter
-    max_tiles: int = 1                          # split: tiles along the longest side
-    pinpoints: tuple[tuple[int, int], ...] = () # anyres: (h, w) in pixels, multiples of size
+    max_tiles: int                              # split: tiles along the longest side
+    pinpoints: tuple[tuple[int, int], ...]      # anyres: (h, w) in pixels, multiples of size
 
 
 def tiling_of(cfg: EncoderConfig, size: int, resample: int) -> Tiling:
