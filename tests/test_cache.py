@@ -122,7 +122,7 @@ def test_the_manifest_waits_for_every_shard_and_the_index_finds_each_key(tmp_pat
     assert cache.finalize(tmp_path, [2, 2, 2], {"fingerprint_id": "fp"}) is None  # shard 2 not published yet
     fake_shards(tmp_path, plan)
     manifest = cache.finalize(tmp_path, [2, 2, 2], {"fingerprint_id": "fp"})
-    assert manifest["counts"] == {"images": 6, "embedded": 6, "failed": 0, "tiles": 6}
+    assert manifest["counts"] == {"images": 6, "embedded": 6, "failed": 0}
     assert (manifest["tokens"], manifest["width"], manifest["dtype"]) == (T, D, "float16")
     assert json.loads((tmp_path / cache.MANIFEST).read_text()) == manifest and cache.verify(tmp_path) == []
     assert cache.build_index(tmp_path, manifest).locations["img3.jpg"] == (1, 1)

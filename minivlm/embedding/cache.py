@@ -8,7 +8,7 @@ Layout of `cache/<name>/` (DESIGN.md "Cache"):
 - `manifest.json`: written once every planned shard is published; stage 2 trusts nothing without it.
   Format 2: `format_version`, `encoder` (spec with its `fingerprint` fields, the tiling policy among them),
   `fingerprint_id`, `tokens`, `width`, `dtype` (the codec), records and their hash, counts (images, embedded,
-  failed, tiles: the rows), every shard's rows and sha256, versions, time.
+  failed; and tiles, the rows, where images are tiled), every shard's rows and sha256, versions, time.
 - `failures.jsonl`: one line per image that could not be embedded, gathered from the shards.
 - `.lock`: held by the embed run writing the cache.
 
@@ -93,11 +93,12 @@ def finalize(cache_dir: Path, planned: list[int], info: dict) -> dict | None:
         failures += s.attrs["failures"]
         images += s.n_images
         shards.append({"file": p.name, "rows": s.n_rows, "planned": n_planned, "sha256": sha256_file(p)})
+    tiles = sum(s["rows"] for s in shards)
     atomic_write_text(cache_dir / FAILURES, "".join(json.dumps(x) + "\n" for x in failures))
     manifest = {
         "format_version": FORMAT_VERSION, **info, "tokens": codec.tokens, "width": codec.width, "dtype": codec.name,
         "counts": {"images": sum(planned), "embedded": images, "failed": len(failures),
-                   "tiles": sum(s["rows"] for s in shards)},
+                   **({"tiles": tiles} if tiles != images else {})},
         "shards": shards, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_json(cache_dir / MANIFEST, manifest)

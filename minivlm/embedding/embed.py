@@ -203,7 +203,7 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
         return None
     c = manifest["counts"]
     gb = sum((cache.shard_dir(cache_dir) / s["file"]).stat().st_size for s in manifest["shards"]) / 1e9
-    tiles = f" as {c['tiles']} tiles" if c["tiles"] != c["embedded"] else ""
+    tiles = f" as {c['tiles']} tiles" if "tiles" in c else ""
     print(f"embed: {c['images']} images, {c['embedded']} embedded{tiles}, {c['failed']} failed, "
           f"{len(manifest['shards'])} shards, {gb:.3f} GB, {dt:.1f} s "
           f"({n_items / max(dt, 1e-9):.0f} img/s this run) -> {cache_dir}", flush=True)
