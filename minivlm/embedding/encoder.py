@@ -44,7 +44,6 @@ CONFIG_NAMES = {"storage_dtype": "cache.dtype"}  # fingerprint fields set outsid
 # Fingerprint fields added after caches were built: listed only when not their default, so older caches keep
 # their fingerprint, and read back as the default where absent.
 ADDED_FIELDS = {"post_layernorm": False, "tiles": "none", "max_tiles": 4, "grid_pinpoints": []}
-TILE_SETTINGS = {"none": (), "split": ("max_tiles",), "anyres": ("grid_pinpoints",)}  # what each policy reads
 
 
 class ImageError(Exception):
@@ -151,7 +150,7 @@ def fingerprint_id(components: dict) -> str:
 def spec_of(cfg: EncoderConfig, storage_dtype: str = "float16") -> dict:
     """The part of the fingerprint that the config alone determines (checked without loading weights)."""
     spec = {"select_layer": cfg.select_layer, "keep_cls": cfg.keep_cls, "pool": cfg.pool, "storage_dtype": storage_dtype}
-    unread = {k for ks in TILE_SETTINGS.values() for k in ks} - set(TILE_SETTINGS[cfg.tiles])
+    unread = {k for ks in tiles.SETTINGS.values() for k in ks} - set(tiles.SETTINGS[cfg.tiles])
     return {**spec, **{k: getattr(cfg, k) for k, default in ADDED_FIELDS.items()
                        if k not in unread and getattr(cfg, k) != default}}
 

@@ -36,6 +36,7 @@ from PIL import Image
 
 from minivlm.config import EncoderConfig
 
+SETTINGS = {"none": (), "split": ("max_tiles",), "anyres": ("grid_pinpoints",)}  # the encoder.* each policy reads
 LLAVA_NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))  # LLaVA-NeXT's pinpoints / its 336-px side: (rows, cols)
 IDEFICS3_MAX_SIDE = 4096  # Idefics3's processor scales any longer side down to this
 
