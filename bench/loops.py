@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from minivlm.dist import Dist
 from minivlm.embedding import cache
-from minivlm.embedding.encoder import decode_image, features, load_image, preprocess
+from minivlm.embedding.encoder import decode_image, features, load_image, preprocess, tile_pixels
 from minivlm.embedding.shard import Codec, RowReader
 from minivlm.formats import sources, tars
 from minivlm.formats.records import resolve_image
@@ -492,6 +492,16 @@ def decoded_pixels(cfg, processor, n: int) -> torch.Tensor:
     keys = image_keys(load_records(cfg.data.records))[:n]
     return torch.stack([preprocess(processor, load_image(resolve_image(cfg.data.image_root, k),
                                                          cfg.encoder.max_image_pixels)) for k in keys])
+
+
+def decoded_tiles(cfg, enc, n: int) -> torch.Tensor:
+    """The tiles of the first n images of cfg.data.records (enc's policy), decoded, cut and preprocessed once:
+    (tiles, 3, S, S)."""
+    from minivlm.formats.records import image_keys, load_records
+    keys = image_keys(load_records(cfg.data.records))[:n]
+    return torch.cat([tile_pixels(enc.processor, enc.tiling, load_image(resolve_image(cfg.data.image_root, k),
+                                                                          cfg.encoder.max_image_pixels))[0]
+                      for k in keys])
 
 
 def read_decode_folder(cfg, n: int) -> float:

@@ -35,7 +35,9 @@ Figures per workload (demo, b16):
                          from the image folder, and from the same images in a MiniMind-V Parquet file (every
                          image in two rows) and in img2dataset tars (a brace pattern); a fresh cache, so the
                          Parquet and tar figures include hashing the images. Also read+decode images/s
-                         (no encoder): from the tars (index pass + reads by offset) / from the folder
+                         (no encoder): from the tars (index pass + reads by offset) / from the folder.
+                         Tiles: run_embed tiles/s with encoder.tiles = anyres (workloads.TILES) / the encoder
+                         alone over the same tiles pre-cut, same batch size, on a fifth of those images
   P4-remote              demo only: stage 1 images/s on the P4 images in tars of 1,000 samples (as the demo's
                          builder writes them), and in P4's Parquet file, read from S3 / from the local files, 2
                          workers, each run a new process (peak_rss.py --embed), local and S3 interleaved. The
@@ -96,6 +98,7 @@ from minivlm.embedding.embed import run_embed  # noqa: E402
 from minivlm.embedding.encoder import load_encoder  # noqa: E402
 from minivlm.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from minivlm.formats import sources  # noqa: E402
+from minivlm.formats.records import load_records  # noqa: E402
 from minivlm.training.metrics import flops_per_token, peak_flops  # noqa: E402
 from workloads import BUILDERS, Sizes, Workload, tars_of, with_cache_dir, with_records  # noqa: E402
 
@@ -212,6 +215,24 @@ def p4_remote(wl: Workload, device: str, work: Path) -> dict:
         out[kind] = {"local_img_s": figure(r["local"]), "s3_img_s": figure(r["s3"]),
                      "s3_vs_local": median([b / a for a, b in zip(r["local"], r["s3"])])}
     return out
+def p4_tiles(wl: Workload, device: str, work: Path) -> dict:
+    """Rounds of (run_embed with tiles into a fresh cache dir, the encoder alone over the same tiles pre-cut)."""
+    cfg, root = wl.tiles_embed_cfg, work / "p4-tiles" / wl.name
+    enc, batch = load_encoder(cfg.encoder, device), cfg.encoder.batch_size
+    images = len(load_records(cfg.data.records))
+    pixels = loops.decoded_tiles(cfg, enc, images).to(device)  # (tiles, 3, S, S)
+    loops.encoder_rate(enc, pixels[:batch], batch, device)  # warm-up
+    embed_rates, enc_rates = [], []
+    for _ in range(wl.sizes.repeats):
+        shutil.rmtree(root, ignore_errors=True)
+        t0 = time.perf_counter()
+        with quiet():
+            run_embed(with_cache_dir(cfg, root), Dist(device=device))
+        embed_rates.append(len(pixels) / (time.perf_counter() - t0))
+        enc_rates.append(loops.encoder_rate(enc, pixels, batch, device))
+    shutil.rmtree(root, ignore_errors=True)
+    return {"policy": cfg.encoder.tiles, "images": images, "tiles": len(pixels), "batch_size": batch,
+            "embed_tiles_s": figure(embed_rates), "encoder_tiles_s": figure(enc_rates)}
 
 
 def p1_p2_train(wl: Workload, setup: loops.Setup, enc, log, live: bool = True) -> tuple[dict, list[float]]:
@@ -372,6 +393,8 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
         p4r = p4_remote(wl, device, work)
     elif s.remote_rounds:
         log(f"[{wl.name}] P4-remote skipped: it needs s3fs and moto[server] (pip install -e '.[dev]')")
+    log(f"[{wl.name}] P4 tiles: stage 1 vs encoder-only over the same tiles ({wl.tiles_embed_cfg.encoder.tiles})")
+    p4t = p4_tiles(wl, device, work)
     log(f"[{wl.name}] P1/P2 train loops: {s.repeats} rounds of cached / RAM / live / live per-image windows "
         f"({s.warmup} + {s.steps} steps, live {s.warmup} + {s.live_steps}; batch {s.batch})")
     rates, round_foreign = p1_p2_train(wl, setup, enc, log)
@@ -417,6 +440,8 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
         "p7": p7,
         **({"p4_remote_tar_vs_local": p4r["tar"]["s3_vs_local"],
             "p4_remote_parquet_vs_local": p4r["parquet"]["s3_vs_local"], "p4_remote": p4r} if p4r else {}),
+        "p4_tiles_embed_vs_encoder": p4t["embed_tiles_s"]["median"] / p4t["encoder_tiles_s"]["median"],
+        "p4_tiles": p4t,
         "check_share_of_p2": p3["warm"]["check_us_per_row"] * c * ds.image_rows(np.arange(len(ds))) / len(ds) / 1e6,
         "codec": codec,
         "end_to_end": end_to_end(len(setup.data.train), p4, c, lv),
@@ -503,6 +528,7 @@ def table(results: dict) -> str:
     rows = [("workload", "figure", "measured", "baseline (same run)", "ratio", "noise")]
     for name, r in results["workloads"].items():
         p1, p2, p3, p4, p5, e2e = r["p1"], r["p2"], r["p3"], r["p4"], r.get("p5"), r["end_to_end"]
+        p4t = r["p4_tiles"]
         sp = r["noise"]["spread_pct"]
         rows += [
             (name, "P1 cached vs live", f"{p1['cached_samples_s']['median']:.1f} samples/s cached",
@@ -561,6 +587,10 @@ def table(results: dict) -> str:
             (name, "P4 embed tars vs encoder", f"{p4['tar_embed_img_s']['median']:.1f} img/s run_embed",
              "(img2dataset tars, brace pattern)", f"{r['p4_tar_embed_vs_encoder']:.2f}",
              f"±{spread(p4['tar_embed_img_s']['repeats']) / 2:.0f}%"),
+            (name, "P4 tiles embed vs encoder", f"{p4t['embed_tiles_s']['median']:.1f} tiles/s run_embed",
+             f"{p4t['encoder_tiles_s']['median']:.1f} tiles/s encoder alone ({p4t['policy']}: {p4t['tiles']} tiles "
+             f"of {p4t['images']} images)", f"{r['p4_tiles_embed_vs_encoder']:.2f}",
+             f"±{spread(p4t['embed_tiles_s']['repeats']) / 2:.0f}%"),
             (name, "read+decode tars vs folder", f"{p4['read_decode_tar_img_s']['median']:,.0f} img/s from tars",
              f"{p4['read_decode_folder_img_s']['median']:,.0f} img/s from the folder",
              f"{r['tar_vs_folder_read_decode']:.2f}", f"±{spread(p4['read_decode_tar_img_s']['repeats']) / 2:.0f}%"),

@@ -13,9 +13,11 @@
 Each cache exists twice: N and 4N images (P5 compares their peak RSS); the 4N one feeds P1-P3. The 4N
 one exists a third time stored with the 8-bit codec CODEC8 (the codec figures: its P2, P3 and bytes).
 P4 also embeds the same images from a MiniMind-V Parquet file (every image in two rows, pyarrow's default
-single row group) and from img2dataset tars (`demo_tars`: TAR_SAMPLES samples a tar, a brace pattern). b16 adds stage 1's peak memory on Parquet files of N and 4N photos (one row group each:
-the worst case for a reader that loads a row group whole), embedded by a tiny 224 px tower in one process,
-so the source's share of the memory is not hidden under ViT-B/16's.
+single row group) and from img2dataset tars (`demo_tars`: TAR_SAMPLES samples a tar, a brace pattern), and a
+fifth of them cut into tiles (`encoder.tiles` = TILES: about as many tiles as P4 has images).
+b16 adds stage 1's peak memory on Parquet files of N and 4N photos (one row group each: the worst case for a
+reader that loads a row group whole), embedded by a tiny 224 px tower in one process, so the source's share of
+the memory is not hidden under ViT-B/16's.
 A marker with the build parameters is written last, so an interrupted or differently sized build is redone.
 """
 from __future__ import annotations
@@ -47,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 V3_TOKENIZER = REPO.parent / "shared" / "ref" / "minimind-tokenizer-v3"
 CODEC8 = "int8"  # the 8-bit codec the codec figures measure (the better of int8 / float8_e4m3 on error)
 TAR_SAMPLES = 32  # samples a tar in P4's tar set (img2dataset writes 10,000; a few tars even at smoke size)
+TILES = "anyres"  # P4's tiled run: LLaVA-NeXT's grids; the demo's squares and b16's 4:3 photos: 2 x 2 + the base image
 B16_PROMPTS = ("Describe the image concisely.", "Provide a brief description of the given image.",
                "Render a clear and concise summary of the photo.", "Share a concise interpretation of the image provided.")
 
@@ -79,6 +82,7 @@ class Workload:
     embed_cfg: RunConfig        # stage 1 for P4 (records of `embed_images` images, cache.dir to be replaced)
     parquet_embed_cfg: RunConfig  # the same images from a MiniMind-V Parquet file
     tar_embed_cfg: RunConfig    # the same images from img2dataset tars (a brace pattern)
+    tiles_embed_cfg: RunConfig  # stage 1 with encoder.tiles = TILES over `tiles_images(sizes)` of those images
     parquet_rss_cfgs: dict | None  # {"n", "4n"}: stage 1 on Parquet files of n and 4n images (P5, b16 only)
     sft_cfg: RunConfig | None   # SFT-like samples on the training cache (P7, demo only): see sft_records
     sizes: Sizes
@@ -128,6 +132,15 @@ def tars_of(records: Path, image_root: Path, out: Path, per_tar: int = TAR_SAMPL
     return f"{out}/{{00000..{n - 1:05d}}}.tar"
 
 
+def tiles_images(sizes: Sizes) -> int:
+    """Images of P4's tiled run: a fifth of P4's, so their tiles (5 an image) hold about as many pixels."""
+    return max(1, sizes.embed_images // 5)
+
+
+def with_tiles(cfg: RunConfig) -> RunConfig:
+    return dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, tiles=TILES))
+
+
 def with_records(cfg: RunConfig, records: Path, **encoder) -> RunConfig:
     """cfg reading `records` (Parquet: no image root), with `encoder` fields replaced."""
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, records=str(records), image_root=""),
@@ -171,7 +184,7 @@ def build_demo(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
     with _quiet():
         make_demo(root / "data", n_train=n_train, n_val=32, seed=0)
     recs = {k: _subset(root / "data" / "train.json", root / f"records-{k}.json", k)
-            for k in (sizes.n, 4 * sizes.n, sizes.embed_images)}
+            for k in (sizes.n, 4 * sizes.n, sizes.embed_images, tiles_images(sizes))}
     base = [f"data.image_root={root}/data/images", f"encoder.name_or_path={root}/data/encoder",
             "encoder.local_files_only=true", f"tokenizer.name_or_path={root}/data/tokenizer", "data.val_records=",
             f"train.batch_size={sizes.batch}", f"train.num_workers={sizes.readers}", "train.eval_batches=1",
@@ -197,8 +210,8 @@ def build_demo(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
     sft_cfg = load_config(REPO / "configs" / "demo.toml", base + [
         f"data.records={sft}", f"cache.dir={root}/cache-{4 * sizes.n}", "tokenizer.max_len=1024",
         "model.max_seq_len=1024"])
-    return Workload("demo", cfg, small, codec, embed, with_records(embed, parquet), with_records(embed, tar_set), None,
-                    sft_cfg, sizes,
+    return Workload("demo", cfg, small, codec, embed, with_records(embed, parquet), with_records(embed, tar_set),
+                    with_tiles(cfg_for(tiles_images(sizes))), None, sft_cfg, sizes,
                     {"images": f"{n_train} synthetic 96x96 JPEG/PNG (make_demo)",
                      "encoder": "tiny CLIP 64px/patch 8, 2 layers, D=64, pool 2",
                      "T": 16, "D": 64, "model": "configs/demo.toml (dim 128 x 4 layers)", "cache": "run_embed output",
@@ -302,7 +315,7 @@ def build_b16(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
     _b16_images(root / "images", max(n_images, sizes.embed_images))
     all_records = _b16_records(max(n_images, sizes.embed_images))
     recs = {}
-    for k in (sizes.n, n_images, sizes.embed_images):
+    for k in (sizes.n, n_images, sizes.embed_images, tiles_images(sizes)):
         p = root / f"records-{k}.json"
         if not p.is_file():
             _write_records(p, all_records[:k])
@@ -336,8 +349,8 @@ def build_b16(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
                                name_or_path=str(root / "encoder-tiny"), num_workers=0)
            for label, k in (("n", sizes.n), ("4n", n_images))}
     tar_set = tars_of(recs[sizes.embed_images], root / "images", root / f"tars-{sizes.embed_images}")
-    return Workload("b16", cfg, small, codec, embed, with_records(embed, parquet), with_records(embed, tar_set), rss,
-                    None, sizes,
+    return Workload("b16", cfg, small, codec, embed, with_records(embed, parquet), with_records(embed, tar_set),
+                    with_tiles(cfg_for(tiles_images(sizes))), rss, None, sizes,
                     {"images": f"{max(n_images, sizes.embed_images)} synthetic 500x375 JPEG (~35 KB)",
                      "encoder": "CLIPVisionModel " + ", ".join(f"{k}={v}" for k, v in shape.items())
                                 + ", random weights, select_layer -2",

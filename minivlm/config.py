@@ -29,6 +29,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+TILINGS = ("none", "split", "anyres")  # encoder.tiles (minivlm.embedding.tiles)
 CACHE_DTYPES = ("float16", "bfloat16", "int8", "float8_e4m3")  # codecs of stored rows (minivlm.embedding.shard)
 SEED = "[0, 4294967296)"  # any 32-bit seed; the sampler multiplies it, and torch's generators take 64 bits
 
@@ -80,15 +81,25 @@ class EncoderConfig:
     pool: int = 1                 # k x k average pooling of the patch grid (1 = none)
     post_layernorm: bool = False  # the tower's post_layernorm on that layer: SigLIP's last_hidden_state (MiniMind-V)
     dtype: str = "auto"           # compute dtype: auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16
-    batch_size: int = 64
+    tiles: str = "none"           # none (one row an image), split (Idefics3: grid, global), anyres (LLaVA-NeXT)
+    max_tiles: int = 4            # split: tiles along the longest side (at most max_tiles^2 + the global image)
+    grid_pinpoints: list = field(default_factory=list)  # anyres: [[h, w], ...] px; [] -> LLaVA-NeXT's, x tower side
+    batch_size: int = 64          # images per batch read; the tower runs on at most this many tiles at once
     num_workers: int = 2          # DataLoader workers that decode and preprocess images
     local_files_only: bool = False
     max_image_pixels: int = 89_478_485  # larger images are rejected as decompression bombs
 
     def __post_init__(self):  # select_layer: checked against the encoder's depth when it loads
-        check_ranges(self, "encoder.{}", pool=">= 1", batch_size=">= 1", num_workers=">= 0", max_image_pixels=">= 1")
+        check_ranges(self, "encoder.{}", pool=">= 1", max_tiles=">= 1", batch_size=">= 1", num_workers=">= 0",
+                     max_image_pixels=">= 1")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"encoder.dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.tiles not in TILINGS:
+            raise ValueError(f"encoder.tiles must be {', '.join(TILINGS[:-1])} or {TILINGS[-1]}, got {self.tiles!r}")
+        if not all(isinstance(p, list) and len(p) == 2 and all(type(x) is int and x >= 1 for x in p)
+                   for p in self.grid_pinpoints):
+            raise ValueError(f"encoder.grid_pinpoints must be a list of [height, width] pairs of pixels >= 1, such as "
+                             f"[[128, 64], [64, 128]], got {self.grid_pinpoints!r}")
 
 
 @dataclass(frozen=True)
@@ -248,15 +259,16 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
     if isinstance(value, str) and typ is not str:
         text = value.strip()
         try:
-            if typ is dict:  # an inline TOML table: {endpoint_url = "http://127.0.0.1:9000", anon = false}
-                return tomllib.loads(f"v = {text}")["v"]
+            if typ in (dict, list):  # an inline TOML table {anon = false} or array [[672, 336], [336, 672]]
+                return _coerce(tomllib.loads(f"v = {text}")["v"], typ, where)
             if typ is bool:
                 if text.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 return text.lower() in ("true", "1")
             return typ(text)
         except (ValueError, tomllib.TOMLDecodeError, KeyError):
-            want = "an inline TOML table such as {anon = true}" if typ is dict else typ.__name__
+            want = {dict: "an inline TOML table such as {anon = true}",
+                    list: "a TOML array such as [[128, 64], [64, 128]]"}.get(typ, typ.__name__)
             raise ValueError(f"{where}: expected {want}, got {value!r}") from None
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -267,7 +279,7 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
 
 
 def _field_types(cls) -> dict[str, type]:
-    names = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}
+    names = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}
     return {f.name: names[f.type] if isinstance(f.type, str) else f.type for f in fields(cls)}
 
 

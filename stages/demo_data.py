@@ -2,13 +2,15 @@
 tiny BPE tokenizer (nothing is downloaded). Idempotent: an identical earlier build is kept.
 
     python stages/demo_data.py [--out data/demo] [--n_train 4000] [--n_val 256] [--seed 0] [--parquet] [--tars]
-                               [--pairs]
+                               [--pairs] [--detail]
 
 --parquet also writes the records and images as the Parquet files MiniMind-V, Hugging Face datasets and
 img2dataset produce, under <out>/parquet/{minimind,hf,img2dataset}/ (see the README's "Data layouts").
 --tars also writes them as img2dataset's WebDataset tars, under <out>/tars/{train,val}/NNNNN.tar.
 --pairs also writes the images paired into two-image records (the answer describes the first, then the second)
 as <out>/pairs/{train,val}.json and as MiniMind-V and Hugging Face Parquet under <out>/pairs/parquet/.
+--detail also writes the detail demo under <out>/detail/ (images, records, encoder, tokenizer): wide and tall
+scenes whose caption names a tiny shape at one end, which one square view loses and tiles keep (README "Tiles").
 """
 import argparse
 import sys
@@ -21,6 +23,7 @@ except ImportError:  # run from a plain checkout
 
 from minivlm.cli import run
 from minivlm.config import SEED, check_ranges
+from minivlm.demo.detail import make_detail_demo
 from minivlm.demo.folder import make_demo
 from minivlm.demo.pairs import write_pairs
 from minivlm.demo.parquet import LAYOUTS, write_layout
@@ -37,6 +40,8 @@ def main():
     p.add_argument("--tars", action="store_true", help="also write the demo as img2dataset's WebDataset tars "
                                                        "(1,000 samples a tar)")
     p.add_argument("--pairs", action="store_true", help="also write two-image records (data/demo/pairs/)")
+    p.add_argument("--detail", action="store_true", help="also write the detail demo (wide and tall scenes with a "
+                                                         "tiny detail, for tiles) under <out>/detail/")
     args = p.parse_args()
     check_ranges(args, "--{}", n_train=">= 1", n_val=">= 0", seed=SEED)
     make_demo(Path(args.out), n_train=args.n_train, n_val=args.n_val, seed=args.seed)
@@ -50,6 +55,8 @@ def main():
     if args.tars:
         paths = write_tars(Path(args.out), Path(args.out) / "tars", per_tar=1000, repeat=0)
         print(f"demo: img2dataset tars -> {', '.join(f'{len(ps)} in {ps[0].parent}' for ps in paths.values())}")
+    if args.detail:
+        make_detail_demo(Path(args.out) / "detail", n_train=args.n_train, n_val=args.n_val, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ from conftest import REPO
 
 RATIOS = ("p1_cached_vs_live", "p1_cached_vs_live_per_image", "p2_cached_vs_ram", "p3_read_vs_raw",
           "p3_read_vs_raw_reopened", "p3_rows_vs_raw", "p3_pread_path_vs_raw_reopened", "p4_embed_vs_encoder",
-          "p4_parquet_embed_vs_encoder", "p4_tar_embed_vs_encoder", "tar_vs_folder_read_decode", "p5_rss_4n_vs_n")
-SECTIONS = ("p1", "p2", "p3", "p4", "p5", "end_to_end", "noise", "workload", "sizes")
+          "p4_parquet_embed_vs_encoder", "p4_tar_embed_vs_encoder", "p4_tiles_embed_vs_encoder",
+          "tar_vs_folder_read_decode", "p5_rss_4n_vs_n")
+SECTIONS = ("p1", "p2", "p3", "p4", "p4_tiles", "p5", "end_to_end", "noise", "workload", "sizes")
 # Figures that may legitimately be zero or absent: measured noise, page-cache residency (0 after eviction,
 # None where mincore is unavailable), reader threads (0: read in the loop), P4-remote's rounds (0: not at smoke
 # size), and a crossover that never comes.

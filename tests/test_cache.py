@@ -177,6 +177,63 @@ def test_the_manifest_waits_for_every_shard_and_the_index_finds_each_key(tmp_pat
     assert cache.build_index(tmp_path, manifest).locations["img3.jpg"] == (1, 1)
 
 
+LAYOUT = np.array([[3, 1, 2], [1, 1, 1], [5, 2, 2]])  # per image: tile count, grid rows, grid cols
+
+
+def tiled_cache(cache_dir) -> torch.Tensor:
+    """Shard 0: images a, b, c of 3, 1 and 5 tiles (LAYOUT); shard 1: d and e, one row and grid (1, 1) each.
+    Returns shard 0's 9 rows of features."""
+    codec, x = shard.Codec("float16", T, D), features(9)
+    shards = ((["a", "b", "c"], x, LAYOUT), (["d", "e"], features(2, 1), np.ones((2, 3))))
+    for i, (keys, rows, layout) in enumerate(shards):
+        shard.write_shard(cache.shard_path(cache_dir, i), codec.encode(rows).numpy(), codec, keys, shard_index=i,
+                          plan=cache.plan_hash(keys), tiles=layout, **META)
+    cache.finalize(cache_dir, [3, 2], {"fingerprint_id": "fp", "encoder": {"fingerprint": {"tiles": "anyres"}}})
+    return x
+
+
+def test_a_tiled_shard_holds_each_images_tiles_as_consecutive_rows_as_plain_h5py_reads_them(tmp_path):
+    x, by_h5py = tiled_cache(tmp_path), {}
+    for i in range(2):  # the layout written in shard.py's docstring, read with plain h5py
+        with h5py.File(cache.shard_path(tmp_path, i), "r") as f:
+            counts = f["tiles"][:, 0] if "tiles" in f else np.ones(len(f["keys"]), int)  # absent: one row each
+            by_h5py.update((k.decode(), f["embeddings"][start:start + n])
+                           for k, start, n in zip(f["keys"], np.cumsum([0, *counts[:-1]]), counts))
+            if i == 0:
+                assert f["embeddings"].shape == (9, T, D) and np.array_equal(f["tiles"][...], LAYOUT)
+            else:  # untiled images: the layout of a cache before tiles
+                assert set(f) == {"embeddings", "checksums", "keys"}
+    assert list(by_h5py) == ["a", "b", "c", "d", "e"]
+    manifest = cache.load_manifest(tmp_path)
+    assert manifest["counts"] == {"images": 5, "embedded": 5, "failed": 0, "tiles": 11} and cache.verify(tmp_path) == []
+    index = cache.build_index(tmp_path, manifest)
+    assert index.tiled and index.locations == {"a": (0, 0), "b": (0, 3), "c": (0, 4), "d": (1, 0), "e": (1, 1)}
+    assert index.image_tiles(np.array([0, 0, 0, 1, -1]), np.array([0, 3, 4, 1, 0])).tolist() == \
+        [[3, 1, 2], [1, 1, 1], [5, 2, 2], [1, 1, 1], [0, 0, 0]]
+    with pytest.raises(ValueError, match="not the first row of an image"):
+        index.image_tiles(np.array([0]), np.array([1]))
+    shards, rows = index.rows(["c", "a", "e"])
+    assert shards.tolist() == [0] * 8 + [1] and rows.tolist() == [4, 5, 6, 7, 8, 0, 1, 2, 1]
+    out = np.empty((len(rows), index.codec.row_bytes), np.uint8)
+    index.reader(mapped=False).read(shards, rows, out)
+    got = index.codec.decode(torch.from_numpy(out))
+    assert torch.equal(got, torch.from_numpy(np.concatenate([by_h5py["c"], by_h5py["a"], by_h5py["e"]])))
+    assert torch.equal(got[:8], torch.cat([x[4:], x[:3]]).half())
+
+
+def test_a_flipped_byte_in_a_tile_names_the_image_it_belongs_to(tmp_path):
+    tiled_cache(tmp_path)
+    info = shard.read_info(cache.shard_path(tmp_path, 0))
+    data = bytearray(info.path.read_bytes())
+    data[info.values_at + 6 * info.codec.values_bytes + 3] ^= 0x10  # row 6: image c's third tile
+    info.path.write_bytes(bytes(data))
+    line = f"{info.path}: row 6 (image c) fails its CRC-32 checksum"
+    assert any(p.startswith(line) for p in cache.verify(tmp_path))
+    reader = cache.build_index(tmp_path, cache.load_manifest(tmp_path)).reader(mapped=False)
+    with pytest.raises(RunFailed, match="^" + line.replace("(", r"\(").replace(")", r"\)")):
+        reader.read(np.array([0]), np.array([6]), np.empty((1, info.codec.row_bytes), np.uint8))
+
+
 def test_chunked_or_filtered_embeddings_are_refused_naming_the_shard(tmp_path):
     fake_shards(tmp_path, [["a", "b"]])
     path = cache.shard_path(tmp_path, 0)
@@ -299,3 +356,14 @@ def test_compare_reports_the_codec_error_of_one_cache_against_another(tmp_path):
     r = cache.compare(tmp_path / "a", tmp_path / "b")
     assert r["rows"] == 8 and r["fingerprint_differs"] == ["storage_dtype"] and r["bytes_per_row"] == [24, 24]
     assert 0 < r["relative_rms"]["mean"] < 0.02 and r["cosine"]["median"] > 0.999 and 0 < r["max_abs"]["max"] < 0.1
+
+
+def test_compare_reads_every_tile_and_refuses_caches_of_other_tiles(tmp_path):
+    tiled_cache(tmp_path / "a")
+    tiled_cache(tmp_path / "b")
+    r = cache.compare(tmp_path / "a", tmp_path / "b")
+    assert (r["images"], r["rows"], r["relative_rms"]["max"]) == (5, 11, 0)
+    fake_shards(tmp_path / "c", [["a", "b", "c"], ["d", "e"]])  # the same keys, one row each
+    cache.finalize(tmp_path / "c", [3, 2], {"fingerprint_id": "fp", "encoder": {"fingerprint": {}}})
+    with pytest.raises(ValueError, match="cut images into other tiles .*only caches of the same tiles compare"):
+        cache.compare(tmp_path / "a", tmp_path / "c")

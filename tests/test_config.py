@@ -65,7 +65,7 @@ def test_every_shipped_config_loads():
 # a new numeric field without an entry fails the walk below.
 OUT_OF_RANGE = {
     "data": {"val_frac": [1.5, 1.0, -0.1, "nan"], "max_images": [0]},
-    "encoder": {"pool": [0], "batch_size": [0], "num_workers": [-1], "max_image_pixels": [0]},
+    "encoder": {"pool": [0], "max_tiles": [0], "batch_size": [0], "num_workers": [-1], "max_image_pixels": [0]},
     "cache": {"shard_size": [0], "max_failure_frac": [-0.1, 1.5]},
     "tokenizer": {"max_len": [0]},
     "model": {"dim": [0], "n_layer": [0], "n_head": [0], "n_kv_head": [0], "head_dim": [-2], "ffn_dim": [-1],

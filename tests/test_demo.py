@@ -170,3 +170,59 @@ def test_make_demo_skips_an_identical_build_and_rebuilds_when_parameters_change(
     (tmp_path / demolib.MARKER).write_text("{not json")  # a damaged marker means: build again
     summary = demolib.make_demo(tmp_path, n_train=4, n_val=3)
     assert json.loads((tmp_path / demolib.MARKER).read_text())["summary"] == summary
+
+
+# ---- the detail demo (stages/demo_data.py --detail) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def detail_dir(tmp_path_factory) -> Path:
+    from minivlm.demo.detail import make_detail_demo
+    out = tmp_path_factory.mktemp("detail")
+    make_detail_demo(out, n_train=8, n_val=2)
+    return out
+
+
+def test_every_detail_caption_names_the_tiny_shape_drawn_at_that_end(detail_dir):
+    from minivlm.demo import detail
+    records = image_records(json.loads((detail_dir / "train.json").read_text()))
+    assert {r["meta"]["orientation"] for r in records} == {"wide", "tall"}
+    for r in records:
+        meta, text = r["meta"], r["conversations"][1]["value"]
+        d = meta["detail"]
+        assert f"tiny {d['color']} {d['shape']}" in text and d["end"] in text and meta["color"] in text, r
+        im = np.asarray(Image.open(detail_dir / "images" / r["image"]).convert("RGB"), dtype=np.float64)
+        assert im.shape[:2] == ((detail.SHORT, detail.LONG) if meta["orientation"] == "wide" else
+                                (detail.LONG, detail.SHORT))
+        strip = {"left": im[:, :24], "right": im[:, -24:], "top": im[:24], "bottom": im[-24:]}[d["end"]]
+        near = np.sqrt(((strip - np.array(demolib.COLORS[d["color"]])) ** 2).sum(-1)).min()
+        assert near < 40, (r["image"], d)  # the tiny shape is there, in its colour
+
+
+def test_the_detail_demo_embeds_with_each_policy_into_the_tiles_transformers_cuts(detail_dir, tmp_path):
+    import transformers
+
+    from minivlm.config import load_config
+    from minivlm.dist import Dist
+    from minivlm.embedding.embed import run_embed
+    from conftest import REPO
+    processor = transformers.AutoImageProcessor.from_pretrained(detail_dir / "encoder")
+    like = dict(resample=processor.resample, image_mean=processor.image_mean, image_std=processor.image_std)
+    cut = {"none": lambda im: 1,  # (the reference processors, as in tests/test_tiles.py)
+           "anyres": lambda im: len(transformers.LlavaNextImageProcessorPil(
+               size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, **like,
+               image_grid_pinpoints=[[h * 64 // 336, w * 64 // 336] for h, w in
+                                     transformers.LlavaNextImageProcessorPil.image_grid_pinpoints])(
+               images=im, return_tensors="pt")["pixel_values"][0]),
+           "split": lambda im: len(transformers.Idefics3ImageProcessorPil(
+               size={"longest_edge": 256}, max_image_size={"longest_edge": 64}, **like)(
+               images=im, return_tensors="pt")["pixel_values"][0])}
+    images = sorted((detail_dir / "images").rglob("*.*"))
+    for policy, tiles_of in cut.items():
+        cfg = load_config(REPO / "configs" / "demo.toml", [
+            f"data.records={detail_dir}/train.json", f"data.val_records={detail_dir}/val.json",
+            f"data.image_root={detail_dir}/images", f"encoder.name_or_path={detail_dir}/encoder",
+            f"cache.dir={tmp_path}/{policy}", "encoder.num_workers=0", f"encoder.tiles={policy}"])
+        counts = run_embed(cfg, Dist())["counts"]
+        assert counts["embedded"] == len(images) == 10
+        tiles = sum(tiles_of(Image.open(p).convert("RGB")) for p in images)
+        assert counts.get("tiles", counts["embedded"]) == tiles and ("tiles" in counts) == (policy != "none"), policy

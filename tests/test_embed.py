@@ -16,24 +16,35 @@ from conftest import REPO, demo_config, demo_overrides, run_stage
 from minivlm.dist import Dist
 from minivlm.embedding import cache
 from minivlm.embedding.embed import run_embed
-from minivlm.embedding.encoder import load_image, preprocess
+from minivlm.embedding.encoder import load_encoder, load_image, preprocess
 from minivlm.fileio import WriterLock, atomic_write_text
 
 
 def cache_rows(cache_dir) -> dict[str, np.ndarray]:
+    """key -> the image's rows: (T, D) for an untiled image, (tiles, T, D) for a tiled one."""
     rows = {}
     for p in sorted(cache.shard_dir(cache_dir).glob("shard-*.h5")):
-        with h5py.File(p, "r") as f:
-            for key, row in zip(f["keys"][...], f["embeddings"][...]):  # plain h5py: the float16 layout
-                rows[key.decode()] = row
+        with h5py.File(p, "r") as f:  # plain h5py: the float16 layout, each image's tiles consecutive
+            emb = f["embeddings"][...]
+            if "tiles" not in f:
+                rows.update((key.decode(), row) for key, row in zip(f["keys"][...], emb))
+                continue
+            ends = np.cumsum(f["tiles"][:, 0])
+            rows.update((key.decode(), emb[end - n:end]) for key, n, end in zip(f["keys"][...], f["tiles"][:, 0], ends))
     return rows
 
 
 def direct_features(model_dir, image_path, select_layer, keep_cls, pool):
     """The Hugging Face model called directly on the same preprocessed pixels (no minivlm code path)."""
-    from transformers import AutoImageProcessor, CLIPVisionModel
-    model = CLIPVisionModel.from_pretrained(model_dir).eval()
+    from transformers import AutoImageProcessor
     pixels = preprocess(AutoImageProcessor.from_pretrained(model_dir), load_image(image_path, 10 ** 9))[None]
+    return tower_by_hand(model_dir, pixels, select_layer, keep_cls, pool)[0]
+
+
+def tower_by_hand(model_dir, pixels, select_layer, keep_cls, pool):
+    """(n, 3, H, W) pixels -> (n, T, D): CLIPVisionModel's hidden state, CLS and pooling done here."""
+    from transformers import CLIPVisionModel
+    model = CLIPVisionModel.from_pretrained(model_dir).eval()
     with torch.no_grad():
         h = model(pixel_values=pixels, output_hidden_states=True).hidden_states[select_layer]
     patches = h[:, 1:]
@@ -42,7 +53,7 @@ def direct_features(model_dir, image_path, select_layer, keep_cls, pool):
         g = int(N ** 0.5)
         patches = torch.nn.functional.avg_pool2d(patches.transpose(1, 2).reshape(B, D, g, g), pool)
         patches = patches.flatten(2).transpose(1, 2)
-    return (torch.cat([h[:, :1], patches], 1) if keep_cls else patches)[0]
+    return torch.cat([h[:, :1], patches], 1) if keep_cls else patches
 
 
 @pytest.mark.parametrize("select_layer", [-1, -2])
@@ -61,6 +72,67 @@ def test_cached_rows_equal_the_hf_model_on_the_same_pixels(demo, tmp_path, selec
     assert manifest["counts"]["embedded"] == len(rows) == manifest["counts"]["images"] - manifest["counts"]["failed"]
 
 
+def shaped_images(root) -> list[str]:
+    """PNG images of several sizes and aspect ratios (wide, tall, tiny, square, larger than any grid) in root,
+    with records for them and for a missing image in root/../r.json; returns the names of the images."""
+    root.mkdir()
+    names = []
+    for h, w in ((90, 300), (300, 90), (10, 14), (100, 100), (450, 600)):
+        names.append(f"{h}x{w}.png")
+        Image.fromarray(np.random.default_rng([h, w]).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / names[-1])
+    recs = [{"id": n, "image": n, "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}
+            for n in names + ["missing.png"]]
+    (root.parent / "r.json").write_text(json.dumps(recs))
+    return names
+
+
+def reference_tiles(policy: str, processor, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Tiles (n, 3, S, S) and grid from transformers' own processor of that convention, set to the tower's side
+    (64), filter and normalisation: LLaVA-NeXT's for anyres (its 336-px pinpoints scaled), Idefics3's for split
+    at 2 tiles a side."""
+    import transformers
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+    like = dict(resample=processor.resample, image_mean=processor.image_mean, image_std=processor.image_std)
+    if policy == "anyres":
+        cls = getattr(transformers, "LlavaNextImageProcessorPil", transformers.LlavaNextImageProcessor)
+        pins = [[h * 64 // 336, w * 64 // 336] for h, w in cls.image_grid_pinpoints]
+        out = cls(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, image_grid_pinpoints=pins, **like)
+        return out(images=image, return_tensors="pt")["pixel_values"][0], \
+            tuple(get_anyres_image_grid_shape(image.size[::-1], pins, 64))
+    cls = getattr(transformers, "Idefics3ImageProcessorPil", transformers.Idefics3ImageProcessor)
+    out = cls(size={"longest_edge": 128}, max_image_size={"longest_edge": 64}, return_row_col_info=True,
+              **like)(images=image, return_tensors="pt")
+    return out["pixel_values"][0], (out["rows"][0][0] or 1, out["cols"][0][0] or 1)
+
+
+@pytest.mark.parametrize("policy", ["split", "anyres"])
+def test_each_tiles_row_is_the_tower_on_that_tile_by_hand_and_captioning_computes_the_same(demo, tmp_path, policy):
+    from transformers import AutoImageProcessor
+
+    from minivlm.training.data import open_cache
+    from minivlm.use.captioner import Captioner, live_features
+    names = shaped_images(tmp_path / "imgs")
+    cfg = demo_config(demo, tmp_path, f"data.records={tmp_path}/r.json", "data.val_records=",
+                      f"data.image_root={tmp_path}/imgs", f"encoder.tiles={policy}", "encoder.max_tiles=2",
+                      "cache.shard_size=2", "encoder.batch_size=3", "cache.max_failure_frac=0.5")
+    manifest = run_embed(cfg, Dist())
+    rows, processor = cache_rows(cfg.cache.dir), AutoImageProcessor.from_pretrained(f"{demo}/encoder")
+    index = cache.build_index(cfg.cache.dir, manifest)
+    for name in names:
+        pixels, grid = reference_tiles(policy, processor, load_image(tmp_path / "imgs" / name, 10 ** 9))
+        by_hand = tower_by_hand(f"{demo}/encoder", pixels, cfg.encoder.select_layer, False, cfg.encoder.pool)
+        assert torch.equal(torch.from_numpy(rows[name]), by_hand.half()), name  # every tile, in order
+        assert index.image_tiles(*np.array([index.locations[name]]).T).tolist() == [[len(pixels), *grid]]
+    assert manifest["counts"]["tiles"] == sum(len(r) for r in rows.values()) > manifest["counts"]["embedded"] == 5
+    assert manifest["counts"]["failed"] == 1
+    enc = load_encoder(cfg.encoder)
+    live, errors = live_features(Captioner(None, None, "cpu", enc), [tmp_path / "imgs" / n for n in names])
+    assert errors == [None] * 5 and torch.equal(live, torch.from_numpy(np.concatenate([rows[n] for n in names])))
+    with pytest.raises(ValueError, match=f"^cache {cfg.cache.dir} holds tiled images \\(encoder.tiles='{policy}'\\), "
+                                         "which stage 2 cannot read yet; .*encoder.tiles=none$"):
+        open_cache(cfg)
+
+
 def test_identical_keys_are_embedded_once_and_rerun_skips_published_shards(demo, tmp_path):
     recs = json.loads((demo / "train.json").read_text())[:20]
     dup = dict(recs[0], id="dup", image="./" + recs[0]["image"])
@@ -75,9 +147,9 @@ def test_identical_keys_are_embedded_once_and_rerun_skips_published_shards(demo,
 
 
 @pytest.mark.slow
-def test_sigkill_after_first_shard_then_rerun_is_bitwise_equal(demo, tmp_path):
+def test_sigkill_of_a_tiled_embed_after_first_shard_then_rerun_is_bitwise_equal(demo, tmp_path):
     args = ["--config", str(REPO / "configs/demo.toml"), *demo_overrides(demo, tmp_path / "a"),
-            "cache.shard_size=2", "encoder.batch_size=1"]
+            "cache.shard_size=2", "encoder.batch_size=1", "encoder.tiles=anyres"]
     first = cache.shard_path(tmp_path / "a" / "cache", 0)
     proc = subprocess.Popen([sys.executable, str(REPO / "stages/embed.py"), *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -92,11 +164,12 @@ def test_sigkill_after_first_shard_then_rerun_is_bitwise_equal(demo, tmp_path):
     r = run_stage("embed.py", *args)
     assert r.returncode == 0, r.stderr
     assert not list((tmp_path / "a" / "cache").rglob("*.tmp"))
-    straight = demo_config(demo, tmp_path / "b", "cache.shard_size=2")
+    straight = demo_config(demo, tmp_path / "b", "cache.shard_size=2", "encoder.tiles=anyres")
     run_embed(straight, Dist())
     a, b = cache_rows(tmp_path / "a" / "cache"), cache_rows(tmp_path / "b" / "cache")
     assert a.keys() == b.keys() and published < len(cache.plan_shards(list(a), 2))
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert all(np.array_equal(a[k], b[k]) for k in a) and a[next(iter(a))].shape[0] == 5  # 2 x 2 tiles + base
+    assert cache.load_manifest(tmp_path / "a" / "cache")["shards"] == cache.load_manifest(straight.cache.dir)["shards"]
 
 
 def test_stale_temp_file_is_deleted_by_the_next_run(demo, tmp_path):
@@ -109,14 +182,17 @@ def test_stale_temp_file_is_deleted_by_the_next_run(demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_equals_one_process(demo, tmp_path):
-    args = ["--config", str(REPO / "configs/demo.toml"), *demo_overrides(demo, tmp_path / "two"), "cache.shard_size=16"]
+def test_torchrun_two_ranks_equals_one_process_tiles_and_all(demo, tmp_path):
+    tiles = ["encoder.tiles=split", "encoder.max_tiles=2"]
+    args = ["--config", str(REPO / "configs/demo.toml"), *demo_overrides(demo, tmp_path / "two"), "cache.shard_size=16",
+            *tiles]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(REPO / "stages/embed.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    run_embed(demo_config(demo, tmp_path / "one", "cache.shard_size=16"), Dist())
+    run_embed(demo_config(demo, tmp_path / "one", "cache.shard_size=16", *tiles), Dist())
     two, one = cache_rows(tmp_path / "two" / "cache"), cache_rows(tmp_path / "one" / "cache")
     assert two.keys() == one.keys() and all(np.array_equal(two[k], one[k]) for k in one)
+    assert all(len(rows) == 5 for rows in one.values())  # 2 x 2 tiles + the global image
     assert json.loads((tmp_path / "two/cache/manifest.json").read_text())["counts"] == \
         json.loads((tmp_path / "one/cache/manifest.json").read_text())["counts"]
 

@@ -47,6 +47,7 @@ POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bot
              "center": (0.5, 0.5)}                # main object centre (x, y), fractions of the side
 CORNERS = {"top left": (0.13, 0.13), "top right": (0.87, 0.13), "bottom left": (0.13, 0.87),
            "bottom right": (0.87, 0.87)}          # second object centre; never overlaps the main one
+IMAGE_SIZE = 96                                   # the scenes' side in pixels
 SECOND_RADIUS = 0.085
 JITTER = 0.03                                     # main centre jitter, fraction of the side
 SECOND_P = 0.3
@@ -182,23 +183,29 @@ def _image_name(i: int) -> str:
     return f"{i:05d}." + ("png" if i % PNG_EVERY == PNG_AT else "jpg")
 
 
-def make_split(out_dir: Path, split: str, n: int, image_size: int, seed: int) -> list[dict]:
-    """Write out_dir/images/<split>/NNNNN.jpg and return the split's LLaVA records (with meta)."""
+def shape_scene(rng: np.random.Generator) -> tuple[Image.Image, str, str, dict]:
+    """One image of the shape demo and what is said about it: (image, prompt, caption, meta)."""
+    meta = sample_scene(rng)
+    im = render(meta, rng, IMAGE_SIZE)
+    return im, _pick(rng, PROMPTS), caption(meta, rng), meta
+
+
+def make_split(out_dir: Path, split: str, n: int, seed: int, scene=shape_scene) -> list[dict]:
+    """Write out_dir/images/<split>/NNNNN.jpg and return the split's LLaVA records (with meta); `scene(rng)`
+    draws each image and its texts."""
     image_dir = Path(out_dir) / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
         rng = np.random.default_rng([seed, SPLITS.index(split), i])  # image i never depends on n
-        meta = sample_scene(rng)
-        im = render(meta, rng, image_size)
+        im, prompt, text, meta = scene(rng)
         key = f"{split}/{_image_name(i)}"
         if key.endswith(".png"):
             im.save(image_dir / _image_name(i), "PNG")
         else:
             im.save(image_dir / _image_name(i), "JPEG", quality=90)
         records.append({"id": f"{split}-{i:05d}", "image": key, "conversations": [
-            {"from": "human", "value": "<image>\n" + _pick(rng, PROMPTS)},
-            {"from": "gpt", "value": caption(meta, rng)}], "meta": meta})
+            {"from": "human", "value": "<image>\n" + prompt}, {"from": "gpt", "value": text}], "meta": meta})
     return records
 
 
@@ -212,11 +219,11 @@ def _records_json(records: list[dict]) -> str:
     return "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n"
 
 
-def make_images_and_records(out_dir: Path, n_train: int, n_val: int, image_size: int = 96,
-                            seed: int = 0) -> dict[str, list[dict]]:
+def make_images_and_records(out_dir: Path, n_train: int, n_val: int, seed: int = 0,
+                            scene=shape_scene) -> dict[str, list[dict]]:
     """Images under out_dir/images/{train,val}/, records in out_dir/{train,val}.json; returns the records."""
-    out = {"train": make_split(out_dir, "train", n_train, image_size, seed) + text_only_records(),
-           "val": make_split(out_dir, "val", n_val, image_size, seed)}
+    out = {"train": make_split(out_dir, "train", n_train, seed, scene) + text_only_records(),
+           "val": make_split(out_dir, "val", n_val, seed, scene)}
     for split, records in out.items():
         atomic_write_text(Path(out_dir) / f"{split}.json", _records_json(records))
     return out
@@ -309,10 +316,12 @@ def _quiet_transformers():
 
 # ---- the whole demo ---------------------------------------------------------------------------------
 
-def make_demo(out_dir: Path, n_train: int = 4000, n_val: int = 256, seed: int = 0) -> dict:
-    """Write images + records, encoder/ and tokenizer/ under out_dir (skipped when already built alike)."""
+def make_demo(out_dir: Path, n_train: int = 4000, n_val: int = 256, seed: int = 0, scene=shape_scene) -> dict:
+    """Write images + records, encoder/ and tokenizer/ under out_dir (skipped when already built alike);
+    `scene(rng) -> (image, prompt, caption, meta)` draws the images (the detail demo passes its own)."""
     out_dir = Path(out_dir)
-    params = {"version": DEMO_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed}
+    params = {"version": DEMO_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
+              **({} if scene is shape_scene else {"scene": f"{scene.__module__}.{scene.__name__}"})}
     marker = out_dir / MARKER
     previous = _read_marker(marker)
     if previous.get("params") == params:
@@ -320,7 +329,7 @@ def make_demo(out_dir: Path, n_train: int = 4000, n_val: int = 256, seed: int = 
         return previous["summary"]
     t0 = time.perf_counter()
     marker.unlink(missing_ok=True)  # a build interrupted from here on is redone whole
-    records = make_images_and_records(out_dir, n_train, n_val, seed=seed)
+    records = make_images_and_records(out_dir, n_train, n_val, seed, scene)
     vcfg = build_tiny_clip(out_dir / "encoder", seed=seed)
     tok = build_tokenizer(out_dir / "tokenizer", record_texts(records["train"] + records["val"]))
     summary = {"train_records": len(records["train"]), "val_records": len(records["val"]),

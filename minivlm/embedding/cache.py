@@ -4,16 +4,20 @@ through, and the upgrade of caches older minivlm versions wrote.
 Layout of `cache/<name>/` (DESIGN.md "Cache"):
 - `shards/shard-NNNNN.h5`: one shard file each, format 2 (minivlm.embedding.shard, the only code that writes or
   reads rows: contiguous `embeddings`, `scales` for 8-bit codecs, a checksum per row (xxh3_64; crc32 in
-  caches written before it), `keys`, attributes).
+  caches written before it), `keys`, each image's `tiles` where images are tiled, attributes).
 - `manifest.json`: written once every planned shard is published; stage 2 trusts nothing without it.
-  Format 2: `format_version`, `encoder` (spec with its `fingerprint` fields), `fingerprint_id`, `tokens`,
-  `width`, `dtype` (the codec), records and their hash, counts, every shard's rows and sha256, versions, time.
+  Format 2: `format_version`, `encoder` (spec with its `fingerprint` fields, the tiling policy among them),
+  `fingerprint_id`, `tokens`, `width`, `dtype` (the codec), records and their hash, counts (images, embedded,
+  failed; and tiles, the rows, where images are tiled), every shard's rows and sha256, versions, time.
 - `failures.jsonl`: one line per image that could not be embedded, gathered from the shards.
 - `.lock`: held by the embed run writing the cache.
 
 Design choices:
 - The plan is a pure function of the records: sorted unique keys cut into fixed-size shards, so a rerun,
-  another rank or another node computes it alone, and a rerun skips every published shard.
+  another rank or another node computes it alone, and a rerun skips every published shard. A shard holds
+  whole images, whatever their number of tiles.
+- `CacheIndex` gives each image its first row (`locations`, as before tiles) and, from arrays of first rows,
+  each image's tile count and grid (`image_tiles`); an untiled cache stores and reads nothing for that.
 - Format 1 (before 2026-12: one fletcher32 chunk per float16 row, found through HDF5 internals) is not
   read for training; a format-2 cache with CRC-32 row checksums is (each shard names its algorithm), at
   zlib's ~4 GB/s. `upgrade` rewrites either shard by shard as a fresh embed would write it (each published
@@ -84,16 +88,19 @@ def finalize(cache_dir: Path, planned: list[int], info: dict) -> dict | None:
     paths = [shard_path(cache_dir, i) for i in range(len(planned))]
     if not all(p.is_file() for p in paths):
         return None
-    shards, failures, codec = [], [], None
+    shards, failures, codec, images = [], [], None, 0
     for p, n_planned in zip(paths, planned):
         s = shard.read_info(p)
         codec = s.codec if s.n_rows or codec is None else codec
         failures += s.attrs["failures"]
+        images += s.n_images
         shards.append({"file": p.name, "rows": s.n_rows, "planned": n_planned, "sha256": sha256_file(p)})
+    tiles = sum(s["rows"] for s in shards)
     atomic_write_text(cache_dir / FAILURES, "".join(json.dumps(x) + "\n" for x in failures))
     manifest = {
         "format_version": FORMAT_VERSION, **info, "tokens": codec.tokens, "width": codec.width, "dtype": codec.name,
-        "counts": {"images": sum(planned), "embedded": sum(s["rows"] for s in shards), "failed": len(failures)},
+        "counts": {"images": sum(planned), "embedded": images, "failed": len(failures),
+                   **({"tiles": tiles} if tiles != images else {})},
         "shards": shards, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_json(cache_dir / MANIFEST, manifest)
@@ -145,7 +152,7 @@ def verify(cache_dir: str | Path) -> list[str]:
             seen |= set(info.keys)
             reader = shard.RowReader([info], mapped=False, check=False)
             try:
-                problems += [shard.corrupt_row(p, r, info.keys[r], info.checksum) for r in reader.bad_rows(0)]
+                problems += [shard.corrupt_row(p, r, info.key_at(r), info.checksum) for r in reader.bad_rows(0)]
             finally:
                 reader.close()
         except ValueError as e:
@@ -155,17 +162,49 @@ def verify(cache_dir: str | Path) -> list[str]:
 
 @dataclass(frozen=True)
 class CacheIndex:
-    """Every shard's header for the row reader, and where each image key lives."""
+    """Every shard's header for the row reader, where each image key lives, and each image's tiles."""
     shards: tuple[shard.ShardInfo, ...]
-    codec: shard.Codec         # T, D and how rows are stored
+    codec: shard.Codec         # T, D and how rows are stored (one row: one tile of an image)
 
     @cached_property
     def locations(self) -> dict:
-        """key -> (shard number, row), read from the shards on first use: a run on stored samples never asks."""
+        """key -> (shard number, the image's first row), read from the shards on first use: a run on stored
+        samples never asks. An image's tiles are its `image_tiles` count of rows from there on."""
         out = {}
         for s, info in enumerate(self.shards):
-            out.update((key, (s, row)) for row, key in enumerate(shard.read_info(info.path, keys=True).keys))
+            keys = shard.read_info(info.path, keys=True).keys
+            out.update(zip(keys, zip([s] * len(keys), info.first_rows.tolist())) if info.tiles is not None else
+                       ((key, (s, row)) for row, key in enumerate(keys)))
         return out
+
+    @property
+    def tiled(self) -> bool:
+        """Whether some image has more than one row or a grid other than (1, 1)."""
+        return any(info.tiles is not None for info in self.shards)
+
+    def image_tiles(self, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
+        """(n, 3) int64 per image: tile count, grid rows, grid cols of the image whose first row is
+        (shard[i], row[i]) (`locations`); (1, 1, 1) in an untiled shard, (0, 0, 0) where shard[i] is -1
+        (text-only). The image's rows are row[i] .. row[i] + count - 1, in its policy's order
+        (minivlm.embedding.tiles)."""
+        shard, row = np.asarray(shard, np.int64), np.asarray(row, np.int64)
+        out = np.where(shard[:, None] >= 0, 1, 0).repeat(3, 1).astype(np.int64)
+        for s in np.unique(shard[shard >= 0]).tolist():
+            info = self.shards[s]
+            if info.tiles is not None:
+                at = shard == s
+                j = np.searchsorted(info.first_rows, row[at])
+                if (j >= info.n_images).any() or (info.first_rows[np.minimum(j, info.n_images - 1)] != row[at]).any():
+                    raise ValueError(f"{info.path}: a row asked for is not the first row of an image")
+                out[at] = info.tiles[j]
+        return out
+
+    def rows(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Every row of these images, each image's tiles in order: (shard, row) arrays of sum(tile counts)."""
+        loc = np.array([self.locations[k] for k in keys], np.int64).reshape(-1, 2)
+        count = self.image_tiles(loc[:, 0], loc[:, 1])[:, 0]
+        start = np.repeat(loc[:, 1] - np.concatenate([[0], np.cumsum(count)[:-1]]), count)
+        return np.repeat(loc[:, 0], count), start + np.arange(count.sum())
 
     @property
     def tokens(self) -> int:
@@ -253,7 +292,8 @@ def summarize(errors: list[dict[str, np.ndarray]]) -> dict:
 
 def compare(a_dir: str | Path, b_dir: str | Path, batch: int = 256) -> dict:
     """How far cache B's rows are from cache A's over the images both hold (`row_errors`, summarised over
-    rows), with the bytes per row of each and the fingerprint fields in which the two caches differ."""
+    rows: every tile's of a tiled image), with the bytes per row of each and the fingerprint fields in which
+    the two caches differ."""
     ma, mb = load_manifest(a_dir), load_manifest(b_dir)
     ia, ib = build_index(a_dir, ma), build_index(b_dir, mb)
     if (ia.tokens, ia.width) != (ib.tokens, ib.width):
@@ -262,6 +302,10 @@ def compare(a_dir: str | Path, b_dir: str | Path, batch: int = 256) -> dict:
     keys = sorted(ia.locations.keys() & ib.locations.keys())
     if not keys:
         raise ValueError(f"caches {a_dir} and {b_dir} hold no image in common")
+    ta, tb = (index.image_tiles(*np.array([index.locations[k] for k in keys], np.int64).T) for index in (ia, ib))
+    if not np.array_equal(ta, tb):
+        raise ValueError(f"caches {a_dir} and {b_dir} cut images into other tiles (encoder.tiles, max_tiles, "
+                         f"grid_pinpoints); only caches of the same tiles compare")
     fa, fb = ma["encoder"]["fingerprint"], mb["encoder"]["fingerprint"]
     readers, errors = [(ia, ia.reader(mapped=False)), (ib, ib.reader(mapped=False))], []
     try:
@@ -270,7 +314,8 @@ def compare(a_dir: str | Path, b_dir: str | Path, batch: int = 256) -> dict:
     finally:
         for _, reader in readers:
             reader.close()
-    return {"a": str(a_dir), "b": str(b_dir), "dtype": [ma["dtype"], mb["dtype"]], "rows": len(keys),
+    return {"a": str(a_dir), "b": str(b_dir), "dtype": [ma["dtype"], mb["dtype"]], "images": len(keys),
+            "rows": int(ta[:, 0].sum()),
             "only_in_a": len(ia.locations) - len(keys), "only_in_b": len(ib.locations) - len(keys),
             "bytes_per_row": [ia.codec.row_bytes, ib.codec.row_bytes],
             "fingerprint_differs": sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)),
@@ -278,8 +323,8 @@ def compare(a_dir: str | Path, b_dir: str | Path, batch: int = 256) -> dict:
 
 
 def _decoded(index: CacheIndex, reader: shard.RowReader, keys: list[str]) -> torch.Tensor:
-    """(n, T, D) float32 rows of these keys, checked and decoded."""
-    loc = np.array([index.locations[k] for k in keys], np.int64)
-    rows = np.empty((len(keys), index.codec.row_bytes), np.uint8)
-    reader.read(loc[:, 0], loc[:, 1], rows)
-    return index.codec.decode(torch.from_numpy(rows)).float()
+    """(n, T, D) float32 rows of these keys (every tile of each), checked and decoded."""
+    shards, rows = index.rows(keys)
+    out = np.empty((len(rows), index.codec.row_bytes), np.uint8)
+    reader.read(shards, rows, out)
+    return index.codec.decode(torch.from_numpy(out)).float()

@@ -6,9 +6,12 @@ Design choices:
   or another node computes the same plan with no coordination. Rank r of a torchrun takes shards i with
   i % world_size == r.
 - DataLoader workers each take whole shards of their rank (the j-th with j % num_workers == worker), read,
-  decode and preprocess them in plan order; the main process only runs the encoder and writes. A shard is
-  written when its last image is through, then published atomically: a kill loses at most the shards in
-  flight (one per worker), and a rerun skips every published shard.
+  decode, cut into tiles and preprocess them in plan order (`encoder.tile_pixels`, the function captioning
+  calls); the main process only runs the encoder and writes. A shard is written when its last image is
+  through, then published atomically: a kill loses at most the shards in flight (one per worker), and a rerun
+  skips every published shard.
+- An image is as many rows as it has tiles (one with `encoder.tiles = none`), consecutive in its shard; the
+  tower runs on at most `encoder.batch_size` tiles at once, and progress counts tiles beside images.
 - A bad image is a failure row (reason kept in its shard), never an exception that stops the run.
 """
 from __future__ import annotations
@@ -36,8 +39,9 @@ from minivlm.embedding.encoder import (
     fingerprint_id,
     load_encoder,
     load_image,
-    preprocess,
+    tile_pixels,
 )
+from minivlm.embedding.tiles import Tiling
 from minivlm.fileio import WriterLock
 from minivlm.formats import remote, sources
 from minivlm.formats.records import first_record_with
@@ -47,12 +51,15 @@ OUTSIDE_ROOT = "outside data.image_root (not read)"
 
 
 class ShardImages(IterableDataset):
-    """Shards (index, [(key, where)]) -> (shard, key, pixels or None, failure reason or None, source or None) in
-    plan order within each shard. `where` is a folder image's path (None: outside the root) or (source, row) of
-    an image inside a file; `source` names that row in a failure. Each DataLoader worker takes whole shards."""
+    """Shards (index, [(key, where)]) -> (shard, key, tiles or None, failure reason or None, source or None) in
+    plan order within each shard; tiles: (pixels (n, 3, S, S), grid (rows, cols)) from `tile_pixels`. `where` is
+    a folder image's path (None: outside the root) or (source, row) of an image inside a file; `source` names
+    that row in a failure. Each DataLoader worker takes whole shards."""
 
-    def __init__(self, shards: list[tuple[int, list]], files: list[sources.Source], processor, max_pixels: int):
-        self.shards, self.files, self.processor, self.max_pixels = shards, files, processor, max_pixels
+    def __init__(self, shards: list[tuple[int, list]], files: list[sources.Source], processor, tiling: Tiling,
+                 max_pixels: int):
+        self.shards, self.files, self.processor, self.tiling = shards, files, processor, tiling
+        self.max_pixels = max_pixels
 
     def __iter__(self):
         info = get_worker_info()
@@ -70,7 +77,7 @@ class ShardImages(IterableDataset):
         try:
             image = load_image(where, self.max_pixels) if isinstance(where, Path) else \
                 self._fetch(where) if source is None else self._decode(reader, key, where)
-            return preprocess(self.processor, image), None, source
+            return tile_pixels(self.processor, self.tiling, image), None, source
         except ImageError as e:
             return None, str(e), source
         except Exception as e:  # a processor crash on one odd image must not stop the run
@@ -196,7 +203,8 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
         return None
     c = manifest["counts"]
     gb = sum((cache.shard_dir(cache_dir) / s["file"]).stat().st_size for s in manifest["shards"]) / 1e9
-    print(f"embed: {c['images']} images, {c['embedded']} embedded, {c['failed']} failed, "
+    tiles = f" as {c['tiles']} tiles" if "tiles" in c else ""
+    print(f"embed: {c['images']} images, {c['embedded']} embedded{tiles}, {c['failed']} failed, "
           f"{len(manifest['shards'])} shards, {gb:.3f} GB, {dt:.1f} s "
           f"({n_items / max(dt, 1e-9):.0f} img/s this run) -> {cache_dir}", flush=True)
     if c["failed"] > cfg.cache.max_failure_frac * c["images"]:
@@ -211,26 +219,25 @@ def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, shards
                   stop: stop_requests) -> int:
     """Encode the images of `shards` ((index, [(key, where)]) of this rank) and publish each shard as it
     completes, until the end or a stop request (checked between batches; the shards in flight are dropped)."""
-    loader = DataLoader(ShardImages(shards, files, enc.processor, cfg.encoder.max_image_pixels),
+    loader = DataLoader(ShardImages(shards, files, enc.processor, enc.tiling, cfg.encoder.max_image_pixels),
                         batch_size=cfg.encoder.batch_size, num_workers=cfg.encoder.num_workers,
                         collate_fn=_collate, pin_memory=enc.device.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if cfg.encoder.num_workers else None,
                         worker_init_fn=ignore_stop_signals)
     codec = shard.Codec(cfg.cache.dtype, enc.tokens, enc.width)
     meta = dict(fingerprint=json.dumps(enc.fingerprint, sort_keys=True), fingerprint_id=fid)
-    pending: dict[int, tuple[list, list, list]] = {}  # shard -> its rows, keys, failures so far (shards in flight)
-    n_failed = n_written = 0
+    pending: dict[int, tuple[list, list, list, list]] = {}  # shard -> its rows, keys, tiles, failures so far
+    n_failed = n_written = n_images = n_tiles = 0
     bar = tqdm(total=sum(len(items) for _, items in shards), unit="img", mininterval=1.0, disable=None,
                desc=f"embed{f' rank {dist.rank}' if dist.is_distributed else ''}")
     for batch in loader:
         if stop.requested:
             break  # leaving the loop shuts the DataLoader's workers down
-        good = [px for _, _, px, _, _ in batch if px is not None]
-        stored = codec.encode(features(enc, torch.stack(good))).cpu().numpy() if good else None  # (b, row_bytes)
-        fi = 0
-        for index, key, px, reason, source in batch:
-            rows, keys, failures = pending.setdefault(index, ([], [], []))
-            if px is None:
+        stored = _stored_rows(enc, codec, [tiled[0] for _, _, tiled, _, _ in batch if tiled is not None])
+        at = 0
+        for index, key, tiled, reason, source in batch:
+            rows, keys, layout, failures = pending.setdefault(index, ([], [], [], []))
+            if tiled is None:
                 failures.append((key, reason) if source is None else (key, reason, source))
                 n_failed += 1
                 if remote.gave_up(reason):  # the store, not the image: stop rather than publish it as failed
@@ -238,16 +245,22 @@ def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, shards
                     raise RunFailed(f"{source or key}: {reason} (the published shards are kept, the ones in flight "
                                     f"dropped)")
             else:
-                rows.append(stored[fi])
+                pixels, grid = tiled
+                rows.append(stored[at:at + len(pixels)])
                 keys.append(key)
-                fi += 1
-            if len(rows) + len(failures) == len(plan[index]):
-                emb = np.stack(rows) if rows else np.zeros((0, codec.row_bytes), np.uint8)  # (n, row_bytes)
+                layout.append((len(pixels), *grid))
+                at += len(pixels)
+                n_images, n_tiles = n_images + 1, n_tiles + len(pixels)
+            if len(keys) + len(failures) == len(plan[index]):
+                emb = np.concatenate(rows) if rows else np.zeros((0, codec.row_bytes), np.uint8)  # (n, row_bytes)
                 shard.write_shard(cache.shard_path(cache_dir, index), emb, codec, keys, shard_index=index,
-                                  plan=cache.plan_hash(plan[index]), failures=failures, **meta)
+                                  plan=cache.plan_hash(plan[index]), failures=failures,
+                                  tiles=np.array(layout, np.int64).reshape(-1, 3), **meta)
                 del pending[index]
                 n_written += 1
         bar.update(len(batch))
+        if n_tiles != n_images:
+            bar.set_postfix_str(f"{n_tiles} tiles", refresh=False)
         if n_failed > cfg.cache.max_failure_frac * n_total:
             bar.close()
             raise RunFailed(f"{n_failed} images failed already (> cache.max_failure_frac="
@@ -261,3 +274,13 @@ def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, shards
                                        f"are kept, the ones in flight were dropped; rerun the same command to resume")
     assert not pending and n_written == len(shards), "every planned shard must have been written"
     return n_failed
+
+
+def _stored_rows(enc, codec: shard.Codec, pixels: list[torch.Tensor]) -> np.ndarray | None:
+    """Each image's tiles ((n, 3, S, S) pixels, in order) -> their stored rows (sum of n, row_bytes), the tower
+    run on at most encoder.batch_size tiles at once; None for no image."""
+    if not pixels:
+        return None
+    tiles, step = torch.cat(pixels), enc.cfg.batch_size  # (sum n, 3, S, S)
+    return np.concatenate([codec.encode(features(enc, tiles[a:a + step])).cpu().numpy()
+                           for a in range(0, len(tiles), step)])

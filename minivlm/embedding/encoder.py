@@ -1,8 +1,11 @@
 """The frozen vision tower: image decoding, preprocessing, feature selection and the fingerprint.
 
 Design choices:
-- `load_image` + `preprocess` + `encode` are the only path from an image file to features. Stage 1 runs
+- `load_image` + `tile_pixels` + `features` are the only path from an image file to features. Stage 1 runs
   them in bulk and captioning runs them live, so a cached row and a live row are the same numbers.
+- `tile_pixels` cuts a decoded image into its tiles (`encoder.tiles`, minivlm.embedding.tiles) and runs the
+  tower's own processor on each one, so each tile is one row of the tower's (T, D); with `none` the one tile is
+  the whole image, preprocessed as it was before tiles (the same pixels, the same rows).
 - Any CLIP-family vision tower (`CLIPVisionModel`, `SiglipVisionModel`) by hub id or directory, through
   `from_pretrained` (never `trust_remote_code`). Layers after `select_layer` are dropped at load: they
   would be computed and thrown away.
@@ -13,9 +16,11 @@ Design choices:
 - The fingerprint hashes everything that changes the numbers: the weights (tensor bytes, so the same
   path with other weights differs), the processor config and class (transformers picks a torchvision-
   based processor where torchvision is installed and a PIL one elsewhere; their resampling differs),
-  the compute dtype (fp16 on CUDA, fp32 on CPU by default), select_layer, keep_cls, pool, post_layernorm
-  and storage dtype. `fingerprint` is always that dict of components (a mismatch names the field that
-  differs); `fingerprint_id` its short hash.
+  the compute dtype (fp16 on CUDA, fp32 on CPU by default), select_layer, keep_cls, pool, post_layernorm,
+  the tiling policy with the one setting it reads (split: max_tiles, anyres: grid_pinpoints) and storage
+  dtype. Fields added after caches existed are written only where they differ from their default (an
+  untiled cache keeps its fingerprint id). `fingerprint` is always that dict of components (a mismatch
+  names the field that differs); `fingerprint_id` its short hash.
 """
 from __future__ import annotations
 
@@ -32,12 +37,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from minivlm.config import EncoderConfig
+from minivlm.embedding import tiles
 
 SPEC_FIELDS = ("select_layer", "keep_cls", "pool")
 CONFIG_NAMES = {"storage_dtype": "cache.dtype"}  # fingerprint fields set outside [encoder]
 # Fingerprint fields added after caches were built: listed only when not their default, so older caches keep
 # their fingerprint, and read back as the default where absent.
-ADDED_FIELDS = {"post_layernorm": False}
+ADDED_FIELDS = {"post_layernorm": False, "tiles": "none", "max_tiles": 4, "grid_pinpoints": []}
 
 
 class ImageError(Exception):
@@ -97,6 +103,13 @@ def preprocess(processor, image: Image.Image) -> torch.Tensor:
     return processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
 
+def tile_pixels(processor, tiling: tiles.Tiling, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One decoded image -> its tiles' pixels (n, 3, S, S) in the policy's order, each through the tower's own
+    processor, and its grid (rows, cols): what stage 1 caches as n rows, and captioning computes live."""
+    parts, grid = tiles.cut(image, tiling)
+    return torch.stack([preprocess(processor, part) for part in parts]), grid
+
+
 @dataclass
 class Encoder:
     model: torch.nn.Module
@@ -105,8 +118,9 @@ class Encoder:
     device: torch.device
     dtype: torch.dtype
     fingerprint: dict            # components; `fingerprint_id(fingerprint)` is the short hash
-    tokens: int                  # T: rows per image after CLS handling and pooling
+    tokens: int                  # T: rows per tile after CLS handling and pooling
     width: int                   # D
+    tiling: tiles.Tiling         # how an image becomes tiles (`tile_pixels`)
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -136,7 +150,9 @@ def fingerprint_id(components: dict) -> str:
 def spec_of(cfg: EncoderConfig, storage_dtype: str = "float16") -> dict:
     """The part of the fingerprint that the config alone determines (checked without loading weights)."""
     spec = {"select_layer": cfg.select_layer, "keep_cls": cfg.keep_cls, "pool": cfg.pool, "storage_dtype": storage_dtype}
-    return {**spec, **{k: getattr(cfg, k) for k, default in ADDED_FIELDS.items() if getattr(cfg, k) != default}}
+    unread = {k for ks in tiles.SETTINGS.values() for k in ks} - set(tiles.SETTINGS[cfg.tiles])
+    return {**spec, **{k: getattr(cfg, k) for k, default in ADDED_FIELDS.items()
+                       if k not in unread and getattr(cfg, k) != default}}
 
 
 @dataclass(frozen=True)
@@ -178,14 +194,21 @@ class EncoderSpec:
         return self.complete_fingerprint["post_layernorm"]
 
     @property
+    def tiles(self) -> str:
+        """The tiling policy (`encoder.tiles`): `none` for a cache of one row an image."""
+        return self.complete_fingerprint["tiles"]
+
+    @property
     def complete_fingerprint(self) -> dict:
         """The fingerprint with the fields it predates at their defaults."""
         return {**ADDED_FIELDS, **self.fingerprint}
 
     def encoder_config(self, **kw) -> EncoderConfig:
         """An EncoderConfig that loads this encoder again (kw: batch size, workers, ...)."""
+        fp = self.complete_fingerprint
         return EncoderConfig(name_or_path=self.name_or_path, select_layer=self.select_layer, keep_cls=self.keep_cls,
-                             pool=self.pool, post_layernorm=self.post_layernorm, dtype=self.compute_dtype, **kw)
+                             pool=self.pool, post_layernorm=self.post_layernorm, dtype=self.compute_dtype,
+                             tiles=fp["tiles"], max_tiles=fp["max_tiles"], grid_pinpoints=fp["grid_pinpoints"], **kw)
 
     def differs(self, other: EncoderSpec) -> list[str]:
         """Fields that differ: every fingerprint field both sides know. Until both are loaded (a config
@@ -265,7 +288,8 @@ def load_encoder(cfg: EncoderConfig, device: str | torch.device = "cpu", storage
         raise ValueError(f"encoder.pool={cfg.pool} does not divide the {grid}x{grid} patch grid")
     has_cls = cls is CLIPVisionModel
     tokens = (grid // cfg.pool) ** 2 + (1 if has_cls and cfg.keep_cls else 0)
-    return Encoder(model, processor, cfg, device, dtype, fp, tokens, vcfg.hidden_size)
+    tiling = tiles.tiling_of(cfg, vcfg.image_size, processor.resample)
+    return Encoder(model, processor, cfg, device, dtype, fp, tokens, vcfg.hidden_size, tiling)
 
 
 @torch.inference_mode()

@@ -1,16 +1,22 @@
 """One cache shard file (format 2): the only code that writes its rows or reads them back.
 
-Layout of `shards/shard-NNNNN.h5`:
-- `embeddings` (n, T, D): each image's T rows of width D as the codec stores them, in one contiguous
+Layout of `shards/shard-NNNNN.h5` (n rows, m images; n = m unless images are tiled):
+- `embeddings` (n, T, D): each row's T tokens of width D as the codec stores them, in one contiguous
   (unchunked, unfiltered) HDF5 dataset. Row i is `T * D * itemsize` bytes at `dset.id.get_offset() + i *
-  T * D * itemsize` (h5py's public API); plain h5py reads the same bytes with `f["embeddings"][i]`.
+  T * D * itemsize` (h5py's public API); plain h5py reads the same bytes with `f["embeddings"][i]`. A row is
+  one image, or one tile of a tiled image (`encoder.tiles`, minivlm.embedding.tiles).
 - `scales` (n, T) float32, 8-bit codecs only: one scale per token of each row (value = stored * scale).
 - `checksums` (n,): the checksum of row i's stored bytes, its `embeddings` row then its `scales` row, by the
   algorithm the `checksum` attribute names: "xxh3_64" (uint64: XXH3_64bits, seed 0, as the `xxhash`
   package's `xxh3_64_intdigest` gives it), or "crc32" (uint32: zlib's CRC-32) in shards written before
   xxh3_64 (minivlm of 2026-12-03 and earlier).
-- `keys` (n,) utf-8: the image key of each row.
-- attributes: `format_version` (2), `codec`, `checksum`, `tokens` (T), `width` (D), `n_rows`,
+- `keys` (m,) utf-8: the key of each image, in row order.
+- `tiles` (m, 3) int32, only where some image is not one row with grid (1, 1): image j's tile count, grid rows
+  and grid cols. Image j's tiles are the consecutive rows from `tiles[:j, 0].sum()` on, in its policy's order
+  (split: the grid row by row, then the global image; anyres: the base image, then the grid row by row).
+  Without it, image j is row j with grid (1, 1): a shard of untiled images is byte for byte what it was
+  before tiles.
+- attributes: `format_version` (2), `codec`, `checksum`, `tokens` (T), `width` (D), `n_rows` (n),
   `fingerprint` (the encoder's fingerprint as JSON) and `fingerprint_id`, `shard_index`, `plan` (hash of the
   planned keys), `failures` (JSON: the shard's images that could not be embedded), `complete`.
 
@@ -133,22 +139,28 @@ def checksums(rows, algorithm: str = CHECKSUM) -> np.ndarray:
 
 
 def write_shard(path: Path, rows: np.ndarray, codec: Codec, keys: list[str], *, fingerprint: str,
-                fingerprint_id: str, shard_index: int, plan: str, failures: list[tuple[str, ...]]) -> None:
-    """Publish one shard atomically. `rows`: (n, row_bytes) uint8 stored rows (`Codec.encode`) aligned with
-    `keys`; `fingerprint`: the encoder fingerprint as JSON; `failures`: the shard's failed images as (key,
-    reason), or (key, reason, "file row N") for an image inside a file.
+                fingerprint_id: str, shard_index: int, plan: str, failures: list[tuple[str, ...]],
+                tiles: np.ndarray | None = None) -> None:
+    """Publish one shard atomically. `rows`: (n, row_bytes) uint8 stored rows (`Codec.encode`), each image's
+    rows consecutive in the order of `keys`; `tiles`: (m, 3) per image its tile count, grid rows and grid cols
+    (None: one row and grid (1, 1) each); `fingerprint`: the encoder fingerprint as JSON; `failures`: the
+    shard's failed images as (key, reason), or (key, reason, "file row N") for an image inside a file.
 
     The HDF5 file is built in memory and written as plain bytes: a full disk is then an ordinary write error
     caught before anything is published, never h5py closing a half-written file (which can crash the
     interpreter after ENOSPC)."""
     n, T, D = len(rows), codec.tokens, codec.width
-    assert rows.dtype == np.uint8 and rows.shape == (n, codec.row_bytes) and len(keys) == n
+    tiles = None if tiles is None or (tiles == 1).all() else np.asarray(tiles, np.int32)
+    assert rows.dtype == np.uint8 and rows.shape == (n, codec.row_bytes)
+    assert len(keys) == n if tiles is None else tiles.shape == (len(keys), 3) and tiles[:, 0].sum() == n
     with h5py.File(path.name, "w", driver="core", backing_store=False) as f:
         f.create_dataset("embeddings", data=rows[:, :codec.values_bytes].view(codec.stored).reshape(n, T, D))
         if codec.scaled:
             f.create_dataset("scales", data=np.ascontiguousarray(rows[:, codec.values_bytes:]).view("<f4"))
         f.create_dataset("checksums", data=checksums(rows))
         f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        if tiles is not None:
+            f.create_dataset("tiles", data=tiles)
         f.attrs.update(format_version=FORMAT_VERSION, codec=codec.name, checksum=CHECKSUM, tokens=T, width=D,
                        n_rows=n, fingerprint=fingerprint, fingerprint_id=fingerprint_id, shard_index=shard_index,
                        plan=plan, failures=json.dumps([dict(zip(("key", "reason", "source"), x)) for x in failures]),
@@ -174,7 +186,23 @@ class ShardInfo:
     checksums: np.ndarray       # (n,) its dtype
     file_id: tuple[int, int]    # (st_dev, st_ino) of the file this header was read from
     attrs: dict                 # fingerprint, fingerprint_id, shard_index, plan, failures (decoded)
-    keys: list[str] | None      # read when asked for
+    keys: list[str] | None      # (m,) read when asked for
+    tiles: np.ndarray | None    # (m, 3) int64: tile count, grid rows, grid cols per image; None: (1, 1, 1) each
+
+    @property
+    def n_images(self) -> int:
+        return self.n_rows if self.tiles is None else len(self.tiles)
+
+    @property
+    def first_rows(self) -> np.ndarray:
+        """(m,) int64: each image's first row."""
+        if self.tiles is None:
+            return np.arange(self.n_rows, dtype=np.int64)
+        return np.concatenate([[0], np.cumsum(self.tiles[:-1, 0])]).astype(np.int64)
+
+    def key_at(self, row: int) -> str:
+        """The key of the image that row `row` belongs to (keys read)."""
+        return self.keys[row if self.tiles is None else int(np.searchsorted(self.first_rows, row, "right")) - 1]
 
     @property
     def end(self) -> int:
@@ -221,11 +249,15 @@ def read_info(path: str | Path, keys: bool = False) -> ShardInfo:
             if checksums.shape != (n,) or checksums.dtype != CHECKSUMS[algorithm][0]:
                 raise ValueError(f"{path}: checksums are not (n_rows,) {CHECKSUMS[algorithm][0]} as {algorithm} "
                                  f"needs (shape {checksums.shape}, dtype {checksums.dtype}); {REDO}")
+            m, tiles = len(f["keys"]), f["tiles"][...].astype(np.int64) if "tiles" in f else None
+            if (m != n) if tiles is None else (tiles.shape != (m, 3) or (tiles < 1).any() or tiles[:, 0].sum() != n):
+                raise ValueError(f"{path}: its {m} keys and their tiles do not make its {n} rows; {REDO}")
             attrs = {k: a[k] if isinstance(a[k], str) else a[k].item() for k in
                      ("fingerprint", "fingerprint_id", "shard_index", "plan")}
             attrs["failures"] = json.loads(a["failures"])
             names = [k.decode() if isinstance(k, bytes) else k for k in f["keys"][...]] if keys else None
-    return ShardInfo(path, codec, n, values_at, scales_at, algorithm, checksums, (st.st_dev, st.st_ino), attrs, names)
+    return ShardInfo(path, codec, n, values_at, scales_at, algorithm, checksums, (st.st_dev, st.st_ino), attrs, names,
+                     tiles)
 
 
 def corrupt_row(path: Path, row: int, key: str, algorithm: str) -> str:
@@ -234,9 +266,8 @@ def corrupt_row(path: Path, row: int, key: str, algorithm: str) -> str:
 
 
 def key_of(path: Path, row: int) -> str:
-    with reading(path, REDO), h5py.File(path, "r") as f:
-        key = f["keys"][row]
-    return key.decode() if isinstance(key, bytes) else key
+    """The key of the image that row `row` of a shard belongs to (for the message about that row)."""
+    return read_info(path, keys=True).key_at(row)
 
 
 def fits_in_memory(paths) -> bool:
@@ -390,7 +421,7 @@ def _rows_checked(path: Path) -> tuple[np.ndarray, Codec, list[str], dict]:
     finally:
         reader.close()
     failures = [tuple(x.values()) for x in info.attrs["failures"]]  # key, reason[, source]
-    return rows, info.codec, info.keys, {**info.attrs, "failures": failures}
+    return rows, info.codec, info.keys, {**info.attrs, "failures": failures, "tiles": info.tiles}
 
 
 def _rows_of_format_one(path: Path) -> tuple[np.ndarray, Codec, list[str], dict]:

@@ -62,9 +62,12 @@ def open_cache(cfg: RunConfig, tokens: int | None = None, width: int | None = No
     """Validate the cache before anything else: complete, published, expected T/D, same encoder spec."""
     cache_dir = Path(cfg.cache.dir)
     manifest = cache.load_manifest(cache_dir)
-    EncoderSpec.of_manifest(manifest).check(EncoderSpec.of_config(cfg.encoder, cfg.cache.dtype), "the config",
-                                            f"cache {cache_dir}",
-                                            "re-embed into another cache.dir or fix the config")
+    spec = EncoderSpec.of_manifest(manifest)
+    spec.check(EncoderSpec.of_config(cfg.encoder, cfg.cache.dtype), "the config", f"cache {cache_dir}",
+               "re-embed into another cache.dir or fix the config")
+    if spec.tiles != "none":
+        raise ValueError(f"cache {cache_dir} holds tiled images (encoder.tiles={spec.tiles!r}), which stage 2 cannot "
+                         f"read yet; train on a cache embedded with encoder.tiles=none")
     for name, want, got in (("T (image tokens)", tokens, manifest["tokens"]), ("D (width)", width, manifest["width"])):
         if want is not None and want != got:
             raise ValueError(f"cache {cache_dir} has {name} = {got}, the model expects {want}; use the cache "

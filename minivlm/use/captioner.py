@@ -4,8 +4,8 @@ Design choices:
 - Everything comes from the run directory (`VLM.from_pretrained`, `tokenizer/`); the encoder is reloaded
   from the stored spec and its fingerprint must equal the one stage 1 recorded (other weights at the same
   path are refused, naming the field).
-- Live features go through the same `load_image` / `preprocess` / `features` and the cache's codec
-  (`Codec.encode`, then `decode` as training does) as stage 1, so a live row is the cached row.
+- Live features go through the same `load_image` / `tile_pixels` / `features` and the cache's codec
+  (`Codec.encode`, then `decode` as training does) as stage 1, so a live row is the cached row, tile by tile.
 - An image that cannot be read is reported for that image; the others are still captioned.
 - A prompt with k `<image>` tags takes k images, in order, and gives one caption (each image where its tag
   stands, as training placed them); a prompt without tags captions each image on its own.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from minivlm.embedding.encoder import Encoder, EncoderSpec, ImageError, features, load_encoder, load_image, preprocess
+from minivlm.embedding.encoder import Encoder, EncoderSpec, ImageError, features, load_encoder, load_image, tile_pixels
 from minivlm.embedding.shard import Codec
 from minivlm.formats.records import IMAGE_TAG
 from minivlm.training.model import VLM, VLMConfig
@@ -55,19 +55,20 @@ def load_run_encoder(run_dir: Path, vc: VLMConfig, device: str) -> Encoder:
 
 
 def live_features(cap: Captioner, paths: list[str | Path]) -> tuple[torch.Tensor | None, list[str | None]]:
-    """(n_ok, T, D) features for the readable images, and a per-image error (None where it worked)."""
+    """(tiles, T, D) features of the readable images' tiles, each image's in its policy's order (one tile an
+    image with encoder.tiles = none), and a per-image error (None where it worked)."""
     enc = cap.encoder
     pixels, errors = [], []
     for p in paths:
         try:
-            pixels.append(preprocess(enc.processor, load_image(p, enc.cfg.max_image_pixels)))
+            pixels.append(tile_pixels(enc.processor, enc.tiling, load_image(p, enc.cfg.max_image_pixels))[0])
             errors.append(None)
         except ImageError as e:
             errors.append(f"{p}: {e}")
     if not pixels:
         return None, errors
     codec = Codec(enc.fingerprint["storage_dtype"], enc.tokens, enc.width)
-    return codec.decode(codec.encode(features(enc, torch.stack(pixels)))), errors
+    return codec.decode(codec.encode(features(enc, torch.cat(pixels)))), errors
 
 
 def caption_features(cap: Captioner, images: torch.Tensor, prompt: str = "", per_prompt: int = 1,
