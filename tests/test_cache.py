@@ -227,7 +227,7 @@ def test_a_flipped_byte_in_a_tile_names_the_image_it_belongs_to(tmp_path):
     data = bytearray(info.path.read_bytes())
     data[info.values_at + 6 * info.codec.values_bytes + 3] ^= 0x10  # row 6: image c's third tile
     info.path.write_bytes(bytes(data))
-    line = f"{info.path}: row 6 (image c) fails its CRC-32 checksum"
+    line = f"{info.path}: row 6 (image c) fails its xxh3_64 checksum"
     assert any(p.startswith(line) for p in cache.verify(tmp_path))
     reader = cache.build_index(tmp_path, cache.load_manifest(tmp_path)).reader(mapped=False)
     with pytest.raises(RunFailed, match="^" + line.replace("(", r"\(").replace(")", r"\)")):
