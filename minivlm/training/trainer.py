@@ -255,7 +255,8 @@ def _fit(cfg: RunConfig, dist: Dist) -> dict:
     print0(dist, f"train: {len(data.train)} train / {len(data.val)} val samples ({data.dropped} dropped: image not "
                  f"in cache{f'; {data.too_long.count} too long' if data.too_long.count else ''}), "
                  f"{num_params(raw) / 1e6:.2f}M params ({num_params(raw, True) / 1e6:.2f}M trainable), "
-                 f"{total} steps, T={data.index.tokens} D={data.index.width}, "
+                 f"{total} steps, T={data.index.tokens} D={data.index.width}"
+                 f"{f' -> {data.fmt.image_tokens} image tokens' if data.fmt.image_tokens != data.index.tokens else ''}, "
                  f"{f'packed batches, attention {backend}' if tc.packing else 'padded batches'}"
                  f"{meter.assumed_peak()}")
     meta = {"image_tokens": data.index.tokens, "image_width": data.index.width}
