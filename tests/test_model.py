@@ -86,7 +86,8 @@ def test_wrong_placeholder_count_raises():
 # ---- token reduction: model.pool and model.pixel_shuffle, against torch's avg_pool2d and transformers' Idefics3 ----
 
 def idefics3_pixel_shuffle(x, s):
-    """transformers' own Idefics3 connector shuffle (SmolVLM's and nanoVLM's layout): (K, g*g, D) -> (K, g*g/s^2, s^2 D)."""
+    """transformers' own Idefics3 connector shuffle (SmolVLM's and nanoVLM's layout):
+    (K, g*g, D) -> (K, g*g/s^2, s^2 D)."""
     from transformers import Idefics3Config
     from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
     text = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
