@@ -9,7 +9,8 @@ Design choices:
   new one with `dataclasses.replace`.
 - Every numeric field is range-checked in its section's `__post_init__` (`check_ranges`), so a value
   out of range is one line naming the field at load, before any work. A range that depends on what is
-  loaded (`encoder.select_layer` against the encoder's depth) is checked where that is known.
+  loaded (`encoder.select_layer` against the encoder's depth, `model.pool` and `model.pixel_shuffle`
+  against the cache's patch grid: `ModelConfig.image_tokens`) is checked where that is known.
 """
 from __future__ import annotations
 
@@ -156,12 +157,14 @@ class ModelConfig:
     moe_norm_topk: str = "k>1"    # top-k weights rescaled to sum 1: k>1 (MiniMind v1/2), always (minimind-3), never
     aux_loss_alpha: float = 0.1
     projector: str = "mlp"        # linear | mlp2x_gelu (LLaVA-1.5: Linear -> GELU -> Linear) | mlp (LayerNorm first)
+    pool: int = 1                 # k x k average of each image's cached patch grid before the projector (1 = none)
+    pixel_shuffle: int = 1        # s: each s x s block of (pooled) rows as one row of s*s*D (Idefics3; 1 = none)
 
     def __post_init__(self):
         check_ranges(self, "model.{}", dim=">= 1", n_layer=">= 1", n_head=">= 1", n_kv_head=">= 1", head_dim=">= 0",
                      ffn_dim=">= 0", multiple_of=">= 1", norm_eps="> 0", rope_theta="> 0", max_seq_len=">= 1",
                      dropout="[0, 1)", n_routed_experts=">= 1", n_experts_per_tok=">= 1", n_shared_experts=">= 0",
-                     aux_loss_alpha=">= 0")
+                     aux_loss_alpha=">= 0", pool=">= 1", pixel_shuffle=">= 1")
         if not self.head_dim and self.dim % self.n_head:
             raise ValueError(f"model.dim ({self.dim}) must be divisible by model.n_head ({self.n_head}), "
                              f"or set model.head_dim")
@@ -189,6 +192,37 @@ class ModelConfig:
     def renorm_topk(self) -> bool:
         """Whether the chosen experts' router weights are rescaled to sum to 1."""
         return self.moe_norm_topk == "always" or self.moe_norm_topk == "k>1" and self.n_experts_per_tok > 1
+
+    def image_tokens(self, rows: int) -> int:
+        """T': the placeholders (projected rows) of an image whose cached rows are T = `rows`: its g x g patch grid
+        pooled by `pool` and pixel-shuffled by `pixel_shuffle`, (g / pool / pixel_shuffle)^2, plus the CLS row where
+        the cache kept it (outside the grid, untouched). Checked here, where the cache's T is known: one line.
+
+        A CLS row with pixel_shuffle > 1 is refused: shuffled rows are s^2 D wide and the CLS row D wide, so one
+        projector cannot take both (padding or repeating it would be inventing input), and none of the models that
+        shuffle (Idefics3, SmolVLM, nanoVLM, InternVL) feeds a CLS row beside shuffled ones."""
+        k, s = self.pool, self.pixel_shuffle
+        if k == s == 1:
+            return rows
+        g, cls = patch_grid(rows)
+        if g % (k * s):
+            raise ValueError(f"model.pool={k} x model.pixel_shuffle={s} must divide the cache's {g}x{g} patch grid "
+                             f"(T={rows}); choose values whose product divides {g}")
+        if cls and s > 1:
+            raise ValueError(f"model.pixel_shuffle={s} on a cache that keeps the CLS row (encoder.keep_cls=true): a "
+                             f"shuffled row is {s * s}x as wide as the CLS row and one projector takes one width; "
+                             f"set model.pixel_shuffle=1 or use a cache embedded with encoder.keep_cls=false")
+        return (g // (k * s)) ** 2 + cls
+
+
+def patch_grid(rows: int) -> tuple[int, int]:
+    """(g, cls) of an image's T cached rows: a g x g patch grid after `cls` (0 or 1) CLS rows, CLS first as stage 1
+    writes it. Unambiguous: g^2 + 1 is a square only for g = 0."""
+    g = math.isqrt(rows)
+    if rows - g * g not in (0, 1) or not g:
+        raise ValueError(f"the cache's T={rows} rows per image are no square patch grid (nor one plus a CLS row); "
+                         f"model.pool and model.pixel_shuffle need one: set both to 1")
+    return g, rows - g * g
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ OUT_OF_RANGE = {
     "model": {"dim": [0], "n_layer": [0], "n_head": [0], "n_kv_head": [0], "head_dim": [-2], "ffn_dim": [-1],
               "multiple_of": [0], "norm_eps": [0, -1e-5], "rope_theta": [0, "inf"], "max_seq_len": [0],
               "dropout": [-0.1, 1.0], "n_routed_experts": [0], "n_experts_per_tok": [0], "n_shared_experts": [-1],
-              "aux_loss_alpha": [-0.1]},
+              "aux_loss_alpha": [-0.1], "pool": [0], "pixel_shuffle": [0, -2]},
     "train": {"seed": [-1, 2 ** 32], "epochs": [0], "max_steps": [-5], "batch_size": [0], "grad_accum": [0],
               "lr": [-1, "nan"], "min_lr": [-1e-5], "warmup_steps": [-1], "weight_decay": [-0.1], "beta1": [1.0, -0.1],
               "beta2": [1.5], "grad_clip": [-1], "freeze_llm": [3, -1], "num_workers": [-1], "eval_interval": [-1],

@@ -365,3 +365,26 @@ def test_a_batch_counts_its_real_text_tokens_and_names_its_cached_rows(demo, dem
     for i in ix:
         shard, row = loc(ds, i)
         assert re.search(rf"{ds.reader.shards[shard].path.name} rows? [0-9, ]*\b{row}\b", named), named
+
+
+def test_model_pool_and_pixel_shuffle_set_the_placeholders_while_rows_stay_as_cached(demo, demo_cache, tmp_path):
+    """The demo cache holds a 4x4 grid (T=16) per image: a run's reduction changes its placeholders, never its rows."""
+    from minivlm.dist import Dist
+    plain = data.load_data(train_config(demo, demo_cache, tmp_path), Dist())
+    assert plain.fmt.image_tokens == plain.index.tokens == 16
+    for setting, n in [("model.pool=2", 4), ("model.pixel_shuffle=2", 4), ("model.pool=4", 1),
+                       ("model.pool=2,model.pixel_shuffle=2", 1)]:
+        d = data.load_data(train_config(demo, demo_cache, tmp_path, *setting.split(",")), Dist())
+        assert d.fmt.image_tokens == n
+        for ours, theirs in zip(d.eval_batches, plain.eval_batches):
+            assert np.array_equal(ours["index"], theirs["index"]) and torch.equal(ours["rows"], theirs["rows"])
+            per_sample = (ours["input_ids"] == d.fmt.image_token_id).sum(1).numpy()
+            assert np.array_equal(per_sample, n * d.val.text.images[ours["index"]])
+            assert to_device(ours, "cpu", d.codec)["images"].shape[1:] == (16, d.index.width)
+        d.train.close()
+    plain.train.close()
+    for setting, needle in [("model.pool=3", "model.pool=3 x model.pixel_shuffle=1 must divide the cache's 4x4 patch"),
+                            ("model.pixel_shuffle=8", "model.pool=1 x model.pixel_shuffle=8 must divide")]:
+        with pytest.raises(ValueError, match=needle) as e:
+            data.load_data(train_config(demo, demo_cache, tmp_path, setting), Dist())
+        assert "\n" not in str(e.value)

@@ -155,7 +155,7 @@ def test_siglip_tower_exports_with_every_row(demo, tmp_path):
     assert hf.config.vision_feature_select_strategy == "full"  # `default` would drop a patch row
 
 
-@pytest.mark.parametrize("setting", ["model.projector=mlp", "encoder.pool=2"])
+@pytest.mark.parametrize("setting", ["model.projector=mlp", "encoder.pool=2", "model.pool=2", "model.pixel_shuffle=2"])
 def test_runs_without_an_exact_export_are_refused_in_one_line_and_export_their_lm(
         demo, demo_cache, clip_run, tmp_path, setting):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM

@@ -1,5 +1,5 @@
-"""minivlm.training.model, .attention and minivlm.use.generate: placeholder injection, MoE, GQA, KV cache, packed
-rows, freezing, checkpoint names."""
+"""minivlm.training.model, .attention and minivlm.use.generate: placeholder injection, token reduction (pool, pixel
+shuffle), MoE, GQA, KV cache, packed rows, freezing, checkpoint names."""
 import dataclasses
 import math
 
@@ -8,7 +8,7 @@ import torch
 
 from minivlm.config import ModelConfig
 from minivlm.training.attention import attention_backend, cu_seqlens_of, packed_attention, packed_rows
-from minivlm.training.model import VLM, MoEFeedForward, freeze, num_params, param_groups
+from minivlm.training.model import VLM, MoEFeedForward, freeze, num_params, param_groups, reduce_rows
 from minivlm.training.text import IGNORE
 from minivlm.use.generate import generate, sample_next
 
@@ -73,7 +73,7 @@ def test_wrong_placeholder_count_raises():
     model = tiny_vlm()
     ids, images = batch(3, image_rows=[0, 2])
     ids[2, 1] = 7  # row 2 now has T - 1 placeholders
-    with pytest.raises(ValueError, match=f"row 2 has {T - 1} image placeholder tokens; expected a multiple of T={T}"):
+    with pytest.raises(ValueError, match=f"row 2 has {T - 1} image placeholder tokens; expected a multiple of T'={T}"):
         model(ids, images)
     ids, images = batch(3, image_rows=[0, 2])
     with pytest.raises(ValueError, match=f"{2 * T} image placeholder tokens for 1 images"):
@@ -81,6 +81,82 @@ def test_wrong_placeholder_count_raises():
     ids, _ = batch(2, image_rows=[1])
     with pytest.raises(ValueError, match="row 1 .* images is None"):
         model(ids, None)
+
+
+# ---- token reduction: model.pool and model.pixel_shuffle, against torch's avg_pool2d and transformers' Idefics3 ----
+
+def idefics3_pixel_shuffle(x, s):
+    """transformers' own Idefics3 connector shuffle (SmolVLM's and nanoVLM's layout):
+    (K, g*g, D) -> (K, g*g/s^2, s^2 D)."""
+    from transformers import Idefics3Config
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+    text = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 8, "vocab_size": 8}
+    connector = Idefics3Connector(Idefics3Config(vision_config={"hidden_size": x.size(-1)}, text_config=text,
+                                                 scale_factor=s))
+    return connector.pixel_shuffle(x, s)
+
+
+def avg_pool_rows(x, k):
+    """torch's avg_pool2d over the row-major g x g grid of rows (K, g*g, D) -> (K, g*g/k^2, D)."""
+    K, N, D = x.shape
+    g = math.isqrt(N)
+    grid = x.transpose(1, 2).reshape(K, D, g, g)  # (K, D, g, g)
+    return torch.nn.functional.avg_pool2d(grid, k).flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("cls", [0, 1], ids=["no_cls", "cls_kept"])
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_pool_is_avg_pool2d_over_the_patch_grid_and_leaves_the_cls_row(k, cls):
+    images = torch.randn(3, cls + 64, D_IMG)  # an 8x8 grid, after the CLS row when kept
+    out = reduce_rows(images, dataclasses.replace(TINY, pool=k))
+    assert out.shape == (3, ModelConfig(pool=k).image_tokens(cls + 64), D_IMG) == (3, cls + 64 // k ** 2, D_IMG)
+    torch.testing.assert_close(out[:, cls:], avg_pool_rows(images[:, cls:], k))
+    assert torch.equal(out[:, :cls], images[:, :cls])
+
+
+@pytest.mark.parametrize("k, s", [(1, 2), (1, 4), (2, 2), (1, 8), (4, 2)])
+def test_pixel_shuffle_after_pooling_is_transformers_idefics3_pixel_shuffle(k, s):
+    images = torch.randn(3, 64, D_IMG)
+    out = reduce_rows(images, dataclasses.replace(TINY, pool=k, pixel_shuffle=s))
+    want = idefics3_pixel_shuffle(avg_pool_rows(images, k) if k > 1 else images, s)
+    assert out.shape == want.shape == (3, 64 // (k * s) ** 2, s * s * D_IMG)
+    torch.testing.assert_close(out, want, rtol=0, atol=0 if k == 1 else 1e-6)
+
+
+@pytest.mark.parametrize("over", [{"pool": 2}, {"pixel_shuffle": 2}, {"pool": 2, "pixel_shuffle": 2,
+                                                                        "projector": "mlp"}])
+def test_reduced_rows_fill_the_placeholders_through_a_projector_of_s2_d_inputs(over):
+    """Cached rows (K, 16, D) of a 4x4 grid become T' rows per image, projected onto the placeholders in order."""
+    model = tiny_vlm(**over)
+    cfg = model.cfg
+    s, n = cfg.pixel_shuffle, cfg.image_tokens(16)
+    first = next(m for m in model.projector if isinstance(m, torch.nn.Linear))
+    assert first.in_features == s * s * D_IMG
+    images = torch.randn(2, 16, D_IMG)
+    ids = torch.randint(0, V - 1, (2, 10))
+    ids[0, 1:1 + n], ids[1, 5:5 + n] = IMG, IMG
+    reference = avg_pool_rows(images, cfg.pool) if cfg.pool > 1 else images
+    reference = idefics3_pixel_shuffle(reference, s) if s > 1 else reference
+    h = model.embed(ids, images)
+    proj = model.projector(reference)  # (2, T', dim)
+    torch.testing.assert_close(h[0, 1:1 + n], proj[0])
+    torch.testing.assert_close(h[1, 5:5 + n], proj[1])
+    with pytest.raises(ValueError, match=f"{2 * n} image placeholder tokens for 1 images of T'={n} rows"):
+        model.embed(ids, images[:1])
+
+
+def test_a_grid_the_reduction_does_not_divide_and_cls_with_pixel_shuffle_are_one_line():
+    assert ModelConfig(pool=2).image_tokens(17) == 5 and ModelConfig().image_tokens(12) == 12
+    for cfg, rows, needle in [(ModelConfig(pool=3), 16, "model.pool=3 x model.pixel_shuffle=1 must divide the cache's "
+                                                         "4x4 patch grid \\(T=16\\)"),
+                              (ModelConfig(pool=4, pixel_shuffle=4), 64, "must divide the cache's 8x8 patch grid"),
+                              (ModelConfig(pixel_shuffle=2), 17, "model.pixel_shuffle=2 on a cache that keeps the CLS "
+                                                                  "row \\(encoder.keep_cls=true\\)"),
+                              (ModelConfig(pool=2), 12, "T=12 rows per image are no square patch grid")]:
+        with pytest.raises(ValueError, match=needle) as e:
+            cfg.image_tokens(rows)
+        assert "\n" not in str(e.value)
 
 
 def test_moe_loss_includes_aux_and_every_expert_gets_a_gradient():

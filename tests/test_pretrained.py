@@ -391,7 +391,12 @@ def test_a_run_starts_from_an_earlier_run_and_goes_on(demo, demo_cache, tmp_path
     mc = json.loads((first.train.run_dir / "model_config.json").read_text())
     other_weights = {**mc["encoder"], "fingerprint": {**mc["encoder"]["fingerprint"], "weights": "0" * 16}}
     for i, (change, needle) in enumerate([({"encoder": other_weights}, "has encoder.weights='0000000000000000' where"),
-                                          ({"image_tokens": 64}, "image rows T: 64 there, 16 here"),
+                                          ({"cache_tokens": 64, "image_tokens": 64}, "image rows T: 64 there, 16 here"),
+                                          ({"image_tokens": 4}, "image_tokens=4, but cache_tokens=16 with model.pool=1"),
+                                          ({"model": {**mc["model"], "pool": 2}, "image_tokens": 4},
+                                           "model.pool: 2 there, 1 here"),
+                                          ({"model": {**mc["model"], "pixel_shuffle": 2}, "image_tokens": 4},
+                                           "model.pixel_shuffle: 2 there, 1 here"),
                                           ({"vocab_size": mc["vocab_size"] + 1}, "vocab_size"),
                                           ({"model": {**mc["model"], "n_kv_head": 2}}, "model.n_kv_head=1 but 2 there"),
                                           ({"model": {**mc["model"], "projector": "mlp"}}, "model.projector")]):
@@ -400,9 +405,11 @@ def test_a_run_starts_from_an_earlier_run_and_goes_on(demo, demo_cache, tmp_path
         (other / "model_config.json").write_text(json.dumps({**mc, **change}))
         with pytest.raises(ValueError, match=needle):
             init_from(model, str(other), False, data.manifest)
-    # a run written before the LM options existed (its model config lacks them) still chains
-    old = {k: v for k, v in mc["model"].items() if k not in ("head_dim", "ffn_dim", "qk_norm", "moe_norm_topk")}
-    (other / "model_config.json").write_text(json.dumps({**mc, "model": old}))
+    # a run written before the LM options and token reduction existed (its model config lacks them) still chains
+    old = {k: v for k, v in mc["model"].items()
+           if k not in ("head_dim", "ffn_dim", "qk_norm", "moe_norm_topk", "pool", "pixel_shuffle")}
+    (other / "model_config.json").write_text(json.dumps({**{k: v for k, v in mc.items() if k != "cache_tokens"},
+                                                         "model": old}))
     assert "minivlm run" in init_from(model, str(other), False, data.manifest)
 
 

@@ -21,7 +21,7 @@ from minivlm.dist import Dist
 from minivlm.embedding import shard
 from minivlm.embedding.cache import verify
 from minivlm.training import checkpoint
-from minivlm.training.data import load_data
+from minivlm.training.data import load_data, load_splits, open_cache
 from minivlm.training.trainer import fit, lr_at
 
 # 48 train records at batch 8 = 6 steps per epoch, so 2k = 8 steps crosses an epoch boundary.
@@ -307,6 +307,51 @@ def test_init_from_loads_an_lm_checkpoint_and_refuses_a_poor_match(demo, demo_ca
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("setting, width", [("model.pool=2", 1), ("model.pixel_shuffle=2", 4)])
+def test_a_run_with_fewer_tokens_per_image_trains_captions_and_evaluates_on_the_same_cache(
+        demo, demo_cache, tmp_path, one_thread, setting, width):
+    """The demo cache's 4x4 grid (T=16) becomes 4 tokens per image in the model: training, live captioning and
+    evaluation all read the cache's rows as they are and reduce them the same way."""
+    from minivlm.training.model import VLM
+    from minivlm.use.captioner import caption_features, caption_files, load_run
+    from minivlm.use.evaluation import evaluate_run
+    cfg = train_config(demo, demo_cache, tmp_path, small_records(demo, tmp_path), "train.max_steps=3", setting)
+    final = fit(cfg, Dist())
+    assert np.isfinite(final["eval_loss"])
+    vc = VLM.from_pretrained(cfg.train.run_dir).config
+    assert (vc.cache_tokens, vc.image_tokens, vc.image_dim) == (16, 4, 64)
+    cap = load_run(cfg.train.run_dir)
+    assert cap.model.projector[0].in_features == width * 64 and cap.fmt.image_tokens == 4
+    _, index = open_cache(cfg)
+    key = load_splits(cfg, index)[1].records[0].images[0]
+    [(_, caption, error)] = caption_files(cap, [demo / "images" / key], max_new_tokens=8)
+    reader, stored = index.reader(), np.empty((1, index.codec.row_bytes), np.uint8)  # its row, from the cache
+    reader.read(*(np.array([i]) for i in index.locations[key]), stored)
+    reader.close()
+    cached = index.codec.decode(torch.from_numpy(stored))  # (1, 16, 64)
+    assert error is None and caption == caption_features(cap, cached, max_new_tokens=8)[0]
+    result = evaluate_run(cfg.train.run_dir, n=2)
+    assert np.isfinite(result["eval_loss"]) and len(result["captions"]) == 2
+
+
+@pytest.mark.slow
+def test_a_run_cannot_resume_or_start_from_a_run_with_another_token_reduction(demo, demo_cache, tmp_path, one_thread):
+    rec = small_records(demo, tmp_path)
+    first = train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=2", "train.run_name=a")
+    fit(first, Dist())
+    with pytest.raises(ValueError, match="trained with other settings \\(model.pool: 1 -> 2\\).*run_name") as e:
+        fit(train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=2", "train.run_name=a", "model.pool=2"),
+            Dist())
+    assert "\n" not in str(e.value)
+    for setting, needle in [("model.pool=2", "model.pool: 1 there, 2 here"),
+                            ("model.pixel_shuffle=2", "model.pixel_shuffle: 1 there, 2 here")]:
+        with pytest.raises(ValueError, match=f"init_from={first.train.run_dir}: .*{needle}") as e:
+            fit(train_config(demo, demo_cache, tmp_path, rec, "train.max_steps=2", "train.run_name=b", setting,
+                             f"train.init_from={first.train.run_dir}"), Dist())
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
 def test_stage_errors_are_one_line(demo, demo_cache, tmp_path):
     r = run_stage("train.py", *demo_overrides(demo, tmp_path), f"cache.dir={tmp_path}/none")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "run stages/embed.py" in r.stderr
@@ -314,6 +359,8 @@ def test_stage_errors_are_one_line(demo, demo_cache, tmp_path):
     assert r.returncode == 2 and "encoder.pool=2" in r.stderr and r.stderr.strip().count("\n") == 0
     r = run_stage("train.py", *demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", "train.log_interval=0")
     assert (r.returncode, r.stderr) == (2, "error: train.log_interval must be >= 1, got 0\n")
+    r = run_stage("train.py", *demo_overrides(demo, tmp_path), f"cache.dir={demo_cache}", "model.pool=3")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "model.pool=3" in r.stderr and "4x4" in r.stderr
 
 
 @pytest.mark.slow

@@ -473,7 +473,7 @@ def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int 
     tc = cfg.train
     manifest, index = open_cache(cfg, tokens, width)
     tok = load_tokenizer(cfg.tokenizer)
-    fmt = text_format(tok, cfg.tokenizer, index.tokens)
+    fmt = text_format(tok, cfg.tokenizer, cfg.model.image_tokens(index.tokens))  # T' placeholders an image
     (train_split, train_text, train_long), (val_split, val_text, val_long) = stored_splits(
         cfg, index, manifest, fmt, save=dist.is_main, progress=dist.is_main)
     too_long = TooLong(train_long.count + val_long.count, train_long.first or val_long.first)

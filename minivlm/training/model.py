@@ -25,8 +25,14 @@ Design choices:
   validation loss is pure cross-entropy. An expert with no tokens still runs on an empty batch, so
   every parameter stays in the graph (DDP).
 - Image rows replace the embeddings of the placeholder tokens: the batch's K images fill its placeholders in
-  order, T rows each, so a sample holds any number of images at its tags. On the CPU a count that does not
+  order, T' rows each, so a sample holds any number of images at its tags. On the CPU a count that does not
   add up is a ValueError, never a silent misalignment.
+- The model chooses how many rows an image becomes, not the cache: each image's cached (T, D) rows, a g x g
+  patch grid (after a kept CLS row), are averaged over k x k blocks (`model.pool`) and then pixel-shuffled
+  (`model.pixel_shuffle` s: each s x s block concatenated into one row of s^2 D, in Idefics3 / SmolVLM /
+  nanoVLM's order) before the projector, whose input is s^2 D wide: T' = (g / k / s)^2 (+ the CLS row, which
+  stays outside the grid and goes through the projector as it is). So one cache serves a sweep over tokens per
+  image. Both run in the embedding's dtype (fp32), on the device, where the rows already are.
 - The KV cache is a plain per-layer list of tensors that `forward(kv_cache=..., start_pos=p)` appends to.
 - A trained model is one artifact: `VLM.save_pretrained` writes safetensors + `VLMConfig` (asdict) as
   `model_config.json`, `VLM.from_pretrained` reads them back; the config is the only place its shape,
@@ -44,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minivlm.config import ModelConfig, TokenizerConfig
+from minivlm.config import ModelConfig, TokenizerConfig, patch_grid
 from minivlm.embedding.encoder import EncoderSpec
 from minivlm.fileio import atomic_write_json, reading
 from minivlm.training.attention import (PackedRows, attention_backend, check_packed, compute_dtype, packed_attention,
@@ -224,9 +230,35 @@ class Transformer(nn.Module):
         return self.norm(h), aux
 
 
+def pool(grid: torch.Tensor, k: int) -> torch.Tensor:
+    """(K, g, g, D) -> (K, g/k, g/k, D): the mean of each k x k block (avg_pool2d over the grid)."""
+    K, g, _, D = grid.shape
+    return grid.view(K, g // k, k, g // k, k, D).mean(dim=(2, 4))
+
+
+def pixel_shuffle(grid: torch.Tensor, s: int) -> torch.Tensor:
+    """(K, g, g, D) -> (K, g/s, g/s, s*s*D): each s x s block as one row, its s rows in order and each row's s
+    positions in order (Idefics3 / SmolVLM / nanoVLM's layout, so their projectors read the same features)."""
+    K, g, _, D = grid.shape
+    return grid.view(K, g // s, s, g // s, s, D).transpose(2, 3).reshape(K, g // s, g // s, s * s * D)
+
+
+def reduce_rows(images: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """An image's cached rows as the projector takes them: (K, T, D) -> (K, T', s*s*D), `cfg.pool` then
+    `cfg.pixel_shuffle` over the patch grid, a kept CLS row (first) left as it is. T' = cfg.image_tokens(T)."""
+    if cfg.pool == cfg.pixel_shuffle == 1:
+        return images
+    K, T, D = images.shape
+    g, cls = patch_grid(T)
+    grid = images[:, cls:].reshape(K, g, g, D)  # (K, g, g, D), row-major as the tower lays out its patches
+    rows = pixel_shuffle(pool(grid, cfg.pool), cfg.pixel_shuffle).flatten(1, 2)  # (K, (g/k/s)^2, s*s*D)
+    return torch.cat((images[:, :cls], rows), dim=1) if cls else rows  # CLS with s > 1: image_tokens refuses it
+
+
 class Projector(nn.Sequential):
-    """Image rows (B, T, image_dim) -> LM width (B, T, dim): `linear`; `mlp2x_gelu` (LLaVA-1.5's
-    Linear -> GELU -> Linear, so it exports as LLaVA's projector); `mlp` (LayerNorm first, no LLaVA twin)."""
+    """Image rows (B, T', image_dim) -> LM width (B, T', dim): `linear`; `mlp2x_gelu` (LLaVA-1.5's
+    Linear -> GELU -> Linear, so it exports as LLaVA's projector); `mlp` (LayerNorm first, no LLaVA twin).
+    `image_dim` is s^2 D under `model.pixel_shuffle` s."""
 
     def __init__(self, cfg: ModelConfig, image_dim: int):
         # Build only the layers used: each Linear draws from the RNG when made, so an unused one would change
@@ -243,17 +275,18 @@ class VLMConfig:
     rows' encoder spec), so captioning, evaluation and export need nothing else from the run."""
     model: ModelConfig
     vocab_size: int
-    image_dim: int                # D, the width of an image row
-    image_tokens: int             # T', image rows (placeholder tokens) per image
+    image_dim: int                # D, the width of a cached image row
+    image_tokens: int             # T', placeholder tokens per image: model.image_tokens(cache_tokens)
     image_token_id: int
     tokenizer: TokenizerConfig    # how prompts were built; the tokenizer itself is saved beside the weights
     encoder: EncoderSpec          # the features it was trained on (spec + fingerprint of the cache)
+    cache_tokens: int             # T, cached rows per image (a cache it reads must have them)
 
     @classmethod
     def of_run(cls, cfg, manifest: dict, fmt) -> VLMConfig:
         """A training run's (RunConfig, cache manifest, text.TextFormat)."""
-        return cls(cfg.model, fmt.vocab_size, manifest["width"], manifest["tokens"], fmt.image_token_id,
-                   cfg.tokenizer, EncoderSpec.of_manifest(manifest))
+        return cls(cfg.model, fmt.vocab_size, manifest["width"], fmt.image_tokens, fmt.image_token_id,
+                   cfg.tokenizer, EncoderSpec.of_manifest(manifest), manifest["tokens"])
 
     @classmethod
     def from_json(cls, d: dict, where: str) -> VLMConfig:
@@ -265,10 +298,17 @@ class VLMConfig:
             if d.get("format") != MODEL_FORMAT:
                 raise ValueError(f"{where} has format {d.get('format')!r}, this minivlm reads {MODEL_FORMAT}; "
                                  f"use the minivlm version that wrote it")
-            return cls(ModelConfig(**d["model"]), d["vocab_size"], d["image_dim"], d["image_tokens"],
-                       d["image_token_id"], TokenizerConfig(**d["tokenizer"]), EncoderSpec(**d["encoder"]))
+            # cache_tokens: absent before model.pool / pixel_shuffle, when T' was T
+            vc = cls(ModelConfig(**d["model"]), d["vocab_size"], d["image_dim"], d["image_tokens"],
+                     d["image_token_id"], TokenizerConfig(**d["tokenizer"]), EncoderSpec(**d["encoder"]),
+                     d.get("cache_tokens", d["image_tokens"]))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{where}: not a minivlm model config ({type(e).__name__}: {e})") from None
+        if vc.image_tokens != vc.model.image_tokens(vc.cache_tokens):
+            raise ValueError(f"{where}: image_tokens={vc.image_tokens}, but cache_tokens={vc.cache_tokens} with "
+                             f"model.pool={vc.model.pool} and model.pixel_shuffle={vc.model.pixel_shuffle} make "
+                             f"{vc.model.image_tokens(vc.cache_tokens)}; train the run again to rewrite it")
+        return vc
 
 
 MODEL_FORMAT = 2  # model_config.json layout (1: the dict the trainer built by hand before VLMConfig)
@@ -288,7 +328,7 @@ class VLM(nn.Module):
         self.model = Transformer(cfg, vocab_size)
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
         self.model.embed_tokens.weight = self.lm_head.weight  # tied
-        self.projector = Projector(cfg, image_dim)
+        self.projector = Projector(cfg, image_dim * cfg.pixel_shuffle ** 2)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -306,9 +346,10 @@ class VLM(nn.Module):
 
     def embed(self, input_ids, images):
         """Token embeddings (B, L, D) with the batch's images projected onto its placeholders. `images` (K, T, D)
-        are the batch's K images in the order their placeholders appear (row by row, left to right): the n-th
-        placeholder of the batch takes row n % T of image n // T. So a row holds any number of images, in any
-        place, and a packed row holds its samples' images in turn."""
+        are the batch's K images as cached, in the order their placeholders appear (row by row, left to right);
+        each becomes T' rows (`reduce_rows`), and the n-th placeholder of the batch takes row n % T' of image
+        n // T'. So a row holds any number of images, in any place, and a packed row holds its samples' images
+        in turn."""
         h = self.model.embed_tokens(input_ids)  # (B, L, D)
         is_img = input_ids == self.image_token_id  # (B, L)
         if images is None:
@@ -318,7 +359,7 @@ class VLM(nn.Module):
             return h
         if images.dim() != 3 or images.size(2) != self.image_dim:
             raise ValueError(f"images must be (K, T, {self.image_dim}), got {tuple(images.shape)}")
-        K, T = images.shape[:2]
+        K, T = images.size(0), self.cfg.image_tokens(images.size(1))  # T' placeholders each (shape arithmetic)
         if K == 0 and input_ids.device.type != "cpu":
             return h
         if input_ids.device.type == "cpu":  # a check that reads counts on the host would stall a CUDA step;
@@ -326,17 +367,18 @@ class VLM(nn.Module):
             bad = counts % T != 0
             if bad.any():
                 r = int(bad.nonzero()[0])
-                raise ValueError(f"row {r} has {int(counts[r])} image placeholder tokens; expected a multiple of T={T}")
+                raise ValueError(f"row {r} has {int(counts[r])} image placeholder tokens; expected a multiple of "
+                                 f"T'={T}")
             if counts.sum() != K * T:
-                raise ValueError(f"the batch has {int(counts.sum())} image placeholder tokens for {K} images of T={T} "
+                raise ValueError(f"the batch has {int(counts.sum())} image placeholder tokens for {K} images of T'={T} "
                                  f"rows; expected {K * T}")
-        proj = self.projector(images.to(h.dtype)).to(h.dtype).flatten(0, 1)  # (K * T, D)
+        proj = self.projector(reduce_rows(images.to(h.dtype), self.cfg)).to(h.dtype).flatten(0, 1)  # (K * T', D)
         slot = (is_img.flatten().cumsum(0) - 1).clamp(min=0).view_as(input_ids)  # (B, L): the placeholder's row
         return torch.where(is_img.unsqueeze(-1), proj[slot], h)  # no boolean indexing: its size would need a sync
 
     def forward(self, input_ids, images=None, labels=None, kv_cache: KVCache | None = None, start_pos: int = 0,
                 positions=None, cu_seqlens=None) -> VLMOutput:
-        """input_ids (B, L); images (K, T, image_dim) for the batch's placeholders in order (`embed`); labels
+        """input_ids (B, L); images (K, T, image_dim) as cached, for the batch's placeholders in order (`embed`); labels
         (B, L), -100 where not trained. Packed rows: `positions` (B, L), each sample counting 0, 1, 2, ...,
         and `cu_seqlens` = minivlm.training.attention.cu_seqlens_of(positions) from the host (flash-attn's
         sample offsets); without them every row is one sample starting at `start_pos`."""

@@ -17,7 +17,8 @@ A load that matches shapes but computes another function is the worst failure a 
   setting we cannot compute (biases, sliding windows, RoPE scaling, untied embeddings) is refused.
 - a minivlm run directory: its final weights, projector included, so stages chain (projector-only
   pretraining, then full fine-tuning on the same cache). Its image rows (T, D), encoder fingerprint,
-  vocabulary and LM must equal this run's.
+  vocabulary, LM and token reduction (model.pool, model.pixel_shuffle: same shapes, another function) must
+  equal this run's.
 Then the tensors: an unexpected one that would change the function (a norm, a bias, an expert) is an
 error naming it and the `model.*` setting that would take it; a missing one is an error unless
 `train.allow_partial_init`; buffers that hold no weights (rotary tables, v1's causal mask) are listed
@@ -252,11 +253,13 @@ def read_run(path: Path, model: VLM, manifest: dict) -> dict[str, torch.Tensor]:
     vc = VLMConfig.from_json(_read_json(mc_path), str(mc_path))  # model fields added since take their defaults
     fix = "start from a run on the same cache with the same model.*"
     EncoderSpec.of_manifest(manifest).check(vc.encoder, f"train.init_from={path}", "this run's cache", fix)
-    theirs = {"image rows T": vc.image_tokens, "image width D": vc.image_dim, "vocab_size": vc.vocab_size,
-              "image_token_id": vc.image_token_id, "model.projector": vc.model.projector}
+    theirs = {"image rows T": vc.cache_tokens, "image width D": vc.image_dim, "vocab_size": vc.vocab_size,
+              "image_token_id": vc.image_token_id, "model.projector": vc.model.projector, "model.pool": vc.model.pool,
+              "model.pixel_shuffle": vc.model.pixel_shuffle}
     ours = {"image rows T": manifest["tokens"], "image width D": manifest["width"],
             "vocab_size": model.lm_head.weight.size(0), "image_token_id": model.image_token_id,
-            "model.projector": model.cfg.projector}
+            "model.projector": model.cfg.projector, "model.pool": model.cfg.pool,
+            "model.pixel_shuffle": model.cfg.pixel_shuffle}
     wrong = [f"{k}: {theirs[k]!r} there, {v!r} here" for k, v in ours.items() if theirs[k] != v]
     wrong += _differences(model.cfg, {k: (f"{v!r} there", v) for k, v in lm_function(vc.model).items()})
     if wrong:

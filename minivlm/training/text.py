@@ -61,7 +61,7 @@ class TextFormat:
     tokenizer: object
     image_token: str
     image_token_id: int
-    image_tokens: int          # T': placeholders per image (the cache's rows per image)
+    image_tokens: int          # T': placeholders per image (model.image_tokens of the cache's T rows)
     chat: bool                 # chat template (else plain)
     eos_id: int
     pad_id: int

@@ -260,10 +260,11 @@ def _fit(cfg: RunConfig, dist: Dist) -> dict:
         atomic_write_text(run_dir / "config.toml", to_toml(to_tree(cfg)))
     log = MetricsLogger(metrics_path, dist.is_main, state.step if ckpt.latest else None, open_wandb(cfg, dist.is_main))
     meter, health = Throughput(dist.world_size, peak_flops(device), flop_counts(raw)), NonFinite(device)
+    reduced = f" -> {data.fmt.image_tokens} image tokens" if data.fmt.image_tokens != data.index.tokens else ""
     print0(dist, f"train: {len(data.train)} train / {len(data.val)} val samples ({data.dropped} dropped: image not "
                  f"in cache{f'; {data.too_long.count} too long' if data.too_long.count else ''}), "
                  f"{num_params(raw) / 1e6:.2f}M params ({num_params(raw, True) / 1e6:.2f}M trainable), "
-                 f"{total} steps, T={data.index.tokens} D={data.index.width}, "
+                 f"{total} steps, T={data.index.tokens} D={data.index.width}{reduced}, "
                  f"{f'packed batches, attention {backend}' if tc.packing else 'padded batches'}"
                  f"{meter.assumed_peak()}")
     meta = {"image_tokens": data.index.tokens, "image_width": data.index.width}

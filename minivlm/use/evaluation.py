@@ -32,7 +32,7 @@ def held_out(run_dir: Path, vc: VLMConfig, cache_dir: str | None, records: str |
     cfg = load_config(run_dir / "config.toml")
     if cache_dir:
         cfg = replace(cfg, cache=replace(cfg.cache, dir=cache_dir))
-    manifest, index = open_cache(cfg, vc.image_tokens, vc.image_dim)
+    manifest, index = open_cache(cfg, vc.cache_tokens, vc.image_dim)
     vc.encoder.check(EncoderSpec.of_manifest(manifest), f"cache {cfg.cache.dir}", f"run {run_dir}",
                      "pass --cache with the cache this run was trained on")
     split = join(read_records(records, cfg.data, cfg.cache.dir), index) if records else load_splits(cfg, index)[1]

@@ -3,8 +3,10 @@ as a causal LM, loadable with transformers alone (no minivlm, no `trust_remote_c
 
 Design choices:
 - Only exact exports: every mapping below computes the same function as the run. A run that has no exact
-  LLaVA form (LayerNorm `mlp` projector, `encoder.pool > 1`, `encoder.post_layernorm`, MoE) is refused
-  with one line naming the setting and what would export; `--lm-only` still exports a dense LM.
+  LLaVA form (LayerNorm `mlp` projector, `encoder.pool > 1`, `model.pool > 1`, `model.pixel_shuffle > 1`,
+  `encoder.post_layernorm`, MoE) is refused with one line naming the setting and what would export;
+  `--lm-only` still exports a dense LM. (Pixel shuffle is Idefics3's connector: the place for that export is
+  `refusal`'s pixel_shuffle line.)
 - Built in memory with transformers' own classes, our tensors copied into their modules, written with
   their `save_pretrained`: the file layout is whatever this transformers version writes and reads back.
 - The LM: MiniMind2-style dense -> `LlamaForCausalLM` (same parameter names, RMSNorm, rotate-half RoPE,
@@ -56,6 +58,12 @@ def refusal(vc: VLMConfig, lm_only: bool) -> str | None:
     if vc.encoder.pool > 1:
         return (f"encoder.pool={vc.encoder.pool}: LLaVA has no step that averages the patch grid; runs embedded "
                 f"with encoder.pool=1 export{alt}")
+    if vc.model.pool > 1:
+        return (f"model.pool={vc.model.pool}: LLaVA has no step that averages the patch grid; runs with model.pool=1 "
+                f"export{alt}")
+    if vc.model.pixel_shuffle > 1:
+        return (f"model.pixel_shuffle={vc.model.pixel_shuffle}: LLaVA has no pixel shuffle before its projector; runs "
+                f"with model.pixel_shuffle=1 export{alt}")
     if vc.encoder.storage_dtype in ("int8", "float8_e4m3"):
         return (f"cache.dtype={vc.encoder.storage_dtype}: LLaVA has no step that quantizes the tower's features as "
                 f"the run saw them; runs on a float16 or bfloat16 cache export{alt}")
