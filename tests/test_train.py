@@ -492,8 +492,9 @@ def corrupt_row(cfg, step: int) -> tuple[Path, int, bytes]:
     would have stored it: the shard rewritten by the real writer, so its checksums hold. Returns the shard,
     the row and the shard file's original bytes."""
     data = load_data(cfg, Dist())
-    i = data.sampler.batches(0)[step - 1][0]
-    s, row = int(data.train.shard[i]), int(data.train.row[i])
+    sp = data.train.split
+    j = sp.slots(np.asarray(data.sampler.batches(0)[step - 1]))[0]  # the step's first image read
+    s, row = int(sp.shard[j]), int(sp.row[j])
     info = data.index.shards[s]
     reader = data.index.reader(mapped=False)
     rows = np.empty((info.n_rows, info.codec.row_bytes), np.uint8)
@@ -530,8 +531,9 @@ def test_a_row_failing_its_checksum_stops_training_with_the_line_verify_prints(d
         crc32_cache(cache_dir)  # as minivlm wrote it before xxh3_64
     cfg = train_config(demo, cache_dir, tmp_path, "train.max_steps=3")
     data = load_data(cfg, Dist())
-    i = data.sampler.batches(0)[1][0]  # read by step 2
-    s, row = int(data.train.shard[i]), int(data.train.row[i])
+    sp = data.train.split
+    j = sp.slots(np.asarray(data.sampler.batches(0)[1]))[0]  # read by step 2
+    s, row = int(sp.shard[j]), int(sp.row[j])
     info = data.index.shards[s]
     with h5py.File(info.path) as f:
         key = f["keys"][row].decode()
