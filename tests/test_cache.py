@@ -177,14 +177,14 @@ def test_the_manifest_waits_for_every_shard_and_the_index_finds_each_key(tmp_pat
     assert cache.build_index(tmp_path, manifest).locations["img3.jpg"] == (1, 1)
 
 
-LAYOUT = np.array([[3, 1, 2], [1, 1, 1], [5, 2, 2]])  # per image: tile count, grid rows, grid cols
+LAYOUT = np.array([[3, 1, 2, 40, 90], [1, 1, 1, 8, 8], [5, 2, 2, 70, 60]])  # tile count, grid, height, width
 
 
 def tiled_cache(cache_dir) -> torch.Tensor:
     """Shard 0: images a, b, c of 3, 1 and 5 tiles (LAYOUT); shard 1: d and e, one row and grid (1, 1) each.
     Returns shard 0's 9 rows of features."""
     codec, x = shard.Codec("float16", T, D), features(9)
-    shards = ((["a", "b", "c"], x, LAYOUT), (["d", "e"], features(2, 1), np.ones((2, 3))))
+    shards = ((["a", "b", "c"], x, LAYOUT), (["d", "e"], features(2, 1), np.array([[1, 1, 1, 8, 8]] * 2)))
     for i, (keys, rows, layout) in enumerate(shards):
         shard.write_shard(cache.shard_path(cache_dir, i), codec.encode(rows).numpy(), codec, keys, shard_index=i,
                           plan=cache.plan_hash(keys), tiles=layout, **META)
@@ -209,7 +209,7 @@ def test_a_tiled_shard_holds_each_images_tiles_as_consecutive_rows_as_plain_h5py
     index = cache.build_index(tmp_path, manifest)
     assert index.tiled and index.locations == {"a": (0, 0), "b": (0, 3), "c": (0, 4), "d": (1, 0), "e": (1, 1)}
     assert index.image_tiles(np.array([0, 0, 0, 1, -1]), np.array([0, 3, 4, 1, 0])).tolist() == \
-        [[3, 1, 2], [1, 1, 1], [5, 2, 2], [1, 1, 1], [0, 0, 0]]
+        [*LAYOUT.tolist(), [1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]  # an untiled shard keeps no sizes
     with pytest.raises(ValueError, match="not the first row of an image"):
         index.image_tiles(np.array([0]), np.array([1]))
     shards, rows = index.rows(["c", "a", "e"])

@@ -39,7 +39,7 @@ def test_live_features_are_bitwise_the_cached_rows(demo, tiny_run):
     ds = Samples(train, index.reader(), cap.fmt)
     cached = index.codec.decode(ds.rows(picked))
     for batch in ([picked[0]], picked):  # alone and batched
-        live, errors = live_features(cap, [demo / "images" / train.records[i].images[0] for i in batch])
+        live, _, errors = live_features(cap, [demo / "images" / train.records[i].images[0] for i in batch])
         assert errors == [None] * len(batch)
         assert torch.equal(live.cpu(), cached[:len(batch)])
 
@@ -77,7 +77,7 @@ def test_greedy_with_kv_cache_equals_full_recompute_on_a_trained_run(trained_dem
     cfg, _ = trained_demo
     cap = load_run(cfg.train.run_dir)
     imgs = sorted(Path(cfg.data.image_root).rglob("*.jpg"))[:4]
-    feats, _ = live_features(cap, imgs)
+    feats, _, _ = live_features(cap, imgs)
     ids = torch.tensor([prompt_ids(cap.fmt)] * len(imgs))
     fast = generate(cap.model, ids, feats, 30, cap.fmt.eos_id, use_cache=True)
     slow = generate(cap.model, ids, feats, 30, cap.fmt.eos_id, use_cache=False)

@@ -89,7 +89,7 @@ def test_samples_of_any_shape_reach_the_batch_as_alone_with_their_images_in_tag_
     cache rows of each sample's image keys in tag order (h5py reads them)."""
     cfg = train_config(demo, demo_cache, tmp_path, mixed_records(demo, tmp_path / "m.json"))
     ds, index, fmt = dataset(cfg, packing=packing)
-    assert sorted(set(ds.text.images.tolist())) == [0, 1, 2]
+    assert sorted(set(ds.text.placeholders.tolist())) == [0, 1, 2]
     shared = 0
     for ix in BatchSampler(ds, 8, seed=0).batches(0):
         batch = ds[ix]
@@ -123,7 +123,7 @@ def test_the_shuffled_images_of_a_sample_are_all_another_samples(demo, demo_cach
     ds, _, _ = dataset(cfg)
     for ix in BatchSampler(ds, 8, seed=1).batches(0):
         batch = ds[ix]
-        owner = np.repeat(np.arange(len(batch["index"])), ds.text.images[batch["index"]])  # (K,) sample of image k
+        owner = np.repeat(np.arange(len(batch["index"])), ds.text.placeholders[batch["index"]])  # (K,) sample of row k
         if len(set(owner)) > 1:
             assert (owner[batch["shuffled"]] != owner).all() and len(batch["shuffled"]) == len(owner)
 
@@ -379,7 +379,7 @@ def test_model_pool_and_pixel_shuffle_set_the_placeholders_while_rows_stay_as_ca
         for ours, theirs in zip(d.eval_batches, plain.eval_batches):
             assert np.array_equal(ours["index"], theirs["index"]) and torch.equal(ours["rows"], theirs["rows"])
             per_sample = (ours["input_ids"] == d.fmt.image_token_id).sum(1).numpy()
-            assert np.array_equal(per_sample, n * d.val.text.images[ours["index"]])
+            assert np.array_equal(per_sample, n * d.val.text.placeholders[ours["index"]])
             assert to_device(ours, "cpu", d.codec)["images"].shape[1:] == (16, d.index.width)
         d.train.close()
     plain.train.close()

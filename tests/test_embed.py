@@ -1,4 +1,5 @@
 """Stage 1: the cache equals the encoder, survives kills, splits across ranks, and reports bad input."""
+import dataclasses
 import json
 import signal
 import subprocess
@@ -109,7 +110,6 @@ def reference_tiles(policy: str, processor, image: Image.Image) -> tuple[torch.T
 def test_each_tiles_row_is_the_tower_on_that_tile_by_hand_and_captioning_computes_the_same(demo, tmp_path, policy):
     from transformers import AutoImageProcessor
 
-    from minivlm.training.data import open_cache
     from minivlm.use.captioner import Captioner, live_features
     names = shaped_images(tmp_path / "imgs")
     cfg = demo_config(demo, tmp_path, f"data.records={tmp_path}/r.json", "data.val_records=",
@@ -119,18 +119,26 @@ def test_each_tiles_row_is_the_tower_on_that_tile_by_hand_and_captioning_compute
     rows, processor = cache_rows(cfg.cache.dir), AutoImageProcessor.from_pretrained(f"{demo}/encoder")
     index = cache.build_index(cfg.cache.dir, manifest)
     for name in names:
-        pixels, grid = reference_tiles(policy, processor, load_image(tmp_path / "imgs" / name, 10 ** 9))
+        decoded = load_image(tmp_path / "imgs" / name, 10 ** 9)
+        pixels, grid = reference_tiles(policy, processor, decoded)
         by_hand = tower_by_hand(f"{demo}/encoder", pixels, cfg.encoder.select_layer, False, cfg.encoder.pool)
         assert torch.equal(torch.from_numpy(rows[name]), by_hand.half()), name  # every tile, in order
-        assert index.image_tiles(*np.array([index.locations[name]]).T).tolist() == [[len(pixels), *grid]]
+        assert index.image_tiles(*np.array([index.locations[name]]).T).tolist() == \
+            [[len(pixels), *grid, decoded.height, decoded.width]]
     assert manifest["counts"]["tiles"] == sum(len(r) for r in rows.values()) > manifest["counts"]["embedded"] == 5
     assert manifest["counts"]["failed"] == 1
     enc = load_encoder(cfg.encoder)
-    live, errors = live_features(Captioner(None, None, "cpu", enc), [tmp_path / "imgs" / n for n in names])
+    live, _, errors = live_features(Captioner(None, None, "cpu", enc), [tmp_path / "imgs" / n for n in names])
     assert errors == [None] * 5 and torch.equal(live, torch.from_numpy(np.concatenate([rows[n] for n in names])))
-    with pytest.raises(ValueError, match=f"^cache {cfg.cache.dir} holds tiled images \\(encoder.tiles='{policy}'\\), "
-                                         "which stage 2 cannot read yet; .*encoder.tiles=none$"):
-        open_cache(cfg)
+    from minivlm.training.data import Samples, load_splits, open_cache  # stage 2 reads an image as its tiles
+    from minivlm.training.text import load_tokenizer, text_format
+    roomy = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, max_len=400))
+    _, index = open_cache(roomy)
+    fmt = text_format(load_tokenizer(roomy.tokenizer), roomy.tokenizer, index.tokens, policy)
+    ds = Samples(load_splits(roomy, index)[0], index.reader(), fmt)
+    assert len(ds) == 5 and ds.image_rows(np.arange(5)) == manifest["counts"]["tiles"]
+    for i, rec in enumerate(ds.split.records):
+        assert np.array_equal(ds.reader.codec.decode(ds.rows([i])).numpy(), rows[rec.images[0]])
 
 
 def test_identical_keys_are_embedded_once_and_rerun_skips_published_shards(demo, tmp_path):

@@ -82,7 +82,7 @@ def assert_exact_export(run_dir: Path, out: Path, demo: Path):
         gen = hf.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[:, ours_ids.size(1):].tolist()
     gen = [row[:row.index(cap.fmt.eos_id) + 1] if cap.fmt.eos_id in row else row for row in gen]
     assert gen == generate(cap.model, ours_ids, exact, NEW_TOKENS, cap.fmt.eos_id)  # same features: same tokens
-    stored, _ = live_features(cap, paths)  # what caption.py feeds: fp16 rows
+    stored, _, _ = live_features(cap, paths)  # what caption.py feeds: fp16 rows
     captions = caption_features(cap, stored, prompt=PROMPT, max_new_tokens=NEW_TOKENS)
     for i, (caption, row) in enumerate(zip(captions, gen)):
         if caption != proc.decode(row, skip_special_tokens=True).strip():

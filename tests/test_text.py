@@ -119,7 +119,7 @@ def test_a_sample_whose_images_do_not_fit_is_left_out_never_cut_into(fmt):
               if t == fmt.image_token_id][-1]
     tight = fmt_for(fmt.tokenizer.name_or_path, max_len=second)  # one position short of the second image's end
     tokens, fits = tokenize(tight, [record(), rec, record(images=0)])
-    assert fits.tolist() == [True, False, True] and len(tokens) == 2 and tokens.images.tolist() == [1, 0]
+    assert fits.tolist() == [True, False, True] and len(tokens) == 2 and tokens.placeholders.tolist() == [1, 0]
     roomy = fmt_for(fmt.tokenizer.name_or_path, max_len=second + 5)
     ids, _ = encode_sample(roomy, rec)
     assert len(ids) == second + 5 < full and ids.count(roomy.image_token_id) == 2 * T

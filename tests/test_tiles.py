@@ -56,7 +56,9 @@ def test_anyres_is_llava_nexts_grid_and_tiles_base_image_first(tower, h, w, pinp
     ref = llava_next(size={"shortest_edge": S}, crop_size={"height": S, "width": S},
                      image_grid_pinpoints=grid_pinpoints, **as_tower(enc))
     theirs = ref(images=image(h, w), return_tensors="pt")["pixel_values"][0]  # (1 + rows * cols, 3, S, S)
-    ours, grid = tile_pixels(enc.processor, enc.tiling, image(h, w))
+    ours, (*grid, height, width) = tile_pixels(enc.processor, enc.tiling, image(h, w))
+    grid = tuple(grid)
+    assert (height, width) == (h, w)
     assert grid == tuple(get_anyres_image_grid_shape((h, w), grid_pinpoints, S))
     assert ours.shape == theirs.shape == (1 + grid[0] * grid[1], 3, S, S)
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
@@ -70,7 +72,9 @@ def test_split_is_idefics3s_grid_and_tiles_global_image_last(tower, h, w, max_ti
                                     return_row_col_info=True, **as_tower(enc))
     out = ref(images=image(h, w), return_tensors="pt")
     theirs = out["pixel_values"][0]  # (rows * cols + 1, 3, S, S), or (1, 3, S, S) unsplit
-    ours, grid = tile_pixels(enc.processor, enc.tiling, image(h, w))
+    ours, (*grid, height, width) = tile_pixels(enc.processor, enc.tiling, image(h, w))
+    grid = tuple(grid)
+    assert (height, width) == (h, w)
     rows, cols = out["rows"][0][0], out["cols"][0][0]
     assert grid == ((rows, cols) if rows else (1, 1))  # Idefics3 says (0, 0) for an image it did not split
     assert ours.shape == theirs.shape == (rows * cols + 1 if rows else 1, 3, S, S)
@@ -82,7 +86,9 @@ def test_split_is_idefics3s_grid_and_tiles_global_image_last(tower, h, w, max_ti
 def test_none_is_the_towers_processor_on_the_whole_image(tower, h, w):
     enc = encoder(tower)
     theirs = transformers.AutoImageProcessor.from_pretrained(tower)(images=image(h, w), return_tensors="pt")
-    ours, grid = tile_pixels(enc.processor, enc.tiling, image(h, w))
+    ours, (*grid, height, width) = tile_pixels(enc.processor, enc.tiling, image(h, w))
+    grid = tuple(grid)
+    assert (height, width) == (h, w)
     assert grid == (1, 1) and torch.equal(ours, theirs["pixel_values"])
 
 

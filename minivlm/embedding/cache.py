@@ -183,12 +183,12 @@ class CacheIndex:
         return any(info.tiles is not None for info in self.shards)
 
     def image_tiles(self, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
-        """(n, 3) int64 per image: tile count, grid rows, grid cols of the image whose first row is
-        (shard[i], row[i]) (`locations`); (1, 1, 1) in an untiled shard, (0, 0, 0) where shard[i] is -1
-        (text-only). The image's rows are row[i] .. row[i] + count - 1, in its policy's order
-        (minivlm.embedding.tiles)."""
+        """(n, 5) int64 per image: tile count, grid rows, grid cols, height, width of the image whose first row
+        is (shard[i], row[i]) (`locations`); (1, 1, 1, 0, 0) in an untiled shard (its sizes are not kept), zeros
+        where shard[i] is -1 (text-only). The image's rows are row[i] .. row[i] + count - 1, in its policy's
+        order (minivlm.embedding.tiles)."""
         shard, row = np.asarray(shard, np.int64), np.asarray(row, np.int64)
-        out = np.where(shard[:, None] >= 0, 1, 0).repeat(3, 1).astype(np.int64)
+        out = np.where(shard[:, None] >= 0, np.array([1, 1, 1, 0, 0]), 0).astype(np.int64)
         for s in np.unique(shard[shard >= 0]).tolist():
             info = self.shards[s]
             if info.tiles is not None:

@@ -52,7 +52,8 @@ OUTSIDE_ROOT = "outside data.image_root (not read)"
 
 class ShardImages(IterableDataset):
     """Shards (index, [(key, where)]) -> (shard, key, tiles or None, failure reason or None, source or None) in
-    plan order within each shard; tiles: (pixels (n, 3, S, S), grid (rows, cols)) from `tile_pixels`. `where` is
+    plan order within each shard; tiles: (pixels (n, 3, S, S), layout (rows, cols, height, width)) from
+    `tile_pixels`. `where` is
     a folder image's path (None: outside the root) or (source, row) of an image inside a file; `source` names
     that row in a failure. Each DataLoader worker takes whole shards."""
 
@@ -245,17 +246,17 @@ def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, shards
                     raise RunFailed(f"{source or key}: {reason} (the published shards are kept, the ones in flight "
                                     f"dropped)")
             else:
-                pixels, grid = tiled
+                pixels, image_layout = tiled
                 rows.append(stored[at:at + len(pixels)])
                 keys.append(key)
-                layout.append((len(pixels), *grid))
+                layout.append((len(pixels), *image_layout))
                 at += len(pixels)
                 n_images, n_tiles = n_images + 1, n_tiles + len(pixels)
             if len(keys) + len(failures) == len(plan[index]):
                 emb = np.concatenate(rows) if rows else np.zeros((0, codec.row_bytes), np.uint8)  # (n, row_bytes)
                 shard.write_shard(cache.shard_path(cache_dir, index), emb, codec, keys, shard_index=index,
                                   plan=cache.plan_hash(plan[index]), failures=failures,
-                                  tiles=np.array(layout, np.int64).reshape(-1, 3), **meta)
+                                  tiles=np.array(layout, np.int64).reshape(-1, 5), **meta)
                 del pending[index]
                 n_written += 1
         bar.update(len(batch))

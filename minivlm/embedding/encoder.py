@@ -103,11 +103,12 @@ def preprocess(processor, image: Image.Image) -> torch.Tensor:
     return processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
 
-def tile_pixels(processor, tiling: tiles.Tiling, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+def tile_pixels(processor, tiling: tiles.Tiling, image: Image.Image) -> tuple[torch.Tensor, tuple[int, ...]]:
     """One decoded image -> its tiles' pixels (n, 3, S, S) in the policy's order, each through the tower's own
-    processor, and its grid (rows, cols): what stage 1 caches as n rows, and captioning computes live."""
+    processor, and its layout (grid rows, grid cols, height, width): what stage 1 caches as n rows, and captioning
+    computes live. Stage 2 lays the tiles out by it (LLaVA-NeXT's unpad needs the image's own size)."""
     parts, grid = tiles.cut(image, tiling)
-    return torch.stack([preprocess(processor, part) for part in parts]), grid
+    return torch.stack([preprocess(processor, part) for part in parts]), (*grid, image.height, image.width)
 
 
 @dataclass

@@ -11,8 +11,8 @@ Layout of `shards/shard-NNNNN.h5` (n rows, m images; n = m unless images are til
   package's `xxh3_64_intdigest` gives it), or "crc32" (uint32: zlib's CRC-32) in shards written before
   xxh3_64 (minivlm of 2026-12-03 and earlier).
 - `keys` (m,) utf-8: the key of each image, in row order.
-- `tiles` (m, 3) int32, only where some image is not one row with grid (1, 1): image j's tile count, grid rows
-  and grid cols. Image j's tiles are the consecutive rows from `tiles[:j, 0].sum()` on, in its policy's order
+- `tiles` (m, 5) int32, only where some image is not one row with grid (1, 1): image j's tile count, grid rows,
+  grid cols, and its height and width in pixels (as decoded). Image j's tiles are the consecutive rows from `tiles[:j, 0].sum()` on, in its policy's order
   (split: the grid row by row, then the global image; anyres: the base image, then the grid row by row).
   Without it, image j is row j with grid (1, 1): a shard of untiled images is byte for byte what it was
   before tiles.
@@ -142,7 +142,8 @@ def write_shard(path: Path, rows: np.ndarray, codec: Codec, keys: list[str], *, 
                 fingerprint_id: str, shard_index: int, plan: str, failures: list[tuple[str, ...]],
                 tiles: np.ndarray | None = None) -> None:
     """Publish one shard atomically. `rows`: (n, row_bytes) uint8 stored rows (`Codec.encode`), each image's
-    rows consecutive in the order of `keys`; `tiles`: (m, 3) per image its tile count, grid rows and grid cols
+    rows consecutive in the order of `keys`; `tiles`: (m, 5) per image its tile count, grid rows, grid cols,
+    height and width
     (None: one row and grid (1, 1) each); `fingerprint`: the encoder fingerprint as JSON; `failures`: the
     shard's failed images as (key, reason), or (key, reason, "file row N") for an image inside a file.
 
@@ -150,9 +151,9 @@ def write_shard(path: Path, rows: np.ndarray, codec: Codec, keys: list[str], *, 
     caught before anything is published, never h5py closing a half-written file (which can crash the
     interpreter after ENOSPC)."""
     n, T, D = len(rows), codec.tokens, codec.width
-    tiles = None if tiles is None or (tiles == 1).all() else np.asarray(tiles, np.int32)
+    tiles = None if tiles is None or (tiles[:, :3] == 1).all() else np.asarray(tiles, np.int32)
     assert rows.dtype == np.uint8 and rows.shape == (n, codec.row_bytes)
-    assert len(keys) == n if tiles is None else tiles.shape == (len(keys), 3) and tiles[:, 0].sum() == n
+    assert len(keys) == n if tiles is None else tiles.shape == (len(keys), 5) and tiles[:, 0].sum() == n
     with h5py.File(path.name, "w", driver="core", backing_store=False) as f:
         f.create_dataset("embeddings", data=rows[:, :codec.values_bytes].view(codec.stored).reshape(n, T, D))
         if codec.scaled:
@@ -187,7 +188,8 @@ class ShardInfo:
     file_id: tuple[int, int]    # (st_dev, st_ino) of the file this header was read from
     attrs: dict                 # fingerprint, fingerprint_id, shard_index, plan, failures (decoded)
     keys: list[str] | None      # (m,) read when asked for
-    tiles: np.ndarray | None    # (m, 3) int64: tile count, grid rows, grid cols per image; None: (1, 1, 1) each
+    tiles: np.ndarray | None    # (m, 5) int64: tile count, grid rows, grid cols, height, width per image; None:
+                                # one row, grid (1, 1) each
 
     @property
     def n_images(self) -> int:
@@ -250,7 +252,7 @@ def read_info(path: str | Path, keys: bool = False) -> ShardInfo:
                 raise ValueError(f"{path}: checksums are not (n_rows,) {CHECKSUMS[algorithm][0]} as {algorithm} "
                                  f"needs (shape {checksums.shape}, dtype {checksums.dtype}); {REDO}")
             m, tiles = len(f["keys"]), f["tiles"][...].astype(np.int64) if "tiles" in f else None
-            if (m != n) if tiles is None else (tiles.shape != (m, 3) or (tiles < 1).any() or tiles[:, 0].sum() != n):
+            if (m != n) if tiles is None else (tiles.shape != (m, 5) or (tiles < 1).any() or tiles[:, 0].sum() != n):
                 raise ValueError(f"{path}: its {m} keys and their tiles do not make its {n} rows; {REDO}")
             attrs = {k: a[k] if isinstance(a[k], str) else a[k].item() for k in
                      ("fingerprint", "fingerprint_id", "shard_index", "plan")}

@@ -53,6 +53,7 @@ from minivlm.fileio import atomic_write
 from minivlm.formats.records import Record
 from minivlm.formats.sources import open_sources, read_records, sources_hash
 from minivlm.training.attention import cu_seqlens_of
+from minivlm.training import layout
 from minivlm.training.text import TextFormat, Tokens, collate, format_key, load_tokenizer, pack, text_format, tokenize
 
 SAMPLES = "samples"  # <cache.dir>/samples/<key>.npz: a run's splits as arrays (`stored_splits`)
@@ -65,9 +66,6 @@ def open_cache(cfg: RunConfig, tokens: int | None = None, width: int | None = No
     spec = EncoderSpec.of_manifest(manifest)
     spec.check(EncoderSpec.of_config(cfg.encoder, cfg.cache.dtype), "the config", f"cache {cache_dir}",
                "re-embed into another cache.dir or fix the config")
-    if spec.tiles != "none":
-        raise ValueError(f"cache {cache_dir} holds tiled images (encoder.tiles={spec.tiles!r}), which stage 2 cannot "
-                         f"read yet; train on a cache embedded with encoder.tiles=none")
     for name, want, got in (("T (image tokens)", tokens, manifest["tokens"]), ("D (width)", width, manifest["width"])):
         if want is not None and want != got:
             raise ValueError(f"cache {cache_dir} has {name} = {got}, the model expects {want}; use the cache "
@@ -82,12 +80,13 @@ def in_val_split(key: str, frac: float) -> bool:
 
 @dataclass(frozen=True)
 class Split:
-    """A split's samples as arrays: sample i's images are the cache rows (shard[j], row[j]) for j in
-    [first[i], first[i + 1]) (none: text-only). `records` is kept only where something needs a sample's text or
-    image keys (evaluation's captions); a training run never does."""
-    shard: np.ndarray                   # (M,) int64: each image slot's shard
-    row: np.ndarray                     # (M,) int64: its row
-    first: np.ndarray                   # (n + 1,) int64: sample i's slots start at first[i]
+    """A split's samples as arrays: sample i's images are the slots j in [first[i], first[i + 1]) (none:
+    text-only), image j's tiles the cache rows layout[j, 0] rows from (shard[j], row[j]) on. `records` is kept
+    only where something needs a sample's text or image keys (evaluation's captions); a training run never does."""
+    shard: np.ndarray                   # (M,) int64: each image's shard
+    row: np.ndarray                     # (M,) int64: its first row
+    layout: np.ndarray                  # (M, 5) int64: its tile count, grid rows, grid cols, height, width
+    first: np.ndarray                   # (n + 1,) int64: sample i's images start at first[i]
     dropped: int                        # records with an image that is not in the cache
     records: list[Record] | None = None
 
@@ -95,9 +94,14 @@ class Split:
         return len(self.first) - 1
 
     def slots(self, ix: np.ndarray) -> np.ndarray:
-        """(K,) the image slots of samples `ix`, sample after sample, each sample's in order."""
-        n = self.first[ix + 1] - self.first[ix]
-        return np.arange(n.sum()) + np.repeat(self.first[ix] - (np.cumsum(n) - n), n)
+        """(K,) the images of samples `ix`, sample after sample, each sample's in order."""
+        return _ranges(self.first[ix], self.first[ix + 1] - self.first[ix])
+
+    def rows(self, ix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row) of every cache row the images of samples `ix` read: each image's tiles, in order."""
+        slots = self.slots(ix)
+        count = self.layout[slots, 0]
+        return np.repeat(self.shard[slots], count), _ranges(self.row[slots], count)
 
     def keep(self, mask: np.ndarray) -> Split:
         """The samples where `mask` is true."""
@@ -105,11 +109,18 @@ class Split:
         n = self.first[ix + 1] - self.first[ix]
         slots = self.slots(ix)
         records = [r for r, m in zip(self.records, mask) if m] if self.records is not None else None
-        return Split(self.shard[slots], self.row[slots], np.concatenate([[0], np.cumsum(n)]), self.dropped, records)
+        return Split(self.shard[slots], self.row[slots], self.layout[slots], np.concatenate([[0], np.cumsum(n)]),
+                     self.dropped, records)
+
+
+def _ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """start[i], start[i] + 1, ..., start[i] + count[i] - 1 for each i, concatenated."""
+    return np.arange(count.sum()) + np.repeat(start - (np.cumsum(count) - count), count)
 
 
 def join(records: list[Record], index: cache.CacheIndex) -> Split:
-    """Records whose images are all in the cache (or that have none), with their (shard, row)s; the others counted."""
+    """Records whose images are all in the cache (or that have none), with their (shard, row)s and tile layouts;
+    the others counted."""
     kept, locs, count, dropped = [], [], [], 0
     for r in records:
         loc = [index.locations.get(k) for k in r.images]
@@ -120,8 +131,8 @@ def join(records: list[Record], index: cache.CacheIndex) -> Split:
             locs += loc
             count.append(len(loc))
     locs = np.array(locs, np.int64).reshape(-1, 2)
-    return Split(locs[:, 0].copy(), locs[:, 1].copy(), np.concatenate([[0], np.cumsum(count, dtype=np.int64)]),
-                 dropped, kept)
+    return Split(locs[:, 0].copy(), locs[:, 1].copy(), index.image_tiles(locs[:, 0], locs[:, 1]),
+                 np.concatenate([[0], np.cumsum(count, dtype=np.int64)]), dropped, kept)
 
 
 def load_splits(cfg: RunConfig, index: cache.CacheIndex, progress: bool = False) -> tuple[Split, Split]:
@@ -150,13 +161,14 @@ class TooLong:
 
 def split_tokens(fmt: TextFormat, split: Split, progress: bool = False) -> tuple[Split, Tokens, TooLong]:
     """The split's samples that fit tokenizer.max_len, their tokens, and what was left out."""
-    tokens, fits = tokenize(fmt, split.records, progress)
+    layouts = np.split(split.layout, split.first[1:-1]) if fmt.tiling != "none" else None  # per record
+    tokens, fits = tokenize(fmt, split.records, layouts, progress)
     out = split.keep(fits) if not fits.all() else split
     first = next((r.where for r, f in zip(split.records, fits) if not f), "")
     return out, tokens, TooLong(int((~fits).sum()), first)
 
 
-SAMPLES_FORMAT = 2  # bump when what a stored entry holds for the same inputs changes (2: image slots)
+SAMPLES_FORMAT = 3  # bump when what a stored entry holds for the same inputs changes (3: tile layouts)
 SPLITS = ("train", "val")
 
 
@@ -181,7 +193,8 @@ def stored_splits(cfg: RunConfig, index: cache.CacheIndex, manifest: dict, fmt: 
     path = Path(cfg.cache.dir) / SAMPLES / f"{samples_key(cfg, fmt, manifest)}.npz"
     try:
         with np.load(path, allow_pickle=False) as z:
-            return tuple((Split(z[f"{s}/shard"], z[f"{s}/row"], z[f"{s}/first"], int(z[f"{s}/dropped"])),
+            return tuple((Split(z[f"{s}/shard"], z[f"{s}/row"], z[f"{s}/layout"], z[f"{s}/first"],
+                                int(z[f"{s}/dropped"])),
                           Tokens(*(z[f"{s}/{f.name}"] for f in dataclasses.fields(Tokens))),
                           TooLong(int(z[f"{s}/too_long"]), str(z[f"{s}/too_long_first"]))) for s in SPLITS)
     except FileNotFoundError:
@@ -203,7 +216,7 @@ def stored_splits(cfg: RunConfig, index: cache.CacheIndex, manifest: dict, fmt: 
 def _save_samples(path: Path, splits) -> None:
     arrays = {}
     for s, (sp, tokens, too_long) in zip(SPLITS, splits):
-        arrays.update({f"{s}/shard": sp.shard, f"{s}/row": sp.row, f"{s}/first": sp.first,
+        arrays.update({f"{s}/shard": sp.shard, f"{s}/row": sp.row, f"{s}/layout": sp.layout, f"{s}/first": sp.first,
                        f"{s}/dropped": np.int64(sp.dropped), f"{s}/too_long": np.int64(too_long.count),
                        f"{s}/too_long_first": np.array(too_long.first)})
         arrays.update({f"{s}/{f.name}": getattr(tokens, f.name) for f in dataclasses.fields(Tokens)})
@@ -214,8 +227,9 @@ def _save_samples(path: Path, splits) -> None:
 class Samples:
     """A split's samples: tokenized text, and where each one's images are. `samples[indices]` -> one batch dict:
     input_ids, labels (and positions and cu_seqlens, packed: minivlm.training.attention), `index` (the samples
-    in the order laid out), `rows` (their
-    images as stored, in that order) and `shuffled` (for each image, another sample's: the eval's control).
+    in the order laid out), `rows` (their images' cache rows as stored, in that order), `image_index` (which
+    projected row each image position takes, where tiles are laid out otherwise than in order: anyres) and
+    `shuffled` (for each row, another sample's: the eval's control).
 
     `packing`: None lays each sample in a row of its own, padded to the batch's longest; an int packs each
     batch's samples into rows of at most that many tokens (0: the batch's longest sample, so a packed batch
@@ -249,31 +263,45 @@ class Samples:
 
     def __getitem__(self, indices: list[int]) -> dict:
         batch = self.text_batches([indices])[0]
-        return {**batch, "rows": self.rows(batch["index"]), "shuffled": self.shuffled(batch["index"])}
+        index = batch["index"]
+        return {**batch, "rows": self.rows(index), **self.placed(index), "shuffled": self.shuffled(index)}
 
-    def images(self, index: np.ndarray) -> int:
-        """The images these samples hold."""
-        return int((self.text.images[index]).sum())
+    def placed(self, index: np.ndarray) -> dict:
+        """`image_index` of samples `index` where their tiles are laid out otherwise than in order (anyres)."""
+        return {"image_index": self._tensor(self.image_index(index))} if self.fmt.tiling == "anyres" else {}
 
     def rows(self, index: np.ndarray) -> torch.Tensor:
-        """(K, row_bytes) uint8: the images of samples `index` as stored, sample after sample."""
-        slots = self.split.slots(np.asarray(index, np.int64))
-        out = torch.empty(len(slots), self.row_bytes, dtype=torch.uint8, pin_memory=self.pin_memory)
-        self.reader.read(self.split.shard[slots], self.split.row[slots], out.numpy())
+        """(K, row_bytes) uint8: the images of samples `index` as stored (each image's tiles), sample after sample."""
+        shard, row = self.split.rows(np.asarray(index, np.int64))
+        out = torch.empty(len(shard), self.row_bytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+        self.reader.read(shard, row, out.numpy())
         return out
 
+    def image_index(self, index: np.ndarray) -> np.ndarray:
+        """(positions,) int64: for each image position of samples `index` (in order), the projected row it takes
+        among the batch's K rows x T' (minivlm.training.layout; NEWLINE: the newline row)."""
+        layouts = self.split.layout[self.split.slots(np.asarray(index, np.int64))]  # (K, 5)
+        return layout.image_index(self.fmt.tiling, layouts, self.fmt.image_tokens, self.fmt.image_token)
+
+    def image_rows(self, index: np.ndarray) -> int:
+        """The cache rows (tiles) the images of these samples take."""
+        return int(self.split.layout[self.split.slots(np.asarray(index, np.int64)), 0].sum())
+
     def shuffled(self, index: np.ndarray) -> np.ndarray:
-        """(K,) for each image of samples `index` (in order), one of the previous sample with images (cyclic):
-        every image of a sample replaced by another sample's. With fewer than two such samples, the images
-        themselves."""
-        n = self.text.images[np.asarray(index, np.int64)]
+        """(K,) for each cache row of samples `index` (in order), one of the previous sample with images (cyclic):
+        every image of a sample replaced by another sample's (row for row, cycling where that one has fewer). With
+        fewer than two such samples, the rows themselves."""
+        ix = np.asarray(index, np.int64)
+        per_image = self.split.first[ix + 1] - self.split.first[ix]
+        n = np.bincount(np.repeat(np.arange(len(ix)), per_image), self.split.layout[self.split.slots(ix), 0],
+                        minlength=len(ix)).astype(np.int64)       # (B,) rows of each sample
         n = n[n > 0]
         first = np.cumsum(n) - n                                        # (S,) each image sample's first image
         nxt = np.roll(np.arange(len(n)), 1)                             # (S,) the sample whose images it takes
         j = np.arange(n.sum()) - np.repeat(first, n)                    # (K,) the image's place in its sample
         return np.repeat(first[nxt], n) + j % np.repeat(n[nxt], n)
 
-    def layout(self, indices: list[int]) -> tuple[list[int], list[int]]:
+    def arrange(self, indices: list[int]) -> tuple[list[int], list[int]]:
         """A batch's samples in the order laid out, and the samples in each row."""
         if self.packing is None:
             return list(indices), [1] * len(indices)
@@ -283,7 +311,7 @@ class Samples:
 
     def text_batches(self, batches: list[list[int]]) -> list[dict]:
         """input_ids, labels (and positions) and index of several batches, collated at once (`text.collate`)."""
-        laid = [self.layout(b) for b in batches]
+        laid = [self.arrange(b) for b in batches]
         ix = np.concatenate([order for order, _ in laid]).astype(np.int64)
         rows = [n for _, r in laid for n in r]
         parts = collate(self.fmt, self.text, ix, rows, [len(r) for _, r in laid], packed=self.packing is not None)
@@ -303,10 +331,7 @@ class Samples:
     def text_tokens(self, index: np.ndarray) -> int:
         """Real text tokens of these samples: no padding, no image placeholder."""
         t = self.text
-        return int((t.end[index] - t.start[index] - t.images[index]).sum())
-
-    def image_rows(self, index: np.ndarray) -> int:
-        return self.images(index)
+        return int((t.end[index] - t.start[index] - t.placeholders[index]).sum())
 
     def positions(self, index: np.ndarray) -> int:
         """The positions these samples fill in a batch (placeholders expanded, no padding)."""
@@ -314,8 +339,8 @@ class Samples:
 
     def describe_rows(self, index: np.ndarray, limit: int = 8) -> str:
         """'<cache>/shards/shard-00001.h5 rows 3, 9; <cache>/shards/shard-00004.h5 row 0' for these samples."""
-        slots = self.split.slots(np.asarray(index, np.int64))
-        locs = sorted(set(zip(self.split.shard[slots].tolist(), self.split.row[slots].tolist())))
+        shard, row = self.split.rows(np.asarray(index, np.int64))
+        locs = sorted(set(zip(shard.tolist(), row.tolist())))
         if not locs:
             return "no cached rows (text-only samples)"
         by_shard: dict[int, list[int]] = {}
@@ -425,14 +450,15 @@ class Loader:
         """Lists of consecutive text batches, one list per read."""
         ds = self.dataset
         for group in _groups(self.sampler, len, self.TEXT_SAMPLES):
-            yield from _groups(ds.text_batches(group), lambda text: ds.images(text["index"]) * ds.row_bytes,
+            yield from _groups(ds.text_batches(group), lambda text: ds.image_rows(text["index"]) * ds.row_bytes,
                                self.READ_BYTES)
 
     def _read(self, texts: list[dict]) -> list[dict]:
-        rows = self.dataset.rows(np.concatenate([t["index"] for t in texts]))  # (K, row_bytes) for all the batches
-        parts = rows.split([self.dataset.images(t["index"]) for t in texts])
+        ds = self.dataset
+        rows = ds.rows(np.concatenate([t["index"] for t in texts]))  # (K, row_bytes) for all the batches
+        parts = rows.split([ds.image_rows(t["index"]) for t in texts])
         # new dicts: the text group still holds its own until its last batch, and must not hold the rows
-        return [{**text, "rows": part} for text, part in zip(texts, parts)]
+        return [{**text, "rows": part, **ds.placed(text["index"])} for text, part in zip(texts, parts)]
 
     def __iter__(self):
         if not self.threads:
@@ -473,7 +499,8 @@ def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int 
     tc = cfg.train
     manifest, index = open_cache(cfg, tokens, width)
     tok = load_tokenizer(cfg.tokenizer)
-    fmt = text_format(tok, cfg.tokenizer, cfg.model.image_tokens(index.tokens))  # T' placeholders an image
+    fmt = text_format(tok, cfg.tokenizer, cfg.model.image_tokens(index.tokens),  # T' placeholders a tile
+                      EncoderSpec.of_manifest(manifest).tiles)
     (train_split, train_text, train_long), (val_split, val_text, val_long) = stored_splits(
         cfg, index, manifest, fmt, save=dist.is_main, progress=dist.is_main)
     too_long = TooLong(train_long.count + val_long.count, train_long.first or val_long.first)

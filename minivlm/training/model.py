@@ -321,7 +321,9 @@ class VLMOutput(NamedTuple):
 
 
 class VLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, image_dim: int, image_token_id: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, image_dim: int, image_token_id: int, newline: bool = False):
+        """`newline`: a learned row closing each row of an image's tile grid (LLaVA-NeXT's `image_newline`; a
+        cache tiled with encoder.tiles=anyres)."""
         super().__init__()
         self.cfg, self.image_dim, self.image_token_id = cfg, image_dim, image_token_id
         self.config: VLMConfig | None = None  # set by from_config / from_pretrained
@@ -333,6 +335,8 @@ class VLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if newline:  # drawn last, so every other weight starts as in a model without it (LLaVA-NeXT's init)
+            self.image_newline = nn.Parameter(torch.randn(cfg.dim) / math.sqrt(cfg.dim))
 
     @staticmethod
     def _init_weights(module):
@@ -344,12 +348,14 @@ class VLM(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(len(self.model.layers))
 
-    def embed(self, input_ids, images):
+    def embed(self, input_ids, images, image_index=None):
         """Token embeddings (B, L, D) with the batch's images projected onto its placeholders. `images` (K, T, D)
-        are the batch's K images as cached, in the order their placeholders appear (row by row, left to right);
-        each becomes T' rows (`reduce_rows`), and the n-th placeholder of the batch takes row n % T' of image
-        n // T'. So a row holds any number of images, in any place, and a packed row holds its samples' images
-        in turn."""
+        are the batch's K cache rows (an image, or a tile of one) as cached, in the order their placeholders
+        appear (row by row, left to right); each becomes T' projected rows (`reduce_rows`), and the n-th
+        placeholder of the batch takes projected row n (row n % T' of image n // T'), or, where the tiles are
+        laid out otherwise (`image_index`, (positions,) int64: minivlm.training.layout, computed on the host),
+        projected row image_index[n], -1 being the learned newline row. So a row holds any number of images, in
+        any place, and a packed row holds its samples' images in turn."""
         h = self.model.embed_tokens(input_ids)  # (B, L, D)
         is_img = input_ids == self.image_token_id  # (B, L)
         if images is None:
@@ -364,20 +370,24 @@ class VLM(nn.Module):
             return h
         if input_ids.device.type == "cpu":  # a check that reads counts on the host would stall a CUDA step;
             counts = is_img.sum(dim=1)      # the data code builds every batch with K * T placeholders
+            want = K * T if image_index is None else len(image_index)
             bad = counts % T != 0
-            if bad.any():
+            if image_index is None and bad.any():
                 r = int(bad.nonzero()[0])
                 raise ValueError(f"row {r} has {int(counts[r])} image placeholder tokens; expected a multiple of "
                                  f"T'={T}")
-            if counts.sum() != K * T:
+            if counts.sum() != want:
                 raise ValueError(f"the batch has {int(counts.sum())} image placeholder tokens for {K} images of T'={T} "
-                                 f"rows; expected {K * T}")
+                                 f"rows" + (f" laid out in {want} positions" if image_index is not None else "")
+                                 + f"; expected {want}")
         proj = self.projector(reduce_rows(images.to(h.dtype), self.cfg)).to(h.dtype).flatten(0, 1)  # (K * T', D)
+        if image_index is not None:  # the tiles laid out: base, grid rows, newlines (-1: the row appended last)
+            proj = torch.cat((proj, self.image_newline[None].to(h.dtype)))[image_index]  # (positions, D)
         slot = (is_img.flatten().cumsum(0) - 1).clamp(min=0).view_as(input_ids)  # (B, L): the placeholder's row
         return torch.where(is_img.unsqueeze(-1), proj[slot], h)  # no boolean indexing: its size would need a sync
 
     def forward(self, input_ids, images=None, labels=None, kv_cache: KVCache | None = None, start_pos: int = 0,
-                positions=None, cu_seqlens=None) -> VLMOutput:
+                positions=None, cu_seqlens=None, image_index=None) -> VLMOutput:
         """input_ids (B, L); images (K, T, image_dim) as cached, for the batch's placeholders in order (`embed`); labels
         (B, L), -100 where not trained. Packed rows: `positions` (B, L), each sample counting 0, 1, 2, ...,
         and `cu_seqlens` = minivlm.training.attention.cu_seqlens_of(positions) from the host (flash-attn's
@@ -391,7 +401,8 @@ class VLM(nn.Module):
             if kv_cache is not None or start_pos != 0:
                 raise ValueError("packed rows (positions) start at 0 and take no KV cache; generate row by row")
             check_packed(input_ids, positions, cu_seqlens)
-        h, aux = self.model(self.embed(input_ids, images), start_pos, kv_cache, positions, cu_seqlens)  # (B, L, D)
+        h, aux = self.model(self.embed(input_ids, images, image_index), start_pos, kv_cache, positions,
+                            cu_seqlens)  # (B, L, D)
         logits = self.lm_head(h)  # (B, L, V)
         loss = None
         if labels is not None:
@@ -401,7 +412,8 @@ class VLM(nn.Module):
 
     @classmethod
     def from_config(cls, config: VLMConfig) -> VLM:
-        model = cls(config.model, config.vocab_size, config.image_dim, config.image_token_id)
+        model = cls(config.model, config.vocab_size, config.image_dim, config.image_token_id,
+                    newline=config.encoder.tiles == "anyres")
         model.config = config
         return model
 
@@ -442,6 +454,8 @@ def freeze(model: VLM, level: int) -> None:
         raise ValueError(f"train.freeze_llm must be 0, 1 or 2, got {level}")
     model.requires_grad_(level == 0)
     model.projector.requires_grad_(True)
+    if hasattr(model, "image_newline"):  # the tiles' newline row is part of the image side, as in LLaVA-NeXT
+        model.image_newline.requires_grad_(True)
     if level == 1:
         model.model.layers[0].requires_grad_(True)
         model.model.layers[-1].requires_grad_(True)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from minivlm.config import TokenizerConfig
 from minivlm.fileio import BUGS
 from minivlm.formats.records import IMAGE_TAG, Record, user_text, with_tags
+from minivlm.training.layout import Placement, place
 
 IGNORE = -100
 
@@ -67,13 +68,14 @@ class TextFormat:
     pad_id: int
     max_len: int
     prompt: str
+    tiling: str = "none"       # the cache's encoder.tiles: how an image's tiles are laid out (minivlm.training.layout)
 
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
 
-def text_format(tok, cfg: TokenizerConfig, image_tokens: int) -> TextFormat:
+def text_format(tok, cfg: TokenizerConfig, image_tokens: int, tiling: str = "none") -> TextFormat:
     has_template = bool(getattr(tok, "chat_template", None))
     if cfg.template == "chat" and not has_template:
         raise ValueError(f"tokenizer.template=chat but {cfg.name_or_path} has no chat template; use auto or plain")
@@ -85,24 +87,24 @@ def text_format(tok, cfg: TokenizerConfig, image_tokens: int) -> TextFormat:
         raise ValueError(f"tokenizer.max_len={cfg.max_len} leaves no room for text after {image_tokens} image tokens")
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos  # pad positions are masked anyway
     return TextFormat(tok, cfg.image_token, tok.convert_tokens_to_ids(cfg.image_token), image_tokens, chat,
-                      eos, pad, cfg.max_len, cfg.prompt)
+                      eos, pad, cfg.max_len, cfg.prompt, tiling)
 
 
-def _expand(fmt: TextFormat, ids: list[int]) -> list[int]:
-    """Each image placeholder as T' copies (tokenizing one is cheaper than 196)."""
-    out = []
-    for t in ids:
-        out += [t] * fmt.image_tokens if t == fmt.image_token_id else [t]
-    return out
+def placements(fmt: TextFormat, layouts) -> list[Placement]:
+    """Each image's placement (minivlm.training.layout) from its layout (tile count, grid rows, grid cols, height,
+    width: the cache's `image_tiles`); an untiled image is one run of T' whatever its layout."""
+    return [place(fmt.tiling, tuple(int(x) for x in lay), fmt.image_tokens, fmt.image_token) for lay in layouts]
 
 
-def _messages(fmt: TextFormat, turns) -> list[dict]:
-    """Chat messages: each <image> tag as the image token, tokenizer.prompt where a user turn asks nothing."""
-    msgs = []
+def _messages(fmt: TextFormat, turns, tags: list[str]) -> list[dict]:
+    """Chat messages: the k-th <image> tag as tags[k] (its placement's text), tokenizer.prompt where a user turn
+    asks nothing."""
+    msgs, tags = [], iter(tags)
     for role, text in turns:
         if role == "user" and not user_text(text):  # a bare caption's (or an untagged image's) empty question
             text += fmt.prompt
-        msgs.append({"role": role, "content": text.replace(IMAGE_TAG, fmt.image_token)})
+        parts = text.split(IMAGE_TAG)
+        msgs.append({"role": role, "content": "".join(p + next(tags) for p in parts[:-1]) + parts[-1]})
     return msgs
 
 
@@ -110,13 +112,13 @@ def _render(fmt: TextFormat, msgs: list[dict], generation_prompt: bool) -> str:
     return fmt.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _segments(fmt: TextFormat, record: Record, prompts: dict) -> list[tuple[str, bool]]:
-    """The sample as (text, is_answer) pieces. `prompts` memoizes renders up to an answer: pretraining
-    sets reuse a handful of prompts, so this halves the template renders."""
+def _segments(fmt: TextFormat, record: Record, tags: list[str], prompts: dict) -> list[tuple[str, bool]]:
+    """The sample as (text, is_answer) pieces, its images' tags as `tags`. `prompts` memoizes renders up to an
+    answer: pretraining sets reuse a handful of prompts, so this halves the template renders."""
     if not fmt.chat:  # plain: the images, then every assistant answer (eos follows)
         answer = "\n".join(t for r, t in record.turns if r == "assistant")
-        return [(fmt.image_token * len(record.images), False), (answer, True)]
-    msgs, segments, done = _messages(fmt, record.turns), [], ""
+        return [("".join(tags), False), (answer, True)]
+    msgs, segments, done = _messages(fmt, record.turns, tags), [], ""
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
@@ -134,39 +136,51 @@ def _segments(fmt: TextFormat, record: Record, prompts: dict) -> list[tuple[str,
 @dataclass(frozen=True)
 class Tokens:
     """Samples tokenized once, flat, each cut to fit max_len once expanded and followed by one pad token
-    (not an answer) that every padding position of a batch reads: sample i is [start[i]:end[i]], each of its
-    images ONE placeholder."""
+    (not an answer) that every padding position of a batch reads: sample i is [start[i]:end[i]], each run of
+    image positions ONE placeholder token (an image, or a tile of a `split` image), expanding to `runs`."""
     ids: np.ndarray        # (N,) int32
     answer: np.ndarray     # (N,) bool: the loss is on this token
     start: np.ndarray      # (n,) int64
     end: np.ndarray        # (n,) int64: the sample's trailing pad token
-    images: np.ndarray     # (n,) int64: the sample's images (placeholders)
+    placeholders: np.ndarray  # (n,) int64: the sample's placeholder tokens
+    runs: np.ndarray       # (P,) int64: the positions each placeholder token becomes, sample after sample
     length: np.ndarray     # (n,) int64: the sample's length in a batch (placeholders expanded, no pad)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.placeholders)
+
+    def runs_of(self, ix: np.ndarray) -> np.ndarray:
+        """The runs of samples `ix`' placeholder tokens, sample after sample, each sample's in order."""
+        first = np.cumsum(self.placeholders) - self.placeholders
+        n = self.placeholders[ix]
+        return self.runs[np.arange(n.sum()) + np.repeat(first[ix] - (np.cumsum(n) - n), n)]
 
 
-def _fit(fmt: TextFormat, ids: list[int], answer: list[bool]) -> int | None:
+def _fit(fmt: TextFormat, ids: list[int], answer: list[bool], runs: list[int]) -> int | None:
     """How many of a sample's (unexpanded) tokens stay so that, expanded, it fits max_len: the tail is cut after
     its last image and its first answer token; None if even those do not fit."""
-    extra = fmt.image_tokens - 1                                  # positions a placeholder adds when expanded
     at = [j for j, t in enumerate(ids) if t == fmt.image_token_id]
+    extra = np.cumsum([0] + [r - 1 for r in runs])                # positions the placeholders before each add
     first = answer.index(True) if True in answer else len(ids)
-    need = max(first + 1 + extra * sum(j < first for j in at), at[-1] + 1 + extra * len(at) if at else 0)
-    return None if need > fmt.max_len else fmt.max_len - extra * len(at)
+    need = max(first + 1 + int(extra[sum(j < first for j in at)]), at[-1] + 1 + int(extra[-1]) if at else 0)
+    return None if need > fmt.max_len else fmt.max_len - int(extra[-1])
 
 
-def tokenize(fmt: TextFormat, records: list[Record], progress: bool = False) -> tuple[Tokens, np.ndarray]:
+def tokenize(fmt: TextFormat, records: list[Record], layouts: list | None = None,
+             progress: bool = False) -> tuple[Tokens, np.ndarray]:
     """Every record's ids and answer mask, and which records fit tokenizer.max_len ((n,) bool): only those are
-    in the Tokens, in order."""
-    ids, answer, lengths, images, prompts = [], [], [], [], {}
+    in the Tokens, in order. `layouts`: per record, its images' layouts (the cache's `image_tiles`), for a tiled
+    cache; None: untiled images."""
+    ids, answer, lengths, counts, runs, prompts = [], [], [], [], [], {}
     fits = np.ones(len(records), bool)
+    untiled = (1, 1, 1, 0, 0)
     chunk = 4096  # records per batched tokenizer call (the fast tokenizer encodes a list in one go)
     with tqdm(total=len(records), desc="tokenize", unit="sample", disable=not progress or None,
               mininterval=1.0) as bar:
         for lo in range(0, len(records), chunk):
-            pieces = [_segments(fmt, r, prompts) for r in records[lo:lo + chunk]]
+            placed = [placements(fmt, layouts[i] if layouts is not None else [untiled] * len(records[i].images))
+                      for i in range(lo, min(lo + chunk, len(records)))]
+            pieces = [_segments(fmt, r, [p.text for p in ps], prompts) for r, ps in zip(records[lo:lo + chunk], placed)]
             texts = [t for segs in pieces for t, _ in segs if t]
             encoded = iter(fmt.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
             chunk_ids, chunk_answer = [], []  # one array per chunk, not per sample (~100 B an array)
@@ -179,31 +193,35 @@ def tokenize(fmt: TextFormat, records: list[Record], progress: bool = False) -> 
                 if not fmt.chat:
                     sid.append(fmt.eos_id)
                     sans.append(True)
-                n = sid.count(fmt.image_token_id)
-                if n != len(records[i].images):
-                    raise ValueError(f"{records[i].where}: {n} image token(s) {fmt.image_token!r} for "
-                                     f"{len(records[i].images)} image(s): the text holds the token itself; remove "
-                                     f"it from the record, or set tokenizer.image_token to a token the text lacks")
-                keep = _fit(fmt, sid, sans)
+                sample_runs = [r for p in placed[k] for r in p.runs]
+                if sid.count(fmt.image_token_id) != len(sample_runs):
+                    raise ValueError(f"{records[i].where}: {sid.count(fmt.image_token_id)} image token(s) "
+                                     f"{fmt.image_token!r} for {len(records[i].images)} image(s): the text holds the "
+                                     f"token itself; remove it from the record, or set tokenizer.image_token to a "
+                                     f"token the text lacks")
+                keep = _fit(fmt, sid, sans, sample_runs)
                 if keep is None:
                     fits[i] = False
                     continue
                 chunk_ids += sid[:keep] + [fmt.pad_id]
                 chunk_answer += sans[:keep] + [False]
                 lengths.append(min(len(sid), keep) + 1)
-                images.append(n)
+                counts.append(len(sample_runs))
+                runs += sample_runs
             ids.append(np.asarray(chunk_ids, np.int32))
             answer.append(np.asarray(chunk_answer, bool))
             bar.update(len(pieces))
     end = np.cumsum(np.asarray(lengths, np.int64)) - 1
     start = end - np.asarray(lengths, np.int64) + 1
-    images = np.asarray(images, np.int64)
-    length = end - start + images * (fmt.image_tokens - 1)
+    counts, runs = np.asarray(counts, np.int64), np.asarray(runs, np.int64)
+    extra = np.zeros(len(counts), np.int64)                       # positions each sample's placeholders add
+    np.add.at(extra, np.repeat(np.arange(len(counts)), counts), runs - 1)
+    length = end - start + extra
     cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
-    return Tokens(cat(ids, np.int32), cat(answer, bool), start, end, images, length), fits
+    return Tokens(cat(ids, np.int32), cat(answer, bool), start, end, counts, runs, length), fits
 
 
-TOKENS_FORMAT = 2  # bump when what tokenize returns for the same input changes (2: images at their tags)
+TOKENS_FORMAT = 3  # bump when what tokenize returns for the same input changes (3: tiles laid out)
 
 
 def format_key(fmt: TextFormat) -> str:
@@ -215,7 +233,7 @@ def format_key(fmt: TextFormat) -> str:
     backend = getattr(tok, "backend_tokenizer", None)  # vocab, merges, normalizer, added tokens
     h.update((backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))).encode())
     h.update(repr((TOKENS_FORMAT, transformers.__version__, tokenizers.__version__, tok.chat_template,
-                   fmt.image_token, fmt.image_token_id, fmt.image_tokens, fmt.chat, fmt.eos_id, fmt.pad_id,
+                   fmt.image_token, fmt.image_token_id, fmt.image_tokens, fmt.tiling, fmt.chat, fmt.eos_id, fmt.pad_id,
                    fmt.max_len, fmt.prompt)).encode())
     return h.hexdigest()[:32]
 
@@ -250,7 +268,8 @@ def collate(fmt: TextFormat, tokens: Tokens, ix: np.ndarray, rows: list[int], ba
     seg = tokens.end[ix] - start + 1                                         # (N,) tokens + the trailing pad
     first = np.cumsum(seg) - seg                                             # (N,) where each sample's run starts
     src = np.arange(first[-1] + seg[-1]) + np.repeat(start - first, seg)     # (U,) flat index of every token
-    count = np.where(tokens.ids[src] == fmt.image_token_id, fmt.image_tokens, 1)  # (U,) positions each fills
+    count = np.ones(len(src), np.int64)                                      # (U,) positions each fills
+    count[tokens.ids[src] == fmt.image_token_id] = tokens.runs_of(ix)        # a placeholder: its run
     pad = np.zeros(len(ix), np.int64)
     pad[row_end - 1] = np.repeat(longest, batches) - row_len                 # the row's last pad: up to its L
     count[first + seg - 1] = pad                                             # other samples' pads: none
@@ -268,23 +287,28 @@ def collate(fmt: TextFormat, tokens: Tokens, ix: np.ndarray, rows: list[int], ba
     return out
 
 
-def encode_sample(fmt: TextFormat, record: Record) -> tuple[list[int], list[int]]:
-    """One record's ids and labels, exactly as a training batch holds them (without padding)."""
-    tokens, fits = tokenize(fmt, [record])
+def encode_sample(fmt: TextFormat, record: Record, layouts=None) -> tuple[list[int], list[int]]:
+    """One record's ids and labels, exactly as a training batch holds them (without padding); `layouts`: its
+    images' (tiled caches)."""
+    tokens, fits = tokenize(fmt, [record], None if layouts is None else [layouts])
     if not fits[0]:
         raise ValueError(f"{record.where}: its images and prompt do not fit tokenizer.max_len={fmt.max_len}")
     (ids, labels), = collate(fmt, tokens, np.zeros(1, np.int64), [1], [1])
     return ids[0].tolist(), labels[0].tolist()
 
 
-def prompt_ids(fmt: TextFormat, prompt: str = "", images: int = 1) -> list[int]:
+def prompt_ids(fmt: TextFormat, prompt: str = "", images: int = 1, layouts=None) -> list[int]:
     """The generation prompt for captioning, the same format training used, up to the answer: a user turn
-    `prompt` (tokenizer.prompt if empty) with its `images`, at its <image> tags, or opening it if it has none."""
-    turns = with_tags((("user", prompt),), images, "the prompt")
-    if not fmt.chat:
-        return [fmt.image_token_id] * fmt.image_tokens * images
-    text = _render(fmt, _messages(fmt, turns), True)
-    return _expand(fmt, fmt.tokenizer(text, add_special_tokens=False)["input_ids"])
+    `prompt` (tokenizer.prompt if empty) with its `images`, at its <image> tags, or opening it if it has none;
+    `layouts`: the images' (tiled encoders), each placed as training placed it."""
+    placed = placements(fmt, layouts if layouts is not None else [(1, 1, 1, 0, 0)] * images)
+    turns = with_tags((("user", prompt),), len(placed), "the prompt")
+    tags = [p.text for p in placed]
+    text = _render(fmt, _messages(fmt, turns, tags), True) if fmt.chat else "".join(tags)
+    runs, out = iter(r for p in placed for r in p.runs), []
+    for t in fmt.tokenizer(text, add_special_tokens=False)["input_ids"]:
+        out += [t] * next(runs) if t == fmt.image_token_id else [t]
+    return out
 
 
 def decode(fmt: TextFormat, ids: list[int]) -> str:

@@ -98,7 +98,7 @@ def train_step(model, opt, micro_batches: list[dict], cfg: TrainConfig, scaler, 
         with sync:
             with autocast(dtype, device):
                 out = model(mb["input_ids"], mb["images"], mb["labels"], positions=mb.get("positions"),
-                            cu_seqlens=mb.get("cu_seqlens"))
+                            cu_seqlens=mb.get("cu_seqlens"), image_index=mb.get("image_index"))
             scaler.scale(out.loss / n).backward()
         total += out.loss.detach()
     scaler.unscale_(opt)
@@ -124,7 +124,8 @@ def evaluate(model: VLM, batches: list[dict], codec: Codec, dtype: torch.dtype, 
         shuffled = images[torch.from_numpy(b["shuffled"]).to(device)] if images is not None else None
         for name, images in (("eval_loss", images), ("eval_loss_shuffled", shuffled)):
             with autocast(dtype, device):
-                logits = model(b["input_ids"], images, positions=b.get("positions"), cu_seqlens=b.get("cu_seqlens")).logits
+                logits = model(b["input_ids"], images, positions=b.get("positions"), cu_seqlens=b.get("cu_seqlens"),
+                               image_index=b.get("image_index")).logits
             sums[name] += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                           ignore_index=IGNORE, reduction="sum").item()
         count += int((targets != IGNORE).sum())
@@ -154,7 +155,8 @@ def batch_layout(cfg: RunConfig, device: str) -> tuple[int | None, Backend]:
 def build_model(cfg: RunConfig, data: TrainData, device: str, init: bool):
     """The VLM (optionally initialised from an LM checkpoint), frozen per freeze_llm, its optimizer and scaler."""
     tc = cfg.train
-    model = VLM(cfg.model, data.fmt.vocab_size, data.index.width, data.fmt.image_token_id)
+    model = VLM(cfg.model, data.fmt.vocab_size, data.index.width, data.fmt.image_token_id,
+                newline=data.fmt.tiling == "anyres")
     if init and tc.init_from:
         init_from(model, tc.init_from, tc.allow_partial_init, data.manifest)
     freeze(model, tc.freeze_llm)

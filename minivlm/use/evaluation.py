@@ -51,11 +51,14 @@ def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, records: str
     losses = evaluate(cap.model, batches, index.codec, amp_dtype(cfg.train, device), device)  # the run's dtype
 
     split = ds.split  # the samples that fit tokenizer.max_len
-    picked = np.flatnonzero(ds.text.images > 0)[:n]
     generated = {}
-    for k in np.unique(ds.text.images[picked]).tolist():  # samples of k images, captioned together
-        group = picked[ds.text.images[picked] == k]
-        generated.update(zip(group.tolist(), caption_features(cap, index.codec.decode(ds.rows(group)), per_prompt=k)))
+    n_images = np.diff(split.first)
+    picked = np.flatnonzero(n_images > 0)[:n]
+    for k in np.unique(n_images[picked]).tolist():  # samples of k images, captioned together
+        group = picked[n_images[picked] == k]
+        layouts = split.layout[split.slots(group)]
+        generated.update(zip(group.tolist(), caption_features(cap, index.codec.decode(ds.rows(group)), per_prompt=k,
+                                                              layouts=layouts)))
     ds.close()
     samples = []
     for i in picked.tolist():

@@ -36,15 +36,16 @@ def sample_next(logits, temperature: float = 0.0, top_k: int = 0, top_p: float =
 @torch.inference_mode()
 def generate(model: VLM, input_ids, images, max_new_tokens: int, eos_id: int | None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, use_cache: bool = True) -> list[list[int]]:
-    """input_ids (B, L) long, images (B, T, D) or None -> new tokens per row, cut after the first eos."""
+             generator: torch.Generator | None = None, use_cache: bool = True, image_index=None) -> list[list[int]]:
+    """input_ids (B, L) long, images (K, T, D) or None (the rows' images in order, `image_index` where their tiles
+    are laid out otherwise: VLM.embed) -> new tokens per row, cut after the first eos."""
     B, L = input_ids.shape
     if L + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len="
                          f"{model.cfg.max_seq_len}")
     cache = model.new_cache() if use_cache else None
     seq, new = input_ids, []
-    logits = model(input_ids, images, kv_cache=cache).logits[:, -1]  # (B, V)
+    logits = model(input_ids, images, kv_cache=cache, image_index=image_index).logits[:, -1]  # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
         logits[:, model.image_token_id] = float("-inf")
@@ -58,7 +59,7 @@ def generate(model: VLM, input_ids, images, max_new_tokens: int, eos_id: int | N
         if use_cache:
             logits = model(nxt[:, None], None, kv_cache=cache, start_pos=seq.size(1) - 1).logits[:, -1]
         else:
-            logits = model(seq, images).logits[:, -1]
+            logits = model(seq, images, image_index=image_index).logits[:, -1]
     rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(B)]  # (B, n_new)
     if eos_id is not None:
         rows = [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
