@@ -110,6 +110,54 @@ def test_linear_projector_run_exports_to_llava_with_the_same_prompt_logits_and_c
     assert_exact_export(clip_run.train.run_dir, tmp_path / "hf", demo)
 
 
+@pytest.fixture(scope="module")
+def anyres_run(demo, tmp_path_factory):
+    """A run on a cache tiled as LLaVA-NeXT tiles (base image + grid, 64 rows a tile)."""
+    return trained_run(demo, tmp_path_factory.mktemp("export_anyres"), "encoder.pool=1", "encoder.tiles=anyres",
+                       "tokenizer.max_len=400", "model.max_seq_len=440", *SHORT)
+
+
+def test_an_anyres_run_exports_to_llava_next_with_the_same_prompt_logits_and_captions(demo, anyres_run, tmp_path):
+    """Wide, tall and square images through LlavaNextForConditionalGeneration and its processor alone: the same
+    tiles, the same prompt ids (the image token expanded to base + unpadded grid + newlines), our logits within
+    1e-4 and our greedy tokens."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from minivlm.embedding.encoder import tile_pixels
+    from minivlm.training.layout import image_index
+
+    export_run(anyres_run.train.run_dir, tmp_path / "hf")
+    hf = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    proc = AutoProcessor.from_pretrained(tmp_path / "hf", local_files_only=True)
+    cap = load_run(anyres_run.train.run_dir)
+    square = Image.open(held_out_images(demo)[0]).convert("RGB")
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    for im in (square.resize((150, 40)), square.resize((40, 150)), square, square.resize((70, 130))):
+        tiles, lay = tile_pixels(cap.encoder.processor, cap.encoder.tiling, im)
+        layout = (len(tiles), *lay)
+        inputs = proc(images=[im], text=[text], return_tensors="pt")
+        ids = torch.tensor([prompt_ids(cap.fmt, PROMPT, layouts=[layout])])
+        assert torch.equal(inputs["input_ids"], ids), im.size  # the processor counts the positions we place
+        torch.testing.assert_close(inputs["pixel_values"][0][:len(tiles)], tiles, atol=1e-6, rtol=0)
+        exact = features(cap.encoder, tiles).float()  # (tiles, T, D)
+        index = torch.from_numpy(image_index("anyres", [layout], cap.fmt.image_tokens, cap.fmt.image_token))
+        with torch.no_grad():
+            ours = cap.model(ids, exact, image_index=index).logits
+            torch.testing.assert_close(hf(**inputs).logits, ours, atol=1e-4, rtol=0)
+            gen = hf.generate(**inputs, max_new_tokens=6, do_sample=False)[:, ids.size(1):].tolist()
+        assert gen == generate(cap.model, ids, exact, 6, None, image_index=index), im.size
+
+
+def test_a_split_run_is_refused_in_one_line_and_exports_its_lm(demo, tmp_path):
+    cfg = trained_run(demo, tmp_path, "encoder.pool=1", "encoder.tiles=split", "encoder.max_tiles=2", "tokenizer.max_len=600",
+                      "model.max_seq_len=640", *SHORT, *TINY)
+    with pytest.raises(ValueError, match="encoder.tiles=split: transformers' Idefics3 .*--lm-only") as e:
+        export_run(cfg.train.run_dir, tmp_path / "hf")
+    assert "\n" not in str(e.value)
+    assert export_run(cfg.train.run_dir, tmp_path / "lm", lm_only=True)["class"] == "LlamaForCausalLM"
+
+
 def test_a_two_image_prompt_through_the_export_computes_what_the_run_computes(demo, clip_run, tmp_path):
     """Two images in one prompt, text between and after them: transformers alone builds the same prompt ids, fills
     the images in order, and gives our logits (1e-4) and our greedy tokens; swapping the images changes both alike."""

@@ -73,6 +73,10 @@ def refusal(vc: VLMConfig, lm_only: bool) -> str | None:
     if vc.model.projector not in LLAVA_PROJECTORS:
         return (f"model.projector={vc.model.projector} (LayerNorm first) has no LLaVA equivalent; runs with "
                 f"model.projector=mlp2x_gelu or linear export{alt}")
+    if vc.encoder.tiles == "split":
+        return ("encoder.tiles=split: transformers' Idefics3 computes a SigLIP tower, pixel shuffle and one Linear "
+                "without bias, which a LLaVA projector's bias and GELU are not, and its tokenizer needs the row and "
+                f"column markers as special tokens; runs tiled with encoder.tiles=anyres export to LLaVA-NeXT{alt}")
     return None
 
 
@@ -92,7 +96,7 @@ def lm_config(cfg: ModelConfig, fmt: TextFormat):
 
 def lm_state(model: VLM) -> dict[str, torch.Tensor]:
     """Our LM's tensors under their (shared) causal-LM names: `model.*`, `lm_head.weight`."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("projector.")}
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("projector.") and k != "image_newline"}
 
 
 def projector_state(model: VLM) -> dict[str, torch.Tensor]:
@@ -136,26 +140,38 @@ def chat_template(fmt: TextFormat) -> str:
 
 
 def vision_tower(run_dir: Path, spec: EncoderSpec):
-    """The run's whole encoder and its image processor, refused unless it is the one stage 1 used."""
+    """The run's whole encoder and the minivlm Encoder stage 1 used (its processor, its tiling), refused unless it
+    is the fingerprinted one."""
     enc = load_encoder(spec.encoder_config(), "cpu", spec.storage_dtype)  # truncated; its fingerprint is checked
     spec.check(EncoderSpec.of_encoder(enc), f"encoder {spec.name_or_path}",
                f"the fingerprint run {run_dir} was trained with", "restore the original encoder files")
     full = type(enc.model).from_pretrained(spec.name_or_path, local_files_only=enc.cfg.local_files_only)
     assert weights_hash(full) == spec.fingerprint["weights"], "the reloaded tower is not the fingerprinted one"
-    return full.float(), enc.processor
+    return full.float(), enc
 
 
-def llava(model: VLM, fmt: TextFormat, tower, strategy: str):
-    """LlavaForConditionalGeneration holding our tower, projector and LM."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+def pinpoints(enc) -> list[list[int]] | None:
+    """An anyres run's grid pinpoints (h, w in pixels) for LLaVA-NeXT; None for an untiled run."""
+    return [list(p) for p in enc.tiling.pinpoints] if enc.tiling.policy == "anyres" else None
+
+
+def llava(model: VLM, fmt: TextFormat, tower, strategy: str, grid_pinpoints: list | None = None):
+    """LlavaForConditionalGeneration holding our tower, projector and LM; with `grid_pinpoints` (an anyres run)
+    LlavaNextForConditionalGeneration, our learned newline row its `image_newline`."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     vc = model.config
-    config = LlavaConfig(vision_config=tower.config, text_config=lm_config(model.cfg, fmt),
-                         image_token_index=fmt.image_token_id, image_seq_length=vc.image_tokens,
-                         projector_hidden_act=LLAVA_PROJECTORS[model.cfg.projector],
-                         vision_feature_select_strategy=strategy, vision_feature_layer=vc.encoder.select_layer,
-                         multimodal_projector_bias=True, tie_word_embeddings=True)
-    out = LlavaForConditionalGeneration(config).float().eval()
+    same = dict(vision_config=tower.config, text_config=lm_config(model.cfg, fmt),
+                image_token_index=fmt.image_token_id, projector_hidden_act=LLAVA_PROJECTORS[model.cfg.projector],
+                vision_feature_select_strategy=strategy, vision_feature_layer=vc.encoder.select_layer,
+                multimodal_projector_bias=True, tie_word_embeddings=True)
+    if grid_pinpoints is None:
+        out = LlavaForConditionalGeneration(LlavaConfig(**same, image_seq_length=vc.image_tokens)).float().eval()
+    else:
+        out = LlavaNextForConditionalGeneration(LlavaNextConfig(**same, image_grid_pinpoints=grid_pinpoints))
+        out = out.float().eval()
+        with torch.no_grad():
+            out.model.image_newline.copy_(model.image_newline)
     lm = lm_state(model)
     with torch.no_grad():
         load_strict(out.model.vision_tower, tower.state_dict(), "vision tower")
@@ -175,14 +191,24 @@ def causal_lm(model: VLM, fmt: TextFormat):
     return out
 
 
-def processor(fmt: TextFormat, tower, image_processor, strategy: str):
-    from transformers import LlavaProcessor
+def processor(fmt: TextFormat, tower, enc, strategy: str):
+    """LlavaProcessor with the tower's image processor; for an anyres run LlavaNextProcessor with a LLaVA-NeXT
+    image processor that cuts the tiles stage 1 cut (the tower's side, resampling and normalisation)."""
+    import transformers
 
     has_cls = type(tower).__name__ == "CLIPVisionModel"
-    proc = LlavaProcessor(image_processor=image_processor, tokenizer=fmt.tokenizer,
-                          patch_size=tower.config.patch_size, vision_feature_select_strategy=strategy,
-                          chat_template=chat_template(fmt), image_token=fmt.image_token,
-                          num_additional_image_tokens=int(has_cls))
+    same = dict(tokenizer=fmt.tokenizer, patch_size=tower.config.patch_size, vision_feature_select_strategy=strategy,
+                chat_template=chat_template(fmt), image_token=fmt.image_token, num_additional_image_tokens=int(has_cls))
+    grid = pinpoints(enc)
+    if grid is None:
+        proc = transformers.LlavaProcessor(image_processor=enc.processor, **same)
+    else:
+        p, side = enc.processor, enc.tiling.size
+        cls = getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
+        image_processor = cls(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                              image_grid_pinpoints=grid, resample=p.resample, image_mean=list(p.image_mean),
+                              image_std=list(p.image_std), rescale_factor=p.rescale_factor)
+        proc = transformers.LlavaNextProcessor(image_processor=image_processor, **same)
     if proc.image_token != fmt.image_token:  # LlavaProcessor prefers the tokenizer's own image_token
         raise ValueError(f"the run's tokenizer declares image_token {proc.image_token!r}, the run used "
                          f"tokenizer.image_token={fmt.image_token!r}; LlavaProcessor would expand the wrong token")
@@ -222,15 +248,15 @@ def export_run(run_dir: str | Path, out: str | Path, lm_only: bool = False, over
     if why:
         raise ValueError(f"{run_dir} cannot be exported exactly: {why}")
     tcfg = replace(vc.tokenizer, name_or_path=str(run_dir / "tokenizer"))
-    fmt = text_format(load_tokenizer(tcfg), tcfg, vc.image_tokens)
+    fmt = text_format(load_tokenizer(tcfg), tcfg, vc.image_tokens, vc.encoder.tiles)
     if lm_only:
         hf = causal_lm(model, fmt)
         save = [hf, fmt.tokenizer]
     else:
-        tower, image_processor = vision_tower(run_dir, vc.encoder)
+        tower, enc = vision_tower(run_dir, vc.encoder)
         strategy = "full" if vc.encoder.keep_cls or type(tower).__name__ != "CLIPVisionModel" else "default"
-        hf = llava(model, fmt, tower, strategy)
-        save = [hf, processor(fmt, tower, image_processor, strategy)]
+        hf = llava(model, fmt, tower, strategy, pinpoints(enc))
+        save = [hf, processor(fmt, tower, enc, strategy)]
     hf.generation_config = generation_config(fmt)
     publish_dir(out, overwrite, lambda d: [obj.save_pretrained(d) for obj in save])
     files = sorted(p for p in out.rglob("*") if p.is_file())
