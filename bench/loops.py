@@ -177,8 +177,8 @@ class CachedSource:
 
 
 class RamBatches:
-    """Every image slot's stored row in one RAM tensor (M, row_bytes), gathered per batch: the in-memory bound
-    (decoded on the device like the cached path's)."""
+    """Every image's stored rows (its tiles) in one RAM tensor (rows, row_bytes), gathered per batch: the in-memory
+    bound (decoded on the device like the cached path's)."""
 
     def __init__(self, ds: Samples):
         self.ds = ds
@@ -186,8 +186,12 @@ class RamBatches:
 
     def batch(self, indices: list[int]) -> dict:
         text = self.ds.text_batches([indices])[0]  # the library's own text path
-        slots = torch.from_numpy(self.ds.split.slots(text["index"]))  # the batch's images, as laid out
-        return {**text, "rows": self.rows.index_select(0, slots)}  # (K, row_bytes)
+        sp = self.ds.split
+        count = sp.layout[:, 0]                                      # (M,) each image's rows (tiles)
+        slots = sp.slots(text["index"])                              # the batch's images, as laid out
+        c = count[slots]
+        at = np.arange(c.sum()) + np.repeat((np.cumsum(count) - count)[slots] - (np.cumsum(c) - c), c)
+        return {**text, "rows": self.rows.index_select(0, torch.from_numpy(at)), **self.ds.placed(text["index"])}
 
 
 class RamSource:
@@ -437,7 +441,7 @@ class BatchShapes(Dataset):
         return len(self.ds)
 
     def __getitem__(self, indices: list[int]) -> dict:
-        rows = torch.zeros(self.ds.images(np.asarray(indices)), self.ds.row_bytes, dtype=torch.uint8)  # Samples.rows
+        rows = torch.zeros(self.ds.image_rows(np.asarray(indices)), self.ds.row_bytes, dtype=torch.uint8)  # as Samples.rows
         return {"input_ids": torch.zeros(len(indices), 1, dtype=torch.long), "rows": rows}
 
 

@@ -404,6 +404,9 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
     p7 = {"pretraining": p7_packing(wl, wl.cfg, device, log)}
     if wl.sft_cfg is not None:
         p7["sft"] = p7_packing(wl, wl.sft_cfg, device, log)
+    if wl.tiled_cfg is not None:
+        log(f"[{wl.name}] P2 on a cache tiled with encoder.tiles={wl.tiled_cfg.encoder.tiles}")
+        tiled = tiled_figures(wl, device, log)
     log(f"[{wl.name}] codec {wl.codec_cfg.cache.dtype}: P2 and P3 on that cache; every codec's error on the "
         f"encoder's output for the P4 images")
     codec = codec_figures(wl, device, work, log, enc, pixels)
@@ -438,6 +441,7 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
         "tar_vs_folder_read_decode": p4["read_decode_tar_img_s"]["median"] / p4["read_decode_folder_img_s"]["median"],
         "p4": p4,
         "p7": p7,
+        **({"tiled": tiled} if wl.tiled_cfg is not None else {}),
         **({"p4_remote_tar_vs_local": p4r["tar"]["s3_vs_local"],
             "p4_remote_parquet_vs_local": p4r["parquet"]["s3_vs_local"], "p4_remote": p4r} if p4r else {}),
         "p4_tiles_embed_vs_encoder": p4t["embed_tiles_s"]["median"] / p4t["encoder_tiles_s"]["median"],
@@ -480,12 +484,28 @@ def p7_packing(wl: Workload, cfg, device: str, log) -> dict:
         log(f"[{wl.name}]   P7 round {r + 1}/{s.repeats}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items())
             + f" text tokens/s; other processes used {foreign[-1]:.0f}% of the CPU")
     out = {"records": cfg.data.records, "samples": len(ds), "text_tokens_per_sample": tokens,
-           "images_per_sample": ds.images(np.arange(len(ds))) / len(ds),
+           "images_per_sample": len(ds.split.shard) / len(ds),
            "packed_vs_padded": median(rates["packed"]) / median(rates["padded"]),
            "contended": median(foreign) > CONTENDED_PCT, "foreign_cpu_pct_per_round": foreign}
     for name, setup in setups.items():
         out[name] = {"tokens_s": figure(rates[name]), "pad_frac": loops.pad_share(setup.data.train, batches)}
         setup.close()
+    return out
+
+
+def tiled_figures(wl: Workload, device: str, log) -> dict:
+    """P2 on the cache tiled with workloads.TILES (cached vs all rows in RAM, the same loop), with its rows and
+    bytes an image."""
+    setup = loops.Setup(wl.tiled_cfg, device)
+    rates, _ = p1_p2_train(dataclasses.replace(wl, name=f"{wl.name}-tiled", cfg=wl.tiled_cfg), setup, None, log,
+                           live=False)
+    ds, manifest = setup.data.train, setup.data.manifest
+    files = [Path(wl.tiled_cfg.cache.dir) / "shards" / s["file"] for s in manifest["shards"]]
+    out = {"tiles": wl.tiled_cfg.encoder.tiles, "rows_per_image": ds.image_rows(np.arange(len(ds))) / len(ds),
+           "bytes_per_image": sum(f.stat().st_size for f in files) / manifest["counts"]["embedded"],
+           "p2_cached_vs_ram": median(rates["cached"]) / median(rates["ram"]),
+           "p2": {"cached_samples_s": figure(rates["cached"]), "ram_samples_s": figure(rates["ram"])}}
+    setup.close()
     return out
 
 
@@ -567,6 +587,11 @@ def table(results: dict) -> str:
                          f"padding ({q['text_tokens_per_sample']:.0f} text tokens, {q['images_per_sample']:.1f} images "
                          f"a sample)", f"{q['packed_vs_padded']:.2f}x",
                          "CONTENDED" if q["contended"] else ""))
+        if "tiled" in r:
+            t = r["tiled"]
+            rows.append((name, f"P2 tiled ({t['tiles']})", f"{t['p2']['cached_samples_s']['median']:.1f} samples/s "
+                         f"cached, {t['rows_per_image']:.1f} rows an image", f"{t['p2']['ram_samples_s']['median']:.1f} "
+                         f"RAM; {t['bytes_per_image']:,.0f} bytes an image", f"{t['p2_cached_vs_ram']:.2f}", ""))
         k = r["codec"]
         rows.append((name, f"codec {k['codec']}: P2, P3", f"{k['p2']['cached_samples_s']['median']:.1f} samples/s; "
                      f"{k['p3']['warm']['loader_rows_s']['median']:,.0f} rows/s warm ({k['p3_read_vs_raw']:.2f} of its "

@@ -85,6 +85,7 @@ class Workload:
     tiles_embed_cfg: RunConfig  # stage 1 with encoder.tiles = TILES over `tiles_images(sizes)` of those images
     parquet_rss_cfgs: dict | None  # {"n", "4n"}: stage 1 on Parquet files of n and 4n images (P5, b16 only)
     sft_cfg: RunConfig | None   # SFT-like samples on the training cache (P7, demo only): see sft_records
+    tiled_cfg: RunConfig | None  # the training records on a cache tiled with TILES (P2 tiled, demo only)
     sizes: Sizes
     info: dict                  # printable description for the JSON
 
@@ -210,8 +211,13 @@ def build_demo(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
     sft_cfg = load_config(REPO / "configs" / "demo.toml", base + [
         f"data.records={sft}", f"cache.dir={root}/cache-{4 * sizes.n}", "tokenizer.max_len=1024",
         "model.max_seq_len=1024"])
+    tiled = load_config(REPO / "configs" / "demo.toml", base + [  # an image: 5 tiles, 16 + 8 x 9 = 88 positions
+        f"data.records={recs[4 * sizes.n]}", f"cache.dir={root}/cache-{4 * sizes.n}-{TILES}", f"encoder.tiles={TILES}",
+        "tokenizer.max_len=160", "model.max_seq_len=192"])
+    with _quiet():
+        run_embed(tiled, Dist(device=device))
     return Workload("demo", cfg, small, codec, embed, with_records(embed, parquet), with_records(embed, tar_set),
-                    with_tiles(cfg_for(tiles_images(sizes))), None, sft_cfg, sizes,
+                    with_tiles(cfg_for(tiles_images(sizes))), None, sft_cfg, tiled, sizes,
                     {"images": f"{n_train} synthetic 96x96 JPEG/PNG (make_demo)",
                      "encoder": "tiny CLIP 64px/patch 8, 2 layers, D=64, pool 2",
                      "T": 16, "D": 64, "model": "configs/demo.toml (dim 128 x 4 layers)", "cache": "run_embed output",
@@ -350,7 +356,7 @@ def build_b16(work: Path, sizes: Sizes, device: str, smoke: bool) -> Workload:
            for label, k in (("n", sizes.n), ("4n", n_images))}
     tar_set = tars_of(recs[sizes.embed_images], root / "images", root / f"tars-{sizes.embed_images}")
     return Workload("b16", cfg, small, codec, embed, with_records(embed, parquet), with_records(embed, tar_set),
-                    with_tiles(cfg_for(tiles_images(sizes))), rss, None, sizes,
+                    with_tiles(cfg_for(tiles_images(sizes))), rss, None, None, sizes,
                     {"images": f"{max(n_images, sizes.embed_images)} synthetic 500x375 JPEG (~35 KB)",
                      "encoder": "CLIPVisionModel " + ", ".join(f"{k}={v}" for k, v in shape.items())
                                 + ", random weights, select_layer -2",
