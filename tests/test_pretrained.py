@@ -557,3 +557,14 @@ def test_a_projector_that_is_not_ours_is_skipped_with_the_reason_and_the_lm_stil
     assert re.search("projector not loaded: .*" + why, summary), summary
     assert all(torch.equal(before[k], v) for k, v in ours.projector.state_dict().items())
     assert_same_function(ours, lambda x: ref_lm(x).logits)
+
+
+def test_a_vocabulary_grown_by_the_image_token_and_splits_markers_loads(tmp_path):
+    from minivlm.training.pretrained import load_state
+
+    state = lm_state(MM2)
+    ours = our_vlm(MM2, vocab=V + 1 + 4)  # placeholder + 4 markers, as a split tokenizer adds them
+    assert "vocabulary rows 96 -> 101 (minivlm's tokens added)" in load_state(ours, state, "lm.pth", False, markers=4)
+    assert torch.equal(ours.lm_head.weight[:V], state["model.embed_tokens.weight"])
+    with pytest.raises(ValueError, match=r"96 vocabulary rows, but the tokenizer has 101 tokens \(3 added"):
+        load_state(our_vlm(MM2, vocab=V + 1 + 4), state, "lm.pth", False, markers=2)

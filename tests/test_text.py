@@ -171,3 +171,18 @@ def test_pack_fills_rows_longest_first_within_capacity():
     assert rows == [[1], [3, 2], [0, 4]] and pack(lengths, 10) == rows
     assert all(lengths[r].sum() <= 10 for r in rows) and sorted(sum(rows, [])) == list(range(5))
     assert pack(np.array([12, 3]), 10) == [[0], [1]]  # too long for any row: a row of its own
+
+
+@pytest.mark.parametrize("which", ["demo", "v1", "v3"])
+def test_split_markers_are_one_special_token_each_after_the_tokenizers_own(which, demo):
+    from minivlm.training.layout import markers
+
+    path = demo / "tokenizer" if which == "demo" else tokenizer_dir(which)
+    cfg = TokenizerConfig(name_or_path=str(path))
+    plain, tok = load_tokenizer(cfg), load_tokenizer(cfg, markers("split", 3))
+    names = markers("split", 3)
+    assert len(names) == 2 + 9 and len(tok) == len(plain) + len(names)  # the placeholder kept its id
+    assert tok.convert_tokens_to_ids(cfg.image_token) == plain.convert_tokens_to_ids(cfg.image_token)
+    ids = tok("".join(names), add_special_tokens=False)["input_ids"]
+    assert ids == list(range(len(plain), len(tok)))  # appended in order: the LM's own rows stay its rows
+    assert tok.decode(tok("a<row_2_col_3>b")["input_ids"], skip_special_tokens=True).replace(" ", "") == "ab"

@@ -498,9 +498,9 @@ def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int 
     `packing`: how training batches are laid out (`Samples`); held-out batches are padded, one sample a row."""
     tc = cfg.train
     manifest, index = open_cache(cfg, tokens, width)
-    tok = load_tokenizer(cfg.tokenizer)
-    fmt = text_format(tok, cfg.tokenizer, cfg.model.image_tokens(index.tokens),  # T' placeholders a tile
-                      EncoderSpec.of_manifest(manifest).tiles)
+    spec = EncoderSpec.of_manifest(manifest)
+    tok = load_tokenizer(cfg.tokenizer, layout.markers(spec.tiles, spec.complete_fingerprint["max_tiles"]))
+    fmt = text_format(tok, cfg.tokenizer, cfg.model.image_tokens(index.tokens), spec.tiles)  # T' a tile
     (train_split, train_text, train_long), (val_split, val_text, val_long) = stored_splits(
         cfg, index, manifest, fmt, save=dist.is_main, progress=dist.is_main)
     too_long = TooLong(train_long.count + val_long.count, train_long.first or val_long.first)

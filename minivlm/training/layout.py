@@ -8,7 +8,9 @@ those runs takes, in order (tile t's row i is t T' + i; NEWLINE is the learned n
 - `none`: one tile, one run of T', its rows in order.
 - `split` (Idefics3 / SmolVLM): each tile its own run of T', after a marker naming its place in the grid,
   a newline after each grid row, then the global image; the markers are Idefics3Processor's prompt
-  (`<fake_token_around_image>`, `<row_r_col_c>`, `<global-img>`), so the LM reads where each tile sits.
+  (`<fake_token_around_image>`, `<row_r_col_c>`, `<global-img>`), so the LM reads where each tile sits. As in
+  Idefics3's tokenizer, each marker is one special token (`markers`, added to the run's tokenizer), not the
+  ~20-30 tokens a BPE makes of its text.
 - `anyres` (LLaVA-NeXT): one run of T' + H'(W' + 1): the base image's T' rows, then the grid tiles' rows laid
   out as the image (tile (r, c)'s row (i, j) at (r g + i, c g + j)), cut back to the image's own aspect ratio
   (LLaVA-NeXT's `unpad_image`), with the newline row after each grid row: `LlavaNextModel.pack_image_features`'
@@ -34,6 +36,13 @@ class Placement:
     text: str            # what the image's tag becomes: placeholder tokens, and markers between them
     runs: tuple          # positions each placeholder token of `text` becomes, in order
     rows: np.ndarray     # (sum(runs),) int64: the image's projected row each position takes; NEWLINE
+
+
+def markers(policy: str, max_tiles: int) -> list[str]:
+    """The marker tokens a policy's prompts use (split: Idefics3's, for grids of up to max_tiles a side)."""
+    if policy != "split":
+        return []
+    return [FAKE, GLOBAL] + [f"<row_{r}_col_{c}>" for r in range(1, max_tiles + 1) for c in range(1, max_tiles + 1)]
 
 
 @lru_cache(maxsize=4096)  # images share layouts: a few grids and sizes

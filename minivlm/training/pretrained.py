@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 
 from minivlm.config import ModelConfig
 from minivlm.embedding.encoder import EncoderSpec
-from minivlm.training import minimind_v
+from minivlm.training import layout, minimind_v
 from minivlm.training.model import VLM, VLMConfig
 
 RUN_FILES = ("model.safetensors", "model_config.json")
@@ -298,21 +298,24 @@ def _grouped(keys: list[str], cfg: ModelConfig, missing: bool, state: dict) -> s
                      for s, ks in by_setting.items())
 
 
-def _vocab_rows(model: VLM, rows: int, source: str) -> str | None:
-    """Growth only by the image token minivlm added; shrinking drops rows the tokenizer never produces."""
+def _vocab_rows(model: VLM, rows: int, source: str, markers: int) -> str | None:
+    """Growth only by the tokens minivlm added (the image token, a tiling's `markers`); shrinking drops rows the
+    tokenizer never produces."""
     ours = model.lm_head.weight.size(0)
-    if ours > rows and not (ours == rows + 1 and model.image_token_id == rows):
-        raise ValueError(f"{source}: {rows} vocabulary rows, but the tokenizer has {ours} tokens (image token "
-                         f"included); is tokenizer.name_or_path the tokenizer this LM was trained with?")
+    added = int(model.image_token_id >= rows) + markers
+    if ours > rows + added:
+        raise ValueError(f"{source}: {rows} vocabulary rows, but the tokenizer has {ours} tokens ({added} added by "
+                         f"minivlm); is tokenizer.name_or_path the tokenizer this LM was trained with?")
     if ours != rows:
-        return f"vocabulary rows {rows} -> {ours}" + (" (the image token added)" if ours > rows else
+        return f"vocabulary rows {rows} -> {ours}" + (" (minivlm's tokens added)" if ours > rows else
                                                        " (rows past the tokenizer dropped)")
     return None
 
 
 def load_state(model: VLM, state: dict[str, torch.Tensor], source: str, allow_partial: bool,
-               with_projector: bool = False) -> str:
-    """Copy `state` (our names) into `model`'s LM (and projector); returns a one-line summary."""
+               with_projector: bool = False, markers: int = 0) -> str:
+    """Copy `state` (our names) into `model`'s LM (and projector); returns a one-line summary. `markers`: how many
+    tiling marker tokens the run's tokenizer gained (layout.markers)."""
     own = {k: v for k, v in model.state_dict().items() if with_projector or not k.startswith("projector.")}
     emb, head = state.get("model.embed_tokens.weight"), state.get("lm_head.weight")
     if emb is not None and head is not None and not torch.equal(emb, head):
@@ -339,7 +342,7 @@ def load_state(model: VLM, state: dict[str, torch.Tensor], source: str, allow_pa
     if wrong:
         raise ValueError(f"{source}: shapes differ ({'; '.join(wrong[:3])}); check model.dim, n_head, n_kv_head, "
                          f"head_dim and ffn_dim against the checkpoint")
-    notes = [_vocab_rows(model, state["model.embed_tokens.weight"].size(0), source)] \
+    notes = [_vocab_rows(model, state["model.embed_tokens.weight"].size(0), source, markers)] \
         if "model.embed_tokens.weight" in state else []
     with torch.no_grad():
         for k, v in own.items():
@@ -390,7 +393,9 @@ def init_from(model: VLM, path: str, allow_partial: bool, manifest: dict) -> str
     else:
         raise FileNotFoundError(f"{source} not found; point it at an LM checkpoint (.safetensors, .pth), a "
                                 f"Hugging Face Llama/Qwen3 directory or an earlier run's directory")
-    loaded = [load_state(model, state, source, allow_partial, whole), *minimind_v.load_parts(model, *vlm)]
+    spec = EncoderSpec.of_manifest(manifest) if "encoder" in manifest else None
+    markers = len(layout.markers(spec.tiles, spec.complete_fingerprint["max_tiles"])) if spec else 0
+    loaded = [load_state(model, state, source, allow_partial, whole, markers), *minimind_v.load_parts(model, *vlm)]
     summary = f"init_from {path} ({kind}): loaded " + "; ".join(loaded)
     print(summary)
     return summary

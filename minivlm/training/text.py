@@ -37,8 +37,9 @@ from minivlm.training.layout import Placement, place
 IGNORE = -100
 
 
-def load_tokenizer(cfg: TokenizerConfig):
-    """AutoTokenizer by hub id or directory, with the image placeholder guaranteed to be one special token."""
+def load_tokenizer(cfg: TokenizerConfig, markers: list[str] = ()):
+    """AutoTokenizer by hub id or directory, with the image placeholder guaranteed to be one special token, and
+    each of a tiling's `markers` (minivlm.training.layout.markers) one too."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -50,8 +51,9 @@ def load_tokenizer(cfg: TokenizerConfig):
             raise
         raise FileNotFoundError(f"tokenizer.name_or_path={cfg.name_or_path!r}: cannot load a tokenizer "
                                 f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
-    if tok.convert_tokens_to_ids(cfg.image_token) in (None, tok.unk_token_id):
-        tok.add_special_tokens({"additional_special_tokens": [cfg.image_token]})
+    missing = [t for t in [cfg.image_token, *markers] if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
+    if missing:  # appended in this order, after every token the tokenizer had (the LM's rows stay its rows)
+        tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if len(tok(cfg.image_token, add_special_tokens=False)["input_ids"]) != 1:
         raise ValueError(f"tokenizer.image_token={cfg.image_token!r} does not encode to one token")
     return tok
