@@ -66,8 +66,12 @@ gpu-check: install
 	$(BIN)/python -m pytest -q -m gpu -rs -p no:cacheprovider $(ARGS)
 	$(BIN)/python bench/run.py --cuda
 
+# the bench writes bench/results/<host>-<date>[-quick].json; report.py then rewrites docs/performance.md and the
+# README's headline from the newest results file (commit the three together)
 bench: install
 	$(BIN)/python bench/run.py $(ARGS)
+	$(BIN)/python bench/report.py
 
 bench-quick: install
 	$(BIN)/python bench/run.py --quick $(ARGS)
+	$(BIN)/python bench/report.py

@@ -5,12 +5,12 @@ tiny BPE tokenizer (nothing is downloaded). Idempotent: an identical earlier bui
                                [--pairs] [--detail]
 
 --parquet also writes the records and images as the Parquet files MiniMind-V, Hugging Face datasets and
-img2dataset produce, under <out>/parquet/{minimind,hf,img2dataset}/ (see the README's "Data layouts").
+img2dataset produce, under <out>/parquet/{minimind,hf,img2dataset}/ (see docs/data.md).
 --tars also writes them as img2dataset's WebDataset tars, under <out>/tars/{train,val}/NNNNN.tar.
 --pairs also writes the images paired into two-image records (the answer describes the first, then the second)
 as <out>/pairs/{train,val}.json and as MiniMind-V and Hugging Face Parquet under <out>/pairs/parquet/.
 --detail also writes the detail demo under <out>/detail/ (images, records, encoder, tokenizer): wide and tall
-scenes whose caption names a tiny shape at one end, which one square view loses and tiles keep (README "Tiles").
+scenes whose caption names a tiny shape at one end, which one square view loses and tiles keep (docs/cache.md, "Tiles").
 """
 import argparse
 import sys

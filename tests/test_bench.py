@@ -10,6 +10,9 @@ import pytest
 
 from conftest import REPO
 
+sys.path.insert(0, str(REPO / "bench"))
+import report  # noqa: E402
+
 RATIOS = ("p1_cached_vs_live", "p1_cached_vs_live_per_image", "p2_cached_vs_ram", "p3_read_vs_raw",
           "p3_read_vs_raw_reopened", "p3_rows_vs_raw", "p3_pread_path_vs_raw_reopened", "p4_embed_vs_encoder",
           "p4_parquet_embed_vs_encoder", "p4_tar_embed_vs_encoder", "p4_tiles_embed_vs_encoder",
@@ -67,6 +70,10 @@ def test_smoke_bench_writes_every_figure_positive(tmp_path):
             assert v >= 0 and math.isfinite(v), f"{where} = {v}"
         else:
             assert v > 0 and math.isfinite(v), f"{where} = {v}"
+    # bench/report.py renders every figure of this format: at smoke size only P4-remote (no S3 rounds) and MFU
+    # (CUDA only) are absent
+    page = report.render(out, res)
+    assert "Not in this file: P4-remote tars: S3 ÷ local; P4-remote Parquet: S3 ÷ local; MFU (bf16)." in page
 
 
 def test_gpu_tier_on_a_cpu_machine_is_all_skipped_needing_cuda():

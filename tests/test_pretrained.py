@@ -472,7 +472,7 @@ def saved_as_today(path, state: dict) -> dict:
 def minimind3_lm(cfg: ModelConfig):
     """minimind-3's LM (`model/model_minimind.py` of 2026) on random weights. transformers' Qwen3 computes its
     function under its tensor names: q/k RMSNorm per head before rotate-half RoPE, eps 1e-6, base 1e6, SwiGLU,
-    tied embeddings, no biases (the equivalence the README states and the HF tests above hold ours to)."""
+    tied embeddings, no biases (the equivalence docs/training.md states and the HF tests above hold ours to)."""
     torch.manual_seed(0)
     ref = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         vocab_size=V, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,

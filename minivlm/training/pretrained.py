@@ -160,7 +160,7 @@ def hf_lm_function(conf: dict, where: str) -> dict[str, tuple[str, object]]:
     arch = (conf.get("architectures") or [None])[0]
     if arch == "MiniMindForCausalLM":
         raise ValueError(f"{where}: MiniMind's own Hugging Face format; point train.init_from at its weights "
-                         f"file (model.safetensors) and use the config of its generation (README)")
+                         f"file (model.safetensors) and use the config of its generation (README.md, Configuration)")
     if arch not in _HF_ARCHS:
         raise ValueError(f"{where}: architectures={conf.get('architectures')}; train.init_from takes "
                          f"{', '.join(_HF_ARCHS)} directories")
@@ -367,7 +367,7 @@ def _check_generation(cfg: ModelConfig, gen: str, source: str) -> None:
     wrong = _differences(cfg, expected)
     if wrong:
         raise ValueError(f"{source} is a {gen} state dict, which carries no config: {'; '.join(wrong)}; use the "
-                         f"[model] of that generation's config (README: Starting from a pretrained LM)")
+                         f"[model] of that generation's config (docs/training.md: Starting from a pretrained LM)")
 
 
 def init_from(model: VLM, path: str, allow_partial: bool, manifest: dict) -> str:
