@@ -75,8 +75,8 @@ def refusal(vc: VLMConfig, lm_only: bool) -> str | None:
                 f"model.projector=mlp2x_gelu or linear export{alt}")
     if vc.encoder.tiles == "split":
         return ("encoder.tiles=split: transformers' Idefics3 computes a SigLIP tower, pixel shuffle and one Linear "
-                "without bias, which a LLaVA projector's bias and GELU are not, and its tokenizer needs the row and "
-                f"column markers as special tokens; runs tiled with encoder.tiles=anyres export to LLaVA-NeXT{alt}")
+                f"without bias, which a LLaVA projector's bias and GELU are not; runs tiled with encoder.tiles=anyres "
+                f"export to LLaVA-NeXT{alt}")
     return None
 
 
