@@ -4,6 +4,7 @@ Shared by the S3 tests (tests/test_remote.py) and the bench's P4-remote (bench/l
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import socket
@@ -28,6 +29,7 @@ def moto_s3() -> Iterator[int]:
     """moto's S3 server on a free loopback port (yields the port), with test credentials in the environment
     for as long, where s3fs finds real ones (and stage subprocesses and forked workers inherit them)."""
     from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # else a line per request
     saved = {k: os.environ.get(k) for k in CREDENTIALS}
     os.environ.update(CREDENTIALS)
     port = free_port()

@@ -99,7 +99,8 @@ def test_samples_of_any_shape_reach_the_batch_as_alone_with_their_images_in_tag_
         got = images(ds, batch)
         assert len(got) == len(want) and all(np.array_equal(g.numpy(), w) for g, w in zip(got, want))
         ids, labels = batch["input_ids"], batch["labels"]
-        pos = batch["positions"] if packing is not None else torch.arange(ids.shape[1]).expand_as(ids)  # padded
+        pos = batch.get("positions", torch.arange(ids.shape[1]).expand_as(ids))  # padded: each row one sample
+        assert ("positions" in batch) == (len(ids) < len(ix))  # packed where a row holds several, else padded
         runs = [(r, a) for r in range(len(ids)) for a in range(ids.shape[1]) if pos[r, a] == 0]
         alone = iter(encode_sample(fmt, rec) for rec in recs)
         for r, a in runs:
@@ -111,7 +112,7 @@ def test_samples_of_any_shape_reach_the_batch_as_alone_with_their_images_in_tag_
             assert ids[r, a:a + n].tolist() == one[0] and labels[r, a:a + n].tolist() == one[1]
             assert pos[r, a:a + n].tolist() == list(range(n))
         shared += sum(int((pos[r] == 0).sum()) > 2 for r in range(len(ids)))  # rows of two samples or more
-        if packing is not None:
+        if "positions" in batch:
             assert torch.equal(batch["cu_seqlens"], torch.cat([(pos.flatten() == 0).nonzero().flatten(),
                                                                torch.tensor([pos.numel()])]).int())
             assert ids.shape[1] <= (packing or max(ds.text.length[ix]))

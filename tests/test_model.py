@@ -441,9 +441,10 @@ def qkv(positions, H=4, Hkv=2, hd=16, seed=0):
 LONG = positions_of([130, 254], [60, 70, 200, 40, 14])
 
 
-def test_sdpa_with_the_block_mask_equals_causal_attention_over_each_sample_alone():
+@pytest.mark.parametrize("backend", ["sdpa", "gather"])
+def test_sdpa_with_the_block_mask_or_gathered_equals_causal_attention_over_each_sample_alone(backend):
     q, k, v = qkv(LONG)
-    y = attend("sdpa", q, k, v, LONG)  # (B, L, H * hd)
+    y = attend(backend, q, k, v, LONG)  # (B, L, H * hd)
     for b, row in enumerate(([130, 254], [60, 70, 200, 40, 14])):
         start = 0
         for n in row:
@@ -490,7 +491,7 @@ def test_varlen_layout_meets_flash_attn_varlen_func_contract(monkeypatch):
 def test_attention_backend_follows_device_dtype_dropout_and_flash_attn(monkeypatch):
     import minivlm.training.attention as attention
     bf16 = torch.bfloat16
-    assert attention_backend("cpu", torch.float32, 0.0).name == "sdpa"
+    assert attention_backend("cpu", torch.float32, 0.0).name == "gather"
     monkeypatch.setattr(attention, "flash_attn_varlen_func", None)
     monkeypatch.setattr(attention, "HAS_TRITON", True)
     assert attention_backend("cuda:0", bf16, 0.0) == ("flex", "FlexAttention with a document mask; flash-attn is "

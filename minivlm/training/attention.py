@@ -9,9 +9,15 @@ Design choices:
   (`cu_seqlens_of`) and ships it with the batch; on the CPU the model checks the two agree.
 - Backends (`attention_backend`, printed by the trainer at start): on CUDA, flash-attn's varlen kernel
   where the package is installed and the compute dtype is fp16/bf16 (its only dtypes); else FlexAttention
-  with a document mask, unless attention dropout is on (FlexAttention has none); else, and on every other
-  device, SDPA with the (B, 1, L, L) block-diagonal causal mask. FlexAttention has no CPU backward
-  (pytorch#148752), so the CPU trains through SDPA; its CPU forward checks the CUDA path in the tests.
+  with a document mask, unless attention dropout is on (FlexAttention has none); else SDPA with the
+  (B, 1, L, L) block-diagonal causal mask. Off CUDA, `gather`: each layer gathers the samples' q, k and v
+  into rows of their own, right-padded, for SDPA's causal kernel, one call per length class (samples of
+  2^(c-1) < length <= 2^c padded to their class's longest), and reads the outputs back: attention costs
+  less than padded rows cost, and every other layer runs on the packed tokens. The mask (SDPA's masked
+  path: every score of every row computed and stored) measured slower than plain padding on CPU (P7 0.91
+  on the SFT-like set), one SDPA call a sample pays the call's overhead per sample (0.35 on the demo's
+  short captions), and one class for all pays the longest sample's length² for each (0.68). FlexAttention has no CPU backward (pytorch#148752); its CPU forward
+  checks the CUDA path in the tests.
 - flash-attn gets max_seqlen = L, the row length: an upper bound is all its launch grid needs (blocks past
   a sample's end return at once), and a static one needs neither the host nor a recompile under
   torch.compile.
@@ -38,7 +44,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None  # FlexAttention's C
 
 
 class Backend(NamedTuple):
-    name: str    # "flash_attn", "flex" or "sdpa"
+    name: str    # "flash_attn", "flex", "sdpa" (the block mask) or "gather"
     reason: str  # one phrase, for the trainer's start line
 
     def __str__(self) -> str:
@@ -50,7 +56,7 @@ def attention_backend(device: str | torch.device, dtype: torch.dtype, dropout: f
     dtype under autocast) and the model's attention `dropout`."""
     kind = torch.device(device).type
     if kind != "cuda":
-        return Backend("sdpa", f"SDPA with a block-diagonal mask on {kind}")
+        return Backend("gather", f"causal SDPA over the samples gathered into rows of their own on {kind}")
     if flash_attn_varlen_func is not None and dtype in (torch.float16, torch.bfloat16):
         return Backend("flash_attn", "flash-attn's varlen kernel")
     why = "flash-attn is not installed" if flash_attn_varlen_func is None else f"flash-attn cannot compute in {dtype}"
@@ -106,8 +112,10 @@ class PackedRows(NamedTuple):
     """What attention needs to keep a packed batch's samples apart; built once per forward for every layer."""
     backend: str
     dtype: torch.dtype                     # q, k and v meet in it, as SDPA's autocast casts them
-    mask: torch.Tensor | BlockMask | None  # sdpa: (B, 1, L, L) bool; flex: BlockMask; flash_attn: None
-    cu_seqlens: torch.Tensor               # (N + 1,) int32, read by flash_attn only
+    mask: torch.Tensor | BlockMask | None  # sdpa: (B, 1, L, L) bool; flex: BlockMask; else None
+    cu_seqlens: torch.Tensor               # (N + 1,) int32, read by flash_attn
+    slots: tuple[torch.Tensor, ...] = ()   # gather: per length class (n, w), the packed token of each slot
+    back: torch.Tensor | None = None       # gather: (B * L,) the slot each packed token reads its output from
 
 
 def packed_rows(positions: torch.Tensor, cu_seqlens: torch.Tensor, backend: str, dtype: torch.dtype) -> PackedRows:
@@ -115,6 +123,8 @@ def packed_rows(positions: torch.Tensor, cu_seqlens: torch.Tensor, backend: str,
     B, L = positions.shape
     if backend == "flash_attn":
         return PackedRows(backend, dtype, None, cu_seqlens)
+    if backend == "gather":
+        return PackedRows(backend, dtype, None, cu_seqlens, *length_classes(cu_seqlens.cpu(), positions.device))
     sample = (positions == 0).cumsum(dim=1)  # (B, L): the token's sample, counted within its row
     if backend == "flex":
         def same_sample_causal(b, h, q, kv):
@@ -123,6 +133,25 @@ def packed_rows(positions: torch.Tensor, cu_seqlens: torch.Tensor, backend: str,
                           create_block_mask(same_sample_causal, B, None, L, L, device=positions.device), cu_seqlens)
     causal = torch.ones(L, L, dtype=torch.bool, device=positions.device).tril()  # (L, L)
     return PackedRows(backend, dtype, ((sample[:, :, None] == sample[:, None, :]) & causal).unsqueeze(1), cu_seqlens)
+
+
+def length_classes(cu_seqlens: torch.Tensor, device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """`gather`'s index maps for samples at host offsets cu_seqlens: per length class the (n, w) packed tokens
+    its samples' slots read (slots past a sample's end read later tokens, causal keys no real query of the
+    sample sees), and for each packed token its slot in the classes' outputs laid end to end."""
+    starts, lens = cu_seqlens[:-1].long(), cu_seqlens.diff().long()  # (N,) each
+    total, classes = int(cu_seqlens[-1]), torch.frexp(lens.double())[1]  # 2^(c-1) <= length < 2^c
+    slots, back, offset = [], torch.empty(total, dtype=torch.long), 0
+    for c in classes.unique().tolist():
+        members = (classes == c).nonzero().flatten()
+        width = int(lens[members].max())
+        cols = torch.arange(width)
+        these = (starts[members, None] + cols).clamp(max=total - 1)  # (n, w)
+        real = cols < lens[members, None]  # (n, w)
+        back[these[real]] = offset + torch.arange(these.numel()).view_as(these)[real]
+        slots.append(these.to(device))
+        offset += these.numel()
+    return tuple(slots), back.to(device)
 
 
 @functools.cache
@@ -139,6 +168,17 @@ def packed_attention(q, k, v, rows: PackedRows, dropout_p: float) -> torch.Tenso
     dtype, as SDPA's autocast rule casts them (flash-attn takes nothing else)."""
     B, H, L, hd = q.shape
     q, k, v = q.to(rows.dtype), k.to(rows.dtype), v.to(rows.dtype)
+    if rows.backend == "gather":
+        q, k, v = (t.transpose(1, 2).reshape(B * L, t.size(1), hd) for t in (q, k, v))  # (B * L, heads, hd)
+        out = []
+        for slots in rows.slots:  # one length class: (n, w)
+            cq, ck, cv = (t.index_select(0, slots.flatten()).view(*slots.shape, t.size(1), hd).transpose(1, 2)
+                          for t in (q, k, v))  # (n, heads, w, hd)
+            rep = H // ck.size(1)
+            ck, cv = ck.repeat_interleave(rep, dim=1), cv.repeat_interleave(rep, dim=1)  # (n, H, w, hd)
+            y = F.scaled_dot_product_attention(cq, ck, cv, dropout_p=dropout_p, is_causal=True)  # (n, H, w, hd)
+            out.append(y.transpose(1, 2).reshape(-1, H * hd))
+        return torch.cat(out).index_select(0, rows.back).view(B, L, H * hd)
     if rows.backend == "flash_attn":
         q, k, v = (t.transpose(1, 2).reshape(B * L, t.size(1), hd) for t in (q, k, v))  # (B * L, heads, hd)
         y = flash_attn_varlen_func(q, k, v, rows.cu_seqlens, rows.cu_seqlens, L, L, dropout_p=dropout_p,

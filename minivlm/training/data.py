@@ -18,7 +18,9 @@ Design choices:
   cache moves 8-bit rows.
 - Packing (`train.packing`) lays a micro-batch's samples into rows of at most `capacity` tokens
   (`text.pack`) with positions restarting per sample; it changes how a step's samples are laid out, never
-  which samples a step holds, so the schedule, resume and metrics keep their meaning.
+  which samples a step holds, so the schedule, resume and metrics keep their meaning. A micro-batch that
+  packs to one sample a row (lengths too alike to share a row) goes as a padded batch: the model's plain
+  causal path computes it exactly, without the cost of keeping samples apart.
 - Batches are read in this process, by `num_workers` threads running ahead of the step, not by
   DataLoader worker processes: handing a batch across the process boundary capped the read path at
   ~3.5k B/16 rows/s on 2 cores, against ~20k for the reads themselves.
@@ -317,7 +319,8 @@ class Samples:
         parts = collate(self.fmt, self.text, ix, rows, [len(r) for _, r in laid], packed=self.packing is not None)
         index = np.split(ix, np.cumsum([len(order) for order, _ in laid])[:-1])
         out = []
-        for part, i in zip(parts, index):
+        for part, i, (_, r) in zip(parts, index, laid):
+            part = part if max(r) > 1 else part[:2]  # one sample a row: a padded batch, nothing to keep apart
             batch = {k: self._tensor(a) for k, a in zip(("input_ids", "labels", "positions"), part)}
             if "positions" in batch:  # flash-attn's sample offsets: a length only the host knows without a sync
                 batch["cu_seqlens"] = self._tensor(cu_seqlens_of(part[2]).numpy())

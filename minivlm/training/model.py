@@ -12,8 +12,8 @@ Design choices:
 - RMSNorm computes in fp32. Grouped-query attention via SDPA: query head h reads KV head h // n_rep.
 - Packed rows (`forward(positions=, cu_seqlens=)`): several samples back to back in a row, each rotated by
   RoPE from position 0 and attending only to itself (minivlm.training.attention: flash-attn's varlen kernel,
-  FlexAttention or SDPA with a block-diagonal mask, as `attention_backend` picks), so a sample's logits are
-  its logits alone. A sample's first token is never a target: its logit position holds the previous
+  FlexAttention, SDPA with a block-diagonal mask or causal SDPA on each sample, as `attention_backend` picks),
+  so a sample's logits are its logits alone. A sample's first token is never a target: its logit position holds the previous
   sample's last token (`next_token_targets`). The loss stays the mean over the batch's targets, so a step
   weighs every token as the padded layout does. Without positions each row is one sample from `start_pos`
   (generation, the KV cache), computed exactly as before packing.

@@ -108,7 +108,7 @@ def train_step(model, opt, micro_batches: list[dict], cfg: TrainConfig, scaler, 
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    return StepStats(total / n, grad_norm.detach(), sum(len(mb["input_ids"]) for mb in micro_batches))
+    return StepStats(total / n, grad_norm.detach(), sum(len(mb["index"]) for mb in micro_batches))  # samples, not rows
 
 
 @torch.no_grad()
@@ -144,12 +144,13 @@ def evaluate(model: VLM, batches: list[dict], codec: Codec, dtype: torch.dtype, 
 def batch_layout(cfg: RunConfig, device: str) -> tuple[int | None, Backend]:
     """How training batches are laid out (`data.Samples`' packing: None padded) and the attention kernel that
     keeps packed samples apart. Rows are as wide as the model takes where attention costs each sample its own
-    length only (the varlen kernels); with SDPA's mask a row costs its width squared, so rows are no wider than
-    the micro-batch's longest sample (0), and a packed step never computes more positions than a padded one."""
+    length only (the varlen kernels); through SDPA (its mask, or `gather`'s padded length classes) a wide row
+    costs more than its samples, so rows are no wider than the micro-batch's longest sample (0), and a packed
+    step never computes more positions than a padded one."""
     backend = attention_backend(device, amp_dtype(cfg.train, device), cfg.model.dropout)
     if not cfg.train.packing:
         return None, backend
-    return (cfg.model.max_seq_len if backend.name != "sdpa" else 0), backend
+    return (0 if backend.name in ("sdpa", "gather") else cfg.model.max_seq_len), backend
 
 
 def build_model(cfg: RunConfig, data: TrainData, device: str, init: bool):
