@@ -12,7 +12,7 @@ Design choices:
   with a document mask, unless attention dropout is on (FlexAttention has none); else SDPA with the
   (B, 1, L, L) block-diagonal causal mask. Off CUDA, `gather`: each layer gathers the samples' q, k and v
   into rows of their own, right-padded, for SDPA's causal kernel, one call per length class (samples of
-  2^(c-1) < length <= 2^c padded to their class's longest), and reads the outputs back: attention costs
+  2^(c-1) <= length < 2^c padded to their class's longest), and reads the outputs back: attention costs
   less than padded rows cost, and every other layer runs on the packed tokens. The mask (SDPA's masked
   path: every score of every row computed and stored) measured slower than plain padding on CPU (P7 0.91
   on the SFT-like set), one SDPA call a sample pays the call's overhead per sample (0.35 on the demo's
