@@ -108,7 +108,7 @@ MODES = {  # mode -> workload -> Sizes (CPU); GPU_SIZES replaces some fields on 
         "demo": Sizes(n=1000, batch=32, workers=1, readers=0, enc_batch=64, embed_images=4000, warmup=5, steps=20, live_steps=20,
                       repeats=5, read_rows=8000, cold_rows=4000, rss_steps=5, remote_rounds=2),
         "b16": Sizes(n=1000, batch=8, workers=2, readers=2, enc_batch=16, embed_images=96, warmup=2, steps=4, live_steps=3,
-                     repeats=3, read_rows=1000, cold_rows=500, rss_steps=3),
+                     repeats=3, read_rows=4000, cold_rows=500, rss_steps=3),  # P3 windows of ~0.15 s: this VM drifts
     },
     "quick": {
         "demo": Sizes(n=1000, batch=32, workers=1, readers=0, enc_batch=64, embed_images=500, warmup=2, steps=8, live_steps=8,

@@ -238,6 +238,28 @@ def test_the_loader_holds_no_batch_beyond_the_read_it_came_from(demo, demo_cache
     assert len(alive) > 2
 
 
+def test_rows_a_caller_still_holds_are_never_read_over_and_dropped_ones_are_reused(demo, demo_cache, tmp_path,
+                                                                                  monkeypatch, mapped):
+    ds, index, _ = dataset(train_config(demo, demo_cache, tmp_path), mapped=mapped)
+    monkeypatch.setattr(Loader, "READ_BYTES", 2 * ds.row_bytes)  # a read per batch of 2
+    monkeypatch.setattr(data.Buffers, "KEEP", 3)                   # reads outgrow the buffers kept
+    held, where = [], set()
+    for i, batch in enumerate(Loader(ds, BatchSampler(ds, 2, seed=0), 2)):
+        where.add(batch["rows"].data_ptr())
+        if i % 3 == 0:  # kept alive three ways: a slice, a split part's NumPy view, the batch itself
+            held.append((batch["index"], [batch["rows"][:1], batch["rows"].split(1)[-1].numpy(), batch["rows"]]))
+    assert len(held) > 3 * data.Buffers.KEEP and len(where) < len(ds) // 2  # buffers were reused, not only new
+    for ix, views in held:
+        want = [h5py_row(index.shards[s].path, r) for s, r in (loc(ds, i) for i in ix) if s >= 0]
+        stored = [np.asarray(v).view(np.uint8).reshape(-1, ds.row_bytes) for v in views]
+        if want:
+            codec = ds.reader.codec
+            assert np.array_equal(stored[0][0, :codec.values_bytes].view(codec.stored).reshape(want[0].shape), want[0])
+            assert np.array_equal(stored[1][-1], stored[2][len(want) - 1])
+            for k, w in enumerate(want):
+                assert np.array_equal(stored[2][k, :codec.values_bytes].view(codec.stored).reshape(w.shape), w)
+
+
 def test_batches_collated_together_equal_each_batch_alone(demo, demo_cache, tmp_path):
     ds, _, _ = dataset(train_config(demo, demo_cache, tmp_path))
     batches = [[3, 1, 4], [len(ds) - 1], [5, 9, 2, 6, 0]]

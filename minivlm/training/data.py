@@ -13,9 +13,9 @@ Design choices:
   against minutes and ~1.5 KB a record). A batch is then a row read per image plus a vectorized pad
   (`text.collate`).
 - Image rows are read as stored (minivlm.embedding.shard.RowReader: the only code that knows the row format,
-  checks each row's checksum and picks mmap or pread) into one preallocated (K, row_bytes) uint8 tensor per batch
-  (pinned for CUDA), in the batch's layout order, and decoded on the training device by `to_device`: an 8-bit
-  cache moves 8-bit rows.
+  checks each row's checksum and picks mmap or pread) into one (K, row_bytes) uint8 tensor per read (pinned for
+  CUDA; else one of a few reused `Buffers`), in the batches' layout order, and decoded on the training device by
+  `to_device`: an 8-bit cache moves 8-bit rows.
 - Packing (`train.packing`) lays a micro-batch's samples into rows of at most `capacity` tokens
   (`text.pack`) with positions restarting per sample; it changes how a step's samples are laid out, never
   which samples a step holds, so the schedule, resume and metrics keep their meaning. A micro-batch that
@@ -36,10 +36,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
+import weakref
 import zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import islice
 from pathlib import Path
 
@@ -98,6 +101,12 @@ class Split:
     def slots(self, ix: np.ndarray) -> np.ndarray:
         """(K,) the images of samples `ix`, sample after sample, each sample's in order."""
         return _ranges(self.first[ix], self.first[ix + 1] - self.first[ix])
+
+    @cached_property
+    def image_rows(self) -> np.ndarray:
+        """(n,) int64: the cache rows (tiles) of each sample's images."""
+        tiles = np.concatenate([[0], np.cumsum(self.layout[:, 0])])
+        return tiles[self.first[1:]] - tiles[self.first[:-1]]
 
     def rows(self, ix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard, row) of every cache row the images of samples `ix` read: each image's tiles, in order."""
@@ -275,9 +284,14 @@ class Samples:
     def rows(self, index: np.ndarray) -> torch.Tensor:
         """(K, row_bytes) uint8: the images of samples `index` as stored (each image's tiles), sample after sample."""
         shard, row = self.split.rows(np.asarray(index, np.int64))
-        out = torch.empty(len(shard), self.row_bytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+        out = (torch.empty(len(shard), self.row_bytes, dtype=torch.uint8, pin_memory=True) if self.pin_memory
+               else self._buffers.take(len(shard)))
         self.reader.read(shard, row, out.numpy())
         return out
+
+    @cached_property
+    def _buffers(self) -> Buffers:
+        return Buffers(self.row_bytes)
 
     def image_index(self, index: np.ndarray) -> np.ndarray:
         """(positions,) int64: for each image position of samples `index` (in order), the projected row it takes
@@ -287,7 +301,7 @@ class Samples:
 
     def image_rows(self, index: np.ndarray) -> int:
         """The cache rows (tiles) the images of these samples take."""
-        return int(self.split.layout[self.split.slots(np.asarray(index, np.int64)), 0].sum())
+        return int(self.split.image_rows[index].sum())
 
     def shuffled(self, index: np.ndarray) -> np.ndarray:
         """(K,) for each cache row of samples `index` (in order), one of the previous sample with images (cyclic):
@@ -352,6 +366,35 @@ class Samples:
         text = "; ".join(f"{self.reader.shards[s].path} row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}"
                          for s, rows in by_shard.items())
         return text + (f" and {len(locs) - limit} more" if len(locs) > limit else "")
+
+
+class Buffers:
+    """(n, row_bytes) uint8 tensors to read rows into, each reused once nothing made from it is left (the view
+    handed out is gone). A fresh buffer this large is new pages, which the kernel faults in and zeroes on
+    first write: that cost more than copying the rows into them (bench P3). Pinned buffers need none of
+    this: torch's pinned allocator already reuses them, and only once their copies to the GPU are done.
+    Buffers are 64-byte aligned as torch allocates them: memcpy runs ~60 % slower into a buffer 16 bytes past
+    its source's alignment, which is where NumPy's allocations land against the shards' rows."""
+
+    KEEP = 8  # buffers kept; beyond that (a caller holding many reads) a read gets a plain new one
+
+    def __init__(self, row_bytes: int):
+        self.row_bytes = row_bytes
+        self._kept: list[tuple] = []  # (array, weak reference to the view last handed out of it)
+        self._lock = threading.Lock()  # the loader's reader threads share one
+
+    def take(self, n: int) -> torch.Tensor:
+        with self._lock:
+            free = [i for i, (_, handed) in enumerate(self._kept) if handed() is None]
+            i = next((i for i in free if len(self._kept[i][0]) >= n), None)
+            if i is None and (free or len(self._kept) < self.KEEP):
+                i = free[0] if free else len(self._kept)  # a free buffer too small for this read is replaced
+                self._kept[i:i + 1] = [(torch.empty(n, self.row_bytes, dtype=torch.uint8).numpy(), None)]
+            if i is None:
+                return torch.empty(n, self.row_bytes, dtype=torch.uint8)
+            view = self._kept[i][0][:n]
+            self._kept[i] = (self._kept[i][0], weakref.ref(view))  # the tensor holds the view, and so does
+            return torch.from_numpy(view)                           # every tensor made from it
 
 
 def to_device(batch: dict, device: str, codec: Codec) -> dict:
@@ -437,14 +480,14 @@ def _ahead(pool: ThreadPoolExecutor, fn, items, depth: int):
 
 
 class Loader:
-    """The sampler's batches. Text is collated ~512 samples at a time and image rows are read ~1 MiB
-    at a time (per-call costs amortized: bench P3), by `threads` reader threads 2 x threads reads ahead
-    of the loop, or with 0 by the loop when it asks (with CUDA's async launches that already overlaps
-    the GPU step). A batch's rows are a slice of its read. Iterate it again after
+    """The sampler's batches. Text is collated ~512 samples at a time and image rows are read ~8 MiB at a
+    time (per-call and per-handoff costs amortized, the buffer still cache-sized: bench P3), by `threads` reader
+    threads 2 x threads reads ahead of the loop, or with 0 by the loop when it asks (with CUDA's async launches
+    that already overlaps the GPU step). A batch's rows are a slice of its read. Iterate it again after
     `sampler.set_position` to go on from elsewhere."""
 
     TEXT_SAMPLES = 512
-    READ_BYTES = 1 << 20
+    READ_BYTES = 8 << 20
 
     def __init__(self, dataset: Samples, sampler, threads: int):
         self.dataset, self.sampler, self.threads = dataset, sampler, threads
