@@ -258,6 +258,12 @@ class LiveSource:
         self.it.close()
 
 
+def packed_share(ds: Samples, batches) -> float:
+    """Share of these micro-batches that `Samples` lays out packed (some row holds two samples or more); the
+    others go as padded batches, the same work as with packing off."""
+    return sum(max(ds.arrange(b)[1]) > 1 for b in batches) / len(batches)
+
+
 def pad_share(ds: Samples, batches) -> float:
     """Share of the positions these batches compute that are padding, as `Samples` lays them out."""
     positions = padding = 0

@@ -45,7 +45,8 @@ Figures per workload (demo, b16):
                          (tests/store.py), as a store across a network answers; with the requests it received
                          per method (a HEAD an image would show here, and cap stage 1 at ~15 img/s)
   P7 packing             real text tokens/s training on packed batches (train.packing) / padded batches of the
-                         same samples, with each one's share of positions that are padding: on the workload's
+                         same samples, with each one's share of positions that are padding and the share of
+                         micro-batches that pack at all (the rest run as padded batches): on the workload's
                          pretraining records (demo; b16: LLaVA-558K-like captions) and, on the demo cache, an
                          SFT-like set (workloads.sft_records: 1-3 turns, 100-700 words, 1-3 images a sample)
   P5 memory              peak memory training from a cache of N and of 4N images (child processes; see
@@ -486,6 +487,7 @@ def p7_packing(wl: Workload, cfg, device: str, log) -> dict:
     out = {"records": cfg.data.records, "samples": len(ds), "text_tokens_per_sample": tokens,
            "images_per_sample": len(ds.split.shard) / len(ds),
            "packed_vs_padded": median(rates["packed"]) / median(rates["padded"]),
+           "packed_batches": loops.packed_share(setups["packed"].data.train, batches),
            "contended": median(foreign) > CONTENDED_PCT, "foreign_cpu_pct_per_round": foreign}
     for name, setup in setups.items():
         out[name] = {"tokens_s": figure(rates[name]), "pad_frac": loops.pad_share(setup.data.train, batches)}
@@ -583,7 +585,7 @@ def table(results: dict) -> str:
         for label, q in r["p7"].items():
             rows.append((name, f"P7 packed vs padded ({label})",
                          f"{q['packed']['tokens_s']['median']:,.0f} text tokens/s, {100 * q['packed']['pad_frac']:.0f}% "
-                         f"padding", f"{q['padded']['tokens_s']['median']:,.0f} padded, {100 * q['padded']['pad_frac']:.0f}% "
+                         f"padding, {100 * q['packed_batches']:.0f}% of micro-batches packed", f"{q['padded']['tokens_s']['median']:,.0f} padded, {100 * q['padded']['pad_frac']:.0f}% "
                          f"padding ({q['text_tokens_per_sample']:.0f} text tokens, {q['images_per_sample']:.1f} images "
                          f"a sample)", f"{q['packed_vs_padded']:.2f}x",
                          "CONTENDED" if q["contended"] else ""))

@@ -22,7 +22,8 @@ SECTIONS = ("p1", "p2", "p3", "p4", "p4_tiles", "p5", "end_to_end", "noise", "wo
 # None where mincore is unavailable), reader threads (0: read in the loop), P4-remote's rounds (0: not at smoke
 # size), and a crossover that never comes.
 MAY_BE_ZERO = {"foreign_cpu_pct", "foreign_cpu_pct_per_train_round", "foreign_cpu_pct_per_round", "spread_pct",
-               "resident_pct", "resident_pct_after_evict", "readers", "loader_threads", "remote_rounds"}
+               "resident_pct", "resident_pct_after_evict", "readers", "loader_threads", "remote_rounds",
+               "packed_batches"}
 MAY_BE_NONE = {"crossover_epochs", "resident_pct", "resident_pct_after_evict"}
 
 

@@ -3,11 +3,7 @@ decoded by its documented rule, per-row checksums as the xxhash library computes
 the CRC-32 ones older caches hold), the manifest, and the upgrades of format 1 and of CRC-32 caches."""
 import json
 import os
-import platform
-import re
 import shutil
-import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -146,25 +142,6 @@ def test_mapped_and_pread_reads_give_the_same_rows_and_zeros_for_text_only(tmp_p
         reader.close()
         got.append(out)
     assert np.array_equal(*got) and not got[0][1].any() and got[0][0].any()
-
-
-@pytest.mark.skipif(sys.platform != "linux" or tuple(map(int, re.findall(r"\d+", platform.release())[:2])) < (5, 14),
-                    reason="MADV_POPULATE_READ is Linux's, from 5.14")
-def test_a_mapped_shard_is_mapped_whole_on_its_first_read(tmp_path):
-    codec, n = shard.Codec("float16", 64, 512), 512  # 64 KiB rows, 32 MiB: far more than one fault maps (<= 2 MiB)
-    rows = codec.encode(torch.randn(n, 64, 512)).numpy()
-    path = cache.shard_path(tmp_path, 0)
-    shard.write_shard(path, rows, codec, [f"k{i}" for i in range(n)], shard_index=0, plan="p", **META)
-    reader = shard.RowReader([shard.read_info(path)], mapped=True)
-    out = np.empty((1, codec.row_bytes), np.uint8)
-    reader.read(np.array([0]), np.array([n - 1]), out)
-    assert np.array_equal(out[0], rows[n - 1])
-
-    smaps = Path("/proc/self/smaps").read_text().split("\n")  # the kernel's count of the mapping's resident pages
-    at = next(i for i, line in enumerate(smaps) if line.endswith(str(path)))
-    rss_kib = int(next(x for x in smaps[at + 1:] if x.startswith("Rss:")).split()[1])
-    assert rss_kib * 1024 >= os.path.getsize(path) - 4096  # every page of it, not the one row read
-    reader.close()
 
 
 @pytest.mark.parametrize("mapped", [True, False])

@@ -34,10 +34,11 @@ Design choices:
 - Contiguous rows: a shuffled read is one read of exactly the row's bytes (and its scales) at an offset
   found by arithmetic. There is no chunk index to walk and no compression: CLIP activations barely
   compress (gzip: ~40x the write time for ~10 %).
-- `RowReader` copies stored rows out of a read-only mapping of each shard (mapped whole on first use, in one
-  call: an epoch reads every row, and faulting its pages in row by row cost as much as copying them) when the
-  cache fits in half the available memory, else with one `pread` per row; both release the GIL. Rows are
-  decoded on the training device (`Codec.decode`), so an 8-bit cache moves 8-bit rows to it.
+- `RowReader` copies stored rows out of a read-only mapping of each shard (read ahead whole on first use:
+  an epoch reads every row) when the cache fits in half the available memory, else with one `pread` per
+  row; both release the GIL. Rows are decoded on the training device (`Codec.decode`), so an 8-bit cache
+  moves 8-bit rows to it. Pages are mapped as rows first touch them, not all at open (MADV_POPULATE_READ):
+  that bought nothing measurable in bench P3 and made a run's RSS the whole cache from its first step (P5).
 - Every row read is checked against its checksum, so a corrupt row stops a run naming shard, row and key
   before it reaches the model; `--verify` names every such row. The check runs in the loader's reader
   threads, so it must not be their ceiling: xxh3_64 hashes ~45 GB/s on one core (~6 us of CPU a 196x768
@@ -51,11 +52,9 @@ Design choices:
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import mmap
 import os
-import sys
 import threading
 import zlib
 from dataclasses import dataclass
@@ -82,13 +81,6 @@ assert set(_STORED) == set(CACHE_DTYPES)
 # Row checksums a shard's `checksum` attribute may name: (the `checksums` dtype, the digest of one row's bytes).
 CHECKSUMS = {"xxh3_64": (np.dtype("<u8"), xxhash.xxh3_64_intdigest), "crc32": (np.dtype("<u4"), zlib.crc32)}
 CHECKSUM = "xxh3_64"  # what new shards store
-
-# madvise(MADV_POPULATE_READ) (Linux >= 5.14), called through ctypes, which releases the GIL where Python's
-# own mmap.madvise holds it for the whole call.
-_MADVISE = ctypes.CDLL(None, use_errno=True).madvise if sys.platform == "linux" else None
-if _MADVISE is not None:
-    _MADVISE.argtypes, _MADVISE.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-MADV_POPULATE_READ = 22
 
 
 @dataclass(frozen=True)
@@ -291,14 +283,6 @@ def fits_in_memory(paths) -> bool:
         return False
 
 
-def populate(data: np.ndarray) -> None:
-    """Map every page of a mapped shard now, in one call: faulting pages in one by one as rows are first copied
-    cost the warm loader about as much as the copies themselves (bench P3), and a cold shard is read
-    sequentially at the disk's speed. Best effort: an older kernel or another OS just faults them in later."""
-    if _MADVISE is not None and data.nbytes:
-        _MADVISE(data.ctypes.data, data.nbytes, MADV_POPULATE_READ)
-
-
 class RowReader:
     """Stored rows of a cache's shards by (shard, row), each checked against its shard's checksum.
 
@@ -349,9 +333,7 @@ class RowReader:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
             m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # published shards never change
         self._files.append(m)
-        data = np.frombuffer(m, np.uint8)
-        populate(data)
-        return data
+        return np.frombuffer(m, np.uint8)
 
     def _copy(self, shard: np.ndarray, row: np.ndarray, out: np.ndarray) -> None:
         """out[i] = the stored bytes of row[i] of shard[i] (values, then scales); zeros where shard[i] is -1."""
