@@ -259,9 +259,10 @@ class LiveSource:
 
 
 def packed_share(ds: Samples, batches) -> float:
-    """Share of these micro-batches that `Samples` lays out packed (some row holds two samples or more); the
-    others go as padded batches, the same work as with packing off."""
-    return sum(max(ds.arrange(b)[1]) > 1 for b in batches) / len(batches)
+    """Share of these micro-batches that `Samples` lays out packed (with positions); the others go as padded
+    batches, the same work as with packing off."""
+    laid = [b for group in _groups(batches, len, Loader.TEXT_SAMPLES) for b in ds.text_batches(group)]
+    return sum("positions" in b for b in laid) / max(len(laid), 1)
 
 
 def pad_share(ds: Samples, batches) -> float:

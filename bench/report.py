@@ -272,7 +272,8 @@ MEANING = """\
   with the data. **P6** is stage 2's start-up: the first run reads, joins and tokenizes the records; the rerun
   loads the arrays it kept. **P7** is packing (`train.packing`) against padded batches of the same samples. A
   micro-batch whose samples cannot share a row runs as a padded batch, so where none packs (captions of alike
-  lengths) both sides run the same batches and the ratio is the bench's noise around 1.
+  lengths) both sides do the same work on the model; what remains is the host's packing pass (~0.1 ms a
+  micro-batch) and the bench's noise.
 - **end to end** projects embed-once-then-train against the live loop from the rates above: the epoch from which
   the cache has paid for itself, for one run; every further run of a sweep gains the whole P1 ratio.
 

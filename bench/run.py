@@ -583,11 +583,11 @@ def table(results: dict) -> str:
                      f"{w['rows_us_per_row']:.1f} us, {p3['checksum']} check {w['check_us_per_row']:.1f} us",
                      f"check = {100 * r['check_share_of_p2']:.2f}% of P2's training time", "", ""))
         for label, q in r["p7"].items():
-            rows.append((name, f"P7 packed vs padded ({label})",
-                         f"{q['packed']['tokens_s']['median']:,.0f} text tokens/s, {100 * q['packed']['pad_frac']:.0f}% "
-                         f"padding, {100 * q['packed_batches']:.0f}% of micro-batches packed", f"{q['padded']['tokens_s']['median']:,.0f} padded, {100 * q['padded']['pad_frac']:.0f}% "
-                         f"padding ({q['text_tokens_per_sample']:.0f} text tokens, {q['images_per_sample']:.1f} images "
-                         f"a sample)", f"{q['packed_vs_padded']:.2f}x",
+            packed = (f"{q['packed']['tokens_s']['median']:,.0f} text tokens/s, {100 * q['packed']['pad_frac']:.0f}% "
+                      f"padding, {100 * q['packed_batches']:.0f}% of micro-batches packed")
+            padded = (f"{q['padded']['tokens_s']['median']:,.0f} padded, {100 * q['padded']['pad_frac']:.0f}% padding "
+                      f"({q['text_tokens_per_sample']:.0f} text tokens, {q['images_per_sample']:.1f} images a sample)")
+            rows.append((name, f"P7 packed vs padded ({label})", packed, padded, f"{q['packed_vs_padded']:.2f}x",
                          "CONTENDED" if q["contended"] else ""))
         if "tiled" in r:
             t = r["tiled"]

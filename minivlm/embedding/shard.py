@@ -36,9 +36,10 @@ Design choices:
   compress (gzip: ~40x the write time for ~10 %).
 - `RowReader` copies stored rows out of a read-only mapping of each shard (read ahead whole on first use:
   an epoch reads every row) when the cache fits in half the available memory, else with one `pread` per
-  row; both release the GIL. Rows are decoded on the training device (`Codec.decode`), so an 8-bit cache
-  moves 8-bit rows to it. Pages are mapped as rows first touch them, not all at open (MADV_POPULATE_READ):
-  that bought nothing measurable in bench P3 and made a run's RSS the whole cache from its first step (P5).
+  row; both release the GIL. A mapping's pages are faulted in as rows first touch them (minor faults on
+  cached file pages). Populating a whole shard on its first read (madvise MADV_POPULATE_READ) was tried:
+  nothing measurable in bench P3, and each shard's full size in the run's RSS (P5). Rows are decoded on the
+  training device (`Codec.decode`), so an 8-bit cache moves 8-bit rows to it.
 - Every row read is checked against its checksum, so a corrupt row stops a run naming shard, row and key
   before it reaches the model; `--verify` names every such row. The check runs in the loader's reader
   threads, so it must not be their ceiling: xxh3_64 hashes ~45 GB/s on one core (~6 us of CPU a 196x768

@@ -103,8 +103,8 @@ class Split:
         return _ranges(self.first[ix], self.first[ix + 1] - self.first[ix])
 
     @cached_property
-    def image_rows(self) -> np.ndarray:
-        """(n,) int64: the cache rows (tiles) of each sample's images."""
+    def rows_per_sample(self) -> np.ndarray:
+        """(n,) int64: the cache rows (tiles) of each sample's images; kept, as the loader asks twice a batch."""
         tiles = np.concatenate([[0], np.cumsum(self.layout[:, 0])])
         return tiles[self.first[1:]] - tiles[self.first[:-1]]
 
@@ -282,7 +282,9 @@ class Samples:
         return {"image_index": self._tensor(self.image_index(index))} if self.fmt.tiling == "anyres" else {}
 
     def rows(self, index: np.ndarray) -> torch.Tensor:
-        """(K, row_bytes) uint8: the images of samples `index` as stored (each image's tiles), sample after sample."""
+        """(K, row_bytes) uint8: the images of samples `index` as stored (each image's tiles), sample after sample.
+        Its memory is read into again once no tensor or array made from it is left (`Buffers`): keep one of
+        those, never a raw pointer."""
         shard, row = self.split.rows(np.asarray(index, np.int64))
         out = (torch.empty(len(shard), self.row_bytes, dtype=torch.uint8, pin_memory=True) if self.pin_memory
                else self._buffers.take(len(shard)))
@@ -301,7 +303,7 @@ class Samples:
 
     def image_rows(self, index: np.ndarray) -> int:
         """The cache rows (tiles) the images of these samples take."""
-        return int(self.split.image_rows[index].sum())
+        return int(self.split.rows_per_sample[index].sum())
 
     def shuffled(self, index: np.ndarray) -> np.ndarray:
         """(K,) for each cache row of samples `index` (in order), one of the previous sample with images (cyclic):
@@ -369,32 +371,39 @@ class Samples:
 
 
 class Buffers:
-    """(n, row_bytes) uint8 tensors to read rows into, each reused once nothing made from it is left (the view
-    handed out is gone). A fresh buffer this large is new pages, which the kernel faults in and zeroes on
-    first write: that cost more than copying the rows into them (bench P3). Pinned buffers need none of
-    this: torch's pinned allocator already reuses them, and only once their copies to the GPU are done.
-    Buffers are 64-byte aligned as torch allocates them: memcpy runs ~60 % slower into a buffer 16 bytes past
-    its source's alignment, which is where NumPy's allocations land against the shards' rows."""
+    """(n, row_bytes) uint8 tensors to read rows into, each reused once nothing made from it is left. A fresh
+    buffer this large is new anonymous pages, which the kernel zeroes on first write: that cost more than
+    copying the rows into them (bench P3). Pinned buffers need none of this: torch's pinned allocator already
+    reuses them, and only once their copies to the GPU are done. Buffers are 64-byte aligned as torch allocates
+    them: memcpy runs ~60 % slower into a buffer 16 bytes past its source's alignment, which is where NumPy's
+    allocations land against float16 rows (a multiple of 64 bytes, from byte 2048 of a shard). Up to KEEP
+    buffers (~8 MiB each for the loader's reads) stay allocated while the `Samples` lives."""
 
-    KEEP = 8  # buffers kept; beyond that (a caller holding many reads) a read gets a plain new one
+    KEEP = 8  # the loader's reads in flight for up to 3 reader threads; beyond that a read gets a plain new one
 
     def __init__(self, row_bytes: int):
         self.row_bytes = row_bytes
-        self._kept: list[tuple] = []  # (array, weak reference to the view last handed out of it)
+        self._kept: list[tuple[np.ndarray, weakref.ref]] = []  # each buffer, and the view last handed out of it
         self._lock = threading.Lock()  # the loader's reader threads share one
 
     def take(self, n: int) -> torch.Tensor:
+        """An (n, row_bytes) uint8 tensor whose contents are undefined."""
         with self._lock:
             free = [i for i, (_, handed) in enumerate(self._kept) if handed() is None]
-            i = next((i for i in free if len(self._kept[i][0]) >= n), None)
-            if i is None and (free or len(self._kept) < self.KEEP):
-                i = free[0] if free else len(self._kept)  # a free buffer too small for this read is replaced
-                self._kept[i:i + 1] = [(torch.empty(n, self.row_bytes, dtype=torch.uint8).numpy(), None)]
-            if i is None:
+            fits = [i for i in free if len(self._kept[i][0]) >= n]
+            if n and fits:
+                i, buf = fits[0], self._kept[fits[0]][0]
+            elif n and (free or len(self._kept) < self.KEEP):  # a new buffer, in place of a free one too small
+                i, buf = free[0] if free else len(self._kept), torch.empty(n, self.row_bytes, dtype=torch.uint8).numpy()
+                if i == len(self._kept):
+                    self._kept.append(None)
+            else:  # nothing to read, or every kept buffer still in use
                 return torch.empty(n, self.row_bytes, dtype=torch.uint8)
-            view = self._kept[i][0][:n]
-            self._kept[i] = (self._kept[i][0], weakref.ref(view))  # the tensor holds the view, and so does
-            return torch.from_numpy(view)                           # every tensor made from it
+            # The weak reference is to the NumPy view: torch.from_numpy's tensor holds it, and so does every
+            # tensor made from that one (slices, split parts, .numpy()); the tensors themselves are many.
+            view = buf[:n]
+            self._kept[i] = (buf, weakref.ref(view))
+            return torch.from_numpy(view)
 
 
 def to_device(batch: dict, device: str, codec: Codec) -> dict:
@@ -481,7 +490,7 @@ def _ahead(pool: ThreadPoolExecutor, fn, items, depth: int):
 
 class Loader:
     """The sampler's batches. Text is collated ~512 samples at a time and image rows are read ~8 MiB at a
-    time (per-call and per-handoff costs amortized, the buffer still cache-sized: bench P3), by `threads` reader
+    time (per-call and per-handoff costs amortized; larger reads measured slower in bench P3), by `threads` reader
     threads 2 x threads reads ahead of the loop, or with 0 by the loop when it asks (with CUDA's async launches
     that already overlaps the GPU step). A batch's rows are a slice of its read. Iterate it again after
     `sampler.set_position` to go on from elsewhere."""
