@@ -258,22 +258,17 @@ class LiveSource:
         self.it.close()
 
 
-def packed_share(ds: Samples, batches) -> float:
-    """Share of these micro-batches that `Samples` lays out packed (with positions); the others go as padded
-    batches, the same work as with packing off."""
+def layout_shares(ds: Samples, batches) -> tuple[float, float]:
+    """As `Samples` lays these micro-batches out: the share of the positions they compute that are padding, and
+    the share of them packed (with positions; the others go as padded batches, the same work as packing off)."""
+    positions = padding = packed = 0
     laid = [b for group in _groups(batches, len, Loader.TEXT_SAMPLES) for b in ds.text_batches(group)]
-    return sum("positions" in b for b in laid) / max(len(laid), 1)
-
-
-def pad_share(ds: Samples, batches) -> float:
-    """Share of the positions these batches compute that are padding, as `Samples` lays them out."""
-    positions = padding = 0
-    for group in _groups(batches, len, Loader.TEXT_SAMPLES):
-        for b in ds.text_batches(group):
-            R, L = b["input_ids"].shape
-            positions += R * L
-            padding += R * L - ds.positions(b["index"])
-    return padding / positions
+    for b in laid:
+        R, L = b["input_ids"].shape
+        positions += R * L
+        padding += R * L - ds.positions(b["index"])
+        packed += "positions" in b
+    return padding / positions, packed / len(laid)
 
 
 # ---- P3: the read path against raw bytes --------------------------------------------------------------

@@ -109,7 +109,7 @@ MODES = {  # mode -> workload -> Sizes (CPU); GPU_SIZES replaces some fields on 
         "demo": Sizes(n=1000, batch=32, workers=1, readers=0, enc_batch=64, embed_images=4000, warmup=5, steps=20, live_steps=20,
                       repeats=5, read_rows=8000, cold_rows=4000, rss_steps=5, remote_rounds=2),
         "b16": Sizes(n=1000, batch=8, workers=2, readers=2, enc_batch=16, embed_images=96, warmup=2, steps=4, live_steps=3,
-                     repeats=3, read_rows=4000, cold_rows=500, rss_steps=3),  # P3 windows of ~0.15 s: this VM drifts
+                     repeats=3, read_rows=4000, cold_rows=500, rss_steps=3),  # P3: ~0.15 s windows
     },
     "quick": {
         "demo": Sizes(n=1000, batch=32, workers=1, readers=0, enc_batch=64, embed_images=500, warmup=2, steps=8, live_steps=8,
@@ -487,10 +487,12 @@ def p7_packing(wl: Workload, cfg, device: str, log) -> dict:
     out = {"records": cfg.data.records, "samples": len(ds), "text_tokens_per_sample": tokens,
            "images_per_sample": len(ds.split.shard) / len(ds),
            "packed_vs_padded": median(rates["packed"]) / median(rates["padded"]),
-           "packed_batches": loops.packed_share(setups["packed"].data.train, batches),
            "contended": median(foreign) > CONTENDED_PCT, "foreign_cpu_pct_per_round": foreign}
     for name, setup in setups.items():
-        out[name] = {"tokens_s": figure(rates[name]), "pad_frac": loops.pad_share(setup.data.train, batches)}
+        pad, packed = loops.layout_shares(setup.data.train, batches)
+        out[name] = {"tokens_s": figure(rates[name]), "pad_frac": pad}
+        if name == "packed":
+            out["packed_batches"] = packed
         setup.close()
     return out
 
