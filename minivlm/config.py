@@ -68,9 +68,11 @@ class DataConfig:
     text_column: str = ""         # Parquet column with the text; empty -> conversations, messages, caption, text, txt
     storage_options: dict = field(default_factory=dict)  # fsspec options for URLs: {endpoint_url = "...", anon = true}
     max_images: int = 8           # images a sample may hold; samples with more are skipped and counted
+    strict: bool = False          # a record that cannot become a sample stops the run (else: skipped and counted)
+    max_dropped_frac: float = 0.05  # more records whose images are not in the cache than this: refused (wrong cache)
 
     def __post_init__(self):
-        check_ranges(self, "data.{}", val_frac="[0, 1)", max_images=">= 1")
+        check_ranges(self, "data.{}", val_frac="[0, 1)", max_images=">= 1", max_dropped_frac="[0, 1]")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,10 @@ Every writer gets this through `atomic_write`, `atomic_dir`, `append_text` or th
 Some writers lose the errno (torch's C++ zip writer says "unexpected pos"), so a failed write is also
 taken as a full disk when the filesystem has (almost) no space left at that moment.
 
+A published file is readable as the umask allows (0644 under 022), as a plain `open` would leave it: some
+writers create their temp file 0600 (mkstemp-style), which would hide a run or an export from a teammate on
+a shared machine, so every published file gets `0o666 & ~umask` before it is renamed into place.
+
 A directory has one writer (`WriterLock`): a cache is written by one embed run, a run directory by one
 training run, a sweep directory by one sweep.
 """
@@ -106,6 +110,21 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}{TMP_SUFFIX}")
 
 
+def umask() -> int:
+    """The process's umask: from /proc where Linux says it, else set and restored at once."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(ln for ln in f if ln.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_umask_allows(path: Path) -> None:
+    """The file's mode as a plain open() under this umask gives it (0644 under 022)."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -132,6 +151,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int | 
     try:
         with writing(path, needed):
             write(tmp)
+            as_umask_allows(tmp)
             fsync_file(tmp)
             os.replace(tmp, path)
     except BaseException:
@@ -151,8 +171,7 @@ def atomic_dir(path: str | Path, write: Callable[[Path], None], needed: int | No
         with writing(path, needed):
             tmp.mkdir(parents=True)
             write(tmp)
-            for f in sorted(tmp.rglob("*")):
-                fsync_file(f) if f.is_file() else fsync_dir(f)
+            publishable(tmp)
             fsync_dir(tmp)
             if path.exists():  # the same directory written again (the end of a resumed run): replace it
                 shutil.rmtree(path)
@@ -162,6 +181,14 @@ def atomic_dir(path: str | Path, write: Callable[[Path], None], needed: int | No
         raise
     fsync_dir(path.parent)
     return path
+
+
+def publishable(tmp: Path) -> None:
+    """Every file under `tmp` readable as the umask allows and fsynced, every directory fsynced."""
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            as_umask_allows(f)
+        fsync_file(f) if f.is_file() else fsync_dir(f)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

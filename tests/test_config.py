@@ -64,7 +64,7 @@ def test_every_shipped_config_loads():
 # An out-of-range value for every numeric field of every section, written here rather than read from the code:
 # a new numeric field without an entry fails the walk below.
 OUT_OF_RANGE = {
-    "data": {"val_frac": [1.5, 1.0, -0.1, "nan"], "max_images": [0]},
+    "data": {"val_frac": [1.5, 1.0, -0.1, "nan"], "max_images": [0], "max_dropped_frac": [1.5, -0.1]},
     "encoder": {"pool": [0], "max_tiles": [0], "batch_size": [0], "num_workers": [-1], "max_image_pixels": [0]},
     "cache": {"shard_size": [0], "max_failure_frac": [-0.1, 1.5]},
     "tokenizer": {"max_len": [0]},

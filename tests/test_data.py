@@ -150,6 +150,25 @@ def test_samples_too_long_or_with_too_many_images_are_skipped_counted_and_named_
                f"(first: {tmp_path}/r.json record 40 (id long))" in ln for ln in lines), out
 
 
+def test_samples_longer_than_the_models_positions_are_skipped_naming_the_setting_and_strict_stops_naming_the_sample(
+        demo, demo_cache, tmp_path, capsys):
+    """tokenizer.max_len above model.max_seq_len: a long sample is left out like one too long for the tokenizer (not
+    'sequence end exceeds' at its first step), and data.strict names it and the setting to raise."""
+    recs = json.loads((demo / "train.json").read_text())[:40]
+    long = dict(recs[3], id="long", conversations=[{"from": "human", "value": "<image>\n" + "describe " * 60},
+                                                   {"from": "gpt", "value": "A shape."}])
+    (tmp_path / "r.json").write_text(json.dumps(recs + [long]))
+    cfg = train_config(demo, demo_cache, tmp_path, f"data.records={tmp_path}/r.json", "tokenizer.max_len=512",
+                       "model.max_seq_len=64")
+    got = data.load_data(cfg, Dist())
+    assert len(got.train) == 40 and got.too_long.count == 1 and got.skipped["too_long"][0] == 1
+    assert (f"skipped 1 sample(s) whose images and prompt do not fit model.max_seq_len=64 (first: {tmp_path}/r.json "
+            f"record 40 (id long)); raise model.max_seq_len") in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"r\.json record 40 \(id long\): its images and prompt do not fit "
+                                         r"model\.max_seq_len=64; raise model\.max_seq_len"):
+        data.load_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, strict=True)), Dist())
+
+
 def test_text_only_records_are_kept_and_failed_images_dropped_and_counted(demo, demo_cache, tmp_path):
     recs = json.loads((demo / "train.json").read_text())
     missing = dict(recs[0], id="gone", image="train/not-embedded.jpg")

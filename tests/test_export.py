@@ -1,6 +1,7 @@
 """Export to transformers: the exported LLaVA (or causal LM) computes what the run computes, loads offline
 with transformers alone, and runs without an exact export are refused in one line."""
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -179,6 +180,73 @@ def test_a_two_image_prompt_through_the_export_computes_what_the_run_computes(de
             torch.testing.assert_close(hf(**inputs).logits, cap.model(ours_ids, exact).logits, atol=1e-4, rtol=0)
             gen = hf.generate(**inputs, max_new_tokens=6, do_sample=False)[:, ours_ids.size(1):].tolist()
         assert gen == generate(cap.model, ours_ids, exact, 6, None)
+
+
+# Logits of the export against the run: on the same features, fp32 summation order alone (EXACT_ATOL); against
+# caption.py, which feeds the cache's rows as stored (float16 here, cache.dtype), the rows' rounding (STORED_ATOL).
+EXACT_ATOL, STORED_ATOL = 1e-4, 5e-3
+PLACES = {  # caption.py's prompt -> the same prompt as content parts, images anywhere in the text
+    "start": ("<image>\nWhich shape is it?", [{"type": "image"}, {"type": "text", "text": "Which shape is it?"}]),
+    "middle": ("Is <image> a circle?", [{"type": "text", "text": "Is "}, {"type": "image"},
+                                        {"type": "text", "text": " a circle?"}]),
+    "end": ("What is this? <image>", [{"type": "text", "text": "What is this? "}, {"type": "image"}]),
+    "two": ("<image>\nCompare it with <image> please.", [
+        {"type": "image"}, {"type": "text", "text": "Compare it with "}, {"type": "image"},
+        {"type": "text", "text": " please."}]),
+}
+
+
+@pytest.fixture(scope="module")
+def clip_export(clip_run, tmp_path_factory):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    out = tmp_path_factory.mktemp("clip_export") / "hf"
+    mask = os.umask(0o022)
+    try:
+        export_run(clip_run.train.run_dir, out)
+    finally:
+        os.umask(mask)
+    return (out, LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True).eval(),
+            AutoProcessor.from_pretrained(out, local_files_only=True), load_run(clip_run.train.run_dir))
+
+
+@pytest.mark.parametrize("place", list(PLACES))
+def test_content_parts_and_inline_tokens_give_caption_pys_ids_and_greedy_tokens_with_images_anywhere(
+        demo, clip_export, place):
+    """The exported processor's template, given transformers' content parts or a string with the image token
+    inline, builds exactly caption.py's ids for the same prompt; transformers alone then gives the run's logits
+    (EXACT_ATOL on the same features, STORED_ATOL against the stored rows caption.py feeds) and greedy tokens."""
+    _, hf, proc, cap = clip_export
+    prompt, parts = PLACES[place]
+    k = prompt.count("<image>")
+    ours_ids = torch.tensor([prompt_ids(cap.fmt, prompt, images=k)])
+    paths = held_out_images(demo)[:k]
+    inline = prompt.replace("<image>", cap.fmt.image_token)
+    for content in (parts, inline):
+        text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                        tokenize=False)
+        inputs = proc(images=[Image.open(p) for p in paths], text=[text], return_tensors="pt")
+        assert torch.equal(inputs["input_ids"], ours_ids), (place, type(content))
+    exact = features(cap.encoder, inputs["pixel_values"]).float()  # (k, T, D) live, before the storage rounding
+    stored, _, _ = live_features(cap, paths)                        # what caption.py feeds
+    with torch.no_grad():
+        theirs = hf(**inputs).logits
+        torch.testing.assert_close(theirs, cap.model(ours_ids, exact).logits, atol=EXACT_ATOL, rtol=0)
+        torch.testing.assert_close(theirs, cap.model(ours_ids, stored).logits, atol=STORED_ATOL, rtol=0)
+        gen = hf.generate(**inputs, max_new_tokens=8, do_sample=False)[:, ours_ids.size(1):].tolist()
+    gen = [row[:row.index(cap.fmt.eos_id) + 1] if cap.fmt.eos_id in row else row for row in gen]
+    assert gen == generate(cap.model, ours_ids, exact, 8, cap.fmt.eos_id)
+
+
+def test_a_run_and_its_export_are_readable_as_the_umask_allows(clip_run, clip_export):
+    """0644 under umask 022 (the export written under it; the run's files as the test process's umask gave them),
+    each still published by a rename."""
+    out, *_ = clip_export
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.rglob("*") if f.is_file()} == \
+        {f.name: 0o644 for f in out.rglob("*") if f.is_file()}
+    mask = os.umask(0)
+    os.umask(mask)
+    run = clip_run.train.run_dir
+    assert (run / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_mlp2x_gelu_run_exports_exactly(demo, clip_run, tmp_path):

@@ -92,3 +92,29 @@ def test_paths_outside_the_root_are_rejected_without_reading(tmp_path):
     assert resolve_image(root, "sub/a.jpg") == (root / "sub" / "a.jpg").resolve()
     for key in ("../secret.jpg", "/etc/passwd", "sub/../../secret.jpg", "link.jpg"):
         assert resolve_image(root, normalize_key(key)) is None, key
+
+
+def test_an_absolute_path_inside_the_root_is_that_file_and_one_outside_is_still_refused(tmp_path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    inside = root / "sub" / "a.jpg"
+    assert resolve_image(root, normalize_key(str(inside))) == inside.resolve()
+    assert resolve_image(root, normalize_key(str(tmp_path / "b.jpg"))) is None
+
+
+def test_records_that_cannot_become_samples_are_skipped_with_their_reason_and_the_rest_kept(tmp_path):
+    """Video records (tag or not), tags and images that differ (`"image": []` with a tag among them); `"image": []`
+    without a tag is text-only. Without a `skip` (data.strict) the first is a stop naming it."""
+    turns = lambda q: [{"from": "human", "value": q}, {"from": "gpt", "value": "y"}]  # noqa: E731
+    recs = [_rec(0), {"id": "v1", "video": "a.mp4", "conversations": turns("<image>\nWhat?")},
+            {"id": "v2", "video": "b.mp4", "conversations": turns("What?")},
+            {"id": "m", "image": [], "conversations": turns("<image>\nx")},
+            {"id": "t", "image": [], "conversations": turns("Hello")}]
+    (tmp_path / "r.json").write_text(json.dumps(recs))
+    skips = []
+    kept = load_records(tmp_path / "r.json", lambda reason, where: skips.append((reason, where)))
+    assert [(r.id, r.images) for r in kept] == [("0", ("a.jpg",)), ("t", ())]
+    assert skips == [("video", f"{tmp_path}/r.json record 1 (id v1)"), ("video", f"{tmp_path}/r.json record 2 (id v2)"),
+                     ("mismatch", f"{tmp_path}/r.json record 3 (id m)")]
+    with pytest.raises(ValueError, match=r"record 1 \(id v1\): video records are not supported"):
+        load_records(tmp_path / "r.json")

@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -317,15 +318,19 @@ def test_rows_with_several_images_are_samples_of_several_images_and_rows_above_m
     assert recs[1].turns[0] == ("user", "First <image>, then <image>: what?")
 
 
-def test_tags_that_do_not_match_the_images_are_one_line_naming_the_row_before_any_work(demo, tmp_path):
+def test_tags_that_do_not_match_the_images_are_skipped_and_counted_and_with_strict_one_line_before_any_work(
+        demo, tmp_path, capsys):
     good = (demo / "images" / "train/00000.jpg").read_bytes()
     pq.write_table(pa.table({"conversations": [CONV, TWO], "image_bytes": pa.array([[good], [good, good, good]],
                                                                                     pa.list_(pa.binary()))}),
                    tmp_path / "m.parquet")
-    cfg = demo_config(demo, tmp_path, f"data.records={tmp_path}/m.parquet", "data.val_records=")
+    cfg = demo_config(demo, tmp_path, f"data.records={tmp_path}/m.parquet", "data.val_records=", "data.strict=true")
     with pytest.raises(ValueError, match=r"m\.parquet row 1: 2 <image> tag\(s\) for 3 image\(s\)") as e:
         run_embed(cfg, Dist())
     assert "\n" not in str(e.value) and not cache.shard_dir(cfg.cache.dir).exists()
+    m = run_embed(replace(cfg, data=replace(cfg.data, strict=False)), Dist())
+    assert m["skipped_rows"] == {"mismatch": 1} and m["counts"]["images"] == 1
+    assert "skipped 1 row(s) whose <image> tags and images differ in number (first: " in capsys.readouterr().out
 
 
 def test_undecodable_bytes_are_failures_naming_file_and_row_and_the_rest_embedded(demo, tmp_path):

@@ -10,9 +10,15 @@ Design choices:
 - A record holds any number of images; the k-th `<image>` tag (in any turn, anywhere in it; an image part of
   OpenAI-style content is a tag) is the k-th image, and the tags stay in the turns' text so stage 2 puts each
   image where its tag stands. Images without tags go, in order, where one image always went: the start of the
-  first user turn (`with_tags`). Tags and images that do not match in number are an error naming the record.
+  first user turn (`with_tags`). `"image": []` is no image: without a tag, a text-only sample.
+- A record that parses but cannot become a sample raises `Skip` (a ValueError with its reason): tags and images
+  that differ in number ("mismatch", `"image": []` with a tag among them) and `video` records ("video": a
+  video record with a tag would otherwise stop the file, one without would silently train its answer as
+  text-only). A caller that passes `skip` counts it and goes on (a mix of a million records has some of each);
+  without one (data.strict) the Skip is the one-line stop. A record that does not parse is always a stop.
 - Resolving a key against the image root is separate (`resolve_image`), so a key that escapes the root
-  (`../x`, absolute, or a symlink out) is reported as a failure and never opened.
+  (`../x`, an absolute path outside it, or a symlink out) is reported as a failure and never opened; an
+  absolute path inside the root is that file.
 """
 from __future__ import annotations
 
@@ -36,6 +42,14 @@ class Record:
     where: str                        # "train.json record 12 (id 0000012)" for error messages
 
 
+class Skip(ValueError):
+    """A record that cannot become a sample: skipped and counted under `reason`, or (data.strict) this line."""
+
+    def __init__(self, reason: str, where: str, message: str):
+        super().__init__(message)
+        self.reason, self.where = reason, where
+
+
 def normalize_key(image: str) -> str:
     key = posixpath.normpath(image.replace("\\", "/"))
     return key[2:] if key.startswith("./") else key
@@ -47,12 +61,23 @@ def _turn(turn, where: str, j: int) -> tuple[str, str]:
     if isinstance(turn, dict):
         role, text = (turn.get("from"), turn.get("value")) if "from" in turn else (turn.get("role"), turn.get("content"))
         if isinstance(text, list) and all(isinstance(p, dict) for p in text):  # [{"type": "image"}, {"type": "text", ...}]
-            text = "".join(IMAGE_TAG + "\n" if p.get("type") == "image" else p["text"] for p in text
-                           if p.get("type") == "image" or p.get("type") == "text" and isinstance(p.get("text"), str))
+            text = parts_text(text)
         if role in ROLES and isinstance(text, str):
             return ROLES[role], text.strip()
     raise ValueError(f"{where}: conversations[{j}] must be {{'from': human|gpt|system, 'value': str}} or "
                      f"{{'role': user|assistant|system, 'content': str}}, got {json.dumps(turn, default=str)[:80]}")
+
+
+def parts_text(parts: list[dict]) -> str:
+    """OpenAI-style content parts as text: an image part is a tag where it stands, followed by a newline unless
+    the text after it starts with whitespace (LLaVA's `<image>\n` before a question; a tag inside a sentence stays
+    inside it). The exported processor's chat template applies the same rule (minivlm.use.export)."""
+    parts = [p for p in parts if p.get("type") == "image" or p.get("type") == "text" and isinstance(p.get("text"), str)]
+    out = []
+    for p, after in zip(parts, parts[1:] + [None]):
+        spaced = after is not None and after.get("type") == "text" and after["text"][:1] in (" ", "\n", "\t")
+        out.append(p["text"] if p.get("type") == "text" else IMAGE_TAG + ("" if spaced else "\n"))
+    return "".join(out)
 
 
 def parse_turns(conv, where: str) -> tuple[tuple[str, str], ...]:
@@ -77,8 +102,8 @@ def with_tags(turns, n_images: int, where: str) -> tuple[tuple[str, str], ...]:
     if tags == n_images:
         return tuple(turns)
     if tags:
-        raise ValueError(f"{where}: {tags} <image> tag(s) for {n_images} image(s); each image needs one tag where "
-                         f"it goes (or no tags at all: the images then open the first user turn)")
+        raise Skip("mismatch", where, f"{where}: {tags} <image> tag(s) for {n_images} image(s); each image needs "
+                   f"one tag where it goes (or no tags at all: the images then open the first user turn)")
     lead = IMAGE_TAG + "\n"
     at = next((i for i, (role, _) in enumerate(turns) if role == "user"), None)
     if at is None:  # no user turn: open with one (tokenizer.prompt at stage 2)
@@ -108,11 +133,25 @@ def _parse_record(obj, where: str) -> Record:
         raise ValueError(f"{where}: 'image' must be a non-empty path string relative to data.image_root, or a list "
                          f"of them")
     turns = parse_turns(obj.get("conversations", obj.get("messages")), where)
+    if obj.get("video") is not None:
+        raise Skip("video", where, f"{where}: video records are not supported (a 'video' key: minivlm trains on "
+                                   f"images); drop it, or set data.strict=false to skip and count such records")
     return Record(rid, tuple(normalize_key(i) for i in images), with_tags(turns, len(images), where), where)
 
 
-def load_records(path: str | Path | Url) -> list[Record]:
-    """Read and validate every record of a JSON array or JSONL file (local, or a URL)."""
+def _parsed(obj, where: str, skip) -> Record | None:
+    try:
+        return _parse_record(obj, where)
+    except Skip as e:
+        if skip is None:
+            raise
+        skip(e.reason, e.where)
+        return None
+
+
+def load_records(path: str | Path | Url, skip=None) -> list[Record]:
+    """Read and validate every record of a JSON array or JSONL file (local, or a URL). `skip(reason, where)`:
+    called for each record that cannot become a sample (a `Skip`), which is then left out; None: a stop."""
     path = path if isinstance(path, Url) else Path(path)
     if isinstance(path, Path) and not path.is_file():
         raise FileNotFoundError(f"records file {path} not found; set data.records (make demo-data writes the demo's)")
@@ -124,7 +163,7 @@ def load_records(path: str | Path | Url) -> list[Record]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
         for i, obj in enumerate(items):
-            records.append(_parse_record(obj, f"{path} record {i}"))
+            records.append(_parsed(obj, f"{path} record {i}", skip))
     else:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -133,10 +172,10 @@ def load_records(path: str | Path | Url) -> list[Record]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} line {n}: invalid JSON ({e.msg} at column {e.colno})") from None
-            records.append(_parse_record(obj, f"{path} line {n}"))
+            records.append(_parsed(obj, f"{path} line {n}", skip))
     if not records:
         raise ValueError(f"{path}: no records")
-    return records
+    return [r for r in records if r is not None]  # all skipped: the caller names the skips
 
 
 def image_keys(records: list[Record]) -> list[str]:
@@ -149,8 +188,9 @@ def first_record_with(records: list[Record], key: str) -> Record:
 
 
 def resolve_image(root: str | Path | Url, key: str) -> Path | Url | None:
-    """The file for `key` under `root` (a folder or a URL), or None if it resolves outside the root (never read)."""
-    if posixpath.isabs(key) or key == ".." or key.startswith("../"):
+    """The file for `key` under `root` (a folder or a URL), or None if it resolves outside the root (never read).
+    An absolute local path is accepted where it lies inside the root."""
+    if isinstance(root, Url) and posixpath.isabs(key) or key == ".." or key.startswith("../"):
         return None
     if isinstance(root, Url):
         return root.child(key)

@@ -24,8 +24,8 @@ Design choices:
   tag the k-th image of the row (a Parquet list column: MiniMind-V's `image_bytes`, Hugging Face's
   `images`); a caption takes the row's images at the start of its prompt. A row with no image
   (img2dataset's failed downloads), more than `data.max_images`, or several in a tar sample (webdataset has
-  one image a sample) is skipped and counted, never guessed; tags that do not match the images in number are
-  an error naming the row.
+  one image a sample) is skipped and counted, never guessed; so is one whose tags and images differ in number
+  (records.Skip, as in LLaVA JSON). `data.strict` makes any skip a stop naming the row.
 - Plan: folder keys sorted, as always; keys of images inside files in first-occurrence order (files, row
   groups, rows), so a shard's images come from one stretch of the source and its reader touches only the row
   groups they sit in. Sorted by SHA-256 they would scatter every shard over every row group of every file.
@@ -48,13 +48,24 @@ from tqdm import tqdm
 from minivlm.config import DataConfig
 from minivlm.fileio import TMP_SUFFIX, atomic_write, sha256_file
 from minivlm.formats import parquet, remote, tars
-from minivlm.formats.records import Record, caption_turns, count_tags, load_records, parse_turns, resolve_image, with_tags
+from minivlm.formats.records import (
+    Record,
+    Skip,
+    caption_turns,
+    count_tags,
+    load_records,
+    parse_turns,
+    resolve_image,
+    with_tags,
+)
 
 STORE = "sources"          # <cache.dir>/sources/<identity>.npz: the stored join
 TAIL_BYTES = 1 << 20       # the end of a file that its identity hashes (Parquet's footer lives there)
 STALE_TEMP_S = 3600        # a temp file of the store older than this was left by a killed writer
 SKIP_REASONS = {"several": "hold several images in a tar sample (one a sample)", "no_image": "hold no image",
-                "no_text": "hold no text", "too_many": "hold more images than data.max_images"}
+                "no_text": "hold no text", "too_many": "hold more images than data.max_images",
+                "mismatch": "whose <image> tags and images differ in number",
+                "video": "of video (video records are not supported)"}
 JOIN_FORMAT = 2            # the stored join's layout (1: one SHA-256 a row, zeros for none or several)
 
 
@@ -218,13 +229,21 @@ class Loaded:
     sources: list[Source] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     first_skip: dict = field(default_factory=dict)   # reason -> where of its first row
+    strict: bool = False                             # data.strict: a skip is a stop
 
-    def skip(self, reason: str, where: str) -> None:
+    def skip(self, reason: str, where: str, line: str = "") -> None:
+        if self.strict:
+            raise ValueError(line or f"{where}: a row that cannot become a sample (skipped rows {SKIP_REASONS[reason]}"
+                                     f"); fix it, or set data.strict=false to skip and count such rows")
         self.skipped[reason] += 1
         self.first_skip.setdefault(reason, where)
 
     def describe_skips(self) -> str:
         return "; ".join(f"{n} row(s) {SKIP_REASONS[r]} (first: {self.first_skip[r]})" for r, n in self.skipped.items())
+
+    def warnings(self) -> list[str]:
+        """One line per reason: its count and the first record it names."""
+        return skip_warnings(self.skipped, self.first_skip)
 
 
 @dataclass(frozen=True)
@@ -264,7 +283,11 @@ def _join(loaded: Loaded, index: int, texts: list[_Row], rows: RowImages, max_im
         elif n > 1 and not several:
             loaded.skip("several", t.where)
         else:
-            turns = with_tags(t.turns, n, t.where)  # tags and images that do not match: an error naming the row
+            try:
+                turns = with_tags(t.turns, n, t.where)
+            except Skip as e:  # tags and images that do not match
+                loaded.skip(e.reason, e.where, str(e))
+                continue
             if n > max_images:
                 loaded.skip("too_many", t.where)
                 continue
@@ -275,8 +298,9 @@ def _join(loaded: Loaded, index: int, texts: list[_Row], rows: RowImages, max_im
 def load(specs: list[str], data: DataConfig, cache_dir: str | Path, rank: int = 0, progress: bool = False) -> Loaded:
     """Records of every spec, in order; Parquet rows joined with their stored image keys (hashed when missing).
     Every text is read and checked before any image is hashed: a bad row fails in seconds, not after an hour."""
-    loaded = Loaded(sources=[s for spec in specs for s in open_sources(spec, data)])
-    texts = {i: _texts(s, progress) if s.layout else load_records(s.path) for i, s in enumerate(loaded.sources)}
+    loaded = Loaded(sources=[s for spec in specs for s in open_sources(spec, data)], strict=data.strict)
+    skip = None if data.strict else loaded.skip
+    texts = {i: _texts(s, progress) if s.layout else load_records(s.path, skip) for i, s in enumerate(loaded.sources)}
     files = [i for i, s in enumerate(loaded.sources) if s.layout]
     start = rank % len(files) if files else 0  # ranks start apart
     stored = {i: row_images(loaded.sources[i], cache_dir, progress) for i in files[start:] + files[:start]}
@@ -292,9 +316,16 @@ def load(specs: list[str], data: DataConfig, cache_dir: str | Path, rank: int = 
                     loaded.origin.append(None)
     if not loaded.records:
         raise ValueError(f"{', '.join(specs)}: no records" + (f" ({loaded.describe_skips()})" if loaded.skipped else ""))
-    if loaded.skipped and progress:
-        print(f"warning: skipped {loaded.describe_skips()}", flush=True)
+    if progress:
+        for line in loaded.warnings():
+            print(line, flush=True)
     return loaded
+
+
+def skip_warnings(counts: dict, first: dict) -> list[str]:
+    """'warning: skipped 5 row(s) of video (video records are not supported) (first: train.json record 20 (id
+    v-0))', a line per reason (SKIP_REASONS, or a phrase of its own)."""
+    return [f"warning: skipped {n} row(s) {SKIP_REASONS.get(r, r)} (first: {first[r]})" for r, n in counts.items() if n]
 
 
 def manifest_info(loaded: Loaded) -> dict:

@@ -3,8 +3,9 @@ the loader.
 
 Design choices:
 - The join is by image key through the shards' `keys`; records with an image that failed or is absent are
-  dropped and counted, as are records whose images and prompt do not fit tokenizer.max_len (one warning line
-  naming the first). A sample holds any number of images (text-only: none); each is one slot, read as one
+  dropped and counted, as are records whose images and prompt do not fit tokenizer.max_len or model.max_seq_len
+  and the records the sources skipped (one warning line per reason naming the first; data.strict: a stop).
+  More records without their images than data.max_dropped_frac is the wrong cache, refused before any step. A sample holds any number of images (text-only: none); each is one slot, read as one
   cache row, and the K slots of a batch reach the model in the order its placeholders appear.
 - A run needs arrays, not records: per sample its image slots' (shard, row) and its tokens (`text.tokenize`,
   once). The
@@ -41,7 +42,7 @@ import weakref
 import zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import islice
 from pathlib import Path
@@ -56,7 +57,7 @@ from minivlm.embedding.encoder import EncoderSpec
 from minivlm.embedding.shard import Codec, RowReader
 from minivlm.fileio import atomic_write
 from minivlm.formats.records import Record
-from minivlm.formats.sources import open_sources, read_records, sources_hash
+from minivlm.formats.sources import load, open_sources, skip_warnings, sources_hash
 from minivlm.training.attention import cu_seqlens_of
 from minivlm.training import layout
 from minivlm.training.text import TextFormat, Tokens, collate, format_key, load_tokenizer, pack, text_format, tokenize
@@ -94,6 +95,7 @@ class Split:
     first: np.ndarray                   # (n + 1,) int64: sample i's images start at first[i]
     dropped: int                        # records with an image that is not in the cache
     records: list[Record] | None = None
+    skipped: dict = field(default_factory=dict)  # reason -> [count, first where]: the sources' skips, "missing"
 
     def __len__(self) -> int:
         return len(self.first) - 1
@@ -121,7 +123,7 @@ class Split:
         slots = self.slots(ix)
         records = [r for r, m in zip(self.records, mask) if m] if self.records is not None else None
         return Split(self.shard[slots], self.row[slots], self.layout[slots], np.concatenate([[0], np.cumsum(n)]),
-                     self.dropped, records)
+                     self.dropped, records, self.skipped)
 
 
 def _ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
@@ -129,45 +131,94 @@ def _ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
     return np.arange(count.sum()) + np.repeat(start - (np.cumsum(count) - count), count)
 
 
-def join(records: list[Record], index: cache.CacheIndex) -> Split:
+MISSING = "missing"  # the skip of a record with an image that is not in the cache
+
+
+def join(records: list[Record], index: cache.CacheIndex, skipped: dict | None = None, strict: bool = False) -> Split:
     """Records whose images are all in the cache (or that have none), with their (shard, row)s and tile layouts;
-    the others counted."""
-    kept, locs, count, dropped = [], [], [], 0
+    the others counted (`skipped`: the sources' skips, kept with them). `strict`: a missing image is a stop."""
+    kept, locs, count, dropped, first = [], [], [], 0, ""
     for r in records:
         loc = [index.locations.get(k) for k in r.images]
         if None in loc:
+            if strict:
+                raise ValueError(f"{r.where}: image {r.images[loc.index(None)]} is not in the cache (it failed at embed: "
+                                 f"see the cache's failures.jsonl); set data.strict=false to skip and count such records")
             dropped += 1
+            first = first or r.where
         else:
             kept.append(r)
             locs += loc
             count.append(len(loc))
     locs = np.array(locs, np.int64).reshape(-1, 2)
+    skipped = dict(skipped or {})
+    if dropped:
+        skipped[MISSING] = [dropped, first]
     return Split(locs[:, 0].copy(), locs[:, 1].copy(), index.image_tiles(locs[:, 0], locs[:, 1]),
-                 np.concatenate([[0], np.cumsum(count, dtype=np.int64)]), dropped, kept)
+                 np.concatenate([[0], np.cumsum(count, dtype=np.int64)]), dropped, kept, skipped)
+
+
+def _skips(loaded) -> dict:
+    return {r: [n, loaded.first_skip[r]] for r, n in loaded.skipped.items()}
 
 
 def load_splits(cfg: RunConfig, index: cache.CacheIndex, progress: bool = False) -> tuple[Split, Split]:
     """Train and held-out samples: data.val_records if given, else a hash split by the first image's key.
     `progress`: progress bars, and a warning line for the records skipped (minivlm.formats.sources)."""
-    records = read_records(cfg.data.records, cfg.data, cfg.cache.dir, progress)
-    if cfg.data.val_records:
-        train, val = records, read_records(cfg.data.val_records, cfg.data, cfg.cache.dir, progress)
-    else:
-        held = [bool(r.images) and in_val_split(r.images[0], cfg.data.val_frac) for r in records]
-        train = [r for r, h in zip(records, held) if not h]
-        val = [r for r, h in zip(records, held) if h]
-    return join(train, index), join(val, index)
+    d, strict = cfg.data, cfg.data.strict
+    loaded = load([d.records], d, cfg.cache.dir, progress=progress)
+    records = loaded.records
+    if d.val_records:
+        held_out = load([d.val_records], d, cfg.cache.dir, progress=progress)
+        return (join(records, index, _skips(loaded), strict),
+                join(held_out.records, index, _skips(held_out), strict))
+    held = [bool(r.images) and in_val_split(r.images[0], d.val_frac) for r in records]
+    train = [r for r, h in zip(records, held) if not h]
+    val = [r for r, h in zip(records, held) if h]
+    return join(train, index, _skips(loaded), strict), join(val, index, strict=strict)
+
+
+def skipped_of(*splits: Split) -> dict:
+    """The splits' skips added up: reason -> [count, first where]."""
+    out: dict = {}
+    for sp in splits:
+        for r, (n, first) in sp.skipped.items():
+            out[r] = [out.get(r, [0, first])[0] + n, out.get(r, [0, first])[1]]
+    return out
+
+
+def check_dropped(cfg: RunConfig, train: Split, val: Split, skipped: dict) -> None:
+    """The wrong cache: more of the records' images missing from it than data.max_dropped_frac, before any step."""
+    dropped = train.dropped + val.dropped
+    total = dropped + int((np.diff(train.first) > 0).sum() + (np.diff(val.first) > 0).sum())
+    if dropped and dropped > cfg.data.max_dropped_frac * total:
+        raise ValueError(f"cache {cfg.cache.dir} lacks the images of {dropped} of the {total} records with images "
+                         f"({dropped / total:.0%}, above data.max_dropped_frac={cfg.data.max_dropped_frac}; first: "
+                         f"{skipped[MISSING][1]}): likely the records of another dataset, or the cache of another "
+                         f"embed; point cache.dir at the cache stages/embed.py wrote for {cfg.data.records}")
 
 
 @dataclass(frozen=True)
 class TooLong:
-    """Samples left out because their images and prompt do not fit tokenizer.max_len."""
+    """Samples left out because their images and prompt do not fit tokenizer.max_len (or model.max_seq_len)."""
     count: int
     first: str                          # where the first of them is ("" when none)
 
-    def warning(self, max_len: int) -> str:
-        return (f"warning: skipped {self.count} sample(s) whose images and prompt do not fit tokenizer.max_len="
-                f"{max_len} (first: {self.first}); raise tokenizer.max_len to train on them")
+    def warning(self, fmt: TextFormat, cfg: RunConfig) -> str:
+        return (f"warning: skipped {self.count} sample(s) whose images and prompt do not fit {fit_setting(fmt, cfg)} "
+                f"(first: {self.first}); raise {fit_setting(fmt, cfg).split('=')[0]} to train on them")
+
+
+def fit_setting(fmt: TextFormat, cfg: RunConfig) -> str:
+    """'tokenizer.max_len=512', or 'model.max_seq_len=128' where the model's positions are fewer."""
+    return f"tokenizer.max_len={fmt.max_len}" if fmt.max_len == cfg.tokenizer.max_len else \
+        f"model.max_seq_len={fmt.max_len}"
+
+
+def fitting_format(fmt: TextFormat, cfg: RunConfig) -> TextFormat:
+    """The text format whose max_len also fits the model's positions: a sample longer than model.max_seq_len
+    is left out and counted like one longer than tokenizer.max_len, never a stop at its first step."""
+    return dataclasses.replace(fmt, max_len=min(fmt.max_len, cfg.model.max_seq_len))
 
 
 def split_tokens(fmt: TextFormat, split: Split, progress: bool = False) -> tuple[Split, Tokens, TooLong]:
@@ -179,7 +230,7 @@ def split_tokens(fmt: TextFormat, split: Split, progress: bool = False) -> tuple
     return out, tokens, TooLong(int((~fits).sum()), first)
 
 
-SAMPLES_FORMAT = 3  # bump when what a stored entry holds for the same inputs changes (3: tile layouts)
+SAMPLES_FORMAT = 4  # bump when what a stored entry holds for the same inputs changes (3: tile layouts; 4: skips)
 SPLITS = ("train", "val")
 
 
@@ -188,7 +239,7 @@ def samples_key(cfg: RunConfig, fmt: TextFormat, manifest: dict) -> str:
     and its stored join), how they are read and split, the cache's rows (its manifest) and the text format."""
     d = cfg.data
     h = hashlib.sha256(repr((SAMPLES_FORMAT, d.records, d.val_records, d.val_frac, d.image_column, d.text_column,
-                             d.max_images, format_key(fmt))).encode())
+                             d.max_images, d.strict, format_key(fmt))).encode())
     for spec in filter(None, (d.records, d.val_records)):
         h.update(sources_hash(open_sources(spec, d)).encode())
     h.update(json.dumps(manifest, sort_keys=True).encode())
@@ -205,7 +256,7 @@ def stored_splits(cfg: RunConfig, index: cache.CacheIndex, manifest: dict, fmt: 
     try:
         with np.load(path, allow_pickle=False) as z:
             return tuple((Split(z[f"{s}/shard"], z[f"{s}/row"], z[f"{s}/layout"], z[f"{s}/first"],
-                                int(z[f"{s}/dropped"])),
+                                int(z[f"{s}/dropped"]), skipped=json.loads(str(z[f"{s}/skipped"]))),
                           Tokens(*(z[f"{s}/{f.name}"] for f in dataclasses.fields(Tokens))),
                           TooLong(int(z[f"{s}/too_long"]), str(z[f"{s}/too_long_first"]))) for s in SPLITS)
     except FileNotFoundError:
@@ -229,7 +280,7 @@ def _save_samples(path: Path, splits) -> None:
     for s, (sp, tokens, too_long) in zip(SPLITS, splits):
         arrays.update({f"{s}/shard": sp.shard, f"{s}/row": sp.row, f"{s}/layout": sp.layout, f"{s}/first": sp.first,
                        f"{s}/dropped": np.int64(sp.dropped), f"{s}/too_long": np.int64(too_long.count),
-                       f"{s}/too_long_first": np.array(too_long.first)})
+                       f"{s}/too_long_first": np.array(too_long.first), f"{s}/skipped": np.array(json.dumps(sp.skipped))})
         arrays.update({f"{s}/{f.name}": getattr(tokens, f.name) for f in dataclasses.fields(Tokens)})
     with open(path, "wb") as f:  # a file object: savez would append .npz to a name
         np.savez(f, **arrays)
@@ -540,6 +591,12 @@ class TrainData:
     val: Samples               # closed after reading them; names their cache rows
     dropped: int               # records with an image that is not in the cache
     too_long: TooLong          # samples whose images and prompt do not fit tokenizer.max_len
+    skipped: dict = field(default_factory=dict)  # reason -> [count, first where], too long included
+
+    def describe_skips(self) -> str:
+        """'5 video, 2 mismatch, 1 image not in cache' for the start line ('none' when nothing was skipped)."""
+        return ", ".join(f"{n} {'image not in cache' if r == MISSING else r.replace('_', ' ')}"
+                         for r, (n, _) in self.skipped.items()) or "none"
 
     @property
     def codec(self) -> Codec:
@@ -555,12 +612,26 @@ def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int 
     manifest, index = open_cache(cfg, tokens, width)
     spec = EncoderSpec.of_manifest(manifest)
     tok = load_tokenizer(cfg.tokenizer, layout.markers(spec.tiles, spec.complete_fingerprint["max_tiles"]))
-    fmt = text_format(tok, cfg.tokenizer, cfg.model.image_tokens(index.tokens), spec.tiles)  # T' a tile
+    fmt = fitting_format(text_format(tok, cfg.tokenizer, cfg.model.image_tokens(index.tokens), spec.tiles), cfg)
     (train_split, train_text, train_long), (val_split, val_text, val_long) = stored_splits(
         cfg, index, manifest, fmt, save=dist.is_main, progress=dist.is_main)
     too_long = TooLong(train_long.count + val_long.count, train_long.first or val_long.first)
-    if too_long.count and dist.is_main:
-        print(too_long.warning(fmt.max_len), flush=True)
+    skipped = skipped_of(train_split, val_split)
+    check_dropped(cfg, train_split, val_split, skipped)
+    if too_long.count and cfg.data.strict:
+        raise ValueError(f"{too_long.first}: its images and prompt do not fit {fit_setting(fmt, cfg)}; raise "
+                         f"{fit_setting(fmt, cfg).split('=')[0]}, or set data.strict=false to skip and count such samples")
+    if dist.is_main:
+        for line in skip_warnings({r: n for r, (n, _) in skipped.items() if r != MISSING},
+                                  {r: w for r, (_, w) in skipped.items()}):
+            print(line, flush=True)
+        if MISSING in skipped:
+            print(f"warning: skipped {skipped[MISSING][0]} record(s) with an image that is not in cache "
+                  f"{cfg.cache.dir} (failed at embed: see its failures.jsonl) (first: {skipped[MISSING][1]})", flush=True)
+        if too_long.count:
+            print(too_long.warning(fmt, cfg), flush=True)
+    if too_long.count:
+        skipped["too_long"] = [too_long.count, too_long.first]
     if not len(train_split):
         raise ValueError(f"no training samples: none of {cfg.data.records}'s images are in cache {cfg.cache.dir}"
                          + (f" ({too_long.count} too long for tokenizer.max_len)" if too_long.count else ""))
@@ -578,7 +649,7 @@ def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int 
     eval_batches = [val_ds[ix] for ix in val_sampler.batches(0)[:tc.eval_batches * tc.grad_accum]]
     val_ds.close()
     return TrainData(manifest, index, tok, fmt, train_ds, sampler, eval_batches, val_ds,
-                     train_split.dropped + val_split.dropped, too_long)
+                     train_split.dropped + val_split.dropped, too_long, skipped)
 
 
 def step_batches(loader: Loader, sampler: BatchSampler, state):

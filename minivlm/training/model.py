@@ -394,7 +394,8 @@ class VLM(nn.Module):
         sample offsets); without them every row is one sample starting at `start_pos`."""
         L = input_ids.size(1)
         if start_pos + L > self.cfg.max_seq_len:
-            raise ValueError(f"sequence end {start_pos + L} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            raise ValueError(f"sequence end {start_pos + L} exceeds model.max_seq_len={self.cfg.max_seq_len}; raise "
+                             f"model.max_seq_len (a new run) or shorten the prompt")
         if kv_cache is not None and kv_cache.seq_len != start_pos:
             raise ValueError(f"start_pos={start_pos} but the KV cache holds {kv_cache.seq_len} positions")
         if positions is not None:

@@ -21,6 +21,8 @@ Design choices:
 - The end of a run (final eval row, final checkpoint, final files) can be interrupted anywhere and rerun
   to the same end state: the logger writes a step's eval row once, a saved step is not saved again, and
   `model.safetensors` is the last final file written.
+- Progress: a tqdm bar where stdout is a terminal; where it is not (a log file, a scheduler's capture), tqdm
+  turns itself off and a line per train.log_interval goes to stdout instead, so a long run is never silent.
 - eval_loss_shuffled: the same eval batches with images rolled across the batch. The gap to
   eval_loss is how much the model uses the image (and proof that rows stay aligned with records).
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -264,8 +267,7 @@ def _fit(cfg: RunConfig, dist: Dist) -> dict:
     log = MetricsLogger(metrics_path, dist.is_main, state.step if ckpt.latest else None, open_wandb(cfg, dist.is_main))
     meter, health = Throughput(dist.world_size, peak_flops(device), flop_counts(raw)), NonFinite(device)
     reduced = f" -> {data.fmt.image_tokens} image tokens" if data.fmt.image_tokens != data.index.tokens else ""
-    print0(dist, f"train: {len(data.train)} train / {len(data.val)} val samples ({data.dropped} dropped: image not "
-                 f"in cache{f'; {data.too_long.count} too long' if data.too_long.count else ''}), "
+    print0(dist, f"train: {len(data.train)} train / {len(data.val)} val samples (skipped: {data.describe_skips()}), "
                  f"{num_params(raw) / 1e6:.2f}M params ({num_params(raw, True) / 1e6:.2f}M trainable), "
                  f"{total} steps, T={data.index.tokens} D={data.index.width}{reduced}, "
                  f"{f'packed batches, attention {backend}' if tc.packing else 'padded batches'}"
@@ -299,6 +301,9 @@ def _fit(cfg: RunConfig, dist: Dist) -> dict:
                         "peak_mem_mb": round(peak_memory_mb(device), 1)}
                 log.log(last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{last['samples_per_s']:.0f}")
+                if not sys.stdout.isatty():  # no bar there: a line per log step
+                    print0(dist, f"train: step {state.step}/{total} epoch {state.epoch} loss {last['loss']:.4f} "
+                                 f"lr {lr:.2e} {last['samples_per_s']:.0f} samples/s")
                 meter.reset()
             if tc.eval_interval and state.step % tc.eval_interval == 0 and state.step < total:
                 health.check(data.train, ckpt)

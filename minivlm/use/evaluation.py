@@ -5,6 +5,11 @@ Design choices:
   evaluation needs no encoder and no image decoding except for the thumbnails.
 - Losses are token-weighted over every held-out sample, with the same `evaluate` the trainer logs, in
   the compute dtype the run trained in (`train.dtype`).
+- Each captioned sample is asked its own first user turn, its images at its tags (the first k images of
+  the sample, k the tags of that turn), and compared with that turn's answer: on SFT data (questions,
+  several turns) a caption row shows the sample's own question and answer. A bare caption's turn asks
+  tokenizer.prompt, as training did, so single-caption data is captioned as before. Samples that ask the
+  same prompt with the same number of images are captioned together.
 - Output goes to `runs/<name>/eval/`: `eval.json` (numbers), `captions.md`, `contact_sheet.png`.
 """
 from __future__ import annotations
@@ -14,12 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from minivlm.config import load_config
 from minivlm.embedding.encoder import EncoderSpec
 from minivlm.fileio import atomic_write, atomic_write_json, atomic_write_text
-from minivlm.formats.records import resolve_image, user_text
+from minivlm.formats.records import IMAGE_TAG, Record, resolve_image, user_text
 from minivlm.formats.sources import read_records
 from minivlm.training.data import BatchSampler, Samples, join, load_splits, open_cache
 from minivlm.training.model import VLMConfig
@@ -41,6 +47,15 @@ def held_out(run_dir: Path, vc: VLMConfig, cache_dir: str | None, records: str |
     return cfg, index, split
 
 
+def first_turn(record: Record) -> tuple[str, int, str]:
+    """A sample's first user turn (its <image> tags in place), the images that turn holds, and its answer."""
+    roles = [r for r, _ in record.turns]
+    u = roles.index("user") if "user" in roles else 0
+    ask = record.turns[u][1] if roles[u] == "user" else ""
+    answer = next((t for r, t in record.turns[u + 1:] if r == "assistant"), "")
+    return ask, ask.count(IMAGE_TAG), answer
+
+
 def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, records: str | None = None, n: int = 32,
                  device: str = "cpu") -> dict:
     run_dir = Path(run_dir)
@@ -51,21 +66,22 @@ def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, records: str
     losses = evaluate(cap.model, batches, index.codec, amp_dtype(cfg.train, device), device)  # the run's dtype
 
     split = ds.split  # the samples that fit tokenizer.max_len
+    asks = {i: first_turn(split.records[i]) for i in range(len(split))}
+    picked = [i for i in range(len(split)) if asks[i][1]][:n]  # samples whose first turn shows images
     generated = {}
-    n_images = np.diff(split.first)
-    picked = np.flatnonzero(n_images > 0)[:n]
-    for k in np.unique(n_images[picked]).tolist():  # samples of k images, captioned together
-        group = picked[n_images[picked] == k]
-        layouts = split.layout[split.slots(group)]
-        generated.update(zip(group.tolist(), caption_features(cap, index.codec.decode(ds.rows(group)), per_prompt=k,
-                                                              layouts=layouts)))
+    for prompt, k in dict.fromkeys(asks[i][:2] for i in picked):  # one prompt, k images: captioned together
+        group = [i for i in picked if asks[i][:2] == (prompt, k)]
+        slots = [split.first[i] + np.arange(k) for i in group]  # each sample's first k images
+        tiles = [int(split.layout[s, 0].sum()) for s in slots]
+        rows = torch.cat([ds.rows(np.array([i]))[:t] for i, t in zip(group, tiles)])
+        generated.update(zip(group, caption_features(cap, index.codec.decode(rows), prompt, per_prompt=k,
+                                                     layouts=split.layout[np.concatenate(slots)])))
     ds.close()
     samples = []
-    for i in picked.tolist():
-        rec = split.records[i]
-        prompt = user_text(next((t for r, t in rec.turns if r == "user"), ""))
-        samples.append({"id": rec.id, "images": list(rec.images), "prompt": prompt, "generated": generated[i],
-                        "reference": [t for r, t in rec.turns if r == "assistant"][-1]})
+    for i in picked:
+        rec, (ask, k, answer) = split.records[i], asks[i]
+        samples.append({"id": rec.id, "images": list(rec.images[:k]), "prompt": user_text(ask),
+                        "generated": generated[i], "reference": answer})
     result = {"run": str(run_dir), "cache": cfg.cache.dir, "n_eval_samples": len(split),
               **losses, "captions": samples}
     out = run_dir / "eval"
@@ -83,9 +99,10 @@ def captions_markdown(result: dict) -> str:
     lines = [f"# Captions: {result['run']}", "",
              f"eval_loss {result['eval_loss']:.4f} · shuffled-image {result['eval_loss_shuffled']:.4f} · "
              f"image gap {result['image_gap']:.3f} nats · {result['n_eval_samples']} held-out samples", "",
-             "| image | generated | reference |", "| --- | --- | --- |"]
+             "| image | prompt | generated | reference |", "| --- | --- | --- | --- |"]
     cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines += [f"| {', '.join(f'`{k}`' for k in s['images'])} | {cell(s['generated'])} | {cell(s['reference'])} |"
+    lines += [f"| {', '.join(f'`{k}`' for k in s['images'])} | {cell(s['prompt'])} | {cell(s['generated'])} | "
+              f"{cell(s['reference'])} |"
               for s in result["captions"]]
     return "\n".join(lines) + "\n"
 

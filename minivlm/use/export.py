@@ -21,9 +21,12 @@ Design choices:
   loaded from the run's stored spec, checked against the run's fingerprint, and its own weights hash
   checked against the fingerprint's.
 - The processor's chat template turns content parts (`{"type": "image"}`, `{"type": "text", "text": P}`, in
-  any number and order) into the user text training used (each image part an image token and a newline,
-  where it stands; the text trimmed as records trim it) and then applies the run tokenizer's own template, so
-  it yields the prompt ids caption.py builds, for one image or several; the processor expands each image
+  any number and order) into the user text training used (each image part an image token where it stands,
+  followed by a newline unless the text after it starts with whitespace: records read content parts with the
+  same rule, `records.parts_text`; the text trimmed as records trim it) and then applies the run tokenizer's
+  own template, so it yields the prompt ids caption.py builds for the same prompt with `<image>` tags where
+  the parts are, at the start, in the middle or at the end of the text, for one image or several; a string
+  content with the image token inline passes as it is (caption.py's prompt with the tags inline); the processor expands each image
   token to the T rows the model was trained on, and LLaVA fills them with the images in order, as training
   does. `generation_config` never generates the image token (as our generate).
 - Written into a temporary sibling directory, fsynced, published with one rename.
@@ -41,7 +44,7 @@ import torch
 
 from minivlm.config import ModelConfig
 from minivlm.embedding.encoder import EncoderSpec, load_encoder, weights_hash
-from minivlm.fileio import fsync_dir, fsync_file
+from minivlm.fileio import fsync_dir, publishable
 from minivlm.training.model import VLM, VLMConfig
 from minivlm.training.text import TextFormat, load_tokenizer, text_format
 
@@ -132,7 +135,10 @@ def chat_template(fmt: TextFormat) -> str:
             "{%- for message in messages -%}"
             "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
             "{%- else -%}{%- set ns.text = '' -%}{%- for part in message['content'] -%}"
-            "{%- if part['type'] == 'image' -%}{%- set ns.text = ns.text + '" + fmt.image_token + "\\n' -%}"
+            "{%- if part['type'] == 'image' -%}{%- set ns.text = ns.text + '" + fmt.image_token + "' -%}"
+            "{%- set after = message['content'][loop.index0 + 1] if not loop.last else none -%}"
+            "{%- if not (after is mapping and after['type'] == 'text' and after['text'][:1] in [' ', '\\n', '\\t'] "
+            "and after['text'][:1]) -%}{%- set ns.text = ns.text + '\\n' -%}{%- endif -%}"
             "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
             "{%- endfor -%}{%- endif -%}"
             "{%- set ns.messages = ns.messages + [{'role': message['role'], 'content': ns.text | trim}] -%}"
@@ -224,8 +230,7 @@ def publish_dir(out: Path, overwrite: bool, build: Callable[[Path], None]) -> No
     try:
         tmp.mkdir(parents=True)
         build(tmp)
-        for f in sorted(tmp.rglob("*")):
-            fsync_file(f) if f.is_file() else fsync_dir(f)
+        publishable(tmp)
         fsync_dir(tmp)
         if out.exists():
             os.replace(out, old)
