@@ -184,7 +184,7 @@ def test_a_two_image_prompt_through_the_export_computes_what_the_run_computes(de
 
 # Logits of the export against the run: on the same features, fp32 summation order alone (EXACT_ATOL); against
 # caption.py, which feeds the cache's rows as stored (float16 here, cache.dtype), the rows' rounding (STORED_ATOL).
-EXACT_ATOL, STORED_ATOL = 1e-4, 5e-3
+EXACT_ATOL, STORED_ATOL = 1e-4, 1e-3  # docs/using.md states both; seen here: 0 and 1.8e-4
 PLACES = {  # caption.py's prompt -> the same prompt as content parts, images anywhere in the text
     "start": ("<image>\nWhich shape is it?", [{"type": "image"}, {"type": "text", "text": "Which shape is it?"}]),
     "middle": ("Is <image> a circle?", [{"type": "text", "text": "Is "}, {"type": "image"},
