@@ -102,8 +102,9 @@ def test_a_onevision_mix_embeds_and_trains_every_sample_that_can(demo, mix):
                    f"{first(video)})" in ln for ln in lines), lines
         assert any(f"skipped 2 row(s) whose <image> tags and images differ in number (first: {cfg.data.records} "
                    f"{first(mismatch)})" in ln for ln in lines), lines
-    assert any("skipped 1 record(s) with an image that is not in cache" in ln and "(id missing)" in ln
+    assert any(f"skipped 1 row(s) with an image that is not in cache {cfg.cache.dir}" in ln and "(id missing)" in ln
                for ln in train.stdout.splitlines())
+    assert len([ln for ln in train.stdout.splitlines() if ln.startswith("warning: skipped")]) == 3  # each once
     skipped = re.search(r"val samples \(skipped: ([^)]*)\)", train.stdout).group(1)  # the start line's counts
     assert sorted(skipped.split(", ")) == ["1 image not in cache", "2 mismatch", "5 video"]
     manifest = json.loads((Path(cfg.cache.dir) / "manifest.json").read_text())

@@ -295,9 +295,11 @@ def _join(loaded: Loaded, index: int, texts: list[_Row], rows: RowImages, max_im
             loaded.origin.append((index, t.row))
 
 
-def load(specs: list[str], data: DataConfig, cache_dir: str | Path, rank: int = 0, progress: bool = False) -> Loaded:
+def load(specs: list[str], data: DataConfig, cache_dir: str | Path, rank: int = 0, progress: bool = False,
+         warn: bool = True) -> Loaded:
     """Records of every spec, in order; Parquet rows joined with their stored image keys (hashed when missing).
-    Every text is read and checked before any image is hashed: a bad row fails in seconds, not after an hour."""
+    Every text is read and checked before any image is hashed: a bad row fails in seconds, not after an hour.
+    `progress`: progress bars, and (`warn`) a warning line a reason for the rows skipped."""
     loaded = Loaded(sources=[s for spec in specs for s in open_sources(spec, data)], strict=data.strict)
     skip = None if data.strict else loaded.skip
     texts = {i: _texts(s, progress) if s.layout else load_records(s.path, skip) for i, s in enumerate(loaded.sources)}
@@ -316,16 +318,16 @@ def load(specs: list[str], data: DataConfig, cache_dir: str | Path, rank: int = 
                     loaded.origin.append(None)
     if not loaded.records:
         raise ValueError(f"{', '.join(specs)}: no records" + (f" ({loaded.describe_skips()})" if loaded.skipped else ""))
-    if progress:
+    if progress and warn:
         for line in loaded.warnings():
             print(line, flush=True)
     return loaded
 
 
-def skip_warnings(counts: dict, first: dict) -> list[str]:
+def skip_warnings(counts: dict, first: dict, phrases: dict = SKIP_REASONS) -> list[str]:
     """'warning: skipped 5 row(s) of video (video records are not supported) (first: train.json record 20 (id
-    v-0))', a line per reason (SKIP_REASONS, or a phrase of its own)."""
-    return [f"warning: skipped {n} row(s) {SKIP_REASONS.get(r, r)} (first: {first[r]})" for r, n in counts.items() if n]
+    v-0))', a line per reason (its phrase in `phrases`)."""
+    return [f"warning: skipped {n} row(s) {phrases[r]} (first: {first[r]})" for r, n in counts.items() if n]
 
 
 def manifest_info(loaded: Loaded) -> dict:

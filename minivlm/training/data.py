@@ -5,8 +5,9 @@ Design choices:
 - The join is by image key through the shards' `keys`; records with an image that failed or is absent are
   dropped and counted, as are records whose images and prompt do not fit tokenizer.max_len or model.max_seq_len
   and the records the sources skipped (one warning line per reason naming the first; data.strict: a stop).
-  More records without their images than data.max_dropped_frac is the wrong cache, refused before any step. A sample holds any number of images (text-only: none); each is one slot, read as one
-  cache row, and the K slots of a batch reach the model in the order its placeholders appear.
+  More records without their images than data.max_dropped_frac is the wrong cache, refused before any step. A
+  sample holds any number of images (text-only: none); each is one slot, read as one cache row, and the K slots
+  of a batch reach the model in the order its placeholders appear.
 - A run needs arrays, not records: per sample its image slots' (shard, row) and its tokens (`text.tokenize`,
   once). The
   first run builds them from the records and keeps them in `<cache.dir>/samples/` (`stored_splits`); a
@@ -57,7 +58,7 @@ from minivlm.embedding.encoder import EncoderSpec
 from minivlm.embedding.shard import Codec, RowReader
 from minivlm.fileio import atomic_write
 from minivlm.formats.records import Record
-from minivlm.formats.sources import load, open_sources, skip_warnings, sources_hash
+from minivlm.formats.sources import SKIP_REASONS, load, open_sources, skip_warnings, sources_hash
 from minivlm.training.attention import cu_seqlens_of
 from minivlm.training import layout
 from minivlm.training.text import TextFormat, Tokens, collate, format_key, load_tokenizer, pack, text_format, tokenize
@@ -166,10 +167,10 @@ def load_splits(cfg: RunConfig, index: cache.CacheIndex, progress: bool = False)
     """Train and held-out samples: data.val_records if given, else a hash split by the first image's key.
     `progress`: progress bars, and a warning line for the records skipped (minivlm.formats.sources)."""
     d, strict = cfg.data, cfg.data.strict
-    loaded = load([d.records], d, cfg.cache.dir, progress=progress)
+    loaded = load([d.records], d, cfg.cache.dir, progress=progress, warn=False)  # load_data warns, once
     records = loaded.records
     if d.val_records:
-        held_out = load([d.val_records], d, cfg.cache.dir, progress=progress)
+        held_out = load([d.val_records], d, cfg.cache.dir, progress=progress, warn=False)
         return (join(records, index, _skips(loaded), strict),
                 join(held_out.records, index, _skips(held_out), strict))
     held = [bool(r.images) and in_val_split(r.images[0], d.val_frac) for r in records]
@@ -622,12 +623,10 @@ def load_data(cfg: RunConfig, dist: Dist, tokens: int | None = None, width: int 
         raise ValueError(f"{too_long.first}: its images and prompt do not fit {fit_setting(fmt, cfg)}; raise "
                          f"{fit_setting(fmt, cfg).split('=')[0]}, or set data.strict=false to skip and count such samples")
     if dist.is_main:
-        for line in skip_warnings({r: n for r, (n, _) in skipped.items() if r != MISSING},
-                                  {r: w for r, (_, w) in skipped.items()}):
+        missing = f"with an image that is not in cache {cfg.cache.dir} (failed at embed: see its failures.jsonl)"
+        for line in skip_warnings({r: n for r, (n, _) in skipped.items()}, {r: w for r, (_, w) in skipped.items()},
+                                  {**SKIP_REASONS, MISSING: missing}):
             print(line, flush=True)
-        if MISSING in skipped:
-            print(f"warning: skipped {skipped[MISSING][0]} record(s) with an image that is not in cache "
-                  f"{cfg.cache.dir} (failed at embed: see its failures.jsonl) (first: {skipped[MISSING][1]})", flush=True)
         if too_long.count:
             print(too_long.warning(fmt, cfg), flush=True)
     if too_long.count:
