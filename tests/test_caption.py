@@ -177,8 +177,10 @@ def test_evaluate_writes_three_files_whose_numbers_match_a_recomputation(trained
     assert saved["eval_loss"] == pytest.approx(sums[0] / count, rel=1e-4)
     assert saved["eval_loss_shuffled"] == pytest.approx(sums[1] / count, rel=1e-4)
     assert saved["n_eval_samples"] == len(val.records)
-    first = saved["captions"][0]
-    assert first["generated"] == caption_features(cap, index.codec.decode(ds.rows([0])))[0]
+    first, record = saved["captions"][0], val.records[0]
+    ask = next(t for r, t in record.turns if r == "user")  # each sample is asked its own question, images at its tags
+    assert first["prompt"] == ask.replace("<image>", "").strip() and first["reference"] == record.turns[-1][1]
+    assert first["generated"] == caption_features(cap, index.codec.decode(ds.rows([0])), prompt=ask)[0]
 
 
 @pytest.mark.slow

@@ -316,6 +316,9 @@ def test_rows_with_several_images_are_samples_of_several_images_and_rows_above_m
     recs = sources.read_records(cfg.data.records, cfg.data, cfg.cache.dir)
     assert [r.images for r in recs] == [(sha(good[0]),), (sha(good[1]), sha(good[2])), (sha(good[2]),)]
     assert recs[1].turns[0] == ("user", "First <image>, then <image>: what?")
+    with pytest.raises(ValueError, match=r"m\.parquet row 3: cannot become a sample \(one of the rows that hold no "
+                                         r"image\); fix it, or set data\.strict=false"):
+        sources.read_records(cfg.data.records, replace(cfg.data, strict=True), cfg.cache.dir)
 
 
 def test_tags_that_do_not_match_the_images_are_skipped_and_counted_and_with_strict_one_line_before_any_work(

@@ -233,8 +233,8 @@ class Loaded:
 
     def skip(self, reason: str, where: str, line: str = "") -> None:
         if self.strict:
-            raise ValueError(line or f"{where}: a row that cannot become a sample (skipped rows {SKIP_REASONS[reason]}"
-                                     f"); fix it, or set data.strict=false to skip and count such rows")
+            raise ValueError(line or f"{where}: cannot become a sample (one of the rows that {SKIP_REASONS[reason]}); "
+                                     f"fix it, or set data.strict=false to skip and count such rows")
         self.skipped[reason] += 1
         self.first_skip.setdefault(reason, where)
 
