@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -185,13 +186,13 @@ def open_storage(url: str, sweep_dir: Path):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(sweep_dir / "study.journal")))
     connect = {"connect_args": {"connect_timeout": 10}} if storage_url(url).startswith("postgresql") else {}
-    for attempt in range(5):
+    for attempt in range(3):
         try:
             return RDBStorage(storage_url(url), engine_kwargs=connect, heartbeat_interval=HEARTBEAT_S,
                               grace_period=GRACE_S, heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
         except Exception as e:  # noqa: BLE001 - any driver error is "cannot reach the storage"
             last = e
-            time.sleep(0.5 + attempt)
+            time.sleep(0.2 + attempt / 2)
     reason = str(getattr(last, "orig", None) or last).strip().splitlines()[0]
     raise ValueError(f"storage {url}: cannot open it ({reason}); start the database server or fix --storage / "
                      f"search.storage")
@@ -506,4 +507,13 @@ def run_search(spec: SweepSpec, table: dict, config, overrides, where: str, para
     if len(spec.combos) > search.trials:
         raise ValueError(f"{where}: {len(spec.combos)} enqueued trials ([grid]/[[runs]]) but search.trials = "
                          f"{search.trials}; raise trials")
-    return Worker(spec, search, config, overrides, where, parallel, nproc, runs_per_gpu, train_script).run()
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress lines say what its INFO lines would
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)  # ask/tell beats by hand
+            warnings.filterwarnings("ignore", "Fixed parameter", UserWarning)       # an enqueued value off the space
+            return Worker(spec, search, config, overrides, where, parallel, nproc, runs_per_gpu, train_script).run()
+    finally:
+        optuna.logging.set_verbosity(level)
