@@ -152,7 +152,7 @@ def test_two_workers_on_one_postgresql_run_each_trial_once_and_asha_prunes_a_hop
 def test_a_worker_killed_mid_trial_leaves_no_trainer_and_its_trial_resumes_once_elsewhere(
         demo, demo_cache, tmp_path, pg_url, one_thread):
     """Acceptance 3; the two workers start at the same moment on a fresh database (one creates the study)."""
-    sweep = search_file(name="kill", max_steps=40, every=10, save=4, trials=3)
+    sweep = search_file(name="kill", max_steps=40, every=10, save=4, trials=2)
     args = sweep_args(demo, demo_cache, tmp_path, sweep, "--storage", pg_url)
     survivor, victim = worker(args, tmp_path / "a.log"), worker(args, tmp_path / "b.log")
     host = socket.gethostname()
@@ -175,7 +175,7 @@ def test_a_worker_killed_mid_trial_leaves_no_trainer_and_its_trial_resumes_once_
     assert survivor.wait(300) == 0, (tmp_path / "a.log").read_text()[-3000:]
     assert "resumed" in (run_dir / "stdout.log").read_text()
     rows = summary(tmp_path / "runs" / "kill")
-    assert len(rows) == 3 and {r["status"] for r in rows} == {"done"}
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"done"}
     done = {}
     for r in rows:
         d = tmp_path / "runs" / "kill" / r["run"]
@@ -187,7 +187,7 @@ def test_a_worker_killed_mid_trial_leaves_no_trainer_and_its_trial_resumes_once_
     again = run_stage("sweep.py", *args)  # the rerun: nothing left to train
     assert again.returncode == 0, again.stdout[-2000:]
     assert {d: (d / "model.safetensors").stat().st_mtime_ns for d in done} == before
-    assert "3 done, 0 pruned, 0 failed of 3" in again.stdout
+    assert "2 done, 0 pruned, 0 failed of 2" in again.stdout
 
 
 @pytest.mark.slow
