@@ -345,7 +345,7 @@ class Worker:
             self.tell_failed(trial, run.error)
             return self.start(slot)
         d = run.cfg.train.run_dir
-        for _ in range(int(60 / POLL_S)):  # the trainer of a killed worker may still be saving its checkpoint
+        for _ in range(int(GRACE_S / 2 / POLL_S)):  # the trainer of a killed worker may still be saving its checkpoint
             if WriterLock.holder(d) is None:
                 break
             time.sleep(POLL_S)
@@ -414,12 +414,14 @@ class Worker:
               f"enqueued), sampler {self.search.sampler}, pruner {self.search.pruner}, {len(self.envs)} at a time -> "
               f"{self.sweep_dir}", flush=True)
         active: dict[int, Active] = {}
-        beat = 0.0
+        beat = checked = 0.0
         with stop_requests() as stop:
             try:
                 while not stop.requested:
                     own = {a.trial.number for a in active.values()}
-                    fail_stale(self.study, self.storage, own)
+                    if time.time() - checked > 2.0:
+                        checked = time.time()
+                        fail_stale(self.study, self.storage, own)
                     for slot in [s for s in range(len(self.envs)) if s not in active]:
                         a = self.start(slot)
                         if a is not None:
