@@ -4,7 +4,7 @@
     python bench/search.py [--trials 8] [--max_steps 120] [--work bench/work/search] [--out FILE.json]
 
 Both studies are `stages/sweep.py` commands as a user runs them (one worker, one trial at a time, a journal file
-in the sweep directory), on one demo cache, with the random sampler and one seed: both draw the same trials, after
+in the sweep directory; one compute thread, as on a shared machine), on one demo cache, with the random sampler and one seed: both draw the same trials, after
 the same enqueued baseline, so the only difference is what the pruner stopped. Rungs at min_steps = max_steps / 6
 and x3 (ASHA, reduction factor 3). The numbers come from each study's summary.csv.
 """
@@ -76,7 +76,7 @@ def study(config: Path, work: Path, pruner: str, trials: int, max_steps: int, lo
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, str(REPO / "stages" / "sweep.py"), "--config", str(config), "--sweep",
                         str(sweep), f"train.out_dir={work / 'runs'}"], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                       env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"P8 search {name} failed: {(r.stdout + r.stderr)[-2000:]}")
