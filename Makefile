@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	  $(BIN)/pip install -q --no-index --no-deps 'torch==$(TORCH_CPU_VERSION)' 2>/dev/null || \
 	  $(BIN)/pip install -q torch --index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(BIN)/pip install -q -e '.[dev,plot]'
+	$(BIN)/pip install -q -e '.[dev,plot,search]'
 	touch $@
 
 demo-data: install

@@ -37,7 +37,8 @@ def newest(results: Path = RESULTS) -> Path:
     runs = []
     for path in sorted(results.glob("*.json")):
         res = json.loads(path.read_text(encoding="utf-8"))
-        if "smoke" not in res.get("mode", "").split("-"):  # smoke, smoke-cuda: plumbing checks, not figures
+        # smoke, smoke-cuda: plumbing checks, not figures; no workload: a P6/P8-only run (bench/run.py --workloads none)
+        if "smoke" not in res.get("mode", "").split("-") and res.get("workloads"):
             runs.append((res["date"], path.name, path))
     if not runs:
         raise FileNotFoundError(f"{results} has no bench results (non-smoke *.json); run `make bench` first")
@@ -302,7 +303,21 @@ def render(path: Path, results: dict) -> str:
         lines += ["## Stage 2 start-up (P6)", "", *startup_table(results["startup"]), ""]
     else:
         lines += ["P6 (stage 2's start-up) is not in this file.", ""]
+    if "search" in results:
+        lines += ["## Search pruning (P8)", "", *search_table(results["search"]), ""]
     return "\n".join([*lines, MEANING, ""])
+
+
+def search_table(q: dict) -> list[str]:
+    lines = [f"One search of the demo ({q['trials']} trials of at most {q['max_steps']} steps, one enqueued baseline, "
+             f"the random sampler with one seed) with `pruner = \"asha\"` against the same trials with "
+             f"`pruner = \"none\"`:", "", "| pruner | steps trained | wall time | best eval loss | pruned |",
+             "| --- | --- | --- | --- | --- |"]
+    for name in ("asha", "none"):
+        f = q[name]
+        lines.append(f"| {name} | {f['steps']:,} | {f['wall_s']:.0f} s | {f['best_eval_loss']:.4f} | {f['pruned']} |")
+    return lines + ["", f"asha / none: {q['steps_ratio']:.2f} of the steps, {q['wall_ratio']:.2f} of the wall time, "
+                        f"best eval loss x{q['best_loss_ratio']:.4f} (target: at most half the steps, within 2%)."]
 
 
 def headline(path: Path, results: dict) -> str:

@@ -57,6 +57,9 @@ Once per bench (bench/startup.py; not in --smoke or --cuda):
   P6 stage-2 start-up    wall time and peak memory of a 1-step training run on 1M records (quick: 100K), LLaVA
                          JSONL and MiniMind-V Parquet: the first run (records read, joined, tokenized, kept)
                          and the rerun (the kept arrays), against the same on the demo's 1,000 records
+Once per bench (bench/search.py; not in --smoke or --cuda; alone: --workloads none --startup 0):
+  P8 search pruning      one search of the demo with pruner asha / the same trials (random sampler, one seed, the
+                         same enqueued baseline) with pruner none: steps trained, wall time, best eval loss found
   tokens/s, MFU          cached samples/s x real text tokens per sample; on CUDA, model FLOPs/s over the
                          device's assumed peak bf16 FLOP/s (minivlm.training.metrics; MINIVLM_PEAK_TFLOPS overrides)
 
@@ -92,6 +95,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import loops  # noqa: E402
+import search  # noqa: E402
 import startup  # noqa: E402
 from minivlm.config import to_toml, to_tree  # noqa: E402
 from minivlm.dist import Dist  # noqa: E402
@@ -104,6 +108,7 @@ from minivlm.training.metrics import flops_per_token, peak_flops  # noqa: E402
 from workloads import BUILDERS, Sizes, Workload, tars_of, with_cache_dir, with_records  # noqa: E402
 
 STARTUP_RECORDS = {"full": 1_000_000, "quick": 100_000, "smoke": 0}  # P6: too slow for the smoke test
+SEARCH_TRIALS = {"full": 8, "quick": 8, "smoke": 0}  # P8: two studies of stage-2 subprocesses, minutes
 MODES = {  # mode -> workload -> Sizes (CPU); GPU_SIZES replaces some fields on CUDA
     "full": {
         "demo": Sizes(n=1000, batch=32, workers=1, readers=0, enc_batch=64, embed_images=4000, warmup=5, steps=20, live_steps=20,
@@ -667,6 +672,15 @@ def table(results: dict) -> str:
                       f"{f[f'small_{run}']['wall_s']:.1f} s {f[f'small_{run}']['peak_mb']:,.0f} MB "
                       f"({q['unique_images']:,} records)", f"+{f[f'{run}_per_million_mb']:,.0f} MB/M",
                       f"+{f[f'{run}_per_million_s']:.1f} s/M") for run in ("first", "rerun")]
+    if "search" in results:
+        q = results["search"]
+        a, n = q["asha"], q["none"]
+        rows += [(f"demo, {q['trials']} trials", "P8 search: asha vs none, steps", f"{a['steps']:,} ({a['pruned']} pruned)",
+                  f"{n['steps']:,}", f"{q['steps_ratio']:.2f}", ""),
+                 (f"demo, {q['trials']} trials", "P8 search: wall time", f"{a['wall_s']:.0f} s", f"{n['wall_s']:.0f} s",
+                  f"{q['wall_ratio']:.2f}", ""),
+                 (f"demo, {q['trials']} trials", "P8 search: best eval loss", f"{a['best_eval_loss']:.4f}",
+                  f"{n['best_eval_loss']:.4f}", f"{q['best_loss_ratio']:.4f}", "")]
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -695,7 +709,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats (make bench-quick)")
     ap.add_argument("--smoke", action="store_true", help="tiny artefacts and 2 steps: checks the plumbing only")
     ap.add_argument("--cuda", action="store_true", help="quick CUDA mode (make gpu-check): b16, P1-P4, tokens/s, MFU")
-    ap.add_argument("--workloads", help="comma-separated: demo, b16 (default: both; b16 with --cuda)")
+    ap.add_argument("--workloads", help="comma-separated: demo, b16 (default: both; b16 with --cuda; none: only "
+                                        "P6 and P8)")
+    ap.add_argument("--search", type=int, help="trials of P8 (search pruning), overriding the mode "
+                    f"({', '.join(f'{m}: {n}' for m, n in SEARCH_TRIALS.items())}; 0: skip it)")
     ap.add_argument("--startup", type=int, help="records of P6 (stage-2 start-up), overriding the mode "
                     f"({', '.join(f'{m}: {n or 0:,}' for m, n in STARTUP_RECORDS.items())}; 0: skip it)")
     ap.add_argument("--steps", type=int, help="timed steps per window (train loops), overriding the mode")
@@ -709,7 +726,8 @@ def main(argv=None) -> int:
         print("bench --cuda needs a CUDA device and torch sees none here; run make gpu-check on a GPU machine",
               file=sys.stderr)
         return 2
-    names = [n.strip() for n in (args.workloads or ("b16" if args.cuda else "demo,b16")).split(",") if n.strip()]
+    names = [n.strip() for n in (args.workloads or ("b16" if args.cuda else "demo,b16")).split(",")
+             if n.strip() and n.strip() != "none"]
     unknown = [n for n in names if n not in BUILDERS]
     if unknown:
         ap.error(f"unknown workload(s) {unknown}; choose from {', '.join(BUILDERS)}")
@@ -736,6 +754,10 @@ def main(argv=None) -> int:
     if n_startup and not args.cuda:
         log(f"[P6] stage-2 start-up on {n_startup:,} records")
         results["startup"] = startup.measure(args.work / "startup", n_startup, log=log)
+    n_search = SEARCH_TRIALS[mode] if args.search is None else args.search
+    if n_search and not args.cuda:
+        log(f"[P8] search pruning: {n_search} trials with asha, then without")
+        results["search"] = search.measure(args.work / "search", n_search, log=log)
     results["wall_s"] = time.perf_counter() - t0
 
     suffix = ("-cuda" if args.cuda else "") + ("" if mode == "full" or (args.cuda and mode == "quick") else f"-{mode}")

@@ -225,3 +225,38 @@ def test_parallel_slots_get_their_own_gpus_or_a_share_of_the_cores(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert [e["OMP_NUM_THREADS"] for e in slot_envs(4, 1)] == ["2"] * 4
+
+
+@pytest.mark.slow
+def test_failed_runs_print_their_one_line_reasons_on_the_console(demo, demo_cache, tmp_path, capsys):
+    sweep = ('name = "why"\n[base]\n"train.max_steps" = 2\n'
+             '[[runs]]\n"train.batch_size" = 1000\n'   # fails when training starts
+             '[[runs]]\n"train.bogus" = 1\n')          # fails before anything runs
+    args = sweep_args(demo, demo_cache, tmp_path, sweep)
+    from minivlm.training.sweep import run_sweep
+    assert run_sweep(args[1], args[3], train_script=REPO / "stages" / "train.py") is False
+    out = capsys.readouterr().out
+    assert "sweep: bogus=1 failed: " in out and "unknown key train.bogus" in out
+    assert "sweep: batch_size=1000 failed: error: " in out and "lower the batch size" in out
+
+
+def test_a_key_unknown_to_every_run_is_refused_before_any_run(demo, demo_cache, tmp_path):
+    sweep = 'name = "nokey"\n[grid]\n"train.bogus" = [1, 2]\n'
+    args = sweep_args(demo, demo_cache, tmp_path, sweep)
+    from minivlm.training.sweep import run_sweep
+    with pytest.raises(ValueError, match=r"unknown key train\.bogus.*no run of .* makes a valid config, so none "
+                                         r"started") as e:
+        run_sweep(args[1], args[3])
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "runs" / "nokey").exists()  # no summary, no empty curves.png
+
+
+def test_runs_per_gpu_deals_slots_round_robin_over_the_gpus(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in slot_envs(4, 1, 2)] == ["0", "1", "0", "1"]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in slot_envs(2, 1, 3)] == ["0", "1"]  # fewer runs: one GPU each
+    with pytest.raises(ValueError, match="needs 3 GPUs at 2 runs per GPU, 2 visible"):
+        slot_envs(5, 1, 2)

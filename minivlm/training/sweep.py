@@ -63,6 +63,7 @@ class SweepSpec:
     name: str
     base: dict[str, Any]                 # section.key -> value, for every run
     combos: tuple[dict[str, Any], ...]   # one per run: the grid's product, then the [[runs]] entries
+    search: dict | None = None           # [search] as written (minivlm.training.search reads it); None: a grid
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,10 @@ def _safe(text: str) -> str:
 
 def load_sweep(path: str | Path) -> SweepSpec:
     raw = load_toml(path)
-    unknown = sorted(set(raw) - {"name", "base", "grid", "runs"})
+    unknown = sorted(set(raw) - {"name", "base", "grid", "runs", "search"})
     if unknown:
-        raise ValueError(f"{path}: unknown key {unknown[0]!r}; a sweep file holds name, [base], [grid] and [[runs]]")
+        raise ValueError(f"{path}: unknown key {unknown[0]!r}; a sweep file holds name, [base], [grid], [[runs]] "
+                         f"and [search]")
     if not all(isinstance(raw.get(k, {}), dict) for k in ("base", "grid")) or \
             not all(isinstance(r, dict) for r in raw.get("runs", [])):
         raise ValueError(f"{path}: [base] and [grid] must be tables and [[runs]] a list of tables")
@@ -117,12 +119,14 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if bad:
         raise ValueError(f"{path}: grid key {bad[0]} must be a non-empty list, e.g. \"{bad[0]}\" = [1, 2]")
     runs = [_flatten(r) for r in raw.get("runs", [])]
-    combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())] if grid or not runs else []
+    searching = "search" in raw  # a search enqueues [grid]/[[runs]]; with neither it starts from nothing
+    combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())] \
+        if grid or not (runs or searching) else []
     base = _flatten(raw.get("base", {}))
     fixed = [k for k in SET_BY_SWEEP if any(k in d for d in (base, *combos, *runs))]
     if fixed:
         raise ValueError(f"{path}: {fixed[0]} is set by the sweep (runs go to <train.out_dir>/<sweep>/<run>); remove it")
-    return SweepSpec(_safe(str(raw.get("name", Path(path).stem))), base, tuple(combos + runs))
+    return SweepSpec(_safe(str(raw.get("name", Path(path).stem))), base, tuple(combos + runs), raw.get("search"))
 
 
 def _fmt(v: Any) -> str:
@@ -190,18 +194,22 @@ def finished(cfg: RunConfig) -> bool:
         (d / "config.toml").read_text() == to_toml(to_tree(cfg))
 
 
-def slot_envs(parallel: int, nproc: int) -> list[dict[str, str]]:
-    """One environment per parallel slot: its own GPUs where CUDA exists, else a share of the CPU cores."""
+def slot_envs(parallel: int, nproc: int, runs_per_gpu: int = 1) -> list[dict[str, str]]:
+    """One environment per parallel slot: its own GPUs where CUDA exists (shared by up to `runs_per_gpu`
+    slots, handed out round-robin), else a share of the CPU cores."""
     import torch
-    assert parallel >= 1 and nproc >= 1, "stages/sweep.py checks --parallel and --nproc_per_node"
+    assert parallel >= 1 and nproc >= 1 and runs_per_gpu >= 1, "stages/sweep.py checks its numbers"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-        if parallel * nproc > len(gpus):
-            raise ValueError(f"--parallel {parallel} x --nproc_per_node {nproc} needs {parallel * nproc} GPUs, "
-                             f"{len(gpus)} visible; lower --parallel")
-        return [{**env, "CUDA_VISIBLE_DEVICES": ",".join(gpus[i * nproc:(i + 1) * nproc])} for i in range(parallel)]
+        if parallel * nproc > len(gpus) * runs_per_gpu:
+            per = f" at {runs_per_gpu} runs per GPU" if runs_per_gpu > 1 else ""
+            raise ValueError(f"--parallel {parallel} x --nproc_per_node {nproc} needs {-(-parallel * nproc // runs_per_gpu)}"
+                             f" GPUs{per}, {len(gpus)} visible; lower --parallel or raise --runs_per_gpu")
+        groups = len(gpus) // nproc
+        return [{**env, "CUDA_VISIBLE_DEVICES": ",".join(gpus[i % groups * nproc:(i % groups + 1) * nproc])}
+                for i in range(parallel)]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = {"OMP_NUM_THREADS": str(max(1, cores // (parallel * nproc)))} if parallel * nproc > 1 else {}
     return [{**env, **threads} for _ in range(parallel)]
@@ -362,10 +370,12 @@ def plot_curves(path: Path, curves: dict[str, list[dict]]) -> bool:
     return True
 
 
-def report(sweep_dir: Path, runs: list[PlannedRun], outcomes: dict[str, Outcome], plot: bool = False) -> list[dict]:
-    """summary.csv + summary.md (and curves.png when `plot`) from the runs' metrics.jsonl."""
+def report(sweep_dir: Path, runs: list[PlannedRun], outcomes: dict[str, Outcome], plot: bool = False,
+           extra: dict[str, dict] | None = None) -> list[dict]:
+    """summary.csv + summary.md (and curves.png when `plot`) from the runs' metrics.jsonl; `extra`: more
+    columns per run (a search's steps and worker), after the others."""
     metrics = {r.name: read_metrics(r.cfg.train.run_dir / "metrics.jsonl") if r.cfg else [] for r in runs}
-    rows = summary_rows(runs, outcomes, metrics)
+    rows = [{**row, **(extra or {}).get(row["run"], {})} for row in summary_rows(runs, outcomes, metrics)]
     write_summary(sweep_dir, rows)
     if plot and not plot_curves(sweep_dir / "curves.png", metrics):
         print("sweep: no curves.png (matplotlib missing); pip install -e '.[plot]' to get the plot")
@@ -381,12 +391,26 @@ def previous_wall_times(path: Path) -> dict[str, float | str]:
 
 
 def run_sweep(config: str | Path, sweep: str | Path, overrides: list[str] = (), parallel: int = 1,
-              nproc_per_node: int = 1, train_script: Path = Path("stages/train.py")) -> bool:
-    """Plan and validate every run, skip finished ones, run the rest, write the summary; True if none failed."""
+              nproc_per_node: int = 1, train_script: Path = Path("stages/train.py"), runs_per_gpu: int = 1,
+              storage: str = "") -> bool:
+    """Plan and validate every run, skip finished ones, run the rest, write the summary; True if none failed.
+    A sweep file with [search] is a study instead (minivlm.training.search; Optuna is imported only then)."""
     spec = load_sweep(sweep)
+    if spec.search is not None:
+        try:
+            from minivlm.training.search import run_search
+        except ImportError as e:
+            raise ValueError(f"{sweep}: [search] needs the search extra ({e.name} is missing): "
+                             f"pip install -e '.[search]'") from None
+        return run_search(spec, spec.search, config, overrides, str(sweep), parallel, nproc_per_node, runs_per_gpu,
+                          storage, train_script)
+    if storage:
+        raise ValueError(f"--storage is for sweep files with [search]; {sweep} has none")
     base, runs = plan(spec, config, overrides, str(sweep))
+    if runs and all(r.cfg is None for r in runs):
+        raise ValueError(f"{runs[0].error}; no run of {sweep} makes a valid config, so none started")
     check_caches(runs, str(sweep))
-    envs = slot_envs(parallel, nproc_per_node)
+    envs = slot_envs(parallel, nproc_per_node, runs_per_gpu)
     sweep_dir = Path(base.train.out_dir) / spec.name
     previous = previous_wall_times(sweep_dir / "summary.csv")
     outcomes = {r.name: Outcome("failed", r.error) for r in runs if r.cfg is None}
@@ -395,6 +419,8 @@ def run_sweep(config: str | Path, sweep: str | Path, overrides: list[str] = (), 
     with WriterLock(sweep_dir, other="another sweep name"):
         print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already done or invalid, "
               f"{len(todo)} to run, {parallel} at a time -> {sweep_dir}", flush=True)
+        for r in (r for r in runs if r.cfg is None):
+            print(f"sweep: {r.name} failed: {r.error}", flush=True)
         report(sweep_dir, runs, outcomes)
         execute(todo, envs, train_script, nproc_per_node, outcomes, lambda: report(sweep_dir, runs, outcomes))
         rows = report(sweep_dir, runs, outcomes, plot=True)
