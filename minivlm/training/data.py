@@ -51,7 +51,7 @@ import torch
 
 from minivlm.config import RunConfig
 from minivlm.dist import Dist
-from minivlm.embedding import cache
+from minivlm.embedding import cache, mirror
 from minivlm.embedding.encoder import EncoderSpec
 from minivlm.embedding.shard import Codec, RowReader
 from minivlm.fileio import atomic_write
@@ -65,8 +65,9 @@ SAMPLES = "samples"  # <cache.dir>/samples/<key>.npz: a run's splits as arrays (
 
 
 def open_cache(cfg: RunConfig, tokens: int | None = None, width: int | None = None) -> tuple[dict, cache.CacheIndex]:
-    """Validate the cache before anything else: complete, published, expected T/D, same encoder spec."""
-    cache_dir = Path(cfg.cache.dir)
+    """Validate the cache before anything else: complete, published, expected T/D, same encoder spec. A URL
+    cache.dir is read through its mirror (minivlm.embedding.mirror), brought up to date here."""
+    cache_dir = mirror.local(cfg)
     manifest = cache.load_manifest(cache_dir)
     spec = EncoderSpec.of_manifest(manifest)
     spec.check(EncoderSpec.of_config(cfg.encoder, cfg.cache.dtype), "the config", f"cache {cache_dir}",
@@ -149,9 +150,9 @@ def join(records: list[Record], index: cache.CacheIndex) -> Split:
 def load_splits(cfg: RunConfig, index: cache.CacheIndex, progress: bool = False) -> tuple[Split, Split]:
     """Train and held-out samples: data.val_records if given, else a hash split by the first image's key.
     `progress`: progress bars, and a warning line for the records skipped (minivlm.formats.sources)."""
-    records = read_records(cfg.data.records, cfg.data, cfg.cache.dir, progress)
+    records = read_records(cfg.data.records, cfg.data, mirror.local(cfg), progress)
     if cfg.data.val_records:
-        train, val = records, read_records(cfg.data.val_records, cfg.data, cfg.cache.dir, progress)
+        train, val = records, read_records(cfg.data.val_records, cfg.data, mirror.local(cfg), progress)
     else:
         held = [bool(r.images) and in_val_split(r.images[0], cfg.data.val_frac) for r in records]
         train = [r for r, h in zip(records, held) if not h]
@@ -201,7 +202,7 @@ def stored_splits(cfg: RunConfig, index: cache.CacheIndex, manifest: dict, fmt: 
     `<cache.dir>/samples/<key>.npz` when a run kept them: a rerun, a sweep's next run and the other ranks load a
     few arrays instead of reading, joining and tokenizing every record again (minutes and ~1.5 KB a record, per
     million records). The first run (`save`) keeps them."""
-    path = Path(cfg.cache.dir) / SAMPLES / f"{samples_key(cfg, fmt, manifest)}.npz"
+    path = mirror.local(cfg) / SAMPLES / f"{samples_key(cfg, fmt, manifest)}.npz"
     try:
         with np.load(path, allow_pickle=False) as z:
             return tuple((Split(z[f"{s}/shard"], z[f"{s}/row"], z[f"{s}/layout"], z[f"{s}/first"],
