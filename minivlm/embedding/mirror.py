@@ -114,7 +114,7 @@ def _state(mirror: Path) -> dict:
 def _identity(manifest: remote.Url, fresh: bool = False) -> str:
     """The remote manifest's identity (one HEAD), or a one-line error when the store has no manifest."""
     if fresh:
-        remote._INFO.pop(manifest, None)
+        remote.forget(manifest)
     try:
         return remote.identity(manifest, "")
     except FileNotFoundError:
