@@ -24,7 +24,7 @@ from minivlm.formats import remote
 from minivlm.training.trainer import fit
 from minivlm.use.evaluation import evaluate_run
 
-BUCKET = "minivlm"
+BUCKET = "minivlm-mirror"  # moto keeps its buckets per process: not test_remote.py's
 TINY = ["model.dim=32", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.multiple_of=16",
         "train.batch_size=8", "train.eval_batches=2", "train.log_interval=1", "train.eval_interval=0",
         "train.save_interval=0", "train.max_steps=3", "train.deterministic=true"]

@@ -171,7 +171,7 @@ def listing(root: remote.Url) -> dict[str, int]:
     """name -> size of the store's shard objects (one listing)."""
     shards = root.child("shards")
     try:
-        entries = remote.retried(shards, lambda fs, p: fs.ls(p, detail=True), "list")
+        entries = remote.retried(shards, lambda fs, p: fs.ls(p, detail=True, refresh=True), "list")
     except FileNotFoundError:
         return {}
     return {posixpath.basename(e["name"]): int(e["size"]) for e in entries if e.get("type") == "file"}
