@@ -249,7 +249,8 @@ def p8_mirror(wl: Workload, work: Path) -> dict:
         mirror.sync(url, root)
         out["later_run_requests"] = {m: proxy.count(m) for m in ("HEAD", "GET", "LIST")}
     shutil.rmtree(root, ignore_errors=True)
-    out.update(connections=mirror.CONNECTIONS, one_mb_s=figure(rates[1]), default_mb_s=figure(rates[mirror.CONNECTIONS]),
+    out.update(connections=mirror.CONNECTIONS, one_mb_s=figure(rates[1]),
+               default_mb_s=figure(rates[mirror.CONNECTIONS]),
                default_vs_one=median([b / a for a, b in zip(rates[1], rates[mirror.CONNECTIONS])]))
     return out
 

@@ -119,7 +119,7 @@ def _identity(manifest: remote.Url, fresh: bool = False) -> str:
         return remote.identity(manifest, "")
     except FileNotFoundError:
         raise ValueError(f"cache {manifest.url.rsplit('/', 1)[0]} is incomplete (no manifest.json): embedding did "
-                         f"not finish or is running; rerun stages/embed.py with this cache.dir to complete it") from None
+                         f"not finish or is running; rerun stages/embed.py with this cache.dir to finish it") from None
 
 
 def _complete(mirror: Path, state: dict, identity: str) -> bool:
@@ -151,8 +151,8 @@ def sync(root: remote.Url, mirror: Path, connections: int = CONNECTIONS) -> Path
         needed = sum(sizes[s["file"]] for s in todo)
         free = free_bytes(mirror)
         if needed > free:
-            raise DiskFull(f"mirror {mirror} of cache {root}: {len(todo)} shard(s) need {needed} bytes, {free} bytes free; "
-                f"nothing was downloaded; free some space or set cache.mirror to a directory on a larger disk")
+            raise DiskFull(f"mirror {mirror} of cache {root}: {len(todo)} shard(s) need {needed} bytes, {free} bytes "
+                           f"free; nothing was downloaded; free some space or set cache.mirror to a larger disk")
         shards = _fetch_all(root, mirror, manifest, todo, sizes, connections, kept)
         if _identity(manifest_url, fresh=True) != identity:
             raise ValueError(f"cache {root} changed while it was being copied (an embed wrote it meanwhile); rerun "
@@ -220,7 +220,8 @@ def fetch_shard(root: remote.Url, mirror: Path, entry: dict, fingerprint_id: str
         problems = cache.check_shard(tmp, entry, fingerprint_id)
         if problems:
             first = next((p for p in problems if ": row " in p), problems[0])
-            raise ValueError(first.replace(str(tmp), url.url) + f" (in the store; not kept in {mirror})")
+            raise ValueError(first.replace(str(tmp), url.url).replace("delete the shard", "delete that object")
+                             + f"; the copy was not kept in {mirror}")
 
     atomic_write(cache.shard_dir(mirror) / entry["file"], download, needed=size)
 
@@ -287,7 +288,6 @@ class Upload:
         with machine_lock(self.mirror):  # this machine's trainers read the mirror without downloading it
             atomic_write_json(self.mirror / STATE, {"url": self.root.url, "manifest": identity, "shards": {
                 s["file"]: s["sha256"] for s in manifest["shards"]}})
-
 
     def close(self) -> None:
         """Let the uploads in flight end (a failed run keeps what reached the store)."""
