@@ -573,8 +573,8 @@ S3_BUCKET = "bench"
 
 
 @contextmanager
-def s3_copy(files: list[Path], latency_s: float):
-    """`files` in moto's S3 server (keys: parent folder/name) behind tests/store.py's proxy, which adds
+def s3_copy(files: list[Path], latency_s: float, keys: list[str] | None = None):
+    """`files` in moto's S3 server (keys: `keys`, else parent folder/name) behind tests/store.py's proxy, which adds
     `latency_s` to every request and counts them. Yields (the proxy, cfg -> the same cfg reading its
     data.records, a file or a brace pattern of those files, from there)."""
     import s3fs
@@ -583,8 +583,8 @@ def s3_copy(files: list[Path], latency_s: float):
     with moto_s3() as port:
         fs = s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{port}", skip_instance_cache=True)
         fs.mkdir(S3_BUCKET)
-        for p in files:
-            fs.put_file(str(p), f"{S3_BUCKET}/{p.parent.name}/{p.name}")
+        for p, key in zip(files, keys or [f"{p.parent.name}/{p.name}" for p in files]):
+            fs.put_file(str(p), f"{S3_BUCKET}/{key}")
         proxy = StoreProxy(port, delay_s=latency_s)
         options = {"endpoint_url": f"http://127.0.0.1:{proxy.port}"}
 

@@ -113,6 +113,14 @@ def remote(kind: str) -> Callable[[dict], str]:
     return cell
 
 
+def mirror_copy(w: dict) -> str:
+    q = w["p8_mirror"]
+    later = q["later_run_requests"]
+    return (f"{q['default_mb_s']['median']:.1f} MB/s with {q['connections']} connections, {q['one_mb_s']['median']:.1f} "
+            f"with one ({q['latency_s'] * 1e3:.0f} ms a request; {q['shards']} shards of {q['shard_mb']:.2f} MB; "
+            f"{q['gets_per_shard']:.1f} GET a shard; a later run: {later['HEAD']} HEAD, {later['GET']} GET)")
+
+
 def tiles_embed(w: dict) -> str:
     t = w["p4_tiles"]
     return f"{r2(w['p4_tiles_embed_vs_encoder'])} ({t['policy']}: {t['tiles']} tiles of {t['images']} images)"
@@ -174,6 +182,7 @@ ROWS: list[tuple[str, Callable[[dict], str]]] = [
     ("P4 read + decode: tars ÷ folder", lambda w: r2(w["tar_vs_folder_read_decode"])),
     ("P4-remote tars: S3 ÷ local", remote("tar")),
     ("P4-remote Parquet: S3 ÷ local", remote("parquet")),
+    ("P8 mirror: a URL cache copied from S3", mirror_copy),
     ("P5 peak memory training, 4N ÷ N images", lambda w: r2(w["p5_rss_4n_vs_n"])),
     ("P5 stage 1 peak memory on Parquet, 4N ÷ N", p5_embed),
     ("P7 packed ÷ padded, text tokens/s: pretraining", packing("pretraining")),
@@ -269,6 +278,8 @@ MEANING = """\
 - **P4** is stage 1 against the tower's forward alone on pre-decoded images: near 1, decoding and writing hide
   behind the tower; far below 1 (the demo's tiny tower), the tower is not what limits stage 1. **P4-remote** reads
   the same inputs from an S3 server behind a proxy that adds latency to every request, and counts the requests.
+  **P8** copies the demo cache from that store into a fresh mirror (a URL `cache.dir`, [the cache](cache.md#several-machines-a-shared-filesystem-or-a-url-and-a-mirror)),
+  with one connection and with the default number, and counts the GETs a shard and a later run's requests.
 - **P5** is peak memory for a 4× larger cache (or Parquet file) over a smaller one: near 1, memory does not grow
   with the data. **P6** is stage 2's start-up: the first run reads, joins and tokenizes the records; the rerun
   loads the arrays it kept. **P7** is packing (`train.packing`) against padded batches of the same samples. A

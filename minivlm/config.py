@@ -112,6 +112,8 @@ class CacheConfig:
     shard_size: int = 1024        # images per HDF5 shard (the unit of resume and of torchrun work)
     max_failure_frac: float = 0.05  # more failed images than this ends `embed` non-zero
     dtype: str = "float16"        # stored rows: float16, bfloat16, int8 or float8_e4m3 (8-bit: half the bytes)
+    mirror: str = ""              # local copy of a URL cache.dir; empty -> cache/mirror/<name>-<hash of the URL>
+    storage_options: dict = field(default_factory=dict)  # fsspec options of a URL cache.dir; empty -> data.storage_options
 
     def __post_init__(self):
         check_ranges(self, "cache.{}", shard_size=">= 1", max_failure_frac="[0, 1]")

@@ -8,7 +8,7 @@ import json
 
 from minivlm.cli import config_from, parser, run
 from minivlm.dist import init_distributed
-from minivlm.embedding import cache, shard
+from minivlm.embedding import cache, mirror, shard
 from minivlm.embedding.embed import run_embed
 
 
@@ -25,7 +25,7 @@ def main():
     args = p.parse_args()
     cfg = config_from(args)
     if args.verify:
-        problems = cache.verify(cfg.cache.dir)
+        problems = cache.verify(mirror.local(cfg))  # a URL cache.dir: its mirror, every shard checked as copied
         for line in problems:
             print(f"verify: {line}")
         print(f"verify: {cfg.cache.dir}: " + (f"{len(problems)} problem(s)" if problems else "ok"))

@@ -138,25 +138,32 @@ def verify(cache_dir: str | Path) -> list[str]:
     manifest = load_manifest(cache_dir)
     problems, seen = [], set()
     for entry in tqdm(manifest["shards"], desc="verify", unit="shard", disable=None, mininterval=1.0):
-        p = shard_dir(cache_dir) / entry["file"]
-        if sha256_file(p) != entry["sha256"]:
-            problems.append(f"{p}: file checksum differs from manifest.json (corrupted or replaced)")
+        problems += check_shard(shard_dir(cache_dir) / entry["file"], entry, manifest["fingerprint_id"], seen)
+    return problems
+
+
+def check_shard(p: Path, entry: dict, fingerprint_id: str, seen: set | None = None) -> list[str]:
+    """One shard file against its manifest entry (`verify`, and the mirror before it keeps a copy): file checksum,
+    fingerprint, row count, unique keys (also against `seen`, which gains them) and every row's checksum."""
+    problems, seen = [], set() if seen is None else seen
+    if sha256_file(p) != entry["sha256"]:
+        problems.append(f"{p}: file checksum differs from manifest.json (corrupted or replaced)")
+    try:
+        info = shard.read_info(p, keys=True)
+        if info.attrs["fingerprint_id"] != fingerprint_id:
+            problems.append(f"{p}: fingerprint {info.attrs['fingerprint_id']} != manifest {fingerprint_id}")
+        if info.n_rows != entry["rows"]:
+            problems.append(f"{p}: {info.n_rows} rows, manifest says {entry['rows']}")
+        if len(set(info.keys)) != len(info.keys) or seen & set(info.keys):
+            problems.append(f"{p}: keys are not unique")
+        seen |= set(info.keys)
+        reader = shard.RowReader([info], mapped=False, check=False)
         try:
-            info = shard.read_info(p, keys=True)
-            if info.attrs["fingerprint_id"] != manifest["fingerprint_id"]:
-                problems.append(f"{p}: fingerprint {info.attrs['fingerprint_id']} != manifest {manifest['fingerprint_id']}")
-            if info.n_rows != entry["rows"]:
-                problems.append(f"{p}: {info.n_rows} rows, manifest says {entry['rows']}")
-            if len(set(info.keys)) != len(info.keys) or seen & set(info.keys):
-                problems.append(f"{p}: keys are not unique")
-            seen |= set(info.keys)
-            reader = shard.RowReader([info], mapped=False, check=False)
-            try:
-                problems += [shard.corrupt_row(p, r, info.key_at(r), info.checksum) for r in reader.bad_rows(0)]
-            finally:
-                reader.close()
-        except ValueError as e:
-            problems.append(str(e).splitlines()[0])
+            problems += [shard.corrupt_row(p, r, info.key_at(r), info.checksum) for r in reader.bad_rows(0)]
+        finally:
+            reader.close()
+    except ValueError as e:
+        problems.append(str(e).splitlines()[0])
     return problems
 
 

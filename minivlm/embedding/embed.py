@@ -13,6 +13,9 @@ Design choices:
 - An image is as many rows as it has tiles (one with `encoder.tiles = none`), consecutive in its shard; the
   tower runs on at most `encoder.batch_size` tiles at once, and progress counts tiles beside images.
 - A bad image is a failure row (reason kept in its shard), never an exception that stops the run.
+- A URL cache.dir (s3://...) is written in its mirror as a local cache is, each shard uploaded as it is
+  published and the manifest last (minivlm.embedding.mirror.Upload); a rerun first copies down what the
+  store holds.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from tqdm import tqdm
 from minivlm import __version__
 from minivlm.config import RunConfig, RunFailed
 from minivlm.dist import Dist
-from minivlm.embedding import cache, shard
+from minivlm.embedding import cache, mirror, shard
 from minivlm.embedding.encoder import (
     EncoderSpec,
     ImageError,
@@ -145,12 +148,13 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
     """Embed every image of data.records and data.val_records into `cfg.cache.dir`. Returns the manifest if this rank wrote it."""
     t0 = time.time()
     specs = [f for f in (cfg.data.records, cfg.data.val_records) if f]  # held-out images are cached too
-    loaded = sources.load(specs, cfg.data, cfg.cache.dir, dist.rank, progress=dist.is_main)
+    upload = mirror.Upload(cfg) if remote.is_url(cfg.cache.dir) else None  # a URL: written in its mirror, uploaded
+    cache_dir = upload.mirror if upload else Path(cfg.cache.dir)
+    loaded = sources.load(specs, cfg.data, cache_dir, dist.rank, progress=dist.is_main)
     planned = sources.plan(loaded, sources.image_root(cfg.data))
     if not planned.keys:
         raise ValueError(f"{cfg.data.records}: no record has an image; nothing to embed")
     rhash = sources.sources_hash(loaded.sources)
-    cache_dir = Path(cfg.cache.dir)
     size = cfg.cache.shard_size
     plan = sources.cut(planned.keys, size)
 
@@ -166,12 +170,16 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
         mine = lambda i: i % dist.world_size == dist.rank  # noqa: E731
         if overwrite and dist.is_main:
             (cache_dir / cache.MANIFEST).unlink(missing_ok=True)
+        if upload and not overwrite:
+            upload.pull()
         keep = _check_existing(cache_dir, plan, spec, mine, overwrite)
         if manifest and manifest.get("fingerprint_id") == fid and len(keep) == sum(map(mine, range(len(plan)))) \
                 and manifest.get("records_hash") == rhash and not overwrite:
             if dist.is_main:
                 print(f"embed: cache {cache_dir} is complete ({manifest['counts']['embedded']} images embedded, "
                       f"{len(plan)} shards); nothing to do", flush=True)
+            if upload:
+                upload.finish(manifest)
             return manifest
         todo = [i for i in range(len(plan)) if mine(i) and i not in keep]
         cache.shard_dir(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -190,11 +198,15 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
         with stop_requests("embed: stopped at once by a second signal; the published shards are kept; rerun the "
                            "same command to resume") as stop:
             n_failed = _embed_shards(enc, cfg, dist, cache_dir, plan, shards, loaded.sources, fid, len(planned.keys),
-                                     stop)
+                                     stop, upload.shard if upload else None)
         info = {"encoder": spec.as_json(), "fingerprint_id": fid, "records": specs, "records_hash": rhash,
                 **sources.manifest_info(loaded), "shard_size": cfg.cache.shard_size, "tool_version": __version__}
         manifest = cache.finalize(cache_dir, [len(keys) for keys in plan], info)
+        if upload:
+            upload.finish(manifest)
     finally:
+        if upload:
+            upload.close()
         lock.release()
 
     dt = time.time() - t0
@@ -207,7 +219,7 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
     tiles = f" as {c['tiles']} tiles" if "tiles" in c else ""
     print(f"embed: {c['images']} images, {c['embedded']} embedded{tiles}, {c['failed']} failed, "
           f"{len(manifest['shards'])} shards, {gb:.3f} GB, {dt:.1f} s "
-          f"({n_items / max(dt, 1e-9):.0f} img/s this run) -> {cache_dir}", flush=True)
+          f"({n_items / max(dt, 1e-9):.0f} img/s this run) -> {cfg.cache.dir}", flush=True)
     if c["failed"] > cfg.cache.max_failure_frac * c["images"]:
         raise RunFailed(
             f"{c['failed']} of {c['images']} images failed ({c['failed'] / c['images']:.1%} > "
@@ -217,9 +229,10 @@ def run_embed(cfg: RunConfig, dist: Dist, overwrite: bool = False) -> dict | Non
 
 
 def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, shards, files, fid: str, n_total: int,
-                  stop: stop_requests) -> int:
+                  stop: stop_requests, published=None) -> int:
     """Encode the images of `shards` ((index, [(key, where)]) of this rank) and publish each shard as it
-    completes, until the end or a stop request (checked between batches; the shards in flight are dropped)."""
+    completes (then `published(path)`: its upload), until the end or a stop request (checked between batches;
+    the shards in flight are dropped)."""
     loader = DataLoader(ShardImages(shards, files, enc.processor, enc.tiling, cfg.encoder.max_image_pixels),
                         batch_size=cfg.encoder.batch_size, num_workers=cfg.encoder.num_workers,
                         collate_fn=_collate, pin_memory=enc.device.type == "cuda",
@@ -257,6 +270,8 @@ def _embed_shards(enc, cfg: RunConfig, dist: Dist, cache_dir: Path, plan, shards
                 shard.write_shard(cache.shard_path(cache_dir, index), emb, codec, keys, shard_index=index,
                                   plan=cache.plan_hash(plan[index]), failures=failures,
                                   tiles=np.array(layout, np.int64).reshape(-1, 5), **meta)
+                if published:
+                    published(cache.shard_path(cache_dir, index))
                 del pending[index]
                 n_written += 1
         bar.update(len(batch))

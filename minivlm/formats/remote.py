@@ -146,6 +146,11 @@ def info(url: Url) -> dict:
     return _INFO[url]
 
 
+def forget(url: Url) -> None:
+    """The next `info(url)` asks the store again (a file that may have been rewritten: a remote manifest)."""
+    _INFO.pop(url, None)
+
+
 def _whole(fs, path: str) -> bytes:
     """A whole file in one request (see the module's notes)."""
     try:

@@ -53,7 +53,7 @@ import torch
 
 from minivlm.config import RunConfig
 from minivlm.dist import Dist
-from minivlm.embedding import cache
+from minivlm.embedding import cache, mirror
 from minivlm.embedding.encoder import EncoderSpec
 from minivlm.embedding.shard import Codec, RowReader
 from minivlm.fileio import atomic_write
@@ -67,8 +67,9 @@ SAMPLES = "samples"  # <cache.dir>/samples/<key>.npz: a run's splits as arrays (
 
 
 def open_cache(cfg: RunConfig, tokens: int | None = None, width: int | None = None) -> tuple[dict, cache.CacheIndex]:
-    """Validate the cache before anything else: complete, published, expected T/D, same encoder spec."""
-    cache_dir = Path(cfg.cache.dir)
+    """Validate the cache before anything else: complete, published, expected T/D, same encoder spec. A URL
+    cache.dir is read through its mirror (minivlm.embedding.mirror), brought up to date here."""
+    cache_dir = mirror.local(cfg)
     manifest = cache.load_manifest(cache_dir)
     spec = EncoderSpec.of_manifest(manifest)
     spec.check(EncoderSpec.of_config(cfg.encoder, cfg.cache.dtype), "the config", f"cache {cache_dir}",
@@ -167,10 +168,10 @@ def load_splits(cfg: RunConfig, index: cache.CacheIndex, progress: bool = False)
     """Train and held-out samples: data.val_records if given, else a hash split by the first image's key.
     `progress`: progress bars, and a warning line for the records skipped (minivlm.formats.sources)."""
     d, strict = cfg.data, cfg.data.strict
-    loaded = load([d.records], d, cfg.cache.dir, progress=progress, warn=False)  # load_data warns, once
+    loaded = load([d.records], d, mirror.local(cfg), progress=progress, warn=False)  # load_data warns, once
     records = loaded.records
     if d.val_records:
-        held_out = load([d.val_records], d, cfg.cache.dir, progress=progress, warn=False)
+        held_out = load([d.val_records], d, mirror.local(cfg), progress=progress, warn=False)
         return (join(records, index, _skips(loaded), strict),
                 join(held_out.records, index, _skips(held_out), strict))
     held = [bool(r.images) and in_val_split(r.images[0], d.val_frac) for r in records]
@@ -253,7 +254,7 @@ def stored_splits(cfg: RunConfig, index: cache.CacheIndex, manifest: dict, fmt: 
     `<cache.dir>/samples/<key>.npz` when a run kept them: a rerun, a sweep's next run and the other ranks load a
     few arrays instead of reading, joining and tokenizing every record again (minutes and ~1.5 KB a record, per
     million records). The first run (`save`) keeps them."""
-    path = Path(cfg.cache.dir) / SAMPLES / f"{samples_key(cfg, fmt, manifest)}.npz"
+    path = mirror.local(cfg) / SAMPLES / f"{samples_key(cfg, fmt, manifest)}.npz"
     try:
         with np.load(path, allow_pickle=False) as z:
             return tuple((Split(z[f"{s}/shard"], z[f"{s}/row"], z[f"{s}/layout"], z[f"{s}/first"],

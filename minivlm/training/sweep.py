@@ -48,7 +48,7 @@ from minivlm.config import (
     to_toml,
     to_tree,
 )
-from minivlm.embedding import cache
+from minivlm.embedding import cache, mirror
 from minivlm.embedding.encoder import EncoderSpec
 from minivlm.fileio import WriterLock, atomic_write, atomic_write_text
 from minivlm.stop import STOP_SIGNALS, Interrupted, signal_name, stop_requests, stop_with_this_process
@@ -179,7 +179,7 @@ def check_caches(runs: list[PlannedRun], where: str) -> None:
     for run in (r for r in runs if r.cfg is not None):
         d = run.cfg.cache.dir
         if d not in manifests:
-            manifests[d] = cache.load_manifest(d)
+            manifests[d] = cache.load_manifest(mirror.local(run.cfg))
         EncoderSpec.of_manifest(manifests[d]).check(
             EncoderSpec.of_config(run.cfg.encoder, run.cfg.cache.dtype), f"{where}: run {run.name}", f"its cache {d}",
             "a run reads a cache embedded as it asks: take encoder.* and cache.dtype out of the sweep, or set "

@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from minivlm.config import load_config
+from minivlm.embedding import mirror
 from minivlm.embedding.encoder import EncoderSpec
 from minivlm.fileio import atomic_write, atomic_write_json, atomic_write_text
 from minivlm.formats.records import IMAGE_TAG, Record, resolve_image, user_text
@@ -41,7 +42,7 @@ def held_out(run_dir: Path, vc: VLMConfig, cache_dir: str | None, records: str |
     manifest, index = open_cache(cfg, vc.cache_tokens, vc.image_dim)
     vc.encoder.check(EncoderSpec.of_manifest(manifest), f"cache {cfg.cache.dir}", f"run {run_dir}",
                      "pass --cache with the cache this run was trained on")
-    split = join(read_records(records, cfg.data, cfg.cache.dir), index) if records else load_splits(cfg, index)[1]
+    split = join(read_records(records, cfg.data, mirror.local(cfg)), index) if records else load_splits(cfg, index)[1]
     if not len(split):
         raise ValueError(f"no held-out samples with cached images for {run_dir}; pass --records")
     return cfg, index, split
