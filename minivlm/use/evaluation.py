@@ -24,7 +24,7 @@ from minivlm.formats.sources import read_records
 from minivlm.training.data import BatchSampler, Samples, join, load_splits, open_cache
 from minivlm.training.model import VLMConfig
 from minivlm.training.trainer import amp_dtype, evaluate
-from minivlm.use.captioner import caption_features, load_run
+from minivlm.use.captioner import Captioner, caption_features, load_run
 
 
 def held_out(run_dir: Path, vc: VLMConfig, cache_dir: str | None, records: str | None):
@@ -50,23 +50,9 @@ def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, records: str
     batches = [ds[ix] for ix in BatchSampler(ds, cfg.train.batch_size, 0, shuffle=False).batches(0)]
     losses = evaluate(cap.model, batches, index.codec, amp_dtype(cfg.train, device), device)  # the run's dtype
 
-    split = ds.split  # the samples that fit tokenizer.max_len
-    generated = {}
-    n_images = np.diff(split.first)
-    picked = np.flatnonzero(n_images > 0)[:n]
-    for k in np.unique(n_images[picked]).tolist():  # samples of k images, captioned together
-        group = picked[n_images[picked] == k]
-        layouts = split.layout[split.slots(group)]
-        generated.update(zip(group.tolist(), caption_features(cap, index.codec.decode(ds.rows(group)), per_prompt=k,
-                                                              layouts=layouts)))
+    samples = caption_samples(cap, ds, index.codec, n)
     ds.close()
-    samples = []
-    for i in picked.tolist():
-        rec = split.records[i]
-        prompt = user_text(next((t for r, t in rec.turns if r == "user"), ""))
-        samples.append({"id": rec.id, "images": list(rec.images), "prompt": prompt, "generated": generated[i],
-                        "reference": [t for r, t in rec.turns if r == "assistant"][-1]})
-    result = {"run": str(run_dir), "cache": cfg.cache.dir, "n_eval_samples": len(split),
+    result = {"run": str(run_dir), "cache": cfg.cache.dir, "n_eval_samples": len(ds.split),
               **losses, "captions": samples}
     out = run_dir / "eval"
     atomic_write_json(out / "eval.json", result)
@@ -77,6 +63,26 @@ def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, records: str
     print(f"evaluate: {len(split)} held-out samples, eval_loss {losses['eval_loss']:.4f}, shuffled-image "
           f"{losses['eval_loss_shuffled']:.4f}, image gap {losses['image_gap']:.3f} nats -> {out}/")
     return result
+
+
+def caption_samples(cap: Captioner, ds: Samples, codec, n: int) -> list[dict]:
+    """Greedy captions of the first n held-out samples with images (of those that fit tokenizer.max_len), from
+    their cached rows: id, image keys, prompt, generated and reference caption each."""
+    split, generated = ds.split, {}
+    n_images = np.diff(split.first)
+    picked = np.flatnonzero(n_images > 0)[:n]
+    for k in np.unique(n_images[picked]).tolist():  # samples of k images, captioned together
+        group = picked[n_images[picked] == k]
+        layouts = split.layout[split.slots(group)]
+        generated.update(zip(group.tolist(), caption_features(cap, codec.decode(ds.rows(group)), per_prompt=k,
+                                                              layouts=layouts)))
+    samples = []
+    for i in picked.tolist():
+        rec = split.records[i]
+        prompt = user_text(next((t for r, t in rec.turns if r == "user"), ""))
+        samples.append({"id": rec.id, "images": list(rec.images), "prompt": prompt, "generated": generated[i],
+                        "reference": [t for r, t in rec.turns if r == "assistant"][-1]})
+    return samples
 
 
 def captions_markdown(result: dict) -> str:
