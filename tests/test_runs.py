@@ -39,3 +39,15 @@ def test_a_missing_run_directory_is_one_line_and_a_non_zero_exit(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such run directory; pass a run "
                                              "directory, a sweep directory (summary.csv) or a folder of them"]
+
+
+def test_a_run_whose_directory_a_writer_holds_is_running(tmp_path):
+    """The writer lock stage 2 holds while it trains is what makes a run `running` (and the page refresh)."""
+    from minivlm.fileio import WriterLock
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    run, = find_runs([run_dir])
+    with WriterLock(run_dir):
+        assert status(run) == "running"
+    assert status(run) == "interrupted"

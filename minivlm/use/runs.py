@@ -55,7 +55,9 @@ class Run:
 
     def caption_disabled(self) -> str:
         """Why this run cannot caption yet, "" when it can."""
-        return "" if self.weights.is_file() else f"{self.name}: no {WEIGHTS} yet (training not finished); caption disabled"
+        if self.weights.is_file():
+            return ""
+        return f"{self.name}: no {WEIGHTS} yet (training not finished); caption disabled"
 
 
 def is_run_dir(path: Path) -> bool:

@@ -56,15 +56,35 @@ def thumbnail(path: str, side: int = 160) -> str:
             ImageOps.contain(im.convert("RGB"), (side, side)).save(buf, format="PNG")
     except (OSError, ValueError):
         return f"<em>{html.escape(str(path))}: image unavailable</em>"
-    return f'<img alt="{html.escape(str(path))}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'<img alt="{html.escape(str(path))}" src="data:image/png;base64,{data}">'
 
 
 def table_html(elem_class: str, head: list[str], rows: list[list[str]]) -> str:
     """An HTML table (cells already escaped), each cell tagged with its column for the tests and for CSS."""
-    out = [f'<table class="{elem_class}"><thead><tr>' + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"]
+    out = [f'<div style="overflow-x: auto"><table class="{elem_class}" style="table-layout: fixed; width: 100%; '
+           f'overflow-wrap: anywhere"><thead><tr>' + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"]
     out += ["<tr>" + "".join(f'<td data-col="{html.escape(h)}">{c}</td>' for h, c in zip(head, row)) + "</tr>"
             for row in rows]
-    return "".join(out) + "</tbody></table>"
+    return "".join(out) + "</tbody></table></div>"
+
+
+def caption_cell(caption: str | None, error: str | None = None) -> str:
+    """A caption as stages/caption.py prints it; an empty one (end of text first) says so."""
+    if caption is None:
+        return html.escape(f"error: {error}")
+    return html.escape(caption) if caption else '<em class="empty">(empty caption)</em>'
+
+
+def captions_html(columns: dict[str, list[tuple[str, str | None, str | None]]]) -> str:
+    """Images down, runs across: each run's (path, caption, error) list as stages/caption.py returns it."""
+    if not columns:
+        return ""
+    keys = [p for p, _, _ in next(iter(columns.values()))]
+    rows = [[thumbnail(k.split(" + ")[0], 96) + "<br>" + html.escape(" + ".join(Path(p).name for p in k.split(" + "))),
+             *(caption_cell(c, err) for _, c, err in (col[i] for col in columns.values()))]
+            for i, k in enumerate(keys)]
+    return table_html("captions", ["image", *map(html.escape, columns)], rows)
 
 
 def notes_text(problems: list[str]) -> str:
@@ -99,16 +119,18 @@ def build_page(runs: list[Run], loaded: Loaded, n_held_out: int = 8) -> gr.Block
             for s in got:
                 samples.setdefault(s["id"], {**s, "by_run": {}})["by_run"][run.name] = s["generated"]
         rows = [[thumbnail(s["image_paths"][0]) if s["image_paths"] and s["image_paths"][0] else "",
-                 html.escape(s["reference"]), *(html.escape(s["by_run"].get(c, "")) for c in columns)]
+                 html.escape(s["reference"]), *(caption_cell(s["by_run"].get(c, "")) for c in columns)]
                 for s in samples.values()]
         picks = [p for s in samples.values() for p in s["image_paths"][:1] if p]
         return (table_html("held-out", ["image", "reference", *map(html.escape, columns)], rows) if columns else "",
                 notes_text(disabled + problems), gr.Dropdown(choices=picks))
 
     def caption(files, pasted, picks, prompt, temperature, top_k, top_p, max_new_tokens, seed, with_run, selected):
+        """Yields the side-by-side table as each run finishes (a generator: Gradio streams each one)."""
         paths = [str(f) for f in files or []] + ([str(pasted)] if pasted else []) + list(picks or [])
         if not paths:
-            return "", notes_text(disabled + ["no image: upload, paste or pick one, then press Caption"])
+            yield "", notes_text(disabled + ["no image: upload, paste or pick one, then press Caption"])
+            return
         targets = chosen(selected) if with_run == EVERY else chosen([with_run])
         kw = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                   max_new_tokens=int(max_new_tokens), seed=int(seed))
@@ -118,12 +140,7 @@ def build_page(runs: list[Run], loaded: Loaded, n_held_out: int = 8) -> gr.Block
                 columns[run.name] = loaded.caption(run, paths, prompt or "", **kw)
             except (ValueError, FileNotFoundError, OSError) as e:
                 problems.append(str(e).splitlines()[0])
-        if not columns:
-            return "", notes_text(disabled + problems)
-        keys = [p for p, _, _ in next(iter(columns.values()))]
-        rows = [[html.escape(" + ".join(Path(p).name for p in k.split(" + "))), *(html.escape(c if c is not None else f"error: {err}")
-                                   for _, c, err in (col[i] for col in columns.values()))] for i, k in enumerate(keys)]
-        return table_html("captions", ["image", *map(html.escape, columns)], rows), notes_text(disabled + problems)
+            yield captions_html(columns), notes_text(disabled + problems)
 
     with gr.Blocks(title="minivlm runs", analytics_enabled=False) as page:
         gr.Markdown(f"# minivlm runs\n{len(runs)} run(s). Select runs to compare them in every tab.")
@@ -133,7 +150,8 @@ def build_page(runs: list[Run], loaded: Loaded, n_held_out: int = 8) -> gr.Block
             table = gr.Dataframe(runs_table(runs), interactive=False, elem_id="runs-table", label="runs")
             train, evals = loss_frames(runs)
             with gr.Row():
-                train_plot = gr.LinePlot(train, x="step", y="loss", color="run", title="train loss", elem_id="train-loss")
+                train_plot = gr.LinePlot(train, x="step", y="loss", color="run", title="train loss",
+                                         elem_id="train-loss")
                 eval_plot = gr.LinePlot(evals, x="step", y="loss", color="run", title="eval loss", elem_id="eval-loss")
             timer = gr.Timer(REFRESH_S, active=any(run_row(r)["status"] == "running" for r in runs))
         with gr.Tab("Held-out images"):
