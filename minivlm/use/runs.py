@@ -10,6 +10,8 @@ Design choices:
 - Loaded lazily and kept: a run's model and tokenizer on first caption, the vision tower once per fingerprint
   (runs of one sweep share it). A tower that cannot be loaded or whose fingerprint differs is that run's error,
   one line; other runs go on.
+- A caption streams: generation runs in a worker thread and hands each step's tokens over (`generate`'s
+  `on_token`), so the page shows the text as it grows; the final text is `caption_files`' own.
 - Held-out captions (greedy, from the cached rows, as stages/evaluate.py makes them) are kept in the run
   directory (`view/held_out.json`, written atomically) keyed by n and the weights file's size and mtime, so
   reopening computes nothing and a retrained run is captioned again.
@@ -20,7 +22,9 @@ import contextlib
 import csv
 import io
 import json
+import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from minivlm.fileio import WriterLock, atomic_write_json
 from minivlm.formats.records import resolve_image
 from minivlm.training.data import Samples
 from minivlm.training.sweep import read_metrics, run_numbers
+from minivlm.training.text import decode
 from minivlm.use.captioner import Captioner, caption_files, load_run, load_run_encoder
 from minivlm.use.evaluation import caption_samples, held_out
 
@@ -171,6 +176,36 @@ class Loaded:
         cap = self.captioner(run)
         cap.model.eval()
         return caption_files(cap, paths, prompt=prompt, **kw)
+
+    def caption_stream(self, run: Run, paths: list[str], prompt: str = "", every_s: float = 0.2, **kw):
+        """`caption`, streamed: yields ("partial", {prompt number: text so far}) at most every `every_s` while
+        tokens come, then ("done", caption's result). A run that cannot caption raises as `caption` does."""
+        steps: queue.Queue = queue.Queue()
+        result: dict = {}
+
+        def work():
+            try:
+                result["done"] = self.caption(run, paths, prompt, on_token=lambda first, t: steps.put((first, t)), **kw)
+            except Exception as e:  # raised again in the caller's thread
+                result["error"] = e
+            finally:
+                steps.put(None)
+        threading.Thread(target=work, daemon=True).start()
+        tokens: dict[int, list[int]] = {}
+        last = time.monotonic()
+        while (item := steps.get()) is not None:
+            first, step = item
+            for i, t in enumerate(step):
+                tokens.setdefault(first + i, []).append(t)
+            if time.monotonic() - last >= every_s:
+                fmt = self.runs[run.dir].fmt
+                eos = fmt.eos_id
+                yield "partial", {i: decode(fmt, row[:row.index(eos) + 1] if eos in row else row)
+                                  for i, row in tokens.items()}
+                last = time.monotonic()
+        if "error" in result:
+            raise result["error"]
+        yield "done", result["done"]
 
     def held_out(self, run: Run, n: int) -> list[dict]:
         """The run's greedy captions of n held-out samples (id, images, image paths, prompt, reference,

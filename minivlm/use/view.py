@@ -22,6 +22,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image, ImageOps
 
+from minivlm.formats.records import IMAGE_TAG
 from minivlm.use.runs import COLUMNS, Loaded, Run, curves, run_row
 
 EVERY = "every selected run"
@@ -126,7 +127,7 @@ def build_page(runs: list[Run], loaded: Loaded, n_held_out: int = 8) -> gr.Block
                 notes_text(disabled + problems), gr.Dropdown(choices=picks))
 
     def caption(files, pasted, picks, prompt, temperature, top_k, top_p, max_new_tokens, seed, with_run, selected):
-        """Yields the side-by-side table as each run finishes (a generator: Gradio streams each one)."""
+        """Yields the side-by-side table as tokens come, run after run (a generator: Gradio streams each)."""
         paths = [str(f) for f in files or []] + ([str(pasted)] if pasted else []) + list(picks or [])
         if not paths:
             yield "", notes_text(disabled + ["no image: upload, paste or pick one, then press Caption"])
@@ -135,12 +136,17 @@ def build_page(runs: list[Run], loaded: Loaded, n_held_out: int = 8) -> gr.Block
         kw = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                   max_new_tokens=int(max_new_tokens), seed=int(seed))
         problems, columns = [], {}
+        keys = [" + ".join(paths)] if prompt.count(IMAGE_TAG) else paths
         for run in targets:
             try:
-                columns[run.name] = loaded.caption(run, paths, prompt or "", **kw)
+                for kind, value in loaded.caption_stream(run, paths, prompt or "", **kw):
+                    if kind == "partial":  # prompt i is image i (or all of them with <image> tags) while it grows
+                        value = [(k, value.get(i, ""), None) for i, k in enumerate(keys)]
+                    columns[run.name] = value
+                    yield captions_html(columns), notes_text(disabled + problems)
             except (ValueError, FileNotFoundError, OSError) as e:
                 problems.append(str(e).splitlines()[0])
-            yield captions_html(columns), notes_text(disabled + problems)
+                yield captions_html(columns), notes_text(disabled + problems)
 
     with gr.Blocks(title="minivlm runs", analytics_enabled=False) as page:
         gr.Markdown(f"# minivlm runs\n{len(runs)} run(s). Select runs to compare them in every tab.")
