@@ -188,10 +188,15 @@ def build_page(runs: list[Run], loaded: Loaded, n_held_out: int = 8) -> gr.Block
 
 
 def serve(runs: list[Run], loaded: Loaded, host: str = "127.0.0.1", port: int = 7860, n_held_out: int = 8) -> None:
-    """Build the page and serve it until interrupted, printing its URL and the ssh tunnel to reach it."""
+    """Build the page and serve it until interrupted; once it listens, print its URL and the ssh tunnel to it."""
     page = build_page(runs, loaded, n_held_out)
+    try:
+        page.queue().launch(server_name=host, server_port=port, share=False, theme=theme(), quiet=True,
+                            show_error=True, inbrowser=False, prevent_thread_lock=True)
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        raise ValueError(f"cannot listen on {host}:{port} ({str(e).splitlines()[0]}); pass another --port or "
+                         f"--host") from None
     print(f"view: {len(runs)} run(s) on http://{host}:{port}/", flush=True)
     print(f"view: from another machine: ssh -L {port}:127.0.0.1:{port} <this host>, then open "
           f"http://127.0.0.1:{port}/", flush=True)
-    page.queue().launch(server_name=host, server_port=port, share=False, theme=theme(), quiet=True,
-                        show_error=True, inbrowser=False)
+    page.block_thread()
