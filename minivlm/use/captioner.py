@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from minivlm.config import SEED
 from minivlm.embedding.encoder import Encoder, EncoderSpec, ImageError, features, load_encoder, load_image, tile_pixels
 from minivlm.embedding.shard import Codec
 from minivlm.formats.records import IMAGE_TAG
@@ -24,6 +25,10 @@ from minivlm.training.layout import image_index
 from minivlm.training.model import VLM, VLMConfig
 from minivlm.training.text import TextFormat, decode, load_tokenizer, prompt_ids, text_format
 from minivlm.use.generate import generate
+
+
+# the sampling options' ranges, for stages/caption.py's options and the view page's fields alike
+SAMPLING_RANGES = dict(max_new_tokens=">= 1", temperature=">= 0", top_k=">= 0", top_p="(0, 1]", seed=SEED)
 
 
 @dataclass

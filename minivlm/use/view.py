@@ -17,12 +17,15 @@ import base64
 import html
 import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pandas as pd
 from PIL import Image, ImageOps
 
+from minivlm.config import check_ranges
 from minivlm.formats.records import IMAGE_TAG
+from minivlm.use.captioner import SAMPLING_RANGES
 from minivlm.use.runs import COLUMNS, Loaded, Run, curves, run_row
 
 EVERY = "every selected run"
@@ -135,6 +138,11 @@ def build_page(runs: list[Run], loaded: Loaded, n_held_out: int = 8) -> gr.Block
         targets = chosen(selected) if with_run == EVERY else chosen([with_run])
         kw = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                   max_new_tokens=int(max_new_tokens), seed=int(seed))
+        try:  # the ranges stages/caption.py holds its options to
+            check_ranges(SimpleNamespace(**kw), "{}", **SAMPLING_RANGES)
+        except ValueError as e:
+            yield "", notes_text(disabled + [str(e)])
+            return
         problems, columns = [], {}
         keys = [" + ".join(paths)] if prompt.count(IMAGE_TAG) else paths
         for run in targets:
@@ -179,6 +187,7 @@ def build_page(runs: list[Run], loaded: Loaded, n_held_out: int = 8) -> gr.Block
             with_run = gr.Dropdown([EVERY, *names], value=EVERY, label="caption with")
             button = gr.Button("Caption", variant="primary", elem_id="caption")
             out = gr.HTML(elem_id="captions")
+        page.load(refresh, [selected], [table, train_plot, eval_plot, timer])  # a page opened later: as of now
         selected.change(plots, [selected], [train_plot, eval_plot])
         timer.tick(refresh, [selected], [table, train_plot, eval_plot, timer])
         show.click(held_out_grid, [selected, n], [grid, notes, picks])
