@@ -7,13 +7,14 @@ ARGS   ?=
 SWEEP  ?= configs/sweeps/demo_lr.toml
 RUN    ?= runs/demo
 IMAGE  ?=
+RUNS   ?= runs/demo
 OUT    ?=
 # CPU machines get this CPU build of torch (from a local wheel when pip finds one, else the CPU index);
 # machines with nvidia-smi get the default (CUDA) build through pyproject's permissive range.
 TORCH_CPU_VERSION ?= 2.13.0
 TORCH_CPU_INDEX   ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo demo-data embed train sweep caption evaluate export test test-fast gpu-check bench bench-quick clean-demo
+.PHONY: install demo demo-data embed train sweep caption evaluate export view test test-fast gpu-check bench bench-quick clean-demo
 
 install: $(VENV)/.installed
 
@@ -25,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	  $(BIN)/pip install -q --no-index --no-deps 'torch==$(TORCH_CPU_VERSION)' 2>/dev/null || \
 	  $(BIN)/pip install -q torch --index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(BIN)/pip install -q -e '.[dev,plot,search]'
+	$(BIN)/pip install -q -e '.[dev,plot,search,view]'
 	touch $@
 
 demo-data: install
@@ -47,6 +48,10 @@ sweep: install
 caption: install
 	$(BIN)/python stages/caption.py --run $(RUN) $(foreach i,$(IMAGE),--image $(i)) $(ARGS)
 
+# the page to look at runs: RUNS="runs/demo runs/demo_lr" (run, sweep or folder paths); ARGS="--port 8000"
+view: install
+	$(BIN)/python stages/view.py --runs $(RUNS) $(ARGS)
+
 evaluate: install
 	$(BIN)/python stages/evaluate.py --run $(RUN) $(ARGS)
 
@@ -56,9 +61,9 @@ export: install
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
 
-# the edit loop: everything but the end-to-end (slow) and CUDA (gpu) tiers
+# the edit loop: everything but the end-to-end (slow), CUDA (gpu) and browser tiers
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu and not browser" $(ARGS)
 
 # one GPU, under 8 minutes: the CUDA test tier, then the bench in quick CUDA mode (b16: P1-P4, samples/s,
 # tokens/s, MFU) -> bench/results/<host>-<date>-cuda.json

@@ -9,9 +9,9 @@ import argparse
 import sys
 
 from minivlm.cli import run
-from minivlm.config import SEED, check_ranges
+from minivlm.config import check_ranges
 from minivlm.dist import init_distributed
-from minivlm.use.captioner import caption_files, load_run
+from minivlm.use.captioner import SAMPLING_RANGES, caption_files, load_run
 
 
 def main():
@@ -27,7 +27,7 @@ def main():
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    check_ranges(a, "--{}", max_new_tokens=">= 1", temperature=">= 0", top_k=">= 0", top_p="(0, 1]", seed=SEED)
+    check_ranges(a, "--{}", **SAMPLING_RANGES)
     cap = load_run(a.run, init_distributed(process_group=False).device)
     results = caption_files(cap, a.image, prompt=a.prompt, max_new_tokens=a.max_new_tokens,
                             temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)

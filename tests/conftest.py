@@ -2,7 +2,8 @@
 same code `make demo-data` uses, and configs built from the real dataclasses.
 
 Tiers: `slow` marks the end-to-end tests (training to the end, subprocesses, torchrun, the bench);
-`gpu` the CUDA tier (tests/test_gpu.py). `make test` runs everything, `make test-fast` neither tier.
+`gpu` the CUDA tier (tests/test_gpu.py); `browser` the view page in Debian's chromium (tests/test_view.py).
+`make test` runs everything, `make test-fast` none of these tiers.
 Every test leaves the process as it found it (deterministic mode, RNG, logging levels): see
 `restore_global_state`."""
 from __future__ import annotations

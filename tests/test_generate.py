@@ -25,3 +25,14 @@ def test_each_row_stops_after_its_first_eos():
     cut = generate(model, ids, None, 8, eos_id=eos)
     for row, full in zip(cut, free):
         assert row == (full[:full.index(eos) + 1] if eos in full else full)
+
+
+def test_on_token_sees_every_step_as_it_comes_and_changes_nothing():
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, n_layer=2, n_head=2, n_kv_head=1, multiple_of=16, max_seq_len=32)
+    model = VLM(cfg, 40, 8, 39).eval()
+    ids = torch.randint(0, 39, (3, 5))
+    steps = []
+    streamed = generate(model, ids, None, 8, eos_id=None, on_token=steps.append)
+    assert streamed == generate(model, ids, None, 8, eos_id=None)
+    assert [list(row) for row in zip(*steps)] == streamed  # step by step, (B,) each

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from minivlm.config import SEED
 from minivlm.embedding.encoder import Encoder, EncoderSpec, ImageError, features, load_encoder, load_image, tile_pixels
 from minivlm.embedding.shard import Codec
 from minivlm.formats.records import IMAGE_TAG
@@ -24,6 +25,10 @@ from minivlm.training.layout import image_index
 from minivlm.training.model import VLM, VLMConfig
 from minivlm.training.text import TextFormat, decode, load_tokenizer, prompt_ids, text_format
 from minivlm.use.generate import generate
+
+
+# the sampling options' ranges, for stages/caption.py's options and the view page's fields alike
+SAMPLING_RANGES = dict(max_new_tokens=">= 1", temperature=">= 0", top_k=">= 0", top_p="(0, 1]", seed=SEED)
 
 
 @dataclass
@@ -77,10 +82,11 @@ def live_features(cap: Captioner, paths: list[str | Path]) -> tuple[torch.Tensor
 
 def caption_features(cap: Captioner, images: torch.Tensor, prompt: str = "", per_prompt: int = 1, layouts=None,
                      max_new_tokens: int = 48, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                     seed: int = 0) -> list[str]:
+                     seed: int = 0, on_token=None) -> list[str]:
     """Captions for (K, T, D) image rows, `per_prompt` images to a prompt (each the same prompt), in order;
     `layouts`: each image's (its rows: its tiles), None for one row an image. Prompts of untiled images are
-    one batch; tiled images give prompts of other lengths (their grids), captioned one by one."""
+    one batch; tiled images give prompts of other lengths (their grids), captioned one by one. `on_token(first,
+    tokens)`: each step's new tokens of the prompts first, first + 1, ... as they are generated."""
     fmt, gen = cap.fmt, torch.Generator(device=cap.device).manual_seed(seed)
     layouts = [(1, 1, 1, 0, 0)] * len(images) if layouts is None else [tuple(x) for x in layouts]
     groups = [layouts[i:i + per_prompt] for i in range(0, len(layouts), per_prompt)]
@@ -88,13 +94,15 @@ def caption_features(cap: Captioner, images: torch.Tensor, prompt: str = "", per
         groups = [sum(groups, [])]
     out, at = [], 0
     for group in groups:
+        step = None if on_token is None else (lambda tokens, first=len(out): on_token(first, tokens))
         n = len(group) // per_prompt  # prompts in this batch
         ids = torch.tensor([prompt_ids(fmt, prompt, per_prompt, group[:per_prompt])] * n, device=cap.device)
         rows = sum(lay[0] for lay in group)
         index = image_index(fmt.tiling, group, fmt.image_tokens, fmt.image_token) if fmt.tiling == "anyres" else None
         max_new = min(max_new_tokens, cap.model.cfg.max_seq_len - ids.size(1))
         out += generate(cap.model, ids, images[at:at + rows].to(cap.device), max_new, fmt.eos_id, temperature,
-                        top_k, top_p, gen, image_index=None if index is None else torch.from_numpy(index).to(cap.device))
+                        top_k, top_p, gen, image_index=None if index is None else torch.from_numpy(index).to(cap.device),
+                        on_token=step)
         at += rows
     return [decode(fmt, row) for row in out]
 

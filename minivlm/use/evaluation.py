@@ -31,7 +31,7 @@ from minivlm.formats.sources import read_records
 from minivlm.training.data import BatchSampler, Samples, join, load_splits, open_cache
 from minivlm.training.model import VLMConfig
 from minivlm.training.trainer import amp_dtype, evaluate
-from minivlm.use.captioner import caption_features, load_run
+from minivlm.use.captioner import Captioner, caption_features, load_run
 
 
 def held_out(run_dir: Path, vc: VLMConfig, cache_dir: str | None, records: str | None):
@@ -66,7 +66,26 @@ def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, records: str
     batches = [ds[ix] for ix in BatchSampler(ds, cfg.train.batch_size, 0, shuffle=False).batches(0)]
     losses = evaluate(cap.model, batches, index.codec, amp_dtype(cfg.train, device), device)  # the run's dtype
 
-    split = ds.split  # the samples that fit tokenizer.max_len
+    samples = caption_samples(cap, ds, index.codec, n)
+    ds.close()
+    result = {"run": str(run_dir), "cache": cfg.cache.dir, "n_eval_samples": len(ds.split),
+              **losses, "captions": samples}
+    out = run_dir / "eval"
+    atomic_write_json(out / "eval.json", result)
+    atomic_write_text(out / "captions.md", captions_markdown(result))
+    sheet = contact_sheet([(resolve_image(cfg.data.image_root, s["images"][0]), s["generated"], s["reference"])
+                           for s in samples])
+    atomic_write(out / "contact_sheet.png", lambda p: sheet.save(p, format="PNG"))
+    print(f"evaluate: {len(ds.split)} held-out samples, eval_loss {losses['eval_loss']:.4f}, shuffled-image "
+          f"{losses['eval_loss_shuffled']:.4f}, image gap {losses['image_gap']:.3f} nats -> {out}/")
+    return result
+
+
+def caption_samples(cap: Captioner, ds: Samples, codec, n: int) -> list[dict]:
+    """Greedy captions of the first n held-out samples whose first user turn shows images (of those that fit
+    tokenizer.max_len), from their cached rows, each asked its own first turn: id, image keys, prompt, generated
+    and reference (that turn's answer) each."""
+    split = ds.split
     asks = {i: first_turn(split.records[i]) for i in range(len(split))}
     picked = [i for i in range(len(split)) if asks[i][1]][:n]  # samples whose first turn shows images
     generated = {}
@@ -75,25 +94,14 @@ def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, records: str
         slots = [split.first[i] + np.arange(k) for i in group]  # each sample's first k images
         tiles = [int(split.layout[s, 0].sum()) for s in slots]
         rows = torch.cat([ds.rows(np.array([i]))[:t] for i, t in zip(group, tiles)])
-        generated.update(zip(group, caption_features(cap, index.codec.decode(rows), prompt, per_prompt=k,
+        generated.update(zip(group, caption_features(cap, codec.decode(rows), prompt, per_prompt=k,
                                                      layouts=split.layout[np.concatenate(slots)])))
-    ds.close()
     samples = []
     for i in picked:
         rec, (ask, k, answer) = split.records[i], asks[i]
         samples.append({"id": rec.id, "images": list(rec.images[:k]), "prompt": user_text(ask),
                         "generated": generated[i], "reference": answer})
-    result = {"run": str(run_dir), "cache": cfg.cache.dir, "n_eval_samples": len(split),
-              **losses, "captions": samples}
-    out = run_dir / "eval"
-    atomic_write_json(out / "eval.json", result)
-    atomic_write_text(out / "captions.md", captions_markdown(result))
-    sheet = contact_sheet([(resolve_image(cfg.data.image_root, s["images"][0]), s["generated"], s["reference"])
-                           for s in samples])
-    atomic_write(out / "contact_sheet.png", lambda p: sheet.save(p, format="PNG"))
-    print(f"evaluate: {len(split)} held-out samples, eval_loss {losses['eval_loss']:.4f}, shuffled-image "
-          f"{losses['eval_loss_shuffled']:.4f}, image gap {losses['image_gap']:.3f} nats -> {out}/")
-    return result
+    return samples
 
 
 def captions_markdown(result: dict) -> str:

@@ -8,6 +8,7 @@ Design choices:
   the whole sequence is recomputed each step; the two give identical tokens (a test holds us to it).
 - The image placeholder token is never generated: a generated placeholder would have no image row.
 - Runs under torch.inference_mode; putting the model in eval mode is the caller's job.
+- `on_token` sees each step's tokens as they come (the view page streams captions with it); the result is the same.
 """
 from __future__ import annotations
 
@@ -36,9 +37,11 @@ def sample_next(logits, temperature: float = 0.0, top_k: int = 0, top_p: float =
 @torch.inference_mode()
 def generate(model: VLM, input_ids, images, max_new_tokens: int, eos_id: int | None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, use_cache: bool = True, image_index=None) -> list[list[int]]:
+             generator: torch.Generator | None = None, use_cache: bool = True, image_index=None,
+             on_token=None) -> list[list[int]]:
     """input_ids (B, L) long, images (K, T, D) or None (the rows' images in order, `image_index` where their tiles
-    are laid out otherwise: VLM.embed) -> new tokens per row, cut after the first eos."""
+    are laid out otherwise: VLM.embed) -> new tokens per row, cut after the first eos. `on_token`, if given, is
+    called with each step's (B,) new tokens as a list, as they are generated (rows past their eos included)."""
     B, L = input_ids.shape
     if L + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len="
@@ -51,6 +54,8 @@ def generate(model: VLM, input_ids, images, max_new_tokens: int, eos_id: int | N
         logits[:, model.image_token_id] = float("-inf")
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         new.append(nxt)
+        if on_token is not None:
+            on_token(nxt.tolist())
         if eos_id is not None:
             done |= nxt == eos_id
         if step == max_new_tokens - 1 or bool(done.all()):
