@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import demo_config, run_stage
+from conftest import demo_config, demo_overrides, run_stage
 from minivlm.demo.pairs import pair_records
 from minivlm.dist import Dist
 from minivlm.training.trainer import fit
@@ -71,17 +71,12 @@ def mix(demo, tmp_path_factory):
     """The mix, embedded and trained a few steps through the stage scripts, as a user runs them."""
     work = tmp_path_factory.mktemp("mix")
     recs = onevision_mix(demo, work / "mix.json")
-    cfg = demo_config(demo, work, f"data.records={work}/mix.json", *ROOM, *TINY)
-    args = ["--config", "configs/demo.toml", *[f"{k}={v}" for k, v in overrides(demo, work).items()], *ROOM, *TINY]
+    records = f"data.records={work}/mix.json"
+    cfg = demo_config(demo, work, records, *ROOM, *TINY)
+    args = ["--config", "configs/demo.toml", *demo_overrides(demo, work), records, *ROOM, *TINY]  # the last one wins
     embed = run_stage("embed.py", *args)
     train = run_stage("train.py", *args, umask=0o022)
     return cfg, recs, args, embed, train
-
-
-def overrides(demo: Path, work: Path) -> dict:
-    from conftest import demo_overrides
-    out = dict(o.split("=", 1) for o in demo_overrides(demo, work))
-    return {**out, "data.records": f"{work}/mix.json"}
 
 
 @pytest.mark.slow
@@ -156,5 +151,11 @@ def test_evaluation_asks_each_held_out_sample_its_own_first_turn(demo, mix):
     for s in result["captions"]:
         conv = by_id[s["id"]]["conversations"]
         assert s["prompt"] == user_text(conv[0]["value"]) and s["reference"] == conv[1]["value"].strip()
+    from minivlm.use.captioner import caption_features, live_features, load_run
+    cap = load_run(cfg.train.run_dir)  # the first row's caption is caption.py's for its own question and images
+    pair = next(s for s in result["captions"] if len(s["images"]) > 1)
+    feats, layouts, _ = live_features(cap, [Path(cfg.data.image_root) / k for k in pair["images"]])
+    ask = by_id[pair["id"]]["conversations"][0]["value"]
+    assert pair["generated"] == caption_features(cap, feats, ask, len(pair["images"]), layouts)[0]
     md = (cfg.train.run_dir / "eval" / "captions.md").read_text()
     assert all(f"| {user_text(by_id[s['id']]['conversations'][0]['value'])} |" in md for s in result["captions"])
