@@ -76,7 +76,8 @@ class Param:
     def distribution(self) -> optuna.distributions.BaseDistribution:
         if self.choices:
             return optuna.distributions.CategoricalDistribution(self.choices)
-        if isinstance(self.low, int) and isinstance(self.high, int) and not self.log and not isinstance(self.step, float):
+        ints = isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(self.step, float)
+        if ints and not self.log:
             return optuna.distributions.IntDistribution(self.low, self.high, step=self.step or 1)
         return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
@@ -209,8 +210,8 @@ def _pruner(search: Search, max_steps: int):
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=search.min_steps,
                                                       reduction_factor=search.reduction_factor)
     if search.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=search.min_steps, max_resource=max(max_steps, search.min_steps),
-                                              reduction_factor=search.reduction_factor)
+        return optuna.pruners.HyperbandPruner(min_resource=search.min_steps, reduction_factor=search.reduction_factor,
+                                              max_resource=max(max_steps, search.min_steps))
     return optuna.pruners.NopPruner()
 
 
@@ -389,8 +390,8 @@ class Worker:
             RetryHeartbeatStaleTrialCallback()(self.study, self.study.get_trials(deepcopy=False)[a.trial.number])
             self.progress(f"trial {a.trial.number} {a.run.name} interrupted at step {steps}")
         else:
-            error = last_error(d / "stderr.log", a.offset, rc) if rc else f"no {self.search.metric} in metrics.jsonl; " \
-                "set train.eval_interval (or keep the final eval)"
+            error = last_error(d / "stderr.log", a.offset, rc) if rc else \
+                f"no {self.search.metric} in metrics.jsonl; set train.eval_interval (or keep the final eval)"
             self.tell_failed(a.trial, error, a.run.name)
         a.told = True
 
@@ -479,9 +480,9 @@ class Worker:
         rows = report(self.sweep_dir, runs, outcomes, plot=True, extra=extra)
         done = [r for r in rows if r["status"] == "done" and r[self.column] != ""]
         counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "pruned", "failed")}
+        steps = sum(int(r["steps"] or 0) for r in rows)
         print(f"search {self.spec.name}: {counts['done']} done, {counts['pruned']} pruned, {counts['failed']} failed "
-              f"of {self.search.trials}; {sum(int(r['steps'] or 0) for r in rows)} steps -> {self.sweep_dir}/summary.md",
-              flush=True)
+              f"of {self.search.trials}; {steps} steps -> {self.sweep_dir}/summary.md", flush=True)
         if done:
             best = (min if self.search.direction == "minimize" else max)(done, key=lambda r: r[self.column])
             print(f"search {self.spec.name}: best {best['run']} ({self.column} {best[self.column]:.4f}); reproduce: "
