@@ -468,8 +468,9 @@ class Worker:
         runs, outcomes, extra = [], {}, {}
         for name, t in latest.items():
             run = self.planned(t.params)
+            again = "interrupted" if "failed_trial" in t.system_attrs else "pending"  # a retry waiting for a worker
             status = {TrialState.COMPLETE: "done", TrialState.PRUNED: "pruned", TrialState.RUNNING: "running",
-                      TrialState.WAITING: "pending"}.get(t.state, "failed")
+                      TrialState.WAITING: again}.get(t.state, "failed")
             if t.state == TrialState.FAIL and "error" not in t.user_attrs:
                 status = "interrupted" if t.number in retried else "failed"
             runs.append(run)
