@@ -1,6 +1,7 @@
 """minivlm benchmarks: the cached pipeline against the seed's live loop and against the limits.
 
-    python bench/run.py                # make bench: full (~6 min on 2 idle CPU cores once artefacts exist)
+    python bench/run.py                # make bench: full (~6 min on 2 idle CPU cores once artefacts exist, + P8)
+    python bench/run.py --workloads none --startup 0   # P8 alone (two searches of the demo, ~10-25 min)
     python bench/run.py --quick        # make bench-quick (~1.5 min once artefacts exist)
     python bench/run.py --smoke --work /tmp/w --out /tmp/r   # tiny sizes, for the test (~30 s)
     python bench/run.py --cuda         # make gpu-check: quick CUDA mode, b16, P1-P4 + tokens/s + MFU

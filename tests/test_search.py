@@ -98,7 +98,7 @@ def worker(args: list[str], log: Path) -> subprocess.Popen:
 def trials_of(url: str, name: str):
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from minivlm.training.search import storage_url
+    from minivlm.training.study import storage_url
     return optuna.load_study(study_name=name, storage=storage_url(url)).get_trials()
 
 
@@ -242,6 +242,7 @@ def test_search_without_the_extra_installed_is_one_line(demo, demo_cache, tmp_pa
     args = sweep_args(demo, demo_cache, tmp_path, '[search]\ntrials = 2\n[search.space]\n"train.lr" = [1e-3]\n')
     monkeypatch.setitem(sys.modules, "optuna", None)  # import fails as if not installed
     monkeypatch.delitem(sys.modules, "minivlm.training.search", raising=False)
+    monkeypatch.delitem(sys.modules, "minivlm.training.study", raising=False)
     with pytest.raises(ValueError, match=r"\[search\] needs the search extra \(optuna is missing\): pip install"):
         run_sweep(args[1], args[3])
 
@@ -255,7 +256,7 @@ def test_a_grid_sweep_does_not_import_optuna():
 
 @pytest.mark.parametrize("sweep, config", [("demo_search", "demo"), ("llava_search", "llava_pretrain")])
 def test_shipped_search_files_are_valid_studies_over_config_keys(sweep, config):
-    from minivlm.training.search import load_search
+    from minivlm.training.study import load_search
     spec = load_sweep(REPO / "configs" / "sweeps" / f"{sweep}.toml")
     search = load_search(spec.search, sweep)
     combos = tuple({p.key: v} for p in search.space for v in p.bounds()) + spec.combos
@@ -266,7 +267,7 @@ def test_shipped_search_files_are_valid_studies_over_config_keys(sweep, config):
 
 def test_postgresql_urls_as_users_write_them_use_the_installed_driver():
     import sqlalchemy
-    from minivlm.training.search import storage_url
+    from minivlm.training.study import storage_url
     url = sqlalchemy.make_url(storage_url("postgresql://user@/db?host=/socket/dir"))
     assert (url.drivername, url.username, url.database, url.query["host"]) == ("postgresql+psycopg", "user", "db",
                                                                               "/socket/dir")

@@ -205,8 +205,9 @@ def slot_envs(parallel: int, nproc: int, runs_per_gpu: int = 1) -> list[dict[str
         gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
         if parallel * nproc > len(gpus) * runs_per_gpu:
             per = f" at {runs_per_gpu} runs per GPU" if runs_per_gpu > 1 else ""
-            raise ValueError(f"--parallel {parallel} x --nproc_per_node {nproc} needs {-(-parallel * nproc // runs_per_gpu)}"
-                             f" GPUs{per}, {len(gpus)} visible; lower --parallel or raise --runs_per_gpu")
+            need = -(-parallel * nproc // runs_per_gpu)
+            raise ValueError(f"--parallel {parallel} x --nproc_per_node {nproc} needs {need} GPUs{per}, {len(gpus)} "
+                             f"visible; lower --parallel or raise --runs_per_gpu")
         groups = len(gpus) // nproc
         return [{**env, "CUDA_VISIBLE_DEVICES": ",".join(gpus[i % groups * nproc:(i % groups + 1) * nproc])}
                 for i in range(parallel)]
