@@ -145,13 +145,14 @@ def test_a_remote_cache_embedded_again_is_noticed_and_the_copy_brought_up_to_dat
     with new_process(), pytest.raises(ValueError, match=f"cache s3://{BUCKET}/changing is incomplete \\(no manifest"):
         mirror.local(cfg)
     fs.put_file(str(new / "shards" / "shard-00002.h5"), f"{BUCKET}/changing/shards/shard-00002.h5")
+    fs.pipe_file(f"{BUCKET}/changing/sources/0123.npz", b"a stored join")  # copied as it is, for a run's start-up
     fs.pipe_file(f"{BUCKET}/changing/manifest.json", json.dumps(manifest).encode())
     with new_process():
         store.reset()
         local = mirror.local(cfg)
     assert shard_gets(store, "changing") == {"shard-00002.h5": 1}
     assert json.loads((local / "manifest.json").read_text()) == manifest
-    assert cache.verify(local) == []
+    assert cache.verify(local) == [] and (local / "sources" / "0123.npz").read_bytes() == b"a stored join"
 
 
 def test_a_mirror_on_a_disk_too_small_is_one_line_with_the_bytes_needed_before_any_download(
