@@ -99,6 +99,9 @@ def test_a_fresh_mirror_gets_each_shard_once_and_a_later_run_only_asks_the_manif
         store.reset()
         assert mirror.local(cfg) == local
         assert dict(store.requests) == {("HEAD", f"{BUCKET}/demo/manifest.json"): 1}
+    other = demo_config(demo, tmp_path, *url_overrides(store, "other", tmp_path / "mirror"))
+    with new_process(), pytest.raises(ValueError, match=f"mirror {local} holds a copy of cache s3://{BUCKET}/demo, "):
+        mirror.local(other)
 
 
 def test_a_byte_flipped_in_a_remote_shard_is_one_line_naming_shard_and_row_and_a_rerun_says_the_same(

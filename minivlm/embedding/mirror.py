@@ -136,8 +136,12 @@ def sync(root: remote.Url, mirror: Path, connections: int = CONNECTIONS) -> Path
     """Bring `mirror` up to date with the cache at `root` (see the module's notes); returns `mirror`."""
     manifest_url = root.child(cache.MANIFEST)
     with machine_lock(mirror):
+        state = _state(mirror)
+        if state.get("url", root.url) != root.url:
+            raise ValueError(f"mirror {mirror} holds a copy of cache {state['url']}, not of {root}; set cache.mirror "
+                             f"to another directory (or leave it empty: one is kept per URL)")
         identity = _identity(manifest_url)
-        if _complete(mirror, _state(mirror), identity):
+        if _complete(mirror, state, identity):
             return mirror
         data = manifest_url.read_bytes()
         manifest = json.loads(data)
