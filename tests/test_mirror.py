@@ -99,6 +99,9 @@ def test_a_fresh_mirror_gets_each_shard_once_and_a_later_run_only_asks_the_manif
         store.reset()
         assert mirror.local(cfg) == local
         assert dict(store.requests) == {("HEAD", f"{BUCKET}/demo/manifest.json"): 1}
+    other = demo_config(demo, tmp_path, *url_overrides(store, "other", tmp_path / "mirror"))
+    with new_process(), pytest.raises(ValueError, match=f"mirror {local} holds a copy of cache s3://{BUCKET}/demo, "):
+        mirror.local(other)
 
 
 def test_a_byte_flipped_in_a_remote_shard_is_one_line_naming_shard_and_row_and_a_rerun_says_the_same(
@@ -145,13 +148,14 @@ def test_a_remote_cache_embedded_again_is_noticed_and_the_copy_brought_up_to_dat
     with new_process(), pytest.raises(ValueError, match=f"cache s3://{BUCKET}/changing is incomplete \\(no manifest"):
         mirror.local(cfg)
     fs.put_file(str(new / "shards" / "shard-00002.h5"), f"{BUCKET}/changing/shards/shard-00002.h5")
+    fs.pipe_file(f"{BUCKET}/changing/sources/0123.npz", b"a stored join")  # copied as it is, for a run's start-up
     fs.pipe_file(f"{BUCKET}/changing/manifest.json", json.dumps(manifest).encode())
     with new_process():
         store.reset()
         local = mirror.local(cfg)
     assert shard_gets(store, "changing") == {"shard-00002.h5": 1}
     assert json.loads((local / "manifest.json").read_text()) == manifest
-    assert cache.verify(local) == []
+    assert cache.verify(local) == [] and (local / "sources" / "0123.npz").read_bytes() == b"a stored join"
 
 
 def test_a_mirror_on_a_disk_too_small_is_one_line_with_the_bytes_needed_before_any_download(

@@ -28,7 +28,8 @@ Design choices:
   published (one PUT, atomic on S3, GCS and the Hub: an object is whole or absent, and a shard object is only
   ever a published shard), then `failures.jsonl`, then `manifest.json` last: a store without a manifest is an
   incomplete cache. A rerun, on this machine or another, first copies down the shards the store holds and the
-  mirror lacks, so it resumes from the store.
+  mirror lacks, so it resumes from the store. The stored joins of Parquet and tar records (`sources/`) go up
+  before the manifest and come down with a copy, so a run elsewhere does not hash every image again.
 - `cache.storage_options` (default: `data.storage_options`) holds the store's fsspec options; reads are
   retried as every remote read is (`remote.retried`): an unreachable store is one line after the retries.
 """
@@ -54,7 +55,7 @@ from minivlm.fileio import (
     free_bytes,
     sha256_file,
 )
-from minivlm.formats import remote
+from minivlm.formats import remote, sources
 
 CONNECTIONS = 8            # shards copied (or uploaded) at once
 STATE = "mirror.json"
@@ -135,8 +136,12 @@ def sync(root: remote.Url, mirror: Path, connections: int = CONNECTIONS) -> Path
     """Bring `mirror` up to date with the cache at `root` (see the module's notes); returns `mirror`."""
     manifest_url = root.child(cache.MANIFEST)
     with machine_lock(mirror):
+        state = _state(mirror)
+        if state.get("url", root.url) != root.url:
+            raise ValueError(f"mirror {mirror} holds a copy of cache {state['url']}, not of {root}; set cache.mirror "
+                             f"to another directory (or leave it empty: one is kept per URL)")
         identity = _identity(manifest_url)
-        if _complete(mirror, _state(mirror), identity):
+        if _complete(mirror, state, identity):
             return mirror
         data = manifest_url.read_bytes()
         manifest = json.loads(data)
@@ -157,6 +162,7 @@ def sync(root: remote.Url, mirror: Path, connections: int = CONNECTIONS) -> Path
         if _identity(manifest_url, fresh=True) != identity:
             raise ValueError(f"cache {root} changed while it was being copied (an embed wrote it meanwhile); rerun "
                              f"to copy it as it is now")
+        _copy_down(root, mirror, sources.STORE)
         failures = root.child(cache.FAILURES)
         with contextlib.suppress(FileNotFoundError):
             atomic_write_bytes(mirror / cache.FAILURES, failures.read_bytes())
@@ -167,14 +173,27 @@ def sync(root: remote.Url, mirror: Path, connections: int = CONNECTIONS) -> Path
     return mirror
 
 
-def listing(root: remote.Url) -> dict[str, int]:
-    """name -> size of the store's shard objects (one listing)."""
-    shards = root.child("shards")
+def listing(root: remote.Url, folder: str = "shards") -> dict[str, int]:
+    """name -> size of the store's objects in `folder` (one listing)."""
+    where = root.child(folder)
     try:
-        entries = remote.retried(shards, lambda fs, p: fs.ls(p, detail=True, refresh=True), "list")
+        entries = remote.retried(where, lambda fs, p: fs.ls(p, detail=True, refresh=True), "list")
     except FileNotFoundError:
         return {}
     return {posixpath.basename(e["name"]): int(e["size"]) for e in entries if e.get("type") == "file"}
+
+
+def _copy_down(root: remote.Url, mirror: Path, folder: str) -> list[str]:
+    """The objects of `folder` the mirror lacks (or holds at another size), copied down as they are: the shards
+    stage 1 had published (a rerun's resume), the stored joins of Parquet and tar records (a run's start-up)."""
+    sizes = listing(root, folder)
+    local = Path(mirror) / folder
+    names = [n for n, size in sizes.items() if not (local / n).is_file() or (local / n).stat().st_size != size]
+    for name in names:
+        url = root.child(f"{folder}/{name}")
+        atomic_write(local / name, lambda tmp: remote.retried(url, lambda fs, p: fs.get_file(p, str(tmp)), "download"),
+                     needed=sizes[name])
+    return names
 
 
 def _kept(mirror: Path, manifest: dict) -> dict[str, str]:
@@ -235,15 +254,10 @@ class Upload:
         self.futures: list = []
         self.manifest_dropped = False
 
-    def pull(self) -> int:
-        """Copy down the shards the store holds and the mirror lacks (a rerun resumes from the store)."""
-        directory = cache.shard_dir(self.mirror)
-        missing = [name for name in listing(self.root) if not (directory / name).is_file()]
-        for name in missing:
-            url = self.root.child(f"shards/{name}")
-            atomic_write(directory / name, lambda tmp: remote.retried(url, lambda fs, p: fs.get_file(p, str(tmp)),
-                                                                      "download"))
-        return len(missing)
+    def pull(self) -> None:
+        """Copy down what the store holds and the mirror lacks (a rerun resumes from the store)."""
+        for folder in ("shards", sources.STORE):
+            _copy_down(self.root, self.mirror, folder)
 
     def _put(self, path: Path, key: str) -> None:
         url = self.root.child(key)
@@ -281,6 +295,10 @@ class Upload:
         for name in sorted(set(sizes) - wanted):  # shards of an older, larger plan
             url = self.root.child(f"shards/{name}")
             remote.retried(url, lambda fs, p: fs.rm_file(p), "delete")
+        joins = listing(self.root, sources.STORE)
+        for p in sorted((self.mirror / sources.STORE).glob("*.npz")):  # the stored joins: a run's start-up
+            if joins.get(p.name) != p.stat().st_size:
+                self._put(p, f"{sources.STORE}/{p.name}")
         if stale or self.manifest_dropped or cache.MANIFEST not in _top(self.root):
             self._put(self.mirror / cache.FAILURES, cache.FAILURES)
             self._put(self.mirror / cache.MANIFEST, cache.MANIFEST)

@@ -38,7 +38,7 @@ def held_out(run_dir: Path, vc: VLMConfig, cache_dir: str | None, records: str |
     """The run's config (cache optionally replaced), its validated cache and the held-out split."""
     cfg = load_config(run_dir / "config.toml")
     if cache_dir:
-        cfg = replace(cfg, cache=replace(cfg.cache, dir=cache_dir))
+        cfg = replace(cfg, cache=replace(cfg.cache, dir=cache_dir, mirror=""))  # a URL: its own mirror
     manifest, index = open_cache(cfg, vc.cache_tokens, vc.image_dim)
     vc.encoder.check(EncoderSpec.of_manifest(manifest), f"cache {cfg.cache.dir}", f"run {run_dir}",
                      "pass --cache with the cache this run was trained on")
