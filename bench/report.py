@@ -114,7 +114,7 @@ def remote(kind: str) -> Callable[[dict], str]:
 
 
 def mirror_copy(w: dict) -> str:
-    q = w["p8_mirror"]
+    q = w["p9_mirror"]
     later = q["later_run_requests"]
     return (f"{q['default_mb_s']['median']:.1f} MB/s with {q['connections']} connections, {q['one_mb_s']['median']:.1f} "
             f"with one ({q['latency_s'] * 1e3:.0f} ms a request; {q['shards']} shards of {q['shard_mb']:.2f} MB; "
@@ -182,7 +182,7 @@ ROWS: list[tuple[str, Callable[[dict], str]]] = [
     ("P4 read + decode: tars ÷ folder", lambda w: r2(w["tar_vs_folder_read_decode"])),
     ("P4-remote tars: S3 ÷ local", remote("tar")),
     ("P4-remote Parquet: S3 ÷ local", remote("parquet")),
-    ("P8 mirror: a URL cache copied from S3", mirror_copy),
+    ("P9 mirror: a URL cache copied from S3", mirror_copy),
     ("P5 peak memory training, 4N ÷ N images", lambda w: r2(w["p5_rss_4n_vs_n"])),
     ("P5 stage 1 peak memory on Parquet, 4N ÷ N", p5_embed),
     ("P7 packed ÷ padded, text tokens/s: pretraining", packing("pretraining")),
@@ -278,7 +278,7 @@ MEANING = """\
 - **P4** is stage 1 against the tower's forward alone on pre-decoded images: near 1, decoding and writing hide
   behind the tower; far below 1 (the demo's tiny tower), the tower is not what limits stage 1. **P4-remote** reads
   the same inputs from an S3 server behind a proxy that adds latency to every request, and counts the requests.
-  **P8** copies the demo cache from that store into a fresh mirror (a URL `cache.dir`, [the cache](cache.md#several-machines-a-shared-filesystem-or-a-url-and-a-mirror)),
+  **P9** copies the demo cache from that store into a fresh mirror (a URL `cache.dir`, [the cache](cache.md#several-machines-a-shared-filesystem-or-a-url-and-a-mirror)),
   with one connection and with the default number, and counts the GETs a shard and a later run's requests.
 - **P5** is peak memory for a 4× larger cache (or Parquet file) over a smaller one: near 1, memory does not grow
   with the data. **P6** is stage 2's start-up: the first run reads, joins and tokenizes the records; the rerun

@@ -45,7 +45,7 @@ Figures per workload (demo, b16):
                          store is moto's S3 server on loopback behind a proxy adding 30 ms to every request
                          (tests/store.py), as a store across a network answers; with the requests it received
                          per method (a HEAD an image would show here, and cap stage 1 at ~15 img/s)
-  P8 mirror              demo only, with P4-remote: the demo cache copied from the same store (30 ms a request) into a
+  P9 mirror              demo only, with P4-remote: the demo cache copied from the same store (30 ms a request) into a
                          fresh mirror (minivlm.embedding.mirror), MB/s with one connection and with the default
                          number; the requests of a copy (GETs per shard) and of a later run on the complete copy
   P7 packing             real text tokens/s training on packed batches (train.packing) / padded batches of the
@@ -226,7 +226,7 @@ def p4_remote(wl: Workload, device: str, work: Path) -> dict:
         out[kind] = {"local_img_s": figure(r["local"]), "s3_img_s": figure(r["s3"]),
                      "s3_vs_local": median([b / a for a, b in zip(r["local"], r["s3"])])}
     return out
-def p8_mirror(wl: Workload, work: Path) -> dict:
+def p9_mirror(wl: Workload, work: Path) -> dict:
     """Rounds of copying the workload's cache from S3 (REMOTE_LATENCY_S a request) into a fresh mirror, with one
     connection and with mirror.CONNECTIONS (interleaved): MB/s of shard bytes, the requests of a copy per shard,
     and what a later run on the complete copy asks."""
@@ -235,7 +235,7 @@ def p8_mirror(wl: Workload, work: Path) -> dict:
     files = [src / cache.MANIFEST, src / cache.FAILURES, *(cache.shard_dir(src) / name for name in shards)]
     keys = [f"cache/{p.relative_to(src)}" for p in files]
     nbytes = sum(p.stat().st_size for p in files[2:])
-    root, rates = work / "p8-mirror" / wl.name, {1: [], mirror.CONNECTIONS: []}
+    root, rates = work / "p9-mirror" / wl.name, {1: [], mirror.CONNECTIONS: []}
     out = {"latency_s": REMOTE_LATENCY_S, "shards": len(shards), "shard_mb": nbytes / len(shards) / 1e6}
     with loops.s3_copy(files, REMOTE_LATENCY_S, keys) as (proxy, _):
         url = remote.Url.of(f"s3://{loops.S3_BUCKET}/cache", {"endpoint_url": f"http://127.0.0.1:{proxy.port}"})
@@ -439,11 +439,11 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
         p4r = p4_remote(wl, device, work)
     elif s.remote_rounds:
         log(f"[{wl.name}] P4-remote skipped: it needs s3fs and moto[server] (pip install -e '.[dev]')")
-    p8 = None
+    p9 = None
     if p4r is not None:
-        log(f"[{wl.name}] P8 mirror: the cache copied from S3 ({REMOTE_LATENCY_S * 1e3:.0f} ms a request), one "
+        log(f"[{wl.name}] P9 mirror: the cache copied from S3 ({REMOTE_LATENCY_S * 1e3:.0f} ms a request), one "
             f"connection and {mirror.CONNECTIONS}")
-        p8 = p8_mirror(wl, work)
+        p9 = p9_mirror(wl, work)
     log(f"[{wl.name}] P4 tiles: stage 1 vs encoder-only over the same tiles ({wl.tiles_embed_cfg.encoder.tiles})")
     p4t = p4_tiles(wl, device, work)
     log(f"[{wl.name}] P1/P2 train loops: {s.repeats} rounds of cached / RAM / live / live per-image windows "
@@ -495,7 +495,7 @@ def measure(wl: Workload, device: str, work: Path, log, memory: bool = True, flo
         **({"tiled": tiled} if wl.tiled_cfg is not None else {}),
         **({"p4_remote_tar_vs_local": p4r["tar"]["s3_vs_local"],
             "p4_remote_parquet_vs_local": p4r["parquet"]["s3_vs_local"], "p4_remote": p4r} if p4r else {}),
-        **({"p8_mirror": p8} if p8 else {}),
+        **({"p9_mirror": p9} if p9 else {}),
         "p4_tiles_embed_vs_encoder": p4t["embed_tiles_s"]["median"] / p4t["encoder_tiles_s"]["median"],
         "p4_tiles": p4t,
         "check_share_of_p2": p3["warm"]["check_us_per_row"] * c * ds.image_rows(np.arange(len(ds))) / len(ds) / 1e6,
@@ -684,10 +684,10 @@ def table(results: dict) -> str:
                       f"±{spread(f['s3_img_s']['repeats']) / 2:.0f}%"),
                      (name, f"  requests, {label}", f"{n['HEAD']} HEAD, {n['GET']} GET, {n['LIST']} LIST for "
                       f"{n['files']} files", f"at most {n['per_file_max']} of one kind for one file", "", "")]
-        if "p8_mirror" in r:
-            q = r["p8_mirror"]
+        if "p9_mirror" in r:
+            q = r["p9_mirror"]
             n, later = q["copy_requests"], q["later_run_requests"]
-            rows += [(name, "P8 mirror copy from S3", f"{q['default_mb_s']['median']:.1f} MB/s with {q['connections']} "
+            rows += [(name, "P9 mirror copy from S3", f"{q['default_mb_s']['median']:.1f} MB/s with {q['connections']} "
                       f"connections ({q['latency_s'] * 1e3:.0f} ms a request)", f"{q['one_mb_s']['median']:.1f} MB/s with "
                       f"one; {q['shards']} shards of {q['shard_mb']:.2f} MB", f"{q['default_vs_one']:.2f}x",
                       f"±{spread(q['default_mb_s']['repeats']) / 2:.0f}%"),

@@ -71,10 +71,10 @@ def test_smoke_bench_writes_every_figure_positive(tmp_path):
             assert v >= 0 and math.isfinite(v), f"{where} = {v}"
         else:
             assert v > 0 and math.isfinite(v), f"{where} = {v}"
-    # bench/report.py renders every figure of this format: at smoke size only P4-remote and P8 (no S3 rounds) and MFU
+    # bench/report.py renders every figure of this format: at smoke size only P4-remote and P9 (no S3 rounds) and MFU
     # (CUDA only) are absent
     page = report.render(out, res)
-    assert "Not in this file: P4-remote tars: S3 ÷ local; P4-remote Parquet: S3 ÷ local; P8 mirror: a URL cache " \
+    assert "Not in this file: P4-remote tars: S3 ÷ local; P4-remote Parquet: S3 ÷ local; P9 mirror: a URL cache " \
            "copied from S3; MFU (bf16)." in page
 
 
