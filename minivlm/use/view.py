@@ -187,7 +187,6 @@ def build_page(runs: list[Run], loaded: Loaded, n_held_out: int = 8) -> gr.Block
             with_run = gr.Dropdown([EVERY, *names], value=EVERY, label="caption with")
             button = gr.Button("Caption", variant="primary", elem_id="caption")
             out = gr.HTML(elem_id="captions")
-        page.load(refresh, [selected], [table, train_plot, eval_plot, timer])  # a page opened later: as of now
         selected.change(plots, [selected], [train_plot, eval_plot])
         timer.tick(refresh, [selected], [table, train_plot, eval_plot, timer])
         show.click(held_out_grid, [selected, n], [grid, notes, picks])
