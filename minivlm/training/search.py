@@ -60,6 +60,7 @@ from minivlm.training.sweep import (
     last_error,
     launch,
     plan,
+    metrics_rows,
     read_metrics,
     report,
     run_numbers,
@@ -80,6 +81,24 @@ class Active:
     reported: set
     pruning: bool = False
     told: bool = False
+    read: tuple = (None, 0)  # (inode, bytes) of metrics.jsonl already reported
+
+
+def new_rows(a: Active) -> list[dict]:
+    """The rows appended to the trial's metrics.jsonl since the last poll, whole lines only: a poll reads what is
+    new, not the whole file again. A resumed run rewrites the file (a new inode: minivlm.training.metrics), which
+    is then read from its start; rows already reported are told by their step."""
+    try:
+        with open(a.run.cfg.train.run_dir / "metrics.jsonl", "rb") as f:
+            inode = os.fstat(f.fileno()).st_ino
+            start = a.read[1] if a.read[0] == inode else 0
+            f.seek(start)
+            chunk = f.read()
+    except FileNotFoundError:
+        return []
+    end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
+    a.read = (inode, start + end)
+    return metrics_rows(chunk[:end].decode())
 
 
 class Worker:
@@ -147,7 +166,7 @@ class Worker:
     def poll(self, a: Active) -> None:
         """Report the trial's new eval rows; SIGTERM it once the pruner says so."""
         key = self.search.metric
-        for row in read_metrics(a.run.cfg.train.run_dir / "metrics.jsonl"):
+        for row in new_rows(a):
             if key in row and row["step"] not in a.reported and not a.pruning:
                 a.reported.add(row["step"])
                 a.trial.report(row[key], row["step"])

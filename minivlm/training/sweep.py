@@ -308,8 +308,12 @@ def reap(active: dict, outcomes: dict[str, Outcome], stopping: bool, wait: bool 
 
 
 def read_metrics(path: Path) -> list[dict]:
+    return metrics_rows(path.read_text()) if path.is_file() else []
+
+
+def metrics_rows(text: str) -> list[dict]:
     rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for line in text.splitlines():
         with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill
             rows.append(json.loads(line))
     return rows
