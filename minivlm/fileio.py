@@ -188,7 +188,9 @@ def publishable(tmp: Path) -> None:
     for f in sorted(tmp.rglob("*")):
         if f.is_file():
             as_umask_allows(f)
-        fsync_file(f) if f.is_file() else fsync_dir(f)
+            fsync_file(f)
+        else:
+            fsync_dir(f)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -185,7 +185,8 @@ def skipped_of(*splits: Split) -> dict:
     out: dict = {}
     for sp in splits:
         for r, (n, first) in sp.skipped.items():
-            out[r] = [out.get(r, [0, first])[0] + n, out.get(r, [0, first])[1]]
+            total, first = out.get(r, (0, first))  # the first split's first record stays the first
+            out[r] = [total + n, first]
     return out
 
 
